@@ -1,0 +1,177 @@
+"""Micro-benchmark of the host AdamW step (issue 3, target 6: >= 3 Gparam/s, BF16 grads in, BF16 copy out).
+
+Times, on flat buffers the size of one Llama-3.1-8B decoder layer (218,112,000 parameters) and at
+several thread counts, in the same process:
+
+* ``torch_fused_fp32``: ``torch._fused_adamw_`` on FP32 param/grad/moments (torch's best CPU AdamW;
+  it rejects BF16 gradients and writes no BF16 copy).
+* ``fallback_bf16``: slideformer's pure-torch fallback: BF16 grad -> FP32 scratch, the fused step,
+  FP32 -> BF16 copy (three passes).
+* ``ext_bf16``: the C++ kernel, BF16 grad in and BF16 copy out in one pass.
+* ``ext_fp32``: the C++ kernel on FP32 grads without a copy (the same work as ``torch_fused_fp32``).
+* ``copy_fp32``: ``dst.copy_(src)`` of FP32 buffers, the machine's streaming bandwidth for reference.
+
+Gparam/s is parameters / median time; GB/s is that times the bytes one ideal pass must move
+(28 per parameter for the AdamW variants: read p, m, v, g; write p, m, v and the copy; 8 for copy).
+
+    python benchmarks/bench_cpu_adam.py --out benchmarks/results/cpu_adam.json
+    python benchmarks/bench_cpu_adam.py --sizes 16777216 --threads 1,2 --repeats 3   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slideformer.optim import cpu_adam
+
+LLAMA8B_LAYER = 218_112_000  # q, k, v, o + gate, up, down + 2 RMSNorm weights of Llama-3.1-8B
+VARIANTS = ("torch_fused_fp32", "fallback_bf16", "ext_bf16", "ext_fp32", "copy_fp32")
+IDEAL_BYTES = {"torch_fused_fp32": 28, "fallback_bf16": 28, "ext_bf16": 28, "ext_fp32": 28, "copy_fp32": 8}
+HP = {"lr": 1e-5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _default_threads() -> list[int]:
+    cores = os.cpu_count() or 1
+    ts = {1, torch.get_num_threads(), cores}
+    t = 2
+    while t < cores:
+        ts.add(t)
+        t *= 2
+    return sorted(x for x in ts if x <= cores)
+
+
+class Buffers:
+    """One layer's host state plus the extra buffers the variants need, allocated and touched once."""
+
+    def __init__(self, n: int, pin: bool) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.p = torch.randn(n, generator=gen) * 0.02
+        self.m = torch.zeros(n)
+        self.v = torch.zeros(n)
+        self.g32 = torch.randn(n, generator=gen) * 1e-3
+        self.g16 = self.g32.to(torch.bfloat16)
+        self.out = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin).fill_(0)
+        self.scratch = torch.zeros(n)
+        self.step = 0
+
+    def next_step(self) -> int:
+        self.step += 1
+        return self.step
+
+
+def _runner(variant: str, b: Buffers, threads: int) -> Callable[[], None]:
+    if variant == "torch_fused_fp32":
+        st = torch.zeros(())
+
+        def fused() -> None:
+            st.fill_(float(b.next_step()))
+            torch._fused_adamw_([b.p], [b.g32], [b.m], [b.v], [], [st], amsgrad=False, maximize=False, **HP)
+        return fused
+    if variant == "fallback_bf16":
+        def fallback() -> None:
+            cpu_adam._torch_step(b.p, b.g16, b.m, b.v, step=b.next_step(), grad_scale=1.0, out=b.out,
+                                 scratch=b.scratch, **HP)
+        return fallback
+    if variant in ("ext_bf16", "ext_fp32"):
+        grad, out = (b.g16, b.out) if variant == "ext_bf16" else (b.g32, None)
+
+        def ext() -> None:
+            cpu_adam.adamw_step(b.p, grad, b.m, b.v, step=b.next_step(), out=out, num_threads=threads, **HP)
+        return ext
+    if variant == "copy_fp32":
+        return lambda: b.scratch.copy_(b.p)
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def _time(fn: Callable[[], None], repeats: int) -> list[float]:
+    fn()  # warm-up: page faults, thread pools
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default=str(LLAMA8B_LAYER), help="comma-separated parameter counts")
+    ap.add_argument("--threads", default=",".join(map(str, _default_threads())), help="comma-separated")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per cell (after one warm-up)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                    help="pin the BF16 copy buffer, as the engine does (default: when CUDA is present)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+
+    has_ext = cpu_adam.extension_available()  # builds or loads the kernel before any timing
+    info = cpu_adam.build_info()
+    if not has_ext:
+        variants = [v for v in variants if not v.startswith("ext_")]
+    default_threads = torch.get_num_threads()
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([sys.executable, *sys.argv]), "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": default_threads, "python": platform.python_version(),
+            "build_info": info, "pin": args.pin}
+    print(f"# {meta['cpu']} ({meta['cores']} cores), torch {torch.__version__} "
+          f"({info['torch_cpu_capability']}), backend {info['backend']}"
+          + (f", simd {info.get('simd')}" if has_ext else f" ({info['reason']})"))
+    print(f"{'size':>12} {'threads':>7} {'variant':>17} {'median ms':>10} {'min ms':>9} {'Gparam/s':>9} {'GB/s':>7}")
+    rows = []
+    try:
+        for n in sizes:
+            b = Buffers(n, args.pin)
+            for t in threads:
+                torch.set_num_threads(t)
+                for v in variants:
+                    times = _time(_runner(v, b, t), args.repeats)
+                    med = statistics.median(times)
+                    row = {"size": n, "threads": t, "variant": v, "median_s": med, "min_s": min(times),
+                           "times_s": times, "gparam_s": n / med / 1e9, "gbps": n * IDEAL_BYTES[v] / med / 1e9}
+                    rows.append(row)
+                    print(f"{n:>12} {t:>7} {v:>17} {med * 1e3:>10.2f} {min(times) * 1e3:>9.2f} "
+                          f"{row['gparam_s']:>9.3f} {row['gbps']:>7.1f}", flush=True)
+            del b
+    finally:
+        torch.set_num_threads(default_threads)
+    best = {v: max((r["gparam_s"] for r in rows if r["variant"] == v), default=None) for v in variants}
+    print("best Gparam/s: " + ", ".join(f"{v} {x:.3f}" for v, x in best.items() if x is not None))
+    if "ext_bf16" in best:
+        print(f"target 6 (ext_bf16 >= 3.0 Gparam/s): {'met' if best['ext_bf16'] >= 3.0 else 'missed'}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "best_gparam_s": best, "results": rows}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Engine and optimizer configuration: frozen dataclasses whose fields carry their own docs.
+
+Invariant: every knob of the engine lives here with a default and a validation in
+``__post_init__``; model hyperparameters never do (they come from the HF ``config.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from slideformer.errors import ConfigError
+
+Schedule = Literal["auto", "overlap", "deferred"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW hyperparameters (decoupled weight decay, bias correction, as ``torch.optim.AdamW``)."""
+
+    lr: float = 1e-5
+    """Learning rate; ``Engine.train_step(lr=...)`` overrides it for one step."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam coefficients for the first and second moment."""
+    eps: float = 1e-8
+    """Term added to the denominator."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to matrices only (never to norms and biases, as HF Trainer)."""
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this value (exact, over all parameters); None disables."""
+
+    def __post_init__(self) -> None:
+        if self.lr < 0:
+            raise ConfigError(f"optim.lr must be >= 0, got {self.lr}")
+        b1, b2 = self.betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ConfigError(f"optim.betas must lie in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"optim.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the sliding window runs: device, dtypes, window depth, schedule and pool sizes."""
+
+    device: str = "auto"
+    """'cuda', 'cuda:N', 'cpu', or 'auto' (the GPU when there is one). On 'cpu' the CPU plays the device."""
+    compute_dtype: str = "auto"
+    """Dtype of the weights on the device and of the compute: 'bfloat16', 'float32', or 'auto'
+    (bfloat16 on a GPU, float32 on the CPU). Master weights and Adam moments are always float32."""
+    window: int = 2
+    """Number of decoder-layer slots on the device (one computing, the others being filled)."""
+    schedule: Schedule = "auto"
+    """'overlap': each layer's AdamW runs during backward, as soon as its gradient lands (no clipping,
+    no accumulation). 'deferred': gradients are accumulated on the host, the global norm is clipped, and
+    the updates run during the next step's forward. 'auto' picks 'overlap' unless clipping or
+    accumulation needs 'deferred'."""
+    chunk_mib: int = 32
+    """Size of one staging chunk (MiB) for FP32->BF16 upload and gradient download."""
+    staging_chunks: int = 4
+    """Number of pinned staging chunks per direction (the shared pool)."""
+    loss_chunk_tokens: int = 2048
+    """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once."""
+    optimizer_threads: int = 0
+    """Intra-op threads for the CPU optimizer and conversions; 0 keeps torch's default."""
+    pin_memory: bool = True
+    """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
+    max_tokens_per_micro_batch: int = 0
+    """Pre-size activation buffers for this many tokens (0: size them on the first batch)."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """Free-form notes carried into run metadata; ignored by the engine."""
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ConfigError(f"engine.window must be >= 1, got {self.window}")
+        if self.schedule not in ("auto", "overlap", "deferred"):
+            raise ConfigError(f"engine.schedule must be auto, overlap or deferred, got {self.schedule!r}")
+        if self.compute_dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise ConfigError(
+                f"engine.compute_dtype must be auto, bfloat16, float16 or float32, got {self.compute_dtype!r}"
+            )
+        if self.chunk_mib < 1 or self.staging_chunks < 2:
+            raise ConfigError("engine.chunk_mib must be >= 1 and engine.staging_chunks >= 2")
+        if self.loss_chunk_tokens < 1:
+            raise ConfigError("engine.loss_chunk_tokens must be >= 1")
+
+    def resolve_device(self) -> torch.device:
+        """The torch device this config names ('auto' picks CUDA when available)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"engine.device={self.device!r} but no CUDA GPU is visible; use device='cpu'")
+        if dev.type not in ("cuda", "cpu"):
+            raise ConfigError(f"engine.device must be cuda or cpu, got {self.device!r}")
+        return dev
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        """The compute dtype for ``device``."""
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.compute_dtype)

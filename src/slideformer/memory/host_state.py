@@ -1,0 +1,124 @@
+"""Host-side training state: one flat FP32 buffer per unit holding master weights and AdamW moments.
+
+A *unit* is what slides through the device as one piece: the embedding, one decoder layer, or the
+head (final norm, plus the LM head when it is not tied). Its buffer is ``[params | exp_avg |
+exp_avg_sq]``; inside each third, parameters that get weight decay come first, so that every AdamW
+call sees at most two contiguous segments. The HF ``nn.Parameter`` objects are re-pointed at views of
+the master third, so the HF model *is* the FP32 master model whenever it is on the host.
+
+Invariant: 12 bytes per parameter (plus 4 for the optional FP32 gradient accumulator of the deferred
+schedule); no BF16 copy of a unit ever lives on the host outside the shared staging pools.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ParamSpec:
+    """One parameter's place inside its unit's flat buffer."""
+
+    name: str
+    param: nn.Parameter
+    offset: int
+    numel: int
+    shape: torch.Size
+    decay: bool
+
+
+def _done_future() -> Future:
+    fut: Future = Future()
+    fut.set_result(None)
+    return fut
+
+
+class HostUnit:
+    """Flat FP32 master weights + AdamW moments (+ optional gradient accumulator) for one unit."""
+
+    def __init__(self, index: int, name: str, params: list[tuple[str, nn.Parameter]]) -> None:
+        self.index = index
+        self.name = name
+        ordered = [p for p in params if p[1].dim() >= 2] + [p for p in params if p[1].dim() < 2]
+        self.params: list[ParamSpec] = []
+        offset = 0
+        for pname, p in ordered:
+            self.params.append(ParamSpec(pname, p, offset, p.numel(), p.shape, p.dim() >= 2))
+            offset += p.numel()
+        self.numel = offset
+        self.n_decay = sum(s.numel for s in self.params if s.decay)
+        self.flat: torch.Tensor | None = None
+        self.grad_acc: torch.Tensor | None = None
+        self.step = 0
+        self.version = 0
+        """Bumped (by the main thread) each time an update of this unit is scheduled."""
+        self.update_future: Future = _done_future()
+        """Completes when the most recently scheduled update has been applied."""
+        self.sq_norm = 0.0
+        """Squared L2 norm of this unit's gradient for the step (written by the gradient worker)."""
+
+    # -- allocation -----------------------------------------------------------------------------
+    def allocate(self, with_grad_acc: bool) -> None:
+        """Allocate the flat buffer (moments zeroed) and, if asked, the FP32 gradient accumulator."""
+        self.flat = torch.empty(3 * self.numel, dtype=torch.float32)
+        self.flat[self.numel:].zero_()
+        if with_grad_acc:
+            self.grad_acc = torch.zeros(self.numel, dtype=torch.float32)
+
+    def ensure_grad_acc(self) -> None:
+        """Allocate the gradient accumulator the first time the deferred schedule needs it."""
+        if self.grad_acc is None:
+            self.grad_acc = torch.zeros(self.numel, dtype=torch.float32)
+
+    @property
+    def master(self) -> torch.Tensor:
+        return self._third(0)
+
+    @property
+    def exp_avg(self) -> torch.Tensor:
+        return self._third(1)
+
+    @property
+    def exp_avg_sq(self) -> torch.Tensor:
+        return self._third(2)
+
+    def _third(self, k: int) -> torch.Tensor:
+        if self.flat is None:
+            raise RuntimeError(f"unit {self.name} is not allocated")
+        return self.flat[k * self.numel:(k + 1) * self.numel]
+
+    def view(self, flat: torch.Tensor, spec: ParamSpec) -> torch.Tensor:
+        """The view of ``spec`` inside a flat tensor laid out like this unit."""
+        return flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
+
+    def point_params_to_master(self) -> None:
+        """Make the HF parameters alias this unit's FP32 master weights."""
+        for spec in self.params:
+            spec.param.data = self.view(self.master, spec)
+
+    def host_bytes(self) -> int:
+        extra = self.grad_acc.numel() * 4 if self.grad_acc is not None else 0
+        return (self.flat.numel() * 4 if self.flat is not None else 0) + extra
+
+    def decay_segments(self, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+        """Split ``[lo, hi)`` at the decay boundary: [(lo, hi, decay), ...]."""
+        out = []
+        if lo < self.n_decay:
+            out.append((lo, min(hi, self.n_decay), True))
+        if hi > self.n_decay:
+            out.append((max(lo, self.n_decay), hi, False))
+        return [s for s in out if s[1] > s[0]]
+
+
+def build_units(embed_params: list[tuple[str, nn.Parameter]], layer_params: list[list[tuple[str, nn.Parameter]]],
+                head_params: list[tuple[str, nn.Parameter]]) -> list[HostUnit]:
+    """Units in sliding order: embedding, decoder layers, head."""
+    units = [HostUnit(0, "embed", embed_params)]
+    for i, params in enumerate(layer_params):
+        units.append(HostUnit(i + 1, f"layer{i}", params))
+    units.append(HostUnit(len(units), "head", head_params))
+    return units

@@ -1,0 +1,61 @@
+"""AdamW over a unit's flat host buffers, one chunk at a time.
+
+The engine hands this a slice ``[lo, hi)`` of a unit together with that slice's gradient (BF16 from a
+pinned staging chunk, or the FP32 accumulator); it applies decoupled weight decay only to the
+unit's matrix segment, as HF Trainer does (no decay on norms and biases).
+
+Invariant: the arithmetic is ``torch.optim.AdamW``'s (bias correction, decoupled decay, eps outside
+the square root), with the step count and learning rate fixed for the whole unit's update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slideformer.config import OptimConfig
+from slideformer.memory.host_state import HostUnit
+try:
+    from slideformer.optim.cpu_adam import adamw_step
+except ImportError:  # TEMPORARY until optim/cpu_adam.py lands
+    def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
+                   grad_scale=1.0, out=None):  # type: ignore[no-redef]
+        g = grad.float() if grad.dtype != torch.float32 else grad
+        if grad_scale != 1.0:
+            g = g * grad_scale
+        torch._fused_adamw_([param], [g], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))], lr=lr,
+                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
+                            maximize=False)
+        if out is not None:
+            out.copy_(param)
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """What one unit update needs besides the gradient: frozen when the update is scheduled."""
+
+    step: int
+    lr: float
+    grad_scale: float = 1.0
+
+
+class FlatAdamW:
+    """Applies AdamW to chunks of ``HostUnit`` buffers (called from the gradient worker thread)."""
+
+    def __init__(self, cfg: OptimConfig) -> None:
+        self.cfg = cfg
+
+    def update(self, unit: HostUnit, lo: int, hi: int, grad: torch.Tensor, spec: UpdateSpec,
+               out: torch.Tensor | None = None) -> None:
+        """Update elements ``[lo, hi)`` of ``unit`` with ``grad`` (``hi - lo`` elements).
+
+        ``out``, when given, receives the updated weights in the compute dtype (the next upload copy).
+        """
+        b1, b2 = self.cfg.betas
+        for s_lo, s_hi, decay in unit.decay_segments(lo, hi):
+            a, b = s_lo - lo, s_hi - lo
+            adamw_step(unit.master[s_lo:s_hi], grad[a:b], unit.exp_avg[s_lo:s_hi], unit.exp_avg_sq[s_lo:s_hi],
+                       step=spec.step, lr=spec.lr, beta1=b1, beta2=b2, eps=self.cfg.eps,
+                       weight_decay=self.cfg.weight_decay if decay else 0.0, grad_scale=spec.grad_scale,
+                       out=None if out is None else out[a:b])

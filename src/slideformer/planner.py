@@ -1,0 +1,244 @@
+"""``slideformer plan``: memory per tier and a roofline step time, from a model's config.json alone.
+
+Owns the first-order memory model of a run, before anything is allocated: the model is built on the
+meta device (no weights are read), split by the engine's adapter into embedding / decoder layers /
+norm / head, and the byte counts follow the engine's layout: 12 B/param of FP32 master weights and Adam
+moments on the host (+4 B/param of gradient accumulator under the deferred schedule), activation
+checkpoints of layers x tokens x hidden x 2 B in pinned memory, and on the GPU ``window`` slots sized
+for the largest decoder layer (BF16 weights + grads), one vocabulary slot for embedding/head, and the
+working activations of one layer. Invariant: every number is derived from the config and the stated
+assumptions, which the output prints; the performance planner refines it with measured speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from slideformer.config import EngineConfig
+from slideformer.errors import ConfigError, ModelPathError
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + allocator slack on the GPU (measured order of magnitude)
+PROCESS_BASELINE_BYTES = 2 * GIB  # Python, torch, transformers and the tokenizer in host RAM
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The machine the plan is for (defaults: the H100 reference box of docs/design.md section 3)."""
+
+    gpu_memory_bytes: int
+    host_memory_bytes: int
+    gpu_tflops: float = 400.0
+    """Sustained BF16 TFLOP/s of the training kernels (about half the GEMM peak)."""
+    pcie_gbs: float = 50.0
+    """Pinned host<->device GB/s in each direction."""
+    adam_gparams: float = 3.0
+    """CPU AdamW Gparam/s over FP32 master weights and moments (DRAM-bandwidth bound)."""
+
+
+@dataclass
+class Plan:
+    """Bytes per tier, whether they fit, and the roofline step time."""
+
+    model_type: str
+    params: dict[str, int]
+    """Parameters per component: embedding, decoder_layers, largest_layer, norm, lm_head, total."""
+    host: dict[str, int]
+    pinned: dict[str, int]
+    gpu: dict[str, int]
+    disk: dict[str, int]
+    step_seconds: dict[str, float]
+    settings: dict[str, Any]
+    hardware: Hardware
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def host_total(self) -> int:
+        """Host RAM in bytes, pinned included."""
+        return sum(self.host.values()) + sum(self.pinned.values())
+
+    @property
+    def gpu_total(self) -> int:
+        """GPU memory in bytes."""
+        return sum(self.gpu.values())
+
+    @property
+    def fits(self) -> bool:
+        """True when both the GPU and the host budget hold the plan."""
+        return self.gpu_total <= self.hardware.gpu_memory_bytes and self.host_total <= self.hardware.host_memory_bytes
+
+    def to_json(self) -> str:
+        """The plan as JSON (bytes and seconds)."""
+        d = asdict(self)
+        d.update(host_total=self.host_total, gpu_total=self.gpu_total, fits=self.fits)
+        return json.dumps(d, indent=1)
+
+    def render(self) -> str:
+        """A human-readable report."""
+        p = self.params
+        lines = [
+            f"model: {self.model_type}, {p['total'] / 1e9:.3f} B params "
+            f"(embedding {p['embedding'] / 1e6:,.1f} M, {self.settings['layers']} decoder layers of "
+            f"{p['largest_layer'] / 1e6:,.1f} M, head {p['lm_head'] / 1e6:,.1f} M{' tied' if self.settings['tied'] else ''})",
+            f"run: {self.settings['tokens_per_micro_batch']:,} tokens per micro-batch x {self.settings['grad_accum']} "
+            f"micro-batches, window {self.settings['window']}, schedule {self.settings['schedule']}",
+        ]
+
+        def section(title: str, items: dict[str, int], budget: int | None = None) -> None:
+            total = sum(items.values())
+            tail = f" of {budget / GIB:,.1f} GiB -> {'fits' if total <= budget else 'DOES NOT FIT'}" if budget else ""
+            lines.append(f"{title}: {total / GIB:,.2f} GiB{tail}")
+            lines.extend(f"  {k:<34} {v / GIB:>10,.2f} GiB" for k, v in items.items())
+
+        section("GPU", self.gpu, self.hardware.gpu_memory_bytes)
+        section("pinned host RAM", self.pinned)
+        section("pageable host RAM", self.host)
+        lines.append(
+            f"host RAM total: {self.host_total / GIB:,.2f} GiB of {self.hardware.host_memory_bytes / GIB:,.1f} GiB -> "
+            f"{'fits' if self.host_total <= self.hardware.host_memory_bytes else 'DOES NOT FIT'}"
+        )
+        section("disk", self.disk)
+        s = self.step_seconds
+        bound = max(s, key=lambda k: s[k] if k != "step" else -1)
+        lines.append(f"predicted step: {s['step']:.2f} s (bound: {bound}; " + ", ".join(
+            f"{k} {v:.2f} s" for k, v in s.items() if k != "step") + ")")
+        h = self.hardware
+        lines.append(f"assumes {h.gpu_tflops:g} TFLOP/s on the GPU, {h.pcie_gbs:g} GB/s PCIe per direction, "
+                     f"{h.adam_gparams:g} Gparam/s CPU AdamW")
+        lines.extend(f"note: {n}" for n in self.notes)
+        lines.append("fits" if self.fits else "does NOT fit")
+        return "\n".join(lines)
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def component_params(hf_config: Any) -> tuple[dict[str, int], list[int], bool]:
+    """(params per component, params per decoder layer, tied) of the model, built on the meta device."""
+    from slideformer.models import get_adapter
+    from slideformer.models.loading import meta_model
+
+    parts = get_adapter(str(hf_config.model_type)).split(meta_model(hf_config))
+    layers = [_numel(layer) for layer in parts.layers]
+    params = {
+        "embedding": _numel(parts.embed),
+        "decoder_layers": sum(layers),
+        "largest_layer": max(layers),
+        "norm": _numel(parts.norm),
+        "lm_head": 0 if parts.tied else _numel(parts.lm_head),
+    }
+    params["total"] = params["embedding"] + params["decoder_layers"] + params["norm"] + params["lm_head"]
+    return params, layers, bool(parts.tied)
+
+
+def make_plan(
+    hf_config: Any,
+    *,
+    seq_len: int,
+    batch_size: int,
+    grad_accum: int,
+    clipping: bool,
+    engine: EngineConfig,
+    hardware: Hardware,
+    keep_checkpoints: int = 2,
+) -> Plan:
+    """The memory and time plan of training ``hf_config`` with these settings on ``hardware``."""
+    params, layers, tied = component_params(hf_config)
+    n = params["total"]
+    hidden = int(hf_config.hidden_size)
+    inter = int(getattr(hf_config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    vocab = int(hf_config.vocab_size)
+    tokens = seq_len * batch_size
+    deferred = engine.schedule == "deferred" or (engine.schedule == "auto" and (grad_accum > 1 or clipping))
+    on_gpu = engine.device != "cpu"
+    elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
+
+    host = {"master weights + Adam moments": 12 * n}
+    if deferred:
+        host["gradient accumulator (fp32)"] = 4 * n
+    host["process baseline"] = PROCESS_BASELINE_BYTES
+    pinned = {
+        "staging rings (3 x chunks)": 3 * engine.staging_chunks * engine.chunk_mib * 2**20,
+        "activation checkpoints": len(layers) * tokens * hidden * 2,
+    }
+    vocab_numel = vocab * hidden
+    gpu = {
+        f"layer slots ({engine.window} x weights+grads)": engine.window * params["largest_layer"] * 2 * elt,
+        "vocab slot (embedding/head)": vocab_numel * 2 * elt,
+        # One layer's recompute + backward working set (q/k/v/o, MLP up/gate/act, norms) plus the
+        # running hidden state and its gradient.
+        "layer activations": tokens * (12 * hidden + 4 * inter) * elt + 3 * tokens * hidden * elt,
+        "loss chunk (fp32 logits + grad)": min(engine.loss_chunk_tokens, tokens) * vocab * 4 * 2,
+        "CUDA context + allocator": CUDA_CONTEXT_BYTES,
+    }
+    if not on_gpu:
+        host.update({f"device (cpu): {k}": v for k, v in gpu.items() if "CUDA" not in k})
+        gpu = {}
+    disk = {f"checkpoints ({keep_checkpoints} x 12 B/param)": keep_checkpoints * 12 * n, "export (bf16)": 2 * n}
+
+    step_tokens = tokens * grad_accum
+    compute = 8.0 * n * step_tokens / (hardware.gpu_tflops * 1e12)  # fwd 2 + recompute 2 + bwd 4 flop/param/token
+    pcie = (4.0 * grad_accum + 2.0) * n / (hardware.pcie_gbs * 1e9)  # bf16 up twice per micro-batch, grads down
+    adam = n / (hardware.adam_gparams * 1e9)
+    times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
+    times["step"] = max(times.values())
+    notes = []
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        notes.append(f"seq_len {seq_len} exceeds max_position_embeddings {limit}")
+    if not on_gpu:
+        notes.append("engine.device is cpu: the 'device' tensors live in host RAM and the times are GPU estimates")
+    settings = {
+        "layers": len(layers), "tied": tied, "tokens_per_micro_batch": tokens, "grad_accum": grad_accum,
+        "window": engine.window, "schedule": "deferred" if deferred else "overlap", "seq_len": seq_len,
+        "batch_size": batch_size,
+    }
+    return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes)
+
+
+def _gpu_memory_default() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return 80 * GIB
+
+
+def plan_from_args(ns: argparse.Namespace) -> Plan:
+    """The plan for ``slideformer plan`` arguments (a YAML config and/or --model and overrides)."""
+    from slideformer.train.args import RunConfig
+    from slideformer.train.config_io import from_dict, load_yaml
+    from slideformer.train.model_loading import load_hf_config
+
+    cfg = from_dict(RunConfig, load_yaml(ns.config)) if ns.config else RunConfig()
+    model = Path(ns.model).expanduser() if ns.model else cfg.model.resolved_path()
+    if model.is_file() and model.name.endswith(".json"):
+        model = model.parent
+    if not (model / "config.json").is_file():
+        raise ModelPathError(f"{model} has no config.json (pass --model DIR or a config with model.path)")
+    engine = cfg.engine
+    window = ns.window if ns.window is not None else engine.window
+    if window < 1:
+        raise ConfigError("--window must be >= 1")
+    engine = EngineConfig(**{**asdict(engine), "window": window})
+    clip = ns.max_grad_norm if ns.max_grad_norm is not None else cfg.optim.max_grad_norm
+    hw = Hardware(
+        gpu_memory_bytes=int(ns.gpu_memory_gib * GIB) if ns.gpu_memory_gib else _gpu_memory_default(),
+        host_memory_bytes=int(ns.host_memory_gib * GIB) if ns.host_memory_gib else psutil.virtual_memory().total,
+    )
+    return make_plan(
+        load_hf_config(model),
+        seq_len=ns.seq_len or cfg.data.seq_len,
+        batch_size=ns.batch_size or cfg.train.batch_size,
+        grad_accum=ns.grad_accum or cfg.train.grad_accum,
+        clipping=clip is not None and clip > 0,
+        engine=engine,
+        hardware=hw,
+        keep_checkpoints=cfg.checkpoint.keep_last,
+    )

@@ -1,0 +1,92 @@
+"""Streams, events and copies behind one interface, so the same schedule runs on a GPU or the CPU.
+
+On CUDA every method maps to the stream/event call of the same name. On the CPU ("the CPU plays the
+device") there are no streams: copies complete when they return, events are already complete, and
+waits are no-ops. The threads and hand-offs of the schedule stay the same in both cases, so CPU tests
+exercise the real ordering.
+
+Invariant: code outside this module never calls ``torch.cuda`` stream or event APIs directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class DeviceOps:
+    """Device abstraction used by the engine, the transfer workers and the activation store."""
+
+    def __init__(self, device: torch.device, pin_memory: bool = True) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.pin = pin_memory and self.is_cuda
+        self.pinned_bytes = 0
+        self.device_bytes = 0
+        if self.is_cuda and device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    # -- streams and events -------------------------------------------------------------------
+    def new_stream(self) -> Any:
+        return torch.cuda.Stream(self.device) if self.is_cuda else None
+
+    def compute_stream(self) -> Any:
+        return torch.cuda.current_stream(self.device) if self.is_cuda else None
+
+    @contextlib.contextmanager
+    def on(self, stream: Any) -> Iterator[None]:
+        """Make ``stream`` current for the copies issued in this block (this thread only)."""
+        if self.is_cuda:
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                yield
+        else:
+            yield
+
+    def record(self, stream: Any) -> Any:
+        """An event marking all work queued on ``stream`` so far (None on the CPU: already done)."""
+        if not self.is_cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def wait(self, stream: Any, event: Any) -> None:
+        """Make ``stream`` wait (on the device, not the host) for ``event`` (or a list of events)."""
+        if not self.is_cuda or event is None:
+            return
+        if isinstance(event, (list, tuple)):
+            for ev in event:
+                self.wait(stream, ev)
+            return
+        stream.wait_event(event)
+
+    def host_wait(self, event: Any) -> None:
+        """Block this host thread until ``event`` has completed."""
+        if self.is_cuda and event is not None:
+            event.synchronize()
+
+    # -- memory -------------------------------------------------------------------------------
+    def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A device buffer (allocated once, at setup)."""
+        t = torch.empty(numel, dtype=dtype, device=self.device)
+        self.device_bytes += t.numel() * t.element_size()
+        return t
+
+    def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A host staging buffer: pinned on CUDA when allowed, pageable otherwise."""
+        t = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+        if self.pin:
+            self.pinned_bytes += t.numel() * t.element_size()
+        return t
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy on the current stream; asynchronous between pinned host and device memory."""
+        dst.copy_(src, non_blocking=self.is_cuda)
+
+    def keep_alive(self, tensor: torch.Tensor, stream: Any) -> None:
+        """Tell the caching allocator ``tensor`` is in use on ``stream`` until its queued work ends."""
+        if self.is_cuda:
+            tensor.record_stream(stream)

@@ -1,0 +1,315 @@
+"""The engine: public API over the host state, the device window and the step schedule.
+
+``Engine`` owns the model split (adapter), the host units, the device slots, the worker threads and
+the activation store; ``runtime.step.StepRunner`` runs one training step over them.
+
+Invariant: after construction the HF parameters alias host FP32 master weights or device slot views;
+``flush()`` makes every scheduled update land, after which ``hf_model()`` is the trained FP32 model.
+Any worker failure marks the engine failed: later calls raise instead of training on broken state.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slideformer.config import EngineConfig, OptimConfig
+from slideformer.errors import ConfigError, SlideformerError, WorkerError
+from slideformer.memory.activations import ActivationStore
+from slideformer.memory.host_state import HostUnit, build_units
+from slideformer.models import get_adapter
+from slideformer.optim.adamw import FlatAdamW
+from slideformer.runtime.batch import prepare_batch
+from slideformer.runtime.device import DeviceOps
+from slideformer.runtime.transfer import GradDrain, Uploader
+from slideformer.runtime.window import Segment, SlotPool, invalidate
+
+
+@dataclass
+class StepResult:
+    """What one ``train_step`` returns."""
+
+    loss: float
+    """Token-weighted mean loss over all micro-batches of the step."""
+    tokens: int
+    """Label tokens that contributed to the loss."""
+    micro_batches: int
+    _norm: Future
+
+    @property
+    def grad_norm(self) -> float:
+        """Global gradient norm before clipping (waits until the step's last gradient is processed)."""
+        try:
+            return float(self._norm.result()[0])
+        except Exception as exc:
+            raise WorkerError(f"gradient worker failed: {exc}") from exc
+
+
+class Engine:
+    """Full-parameter training of an HF causal LM through a sliding window of device slots."""
+
+    def __init__(self, model: nn.Module, engine: EngineConfig | None = None, optim: OptimConfig | None = None,
+                 *, init: str = "copy", weights: Any = None) -> None:
+        """Build an engine around ``model`` (an HF CausalLM on the CPU, FP32, or on the meta device).
+
+        ``init``: 'copy' takes the model's own weights; 'load' streams them from ``weights`` (a
+        ``models.loading.WeightSource``); 'random' applies the model's own initialiser.
+        """
+        self.cfg = engine or EngineConfig()
+        self.optim_cfg = optim or OptimConfig()
+        self.hf_config = model.config
+        self.model_type = str(model.config.model_type)
+        self.adapter = get_adapter(self.model_type)
+        self.parts = self.adapter.split(model)
+        self.device = self.cfg.resolve_device()
+        self.dtype = self.cfg.resolve_dtype(self.device)
+        self._failed: BaseException | None = None
+        self._closed = False
+        self.ops = DeviceOps(self.device, self.cfg.pin_memory)
+        self.units = self._make_units(model)
+        try:
+            self._init_weights(model, init, weights)
+            self._setup_device()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, engine: EngineConfig | None = None,
+                        optim: OptimConfig | None = None) -> Engine:
+        """Build from a local HF model directory, streaming safetensors shards into host buffers."""
+        from slideformer.models.loading import meta_model, weight_source
+
+        source = weight_source(path)
+        return cls(meta_model(source.config), engine, optim, init="load", weights=source)
+
+    @classmethod
+    def from_config(cls, config: Any, engine: EngineConfig | None = None, optim: OptimConfig | None = None,
+                    seed: int = 0) -> Engine:
+        """Build a randomly initialised model straight into host buffers (no FP32 model copy)."""
+        from slideformer.models.loading import meta_model
+
+        torch.manual_seed(seed)
+        return cls(meta_model(config), engine, optim, init="random")
+
+    def _make_units(self, model: nn.Module) -> list[HostUnit]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        p = self.parts
+
+        def named(mod: nn.Module) -> list[tuple[str, nn.Parameter]]:
+            return [(names[id(q)], q) for q in mod.parameters()]
+
+        head = named(p.norm) + ([] if p.tied else named(p.lm_head))
+        return build_units(named(p.embed), [named(layer) for layer in p.layers], head)
+
+    def _init_weights(self, model: nn.Module, init: str, weights: Any) -> None:
+        for u in self.units:
+            u.allocate(with_grad_acc=False)
+            if init == "copy":
+                for spec in u.params:
+                    if spec.param.device.type == "meta":
+                        raise ConfigError("the model is on the meta device: use Engine.from_pretrained / from_config")
+                    u.view(u.master, spec).copy_(spec.param.data)
+            u.point_params_to_master()
+        if init == "load":
+            weights.load_into(self.units)
+        elif init == "random":
+            from slideformer.models.loading import random_init
+
+            random_init(model, self.units)
+        elif init != "copy":
+            raise ConfigError(f"unknown init {init!r}")
+
+    def _setup_device(self) -> None:
+        p, ops = self.parts, self.ops
+        from slideformer.models.loading import buffers_on
+
+        buffers_on(p, self.device)
+        self.num_layers = len(p.layers)
+        self.hidden = int(p.embed.weight.shape[1])
+        self.vocab = int(p.embed.weight.shape[0])
+        chunk = max(1, self.cfg.chunk_mib * 2**20 // torch.tensor([], dtype=self.dtype).element_size())
+        depth = min(self.cfg.window, self.num_layers)
+        layer_units = self.units[1:-1]
+        self.layer_pool = SlotPool(ops, depth, max(u.numel for u in layer_units), self.dtype)
+        u0, uh = self.units[0], self.units[-1]
+        self.head_segments = [Segment(u0, 0), Segment(uh, u0.numel)] if p.tied else [Segment(uh, 0)]
+        vocab_numel = max(sum(s.unit.numel for s in self.head_segments), u0.numel)
+        self.vocab_slot = SlotPool(ops, 1, vocab_numel, self.dtype).slots[0]
+        self.adam = FlatAdamW(self.optim_cfg)
+        self.layer_up = Uploader(ops, "sf-upload", chunk, self.cfg.staging_chunks, self.dtype)
+        self.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, self.dtype)
+        self.drain = GradDrain(ops, "sf-grad", chunk, self.cfg.staging_chunks, self.dtype, self.adam)
+        self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
+        self.x0_capacity = 0
+        if self.cfg.optimizer_threads > 0:
+            torch.set_num_threads(self.cfg.optimizer_threads)
+        if self.cfg.max_tokens_per_micro_batch:
+            self.ensure_capacity(self.cfg.max_tokens_per_micro_batch)
+        from slideformer.runtime.step import StepRunner
+
+        self.runner = StepRunner(self)
+
+    def ensure_capacity(self, tokens: int) -> None:
+        """Size activation and embedding buffers for micro-batches of ``tokens`` tokens."""
+        self.acts.ensure(tokens)
+        if tokens > self.x0_capacity:
+            n = tokens * self.hidden
+            self.x0_dev = self.ops.empty(n, self.dtype)
+            if self.ops.is_cuda:
+                self.x0_stage = self.ops.host_empty(n, self.dtype)
+                self.x0_scratch = torch.empty(n, dtype=torch.float32)
+            else:
+                self.x0_stage = self.x0_dev
+                self.x0_scratch = self.x0_dev if self.dtype == torch.float32 else torch.empty(n)
+            self.x0_capacity = tokens
+
+    # -- training ----------------------------------------------------------------------------------
+    def train_step(self, batch: Any, lr: float | None = None) -> StepResult:
+        """Forward, backward and AdamW for one step; ``batch`` may be a list of micro-batches.
+
+        With several micro-batches the gradient is accumulated exactly (token-weighted, as one big
+        batch). Returns once the loss is known; updates of the last layers may still be running and
+        are waited for by whatever reads those weights next.
+        """
+        self._check_usable()
+        max_pos = getattr(self.hf_config, "max_position_embeddings", None)
+        mbs = prepare_batch(batch, self.vocab, max_pos, self.device)
+        lr_now = self.optim_cfg.lr if lr is None else float(lr)
+        if not math.isfinite(lr_now) or lr_now < 0:
+            raise ConfigError(f"learning rate must be a finite number >= 0, got {lr}")
+        deferred = self._deferred(len(mbs))
+        try:
+            loss, norm_fut = self.runner.step(mbs, deferred, lr_now)
+        except BaseException as exc:
+            self._failed = exc
+            if isinstance(exc, SlideformerError):
+                raise
+            raise WorkerError(f"training step failed: {type(exc).__name__}: {exc}") from exc
+        return StepResult(loss, sum(m.tokens for m in mbs), len(mbs), norm_fut)
+
+    def _deferred(self, micro_batches: int) -> bool:
+        need = micro_batches > 1 or self.optim_cfg.max_grad_norm is not None
+        if self.cfg.schedule == "overlap" and need:
+            raise ConfigError("schedule='overlap' updates each layer inside backward, so it cannot clip the "
+                              "global norm or accumulate micro-batches; use schedule='auto' or 'deferred'")
+        return self.cfg.schedule == "deferred" or need
+
+    def flush(self) -> None:
+        """Wait until every scheduled optimizer update has been applied to the host state."""
+        self._check_usable(allow_failed=False)
+        for u in self.units:
+            self.runner.wait(u.update_future, "optimizer update")
+
+    def _check_usable(self, allow_failed: bool = False) -> None:
+        if self._closed:
+            raise SlideformerError("the engine is closed")
+        if self._failed is not None and not allow_failed:
+            raise SlideformerError(
+                f"an earlier step failed ({type(self._failed).__name__}: {self._failed}); the training state "
+                "may be partly updated: reload the last checkpoint into a new engine"
+            ) from self._failed
+
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return sum(u.numel for u in self.units)
+
+    @property
+    def step_count(self) -> int:
+        return self.units[0].step
+
+    def state_dict(self) -> dict[str, Any]:
+        """Master weights and moments keyed by HF parameter name (views of host buffers, no copy)."""
+        self.flush()
+        out: dict[str, Any] = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": self.step_count,
+                               "unit_steps": [u.step for u in self.units]}
+        for u in self.units:
+            for spec in u.params:
+                out["params"][spec.name] = u.view(u.master, spec)
+                out["exp_avg"][spec.name] = u.view(u.exp_avg, spec)
+                out["exp_avg_sq"][spec.name] = u.view(u.exp_avg_sq, spec)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load master weights and (if present) moments and step counts; missing params are an error."""
+        self.flush()
+        for key in ("params",):
+            if key not in state:
+                raise ConfigError(f"state dict has no {key!r} entry")
+        for u in self.units:
+            for spec in u.params:
+                for part, buf in (("params", u.master), ("exp_avg", u.exp_avg), ("exp_avg_sq", u.exp_avg_sq)):
+                    src = state.get(part, {}).get(spec.name)
+                    if src is None:
+                        if part == "params":
+                            raise ConfigError(f"state dict is missing parameter {spec.name}")
+                        u.view(buf, spec).zero_()
+                        continue
+                    if tuple(src.shape) != tuple(spec.shape):
+                        raise ConfigError(f"{part}[{spec.name}] has shape {tuple(src.shape)}, "
+                                          f"expected {tuple(spec.shape)}")
+                    u.view(buf, spec).copy_(src)
+        steps = state.get("unit_steps") or [int(state.get("step", 0))] * len(self.units)
+        for u, s in zip(self.units, steps):
+            u.step = int(s)
+            u.version += 1
+        invalidate(self.layer_pool.slots + [self.vocab_slot])
+
+    def hf_model(self) -> nn.Module:
+        """The HF model whose parameters are the FP32 master weights (all updates applied)."""
+        self.flush()
+        for u in self.units:
+            u.point_params_to_master()
+        return self.parts.model
+
+    def memory_report(self) -> dict[str, Any]:
+        """Host and device bytes the engine holds, by kind."""
+        state = sum(u.host_bytes() for u in self.units)
+        n = self.num_params
+        staging = sum(t.numel() * t.element_size() for w in (self.layer_up, self.vocab_up, self.drain)
+                      for t in w.ring)
+        acts = self.acts.host_bytes()
+        return {
+            "num_params": n,
+            "host_state_bytes": state,
+            "bytes_per_param": state / n,
+            "staging_bytes": staging,
+            "activation_host_bytes": acts,
+            "host_bytes": state + staging + acts,
+            "pinned_bytes": self.ops.pinned_bytes,
+            "device_bytes": self.ops.device_bytes,
+            "window": len(self.layer_pool.slots),
+            "slot_numel": self.layer_pool.numel,
+            "vocab_slot_numel": self.vocab_slot.weight.numel(),
+        }
+
+    # -- lifetime ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker threads and drop device and pinned buffers."""
+        if self._closed:
+            return
+        self._closed = True
+        for name in ("layer_up", "vocab_up", "drain"):
+            worker = getattr(self, name, None)
+            if worker is not None:
+                worker.close()
+        for u in self.units:
+            if u.flat is not None:
+                u.point_params_to_master()
+        for name in ("layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,249 @@
+"""One training step over the sliding window: the loop that reads like the algorithm.
+
+Per micro-batch, in program order: plan every slot use (which queues the uploads), then
+  embed: the host gathers the batch's embedding rows; the preamble builds masks and RoPE,
+  forward: layer j computes in slot j % window while later layers upload; its input goes to the host,
+  head: final norm + chunked linear cross-entropy, loss and head gradients in one pass,
+  backward: layer j is recomputed from its prefetched input and back-propagated; its gradient is
+            drained on the gradient worker (AdamW right away, or accumulation for the deferred schedule),
+  embed backward: the embedding gradient is scattered into the vocab slot and drained.
+The deferred schedule then queues the global-norm computation and every unit's update, which run
+while the next step's forward starts (each upload waits only for its own unit's update).
+
+Invariant: the main thread only issues device work and waits on futures/events it was handed; it
+never waits for the device to drain (the loss read at the end waits for the compute stream only).
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from slideformer.errors import WorkerError
+from slideformer.kernels.reference import linear_cross_entropy
+from slideformer.memory.host_state import HostUnit
+from slideformer.models import run_layer
+from slideformer.optim.adamw import UpdateSpec
+from slideformer.runtime.batch import MicroBatch
+from slideformer.runtime.transfer import Accumulate, Update
+from slideformer.runtime.window import Segment, Slot, Use, plan_use
+
+if TYPE_CHECKING:
+    from slideformer.runtime.engine import Engine
+
+
+class StepRunner:
+    """Runs training steps for an ``Engine`` (holds no state of its own beyond per-step plans)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+        self.ops = engine.ops
+        self.layer_segments = [[Segment(u, 0)] for u in engine.units[1:-1]]
+        self.x0_releases: list[Future] = []
+        # Views of each layer's slot, computed once: layer j always lives in slot j % window.
+        slots = engine.layer_pool.slots
+        self.layer_slot = [slots[j % len(slots)] for j in range(engine.num_layers)]
+        self.layer_views = [s.views(self.layer_segments[j])[0] for j, s in enumerate(self.layer_slot)]
+        self.layer_grad_views = [s.views(self.layer_segments[j], grads=True)[0]
+                                 for j, s in enumerate(self.layer_slot)]
+        head = engine.head_segments
+        self.head_views = engine.vocab_slot.views(head)
+        self.head_grad_views = engine.vocab_slot.views(head, grads=True)
+
+    # -- waiting -----------------------------------------------------------------------------------
+    def wait(self, fut: Future | None, what: str) -> Any:
+        """Wait for a worker's future; its exception surfaces here with the original chained."""
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        except BaseException as exc:
+            raise WorkerError(f"{what} failed in a worker thread: {type(exc).__name__}: {exc}") from exc
+
+    def _begin(self, use: Use, backward: bool, what: str) -> None:
+        cs = self.ops.compute_stream()
+        # Compute must not read the slot before its upload has landed.
+        self.ops.wait(cs, self.wait(use.upload, f"upload for {what}"))
+        if backward:
+            for r in use.earlier_releases:
+                # A backward writes the slot's gradient buffer: earlier downloads from it must be done.
+                self.ops.wait(cs, self.wait(r, f"gradient download before {what}"))
+
+    # -- planning ----------------------------------------------------------------------------------
+    def _submit_upload(self, worker: Any) -> Any:
+        def submit(slot: Slot, segments: list[Segment], waits: list[Future]) -> Future:
+            updates = [s.unit.update_future for s in segments]
+            return worker.submit(worker.upload, slot, segments, updates, waits)
+        return submit
+
+    def _schedule_update(self, unit: HostUnit, lr: float) -> UpdateSpec:
+        unit.step += 1
+        unit.version += 1
+        return UpdateSpec(step=unit.step, lr=lr)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self, mbs: list[MicroBatch], deferred: bool, lr: float) -> tuple[float, Future]:
+        e = self.e
+        if deferred:
+            for u in e.units:
+                u.ensure_grad_acc()
+        e.ensure_capacity(max(m.shape.numel() for m in mbs))
+        total = sum(m.tokens for m in mbs)
+        losses = []
+        for k, mb in enumerate(mbs):
+            action_first, action_last = k == 0, k == len(mbs) - 1
+            losses.append(self._micro(mb, 1.0 / total, deferred, action_first, action_last, lr))
+        drain = e.drain
+        if deferred:
+            norm = drain.submit(self._clip_coefficient)
+            for u in e.units:
+                spec = self._schedule_update(u, lr)
+                u.update_future = drain.submit(drain.apply_accumulated, u, norm, spec.step, spec.lr)
+        else:
+            norm = drain.submit(self._clip_coefficient)
+        loss = torch.stack(losses).sum()
+        return float(loss.item()), norm
+
+    def _clip_coefficient(self) -> tuple[float, float]:
+        total = math.sqrt(sum(u.sq_norm for u in self.e.units))
+        max_norm = self.e.optim_cfg.max_grad_norm
+        if max_norm is None:
+            return total, 1.0
+        # torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
+        return total, min(1.0, max_norm / (total + 1e-6))
+
+    def _action(self, units: list[HostUnit], deferred: bool, first: bool, last: bool,
+                lr: float) -> tuple[Accumulate | Update, bool]:
+        if deferred:
+            return Accumulate(first, last), False
+        return Update({u.index: self._schedule_update(u, lr) for u in units}), True
+
+    def _drain(self, sources: list[tuple[HostUnit, torch.Tensor]], release: Future, deferred: bool,
+               first: bool, last: bool, lr: float) -> None:
+        units = [u for u, _ in sources]
+        action, updates = self._action(units, deferred, first, last, lr)
+        event = self.ops.record(self.ops.compute_stream())
+        fut = self.e.drain.submit(self.e.drain.drain, sources, event, release, action)
+        if updates:
+            for u in units:
+                u.update_future = fut
+
+    def _micro(self, mb: MicroBatch, scale: float, deferred: bool, first: bool, last: bool,
+               lr: float) -> torch.Tensor:
+        e, ops = self.e, self.ops
+        p, L = e.parts, e.num_layers
+        cs = ops.compute_stream()
+        u0 = e.units[0]
+        bsz, seq = mb.shape
+        hidden = e.hidden
+        shape = torch.Size((bsz, seq, hidden))
+
+        # Plan: the embedding gather, then every slot use in program order (this queues the uploads).
+        x0_waits, self.x0_releases = self.x0_releases, []
+        x0_fut = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
+                                   e.x0_stage, u0.update_future, x0_waits)
+        x0_release: Future = Future()
+        self.x0_releases.append(x0_release)
+        up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
+        fwd = [plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer) for j in range(L)]
+        head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
+        bwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer) for j in reversed(range(L))}
+        emb_use = plan_use(e.vocab_slot, [Segment(u0, 0)], False, up_vocab)
+
+        # Embedding (host gather) and preamble.
+        ops.wait(cs, self.wait(x0_fut, "embedding gather"))  # compute reads x0 only after its copy landed
+        x0 = e.x0_dev[:shape.numel()].view(shape).detach().requires_grad_(True)
+        with torch.enable_grad():
+            emb = x0 if p.embed_scale is None else x0 * torch.tensor(p.embed_scale, dtype=x0.dtype,
+                                                                     device=x0.device)
+            h0, calls = e.adapter.layer_calls(p, emb, mb.attention_mask, mb.position_ids)
+
+        # Forward.
+        h = h0.detach()
+        with torch.no_grad():
+            for j in range(L):
+                use = fwd[j]
+                self._begin(use, False, f"layer {j} forward")
+                self._bind(e.units[j + 1], self.layer_views[j])
+                e.acts.save(j, h, cs)
+                h = run_layer(p.layers[j], h, calls[j])
+                use.release.set_result(ops.record(cs))  # the slot is free once this compute is done
+
+        # Head: final norm + chunked linear cross-entropy, gradients in the same pass.
+        self._begin(head, True, "head")
+        self._bind_segments(e.head_segments, self.head_views)
+        w_seg = e.head_segments[0] if p.tied else e.head_segments[-1]
+        w_spec = next(s for s in w_seg.unit.params if s.param is p.lm_head.weight)
+        w_lo = w_seg.offset + w_spec.offset
+        slot_w = e.vocab_slot.weight[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
+        slot_gw = e.vocab_slot.grad[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
+        h_last = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            xn = p.norm(h_last)
+        loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), slot_w, mb.targets, scale, slot_gw,
+                                         e.cfg.loss_chunk_tokens, p.logit_softcap)
+        norm_params = list(p.norm.parameters())
+        grads = torch.autograd.grad(xn, [h_last, *norm_params], dxn.view_as(xn))
+        dh = grads[0]
+        uh = e.units[-1]
+        head_grad_views = self.head_grad_views[-1]
+        for spec, view, g in zip(uh.params, head_grad_views, self._head_grads(uh, norm_params, grads[1:])):
+            if g is not None:
+                view.copy_(g)
+        uh_seg = e.head_segments[-1]
+        self._drain([(uh, e.vocab_slot.grad[uh_seg.offset:uh_seg.offset + uh.numel])], head.release,
+                    deferred, first, last, lr)
+
+        # Backward through the layers, last to first.
+        for j in reversed(range(L)):
+            use = bwd[j]
+            self._begin(use, True, f"layer {j} backward")
+            unit = e.units[j + 1]
+            self._bind(unit, self.layer_views[j])
+            e.acts.prefetch(j - 1, shape)
+            x = e.acts.get(j, shape, cs).detach().requires_grad_(True)
+            params = [s.param for s in unit.params]
+            with torch.enable_grad():
+                out = run_layer(p.layers[j], x, calls[j])
+            grads = torch.autograd.grad(out, [x, *params], dh)
+            e.acts.release(j, cs)
+            dh = grads[0]
+            torch._foreach_copy_(self.layer_grad_views[j], list(grads[1:]))
+            self._drain([(unit, use.slot.grad[:unit.numel])], use.release, deferred, first, last, lr)
+
+        # Embedding backward: scatter the rows' gradients into the vocab slot's gradient buffer.
+        self._begin(emb_use, True, "embedding backward")
+        if h0 is not x0 and h0.requires_grad:
+            (dx0,) = torch.autograd.grad(h0, x0, dh)
+        else:
+            dx0 = dh
+        gw = e.vocab_slot.grad[:u0.numel].view(e.vocab, hidden)
+        if not p.tied:
+            gw.zero_()
+        dx = dx0.reshape(-1, hidden)
+        pad = p.embed.padding_idx
+        if pad is not None:
+            dx = dx.masked_fill((mb.ids.view(-1) == pad).unsqueeze(1), 0)
+        gw.index_add_(0, mb.ids.view(-1), dx)
+        self._drain([(u0, e.vocab_slot.grad[:u0.numel])], emb_use.release, deferred, first, last, lr)
+        # The next gather may overwrite x0 once compute and the activation copies are done with it.
+        x0_release.set_result([ops.record(cs), ops.record(e.acts.stream)])
+        return loss
+
+    @staticmethod
+    def _head_grads(uh: HostUnit, norm_params: list[torch.nn.Parameter],
+                    grads: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+        by_param = {id(q): g for q, g in zip(norm_params, grads)}
+        return [by_param.get(id(s.param)) for s in uh.params]
+
+    @staticmethod
+    def _bind(unit: HostUnit, views: list[torch.Tensor]) -> None:
+        for spec, view in zip(unit.params, views):
+            spec.param.data = view
+
+    def _bind_segments(self, segments: list[Segment], views: list[list[torch.Tensor]]) -> None:
+        for seg, v in zip(segments, views):
+            self._bind(seg.unit, v)

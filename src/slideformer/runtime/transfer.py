@@ -1,0 +1,197 @@
+"""Worker threads that move bytes: uploads (FP32 master -> compute dtype -> device) and gradient drains
+(device -> host staging -> AdamW or the FP32 accumulator).
+
+Each worker is a single thread with its own stream and its own small ring of staging chunks, and runs
+its tasks in submission order. An upload converts one chunk on the CPU while the previous chunk's copy
+is in flight; a drain copies chunk k+1 down while AdamW consumes chunk k. Tasks return futures; an
+exception in a worker reaches the main thread through the future it is waiting on.
+
+Invariant: a staging chunk is overwritten only after the copy (upload) or the consumer (drain) that
+last used it has finished; a slot is released only after every copy out of its gradient buffer has
+been queued, with the event of the last one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slideformer.memory.host_state import HostUnit
+from slideformer.optim.adamw import FlatAdamW, UpdateSpec
+from slideformer.runtime.device import DeviceOps
+from slideformer.runtime.window import Segment, Slot
+
+
+def _result(fut: Future | None) -> Any:
+    return None if fut is None else fut.result()
+
+
+class _Worker:
+    """One thread, one stream, one staging ring."""
+
+    def __init__(self, ops: DeviceOps, name: str, chunk: int, count: int, dtype: torch.dtype) -> None:
+        self.ops = ops
+        self.stream = ops.new_stream()
+        self.chunk = chunk
+        self.ring = [ops.host_empty(chunk, dtype) for _ in range(count)]
+        self.ring_events: list[Any] = [None] * count
+        self._next = 0
+        self.busy = threading.Event()
+        self.last_progress = ""
+        device = ops.device
+
+        def _init() -> None:
+            if ops.is_cuda:
+                torch.cuda.set_device(device)
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_init)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def take_chunk(self) -> tuple[int, torch.Tensor]:
+        k = self._next
+        self._next = (k + 1) % len(self.ring)
+        return k, self.ring[k]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Uploader(_Worker):
+    """Uploads units into slots, converting FP32 master weights chunk by chunk."""
+
+    _gather_event: Any = None
+
+    def upload(self, slot: Slot, segments: list[Segment], update_futs: list[Future],
+               waits: list[Future]) -> Any:
+        """Queued by ``submit``: returns the device event at which the slot's weights are in place."""
+        for f in update_futs:
+            f.result()  # the unit's pending AdamW update must have landed before we read its master
+        for r in waits:
+            # Earlier uses of the slot (compute, gradient download) must finish before we overwrite it.
+            self.ops.wait(self.stream, r.result())
+        with self.ops.on(self.stream):
+            for seg in segments:
+                src = seg.unit.master
+                dst = slot.weight[seg.offset:seg.offset + seg.unit.numel]
+                for lo in range(0, seg.unit.numel, self.chunk):
+                    hi = min(lo + self.chunk, seg.unit.numel)
+                    k, stage = self.take_chunk()
+                    # The copy that last read this staging chunk must be done before we refill it.
+                    self.ops.host_wait(self.ring_events[k])
+                    stage = stage[:hi - lo]
+                    stage.copy_(src[lo:hi])  # FP32 -> compute dtype on the CPU, overlapping the last copy
+                    self.ops.copy(dst[lo:hi], stage)
+                    self.ring_events[k] = self.ops.record(self.stream)
+            return self.ops.record(self.stream)
+
+    def gather_rows(self, unit: HostUnit, rows: int, ids: torch.Tensor, out: torch.Tensor,
+                    scratch: torch.Tensor, stage: torch.Tensor, update_fut: Future, waits: list[Future]) -> Any:
+        """Embedding forward on the host: gather the rows of ``ids`` from the FP32 master into ``out``."""
+        update_fut.result()  # the embedding's update must have landed
+        for r in waits:
+            # The previous micro-batch's compute must be done reading ``out``.
+            self.ops.wait(self.stream, r.result())
+        n = ids.numel()
+        width = unit.numel // rows
+        table = unit.master.view(rows, width)
+        picked = scratch[:n * width].view(n, width)
+        torch.index_select(table, 0, ids, out=picked)
+        with self.ops.on(self.stream):
+            if stage.data_ptr() == out.data_ptr():
+                return self.ops.record(self.stream)
+            # The previous gather's copy out of ``stage`` must be done before we refill it.
+            self.ops.host_wait(self._gather_event)
+            st = stage[:n * width]
+            st.copy_(picked.view(-1))
+            self.ops.copy(out[:n * width], st)
+            self._gather_event = self.ops.record(self.stream)
+            return self._gather_event
+
+
+@dataclass
+class Accumulate:
+    """Drain action of the deferred schedule: add into the FP32 accumulator."""
+
+    first: bool
+    last: bool
+
+
+@dataclass
+class Update:
+    """Drain action of the overlap schedule: run AdamW on the chunks as they land."""
+
+    specs: dict[int, UpdateSpec]
+
+
+class GradDrain(_Worker):
+    """Copies gradients out of slots and consumes them: AdamW (overlap) or accumulation (deferred)."""
+
+    def __init__(self, ops: DeviceOps, name: str, chunk: int, count: int, dtype: torch.dtype,
+                 adam: FlatAdamW) -> None:
+        super().__init__(ops, name, chunk, count, dtype)
+        self.adam = adam
+        self.scratch = torch.empty(chunk, dtype=torch.float32)
+
+    def drain(self, sources: list[tuple[HostUnit, torch.Tensor]], compute_event: Any, release: Future | None,
+              action: Accumulate | Update) -> None:
+        """Queued by ``submit``: download each unit's gradient and consume it chunk by chunk."""
+        try:
+            # The gradients are produced by the compute stream: copy only after it wrote them.
+            self.ops.wait(self.stream, compute_event)
+            pending: deque[tuple[HostUnit, int, int, torch.Tensor, Any]] = deque()
+            with self.ops.on(self.stream):
+                for unit, src in sources:
+                    if isinstance(action, Update) or action.first:
+                        unit.sq_norm = 0.0
+                    for lo in range(0, unit.numel, self.chunk):
+                        hi = min(lo + self.chunk, unit.numel)
+                        if len(pending) == len(self.ring):
+                            self._consume(pending.popleft(), action)  # frees the oldest staging chunk
+                        k, stage = self.take_chunk()
+                        stage = stage[:hi - lo]
+                        self.ops.copy(stage, src[lo:hi])
+                        pending.append((unit, lo, hi, stage, self.ops.record(self.stream)))
+                if release is not None:
+                    # Every copy out of the slot is queued: it is free once the last one has run.
+                    release.set_result(self.ops.record(self.stream))
+                    release = None
+            while pending:
+                self._consume(pending.popleft(), action)
+        except BaseException as exc:
+            if release is not None:
+                release.set_exception(exc)
+            raise
+
+    def _consume(self, item: tuple[HostUnit, int, int, torch.Tensor, Any], action: Accumulate | Update) -> None:
+        unit, lo, hi, stage, event = item
+        self.ops.host_wait(event)  # this chunk's device-to-host copy has landed
+        self.last_progress = f"{unit.name}[{lo}:{hi}]"
+        if isinstance(action, Update):
+            g32 = stage if stage.dtype == torch.float32 else self.scratch[:hi - lo].copy_(stage)
+            unit.sq_norm += float(torch.dot(g32, g32))
+            self.adam.update(unit, lo, hi, g32, action.specs[unit.index])
+            return
+        acc = unit.grad_acc[lo:hi]
+        if action.first:
+            acc.copy_(stage)
+        else:
+            acc.add_(stage)
+        if action.last:
+            unit.sq_norm += float(torch.dot(acc, acc))
+
+    def apply_accumulated(self, unit: HostUnit, spec_fut: Future, step: int, lr: float) -> None:
+        """Deferred schedule: AdamW on the unit's accumulated gradient, scaled by the clip coefficient."""
+        _, coef = spec_fut.result()
+        spec = UpdateSpec(step=step, lr=lr, grad_scale=coef)
+        for lo in range(0, unit.numel, self.chunk):
+            hi = min(lo + self.chunk, unit.numel)
+            self.last_progress = f"update {unit.name}[{lo}:{hi}]"
+            self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)

@@ -1,0 +1,43 @@
+"""Validation loss: a forward-only pass over held-out micro-batches.
+
+Owns the eval-loss definition: the token-weighted mean next-token cross-entropy over every label that
+is not -100, the same quantity the engine's ``train_step`` reports as ``loss``. The engine has no
+forward-only method yet, so this runs the HF model whose parameters are the engine's FP32 master
+weights (``Engine.hf_model()``) on the CPU: exact, and fine for small models, but slow for 7-8B ones
+(keep ``train.eval_batches`` small there). Invariant: evaluation never changes a parameter or RNG state
+that training uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from slideformer.train.data import IGNORE_INDEX
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(mean loss, label tokens) of ``model`` over ``batches`` (unshifted labels, -100 ignored)."""
+    was_training = model.training
+    model.eval()
+    rng = torch.get_rng_state()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+            labels = batch["labels"][:, 1:]
+            total += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).item()
+            count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        torch.set_rng_state(rng)
+        model.train(was_training)
+    return (total / count if count else float("nan")), count

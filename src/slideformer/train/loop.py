@@ -1,0 +1,369 @@
+"""The training run: config -> data and engine -> steps with schedule, eval, metrics, checkpoints.
+
+Owns the order of a run (validate everything cheap first, then allocate; then step, log, evaluate,
+checkpoint) and its exits: normal end, Ctrl-C (finish the current step, save, return), divergence
+(``max_nonfinite`` non-finite losses in a row: stop without saving poisoned weights). Invariant: the
+state saved at step N (engine state, data position, RNG, schedule position) is everything step N+1
+depends on, so ``resume`` reproduces an uninterrupted run bit for bit.
+
+Non-finite losses: the engine applies each layer's update inside backward ('overlap') or in the next
+forward ('deferred') and has no hook to cancel a step once its loss is known, so a NaN/inf step cannot
+be skipped after the fact; the loop warns, and stops after ``train.max_nonfinite`` in a row.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import datetime as dt
+import json
+import math
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slideformer.errors import ConfigError, SlideformerError
+from slideformer.train import checkpoint, run_info
+from slideformer.train.args import RunConfig
+from slideformer.train.config_io import dump_yaml
+from slideformer.train.data import BatchStream, Encoded, build_sequences, eval_batches, split_rows
+from slideformer.train.evaluate import eval_loss
+from slideformer.train.lr_schedule import LRSchedule
+from slideformer.train.metrics import MetricsLogger, StepMetrics, Throughput, gpu_peak_gib, host_rss_gib
+from slideformer.train.model_loading import (
+    build_engine,
+    check_model_dir,
+    check_seq_len,
+    load_hf_config,
+    load_tokenizer,
+)
+from slideformer.train.sources import read_rows
+
+
+class DivergenceError(SlideformerError, RuntimeError):
+    """Training produced too many non-finite losses in a row."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run reports."""
+
+    output_dir: Path
+    steps: int
+    """Optimizer steps done, counting those before a resume."""
+    losses: list[float] = field(default_factory=list)
+    """Training loss of each step run in this invocation."""
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, eval loss) pairs of this invocation."""
+    checkpoint: Path | None = None
+    """The last checkpoint written, if any."""
+    interrupted: bool = False
+    """True when Ctrl-C (SIGINT) ended the run early."""
+    seconds: float = 0.0
+    """Wall time of this invocation."""
+
+
+@dataclass
+class _Data:
+    train: list[Encoded]
+    val: list[Encoded]
+    summary: dict[str, Any]
+
+
+def resolve_output_dir(cfg: RunConfig) -> Path:
+    """The run directory: train.output_dir, or runs/<model>-<date>-<time>; created and checked writable."""
+    if cfg.train.output_dir:
+        out = Path(cfg.train.output_dir).expanduser()
+    else:
+        name = "tiny" if cfg.model.is_builtin else Path(cfg.model.path).name
+        out = Path("runs") / f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"output directory {out} is not writable ({e.strerror or e}); set train.output_dir"
+        ) from None
+    return out
+
+
+def _load_data(cfg: RunConfig, tokenizer: Any) -> _Data:
+    from slideformer.train.args import builtin_asset_dir
+
+    train_path = (
+        Path(cfg.data.train_path).expanduser() if cfg.data.train_path else builtin_asset_dir() / "data.jsonl"
+    )
+    rows = read_rows(train_path, cfg.data.max_rows)
+    if cfg.data.val_path:
+        val_rows = read_rows(cfg.data.val_path, cfg.data.max_rows)
+    else:
+        rows, val_rows = split_rows(rows, cfg.data.val_fraction, cfg.train.seed)
+    train, tstats = build_sequences(rows, tokenizer, cfg.data, str(train_path))
+    val: list[Encoded] = []
+    vstats = None
+    if val_rows:
+        val, vstats = build_sequences(
+            val_rows, tokenizer, cfg.data, cfg.data.val_path or f"{train_path} (val split)"
+        )
+    summary = {"train_path": str(train_path), "train": vars(tstats), "val": vars(vstats) if vstats else None}
+    return _Data(train, val, summary)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [
+            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
+        ]
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
+        )
+
+
+@contextmanager
+def _sigint_to_flag() -> Iterator[threading.Event]:
+    """While active, the first Ctrl-C sets the returned event (the loop saves and stops); a second one
+    raises KeyboardInterrupt as usual. Outside the main thread signals cannot be caught: no-op."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
+    if cfg.train.resume == "":
+        if checkpoint.latest(ckpt_root) is not None:
+            raise ConfigError(
+                f"{ckpt_root} already holds checkpoints; pass --resume to continue that run, or choose another "
+                "train.output_dir"
+            )
+        return None
+    if cfg.train.resume == "auto":
+        return checkpoint.latest(ckpt_root)
+    return checkpoint.resolve(Path(cfg.train.resume).expanduser())
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    stop_at: int | None = None,
+    on_step: Callable[[StepMetrics], None] | None = None,
+) -> TrainResult:
+    """Run training as configured.
+
+    Args:
+        cfg: the resolved run configuration.
+        stop_at: end this invocation (with a checkpoint) after this many total steps, the schedule still
+            planned for the whole run; used by tests and by jobs in fixed time slices.
+        on_step: called after each step with its metrics (the progress bar and files are already updated).
+
+    Raises:
+        ConfigError, ModelPathError, DataError: bad configuration or input, before anything large is allocated.
+        DivergenceError: ``train.max_nonfinite`` non-finite losses in a row.
+        CheckpointError: a checkpoint could not be written (earlier checkpoints are intact).
+    """
+    t_start = time.perf_counter()
+    model_dir = cfg.model.resolved_path()
+    check_model_dir(model_dir, need_weights=not (cfg.model.is_builtin or cfg.model.random_init))
+    hf_config = load_hf_config(model_dir)
+    check_seq_len(cfg, hf_config)
+    cfg.engine.resolve_device()  # a CUDA device without a GPU fails here, before data work
+    tokenizer = load_tokenizer(cfg.model.resolved_tokenizer())
+    data = _load_data(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = BatchStream(
+        data.train,
+        batch_size=cfg.train.batch_size,
+        grad_accum=cfg.train.grad_accum,
+        seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle,
+        pad_id=pad_id,
+    )
+    total = cfg.train.max_steps or cfg.train.epochs * stream.steps_per_epoch
+    schedule = LRSchedule(cfg.optim.lr, total, cfg.schedule)
+    out = resolve_output_dir(cfg)
+    ckpt_root = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else out / "checkpoints"
+    resume_from = _resume_source(cfg, ckpt_root)
+    (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+
+    def write_extra(tmp: Path) -> None:
+        (tmp / "run_config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        hf_config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if (model_dir / "generation_config.json").is_file():
+            (tmp / "generation_config.json").write_bytes((model_dir / "generation_config.json").read_bytes())
+
+    with build_engine(cfg, hf_config) as engine:
+        step = 0
+        streak = 0
+        if resume_from is not None:
+            sd = engine.state_dict()
+            state = checkpoint.load(resume_from, sd, cfg.checkpoint.verify)
+            sd["step"], sd["unit_steps"] = state["engine_step"], state.get("unit_steps")
+            engine.load_state_dict(sd)
+            stream.load_state_dict(state["data"])
+            _set_rng_state(state["rng"])
+            step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
+        n_params = int(engine.num_params)
+        run_info.write(
+            out,
+            engine.device,
+            {
+                "model": str(model_dir),
+                "num_params": n_params,
+                "total_steps": total,
+                "steps_per_epoch": stream.steps_per_epoch,
+                "data": data.summary,
+                "memory": engine.memory_report(),
+                "resumed_from": str(resume_from) if resume_from else None,
+            },
+        )
+        logger = MetricsLogger(
+            out,
+            total_steps=total,
+            start_step=step,
+            log_every=cfg.train.log_every,
+            progress_bar=cfg.train.progress_bar,
+            tensorboard=cfg.train.tensorboard,
+        )
+        logger.write(
+            f"slideformer: {model_dir.name} ({n_params / 1e6:,.2f}M params) on {engine.device} | "
+            f"{len(data.train)} train / {len(data.val)} val sequences of <= {cfg.data.seq_len} tokens | "
+            f"{total} steps x {stream.per_step} sequences | output {out}"
+            + (f" | resumed from {resume_from.name}" if resume_from else "")
+        )
+        result = TrainResult(out, step)
+
+        def save() -> Path:
+            st = dict(
+                data=stream.state_dict(),
+                rng=_rng_state(),
+                total_steps=total,
+                nonfinite_streak=streak,
+                unit_steps=None,
+                last_loss=result.losses[-1] if result.losses else None,
+            )
+            sd = engine.state_dict()
+            st["unit_steps"] = [int(s) for s in sd.get("unit_steps", [])] or None
+            return checkpoint.save(ckpt_root, step, sd, st, write_extra, cfg.checkpoint.keep_last)
+
+        def evaluate() -> float | None:
+            if not data.val:
+                return None
+            model = engine.hf_model()
+            loss, _ = eval_loss(
+                model, eval_batches(data.val, cfg.train.batch_size, cfg.train.eval_batches, pad_id)
+            )
+            return loss
+
+        end = min(total, stop_at) if stop_at is not None else total
+        timer = Throughput(n_params)
+        try:
+            with _sigint_to_flag() as interrupted:
+                while step < end and not interrupted.is_set():
+                    batches = stream.next_step()
+                    lr = schedule.lr_at(step)
+                    timer.start()
+                    res = engine.train_step(batches, lr=lr)
+                    loss, grad_norm = float(res.loss), float(res.grad_norm)
+                    tokens = sum(
+                        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                        for b in batches
+                    )
+                    dt_s, tps, tflops = timer.stop(tokens)
+                    step += 1
+                    result.steps = step
+                    if math.isfinite(loss) and math.isfinite(grad_norm):
+                        streak = 0
+                    else:
+                        streak += 1
+                        logger.write(
+                            f"warning: step {step}: non-finite loss {loss} / grad norm {grad_norm} "
+                            f"({streak} in a row, limit train.max_nonfinite={cfg.train.max_nonfinite})"
+                        )
+                        if streak >= cfg.train.max_nonfinite:
+                            raise DivergenceError(
+                                f"{streak} non-finite losses in a row (last at step {step}); the weights are "
+                                "likely corrupt, so no checkpoint was saved. Lower optim.lr, set "
+                                "optim.max_grad_norm, or resume from the last checkpoint"
+                            )
+                    ev = None
+                    if data.val and (
+                        (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total
+                    ):
+                        ev = evaluate()
+                        if ev is not None:
+                            result.eval_losses.append((step, ev))
+                    result.losses.append(loss)
+                    m = StepMetrics(
+                        step,
+                        loss,
+                        lr,
+                        grad_norm,
+                        tokens,
+                        tps,
+                        tflops,
+                        dt_s,
+                        host_rss_gib(),
+                        gpu_peak_gib(),
+                        time.perf_counter() - t_start,
+                        ev,
+                    )
+                    logger.log_step(m)
+                    if on_step is not None:
+                        on_step(m)
+                    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < end:
+                        result.checkpoint = save()
+                result.interrupted = interrupted.is_set()
+                if result.interrupted:
+                    logger.write(f"interrupted at step {step}: saving a checkpoint, then exiting")
+                if result.interrupted or stop_at is not None or cfg.checkpoint.save_final:
+                    result.checkpoint = save()
+        finally:
+            logger.close()
+        result.seconds = time.perf_counter() - t_start
+        plot = logger.plot() if cfg.train.plot else None
+        summary = {
+            "steps": step,
+            "total_steps": total,
+            "seconds": round(result.seconds, 2),
+            "first_loss": result.losses[0] if result.losses else None,
+            "last_loss": result.losses[-1] if result.losses else None,
+            "eval_losses": result.eval_losses,
+            "interrupted": result.interrupted,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "loss_plot": str(plot) if plot else None,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        return result

@@ -1,0 +1,21 @@
+"""The one table of numerical tolerances the parity tests use, with why each is what it is.
+
+Relative errors are norm-wise: ||engine - reference|| / ||reference||.
+"""
+
+from __future__ import annotations
+
+TOLERANCES: dict[str, dict[str, float]] = {
+    # CPU, FP32 compute on both sides. The only arithmetic that differs from HF + torch.optim.AdamW is
+    # the chunked cross-entropy (logsumexp - logit vs log_softmax) and the summation order of the
+    # global norm, so losses and parameters agree to FP32 rounding.
+    "cpu_fp32": {"loss_rel": 1e-5, "param_rel": 1e-5},
+    # GPU, BF16 weights/compute (engine) vs BF16 autocast over an FP32 model (reference). The engine's
+    # norms and residual adds run in BF16 where autocast keeps FP32, so the two drift apart by BF16
+    # rounding; the bound is on the parameter *update* (delta from the initial weights), which is what
+    # training changes, and is set at a few times the measured run-to-run spread of BF16 training.
+    "gpu_bf16": {"loss_rel": 2e-2, "update_rel": 0.15},
+    # GPU race amplifier: the same engine with every copy synchronous must match bitwise (same kernels,
+    # same order), so any difference is a race.
+    "gpu_race": {"loss_rel": 0.0, "param_rel": 0.0},
+}
