@@ -8,6 +8,7 @@ several thread counts, in the same process:
 * ``fallback_bf16``: slideformer's pure-torch fallback: BF16 grad -> FP32 scratch, the fused step,
   FP32 -> BF16 copy (three passes).
 * ``ext_bf16``: the C++ kernel, BF16 grad in and BF16 copy out in one pass.
+* ``ext_bf16_nt``: the same with non-temporal stores for the copy (``stream_out=True``).
 * ``ext_fp32``: the C++ kernel on FP32 grads without a copy (the same work as ``torch_fused_fp32``).
 * ``copy_fp32``: ``dst.copy_(src)`` of FP32 buffers, the machine's streaming bandwidth for reference.
 
@@ -36,8 +37,8 @@ import torch
 from slideformer.optim import cpu_adam
 
 LLAMA8B_LAYER = 218_112_000  # q, k, v, o + gate, up, down + 2 RMSNorm weights of Llama-3.1-8B
-VARIANTS = ("torch_fused_fp32", "fallback_bf16", "ext_bf16", "ext_fp32", "copy_fp32")
-IDEAL_BYTES = {"torch_fused_fp32": 28, "fallback_bf16": 28, "ext_bf16": 28, "ext_fp32": 28, "copy_fp32": 8}
+VARIANTS = ("torch_fused_fp32", "fallback_bf16", "ext_bf16", "ext_bf16_nt", "ext_fp32", "copy_fp32")
+IDEAL_BYTES = {"copy_fp32": 8}  # 28 for every AdamW variant
 HP = {"lr": 1e-5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
 
 
@@ -88,30 +89,41 @@ def _runner(variant: str, b: Buffers, threads: int) -> Callable[[], None]:
         def fused() -> None:
             st.fill_(float(b.next_step()))
             torch._fused_adamw_([b.p], [b.g32], [b.m], [b.v], [], [st], amsgrad=False, maximize=False, **HP)
+
         return fused
     if variant == "fallback_bf16":
+
         def fallback() -> None:
-            cpu_adam._torch_step(b.p, b.g16, b.m, b.v, step=b.next_step(), grad_scale=1.0, out=b.out,
-                                 scratch=b.scratch, **HP)
+            cpu_adam._torch_step(
+                b.p, b.g16, b.m, b.v, step=b.next_step(), grad_scale=1.0, out=b.out, scratch=b.scratch, **HP
+            )
+
         return fallback
-    if variant in ("ext_bf16", "ext_fp32"):
-        grad, out = (b.g16, b.out) if variant == "ext_bf16" else (b.g32, None)
+    if variant in ("ext_bf16", "ext_bf16_nt", "ext_fp32"):
+        grad, out = (b.g32, None) if variant == "ext_fp32" else (b.g16, b.out)
+        stream = variant == "ext_bf16_nt"
 
         def ext() -> None:
-            cpu_adam.adamw_step(b.p, grad, b.m, b.v, step=b.next_step(), out=out, num_threads=threads, **HP)
+            cpu_adam.adamw_step(
+                b.p, grad, b.m, b.v, step=b.next_step(), out=out, num_threads=threads, stream_out=stream, **HP
+            )
+
         return ext
     if variant == "copy_fp32":
         return lambda: b.scratch.copy_(b.p)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
-def _time(fn: Callable[[], None], repeats: int) -> list[float]:
-    fn()  # warm-up: page faults, thread pools
-    times = []
+def _time_interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Round-robin over the variants so that drift (other load, clocks) hits them alike."""
+    for fn in runners.values():
+        fn()  # warm-up: page faults, thread pools
+    times: dict[str, list[float]] = {v: [] for v in runners}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for v, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[v].append(time.perf_counter() - t0)
     return times
 
 
@@ -121,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default=",".join(map(str, _default_threads())), help="comma-separated")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per cell (after one warm-up)")
-    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                    help="pin the BF16 copy buffer, as the engine does (default: when CUDA is present)")
+    ap.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=torch.cuda.is_available(),
+        help="pin the BF16 copy buffer, as the engine does (default: when CUDA is present)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -137,38 +153,65 @@ def main(argv: list[str] | None = None) -> int:
     if not has_ext:
         variants = [v for v in variants if not v.startswith("ext_")]
     default_threads = torch.get_num_threads()
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([sys.executable, *sys.argv]), "cpu": _cpu_model(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": default_threads, "python": platform.python_version(),
-            "build_info": info, "pin": args.pin}
-    print(f"# {meta['cpu']} ({meta['cores']} cores), torch {torch.__version__} "
-          f"({info['torch_cpu_capability']}), backend {info['backend']}"
-          + (f", simd {info.get('simd')}" if has_ext else f" ({info['reason']})"))
-    print(f"{'size':>12} {'threads':>7} {'variant':>17} {'median ms':>10} {'min ms':>9} {'Gparam/s':>9} {'GB/s':>7}")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": default_threads,
+        "python": platform.python_version(),
+        "build_info": info,
+        "pin": args.pin,
+    }
+    print(
+        f"# {meta['cpu']} ({meta['cores']} cores), torch {torch.__version__} "
+        f"({info['torch_cpu_capability']}), backend {info['backend']}"
+        + (f", simd {info.get('simd')}" if has_ext else f" ({info['reason']})")
+    )
+    head = ("size", 12), ("threads", 7), ("variant", 17), ("median ms", 10), ("min ms", 9), ("Gparam/s", 9)
+    print(" ".join(f"{name:>{width}}" for name, width in head) + f" {'GB/s':>7}")
     rows = []
     try:
         for n in sizes:
             b = Buffers(n, args.pin)
             for t in threads:
                 torch.set_num_threads(t)
-                for v in variants:
-                    times = _time(_runner(v, b, t), args.repeats)
+                cell = _time_interleaved({v: _runner(v, b, t) for v in variants}, args.repeats)
+                for v, times in cell.items():
                     med = statistics.median(times)
-                    row = {"size": n, "threads": t, "variant": v, "median_s": med, "min_s": min(times),
-                           "times_s": times, "gparam_s": n / med / 1e9, "gbps": n * IDEAL_BYTES[v] / med / 1e9}
+                    row = {
+                        "size": n,
+                        "threads": t,
+                        "variant": v,
+                        "median_s": med,
+                        "min_s": min(times),
+                        "times_s": times,
+                        "gparam_s": n / med / 1e9,
+                        "gbps": n * IDEAL_BYTES.get(v, 28) / med / 1e9,
+                    }
                     rows.append(row)
-                    print(f"{n:>12} {t:>7} {v:>17} {med * 1e3:>10.2f} {min(times) * 1e3:>9.2f} "
-                          f"{row['gparam_s']:>9.3f} {row['gbps']:>7.1f}", flush=True)
+                    print(
+                        f"{n:>12} {t:>7} {v:>17} {med * 1e3:>10.2f} {min(times) * 1e3:>9.2f} "
+                        f"{row['gparam_s']:>9.3f} {row['gbps']:>7.1f}",
+                        flush=True,
+                    )
             del b
     finally:
         torch.set_num_threads(default_threads)
     best = {v: max((r["gparam_s"] for r in rows if r["variant"] == v), default=None) for v in variants}
     print("best Gparam/s: " + ", ".join(f"{v} {x:.3f}" for v, x in best.items() if x is not None))
-    if "ext_bf16" in best:
-        print(f"target 6 (ext_bf16 >= 3.0 Gparam/s): {'met' if best['ext_bf16'] >= 3.0 else 'missed'}")
+    ext_best = max((best[v] for v in ("ext_bf16", "ext_bf16_nt") if best.get(v) is not None), default=None)
+    if ext_best is not None:
+        print(
+            f"target 6 (BF16 in + BF16 copy out >= 3.0 Gparam/s): {ext_best:.3f}, "
+            f"{'met' if ext_best >= 3.0 else 'missed'}"
+        )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "best_gparam_s": best, "results": rows}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"meta": meta, "best_gparam_s": best, "results": rows}, indent=1) + "\n"
+        )
         print(f"wrote {args.out}")
     return 0
 

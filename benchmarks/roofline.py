@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -130,24 +129,6 @@ def measure_torch_adamw(n: int, threads: int, iters: int = 5) -> dict[str, Any]:
     }
 
 
-def _bind_by_name(fn: Callable[..., Any], values: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
-    """Keyword arguments for ``fn``: each parameter gets the first value one of whose keys names it
-    (keys of up to two letters must equal the name, longer ones may occur in it)."""
-    kwargs: dict[str, Any] = {}
-    for name, param in inspect.signature(fn).parameters.items():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        low = name.lower()
-        for keys, value in values:
-            if any(k == low or (len(k) > 2 and k in low) for k in keys):
-                kwargs[name] = value
-                break
-        else:
-            if param.default is param.empty:
-                raise TypeError(f"cannot bind parameter {name!r} of {fn.__qualname__}{inspect.signature(fn)}")
-    return kwargs
-
-
 def measure_slideformer_adamw(n: int, threads: int, iters: int = 5) -> dict[str, Any]:
     """``slideformer.optim.cpu_adam.adamw_step`` (BF16 grad in, BF16 copy out): Gparam/s, if it exists."""
     try:
@@ -162,24 +143,27 @@ def measure_slideformer_adamw(n: int, threads: int, iters: int = 5) -> dict[str,
     m = torch.zeros(n)
     v = torch.zeros(n)
     out16 = torch.empty(n, dtype=torch.bfloat16)
-    values: list[tuple[tuple[str, ...], Any]] = [
-        (("exp_avg_sq", "sq", "second", "v"), v),
-        (("exp_avg", "first", "m"), m),
-        (("grad", "g"), grad),
-        (("bf16", "out", "copy", "low", "half"), out16),
-        (("param", "master", "weight", "p"), p),
-        (("step",), 1),
-        (("lr",), 1e-5),
-        (("betas",), (0.9, 0.999)),
-        (("beta1",), 0.9),
-        (("beta2",), 0.999),
-        (("eps",), 1e-8),
-        (("weight_decay", "wd", "decay"), 0.0),
-        (("threads",), threads),
-    ]
+    state = {"step": 0}
+
+    def run() -> None:
+        state["step"] += 1
+        fn(
+            p,
+            grad,
+            m,
+            v,
+            step=state["step"],
+            lr=1e-5,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            out=out16,
+            num_threads=threads,
+        )
+
     try:
-        kwargs = _bind_by_name(fn, values)
-        t = common.time_callable(lambda: fn(**kwargs), iters=iters, warmup=1, sync=lambda: None)
+        t = common.time_callable(run, iters=iters, warmup=1, sync=lambda: None)
     except Exception as exc:
         return {"error": error_text(exc, 600), "signature": str(inspect.signature(fn))}
     return {
@@ -188,7 +172,6 @@ def measure_slideformer_adamw(n: int, threads: int, iters: int = 5) -> dict[str,
         "time_s": t,
         "gparam_s": n / t / 1e9,
         "what": "slideformer adamw_step, bf16 grad in, bf16 copy out",
-        "bound_args": sorted(kwargs),
     }
 
 

@@ -43,7 +43,7 @@ def make_model(config: Any, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # non-trivial norms, so their gradients and updates are exercised
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model

@@ -54,8 +54,15 @@ def test_presets_exist_for_the_issue_models_and_default_matches_package():
 
 def test_overrides_are_typed_and_layered():
     cfg = resolve_train_config(
-        _train_ns("--optim.lr=1e-4", "--optim.betas=[0.8, 0.95]", "--train.max_steps", "7", "--data.packing=false",
-                  "--train.progress_bar", "--optim.max_grad_norm=1")
+        _train_ns(
+            "--optim.lr=1e-4",
+            "--optim.betas=[0.8, 0.95]",
+            "--train.max_steps",
+            "7",
+            "--data.packing=false",
+            "--train.progress_bar",
+            "--optim.max_grad_norm=1",
+        )
     )
     assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.8, 0.95) and cfg.train.max_steps == 7
     assert cfg.data.packing is False and cfg.train.progress_bar is True and cfg.optim.max_grad_norm == 1.0
@@ -97,7 +104,10 @@ def test_python_dash_m_prints_the_resolved_config():
     env_path = str(REPO / "src")
     out = subprocess.run(
         [sys.executable, "-m", "slideformer", "train", "--print-config", "--train.max_steps=5"],
-        capture_output=True, text=True, check=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
     )
     cfg = from_dict(RunConfig, yaml.safe_load(out.stdout))
     assert cfg.train.max_steps == 5 and cfg.model.path == ""
@@ -110,7 +120,9 @@ def test_lr_schedule_shapes():
     assert lrs[0] == pytest.approx(0.2) and lrs[3] == pytest.approx(0.8) and lrs[4] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     mid = 4 + (19 - 4) / 2
-    assert LRSchedule(1.0, 20, args).lr_at(int(mid)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert LRSchedule(1.0, 20, args).lr_at(int(mid)) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15))
+    )
     lin = LRSchedule(2.0, 11, ScheduleArgs(warmup_steps=0, decay="linear", min_lr_ratio=0.0))
     assert [lin.lr_at(i) for i in (0, 5, 10)] == pytest.approx([2.0, 1.0, 0.0])
     const = LRSchedule(3.0, 10, ScheduleArgs(warmup_steps=2, decay="constant"))

@@ -67,7 +67,9 @@ def test_text_rows_train_every_token(tok):
 
 
 def test_packing_makes_full_blocks_and_padding_masks(tok):
-    rows = [Row({"prompt": f"Question: {i}?\nAnswer:", "completion": f" {i * 7}."}, f"f:{i}") for i in range(60)]
+    rows = [
+        Row({"prompt": f"Question: {i}?\nAnswer:", "completion": f" {i * 7}."}, f"f:{i}") for i in range(60)
+    ]
     packed, _ = build_sequences(rows, tok, DataArgs(seq_len=32), "f")
     assert packed and all(len(s.ids) == 32 == len(s.labels) for s in packed)
     batch = collate(packed[:3], tok.pad_token_id)
@@ -87,7 +89,10 @@ def test_packing_makes_full_blocks_and_padding_masks(tok):
 
 def test_truncation_drops_rows_whose_targets_are_cut(tok):
     long_prompt = "Question: " + "word " * 80 + "\nAnswer:"
-    rows = [Row({"prompt": long_prompt, "completion": " yes."}, "f:1"), Row({"prompt": "Q:", "completion": " ok"}, "f:2")]
+    rows = [
+        Row({"prompt": long_prompt, "completion": " yes."}, "f:1"),
+        Row({"prompt": "Q:", "completion": " ok"}, "f:2"),
+    ]
     seqs, stats = build_sequences(rows, tok, DataArgs(seq_len=16, packing=False), "f")
     assert len(seqs) == 1 and stats.truncated == 1 and stats.dropped_no_target == 1
 
@@ -128,7 +133,9 @@ def test_val_split_is_seeded_and_disjoint():
 
 
 def test_missing_field_names_file_and_line(tmp_path, tok):
-    path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "answer": "d"}])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "answer": "d"}]
+    )
     rows = read_rows(path)
     with pytest.raises(DataError, match=rf"{path}:2: row has no 'completion' field"):
         build_sequences(rows, tok, DataArgs(seq_len=8), str(path))

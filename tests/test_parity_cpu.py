@@ -12,10 +12,10 @@ import copy
 
 import pytest
 import torch
-
-from slideformer import Engine, EngineConfig, OptimConfig
 from tests.reference import FAMILIES, adamw_for, make_model, random_batch, reference_step, rel, tiny_config
 from tests.tolerances import TOLERANCES
+
+from slideformer import Engine, EngineConfig, OptimConfig
 
 TOL = TOLERANCES["cpu_fp32"]
 STEPS = 5

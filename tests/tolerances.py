@@ -12,9 +12,11 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "cpu_fp32": {"loss_rel": 1e-5, "param_rel": 1e-5},
     # GPU, BF16 weights/compute (engine) vs BF16 autocast over an FP32 model (reference). The engine's
     # norms and residual adds run in BF16 where autocast keeps FP32, so the two drift apart by BF16
-    # rounding; the bound is on the parameter *update* (delta from the initial weights), which is what
-    # training changes, and is set at a few times the measured run-to-run spread of BF16 training.
-    "gpu_bf16": {"loss_rel": 2e-2, "update_rel": 0.15},
+    # rounding. The bound is on the parameter *update* (delta from the initial weights), which is what
+    # training changes: the engine may deviate from the autocast reference by at most
+    # ``update_rel_factor`` times the autocast reference's own deviation from FP32 training measured in
+    # the same test (or ``update_rel_floor``, whichever is larger).
+    "gpu_bf16": {"loss_rel": 2e-2, "update_rel_factor": 3.0, "update_rel_floor": 0.05},
     # GPU race amplifier: the same engine with every copy synchronous must match bitwise (same kernels,
     # same order), so any difference is a race.
     "gpu_race": {"loss_rel": 0.0, "param_rel": 0.0},

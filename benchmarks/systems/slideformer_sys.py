@@ -4,7 +4,7 @@ Uses the public API only: ``Engine.from_config(hf_config, EngineConfig, OptimCon
 ``train_step(batch)``, ``memory_report()``, ``close()``. Batches are handed over as CPU tensors, as
 a data loader would. The step time is taken between consecutive returns of ``train_step`` (device
 synchronised), so work the engine overlaps into the next step is charged to that step; a full
-drain (``engine.synchronize()`` when the engine has one) ends the measured window.
+drain (``engine.flush()``: every scheduled optimizer update applied) ends the measured window.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import shapes
 from systems.base import BenchSpec, BenchSystem, StepFn
 
-DRAIN_METHODS = ("synchronize", "drain", "wait")
+DRAIN_METHODS = ("flush", "synchronize")
 """Engine methods that, when present, wait for all in-flight work (CPU optimizer included)."""
 
 

@@ -52,7 +52,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             tname = type_name(cls, f.name)
             default = getattr(defaults, f.name)
             help_text = f"{docs.get(f.name, '')} [{tname}; default: {default!r}]".replace("%", "%%")
-            kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
+            kwargs: dict[str, Any] = {
+                "dest": f"{section}.{f.name}",
+                "default": argparse.SUPPRESS,
+                "help": help_text,
+            }
             if tname == "bool":
                 kwargs.update(nargs="?", const="true", metavar="BOOL")
             else:
@@ -72,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train",
         help="fine-tune a model (no arguments: the built-in tiny default)",
-        description="Fine-tune a model. Settings come from CONFIG (default: the built-in preset), then --section.key "
+        description="Fine-tune a model. Settings come from CONFIG (default: the built-in preset), "
+        "then --section.key "
         "overrides.",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="auto",
         metavar="PATH",
-        help="continue from a checkpoint: a run directory or checkpoint path; alone: the newest checkpoint in "
+        help="continue from a checkpoint: a run directory or checkpoint path; alone: the newest "
+        "checkpoint in "
         "train.output_dir. Without CONFIG, the run's saved config is used.",
     )
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -93,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser(
         "plan",
         help="memory per tier and predicted step time, from config.json alone",
-        description="Estimate, before anything is allocated, what a run needs on the GPU, in pinned and host RAM "
+        description="Estimate, before anything is allocated, what a run needs on the GPU, in pinned "
+        "and host RAM "
         "and on disk, whether it fits, and a roofline step time.",
         allow_abbrev=False,
     )
@@ -104,22 +111,52 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--grad-accum", type=int, help="micro-batches per step (default: train.grad_accum)")
     pl.add_argument("--max-grad-norm", type=float, help="gradient clipping (default: optim.max_grad_norm)")
     pl.add_argument("--window", type=int, help="decoder-layer slots on the GPU (default: engine.window)")
-    pl.add_argument("--gpu-memory-gib", type=float, help="GPU memory to plan for (default: the visible GPU, else 80)")
+    pl.add_argument(
+        "--gpu-memory-gib", type=float, help="GPU memory to plan for (default: the visible GPU, else 80)"
+    )
     pl.add_argument("--host-memory-gib", type=float, help="host RAM to plan for (default: this machine's)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     ex = sub.add_parser(
         "export",
         help="write a Hugging Face model directory from a checkpoint",
-        description="Write a checkpoint's weights as a Hugging Face model directory (safetensors shards, config, "
+        description="Write a checkpoint's weights as a Hugging Face model directory (safetensors "
+        "shards, config, "
         "tokenizer, generation config), tensor by tensor.",
         allow_abbrev=False,
     )
-    ex.add_argument("checkpoint", help="a checkpoint directory, its parent, or a run directory (newest checkpoint)")
+    ex.add_argument(
+        "checkpoint", help="a checkpoint directory, its parent, or a run directory (newest checkpoint)"
+    )
     ex.add_argument("out_dir", help="where to write the model (must be empty or absent)")
-    ex.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto (config.json's torch_dtype)")
+    ex.add_argument(
+        "--dtype", default="auto", help="float32, bfloat16, float16, or auto (config.json's torch_dtype)"
+    )
     ex.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors shard, GiB")
     return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line. Unknown ``--a.b=c`` options of ``train`` are kept in ``ns.unknown_overrides``
+    so that ``resolve_train_config`` can name the nearest real key instead of argparse's bare refusal."""
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    ns.unknown_overrides = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if ns.command != "train" or not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            parser.error(f"unrecognized arguments: {' '.join(extra[i:])}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            key, value = arg[2:], extra[i + 1]
+            i += 1
+        else:
+            key, value = arg[2:], "true"
+        ns.unknown_overrides.append((key, value))
+        i += 1
+    return ns
 
 
 def resolve_train_config(ns: argparse.Namespace) -> RunConfig:
@@ -135,6 +172,8 @@ def resolve_train_config(ns: argparse.Namespace) -> RunConfig:
     for key, value in vars(ns).items():
         if "." in key:
             apply_override(tree, key, str(value))
+    for key, value in getattr(ns, "unknown_overrides", []):
+        apply_override(tree, key, value)
     if ns.resume:
         apply_override(tree, "train.resume", ns.resume)
     return from_dict(RunConfig, tree)
@@ -173,17 +212,18 @@ def _run_plan(ns: argparse.Namespace) -> int:
 def _run_export(ns: argparse.Namespace) -> int:
     from slideformer.train.export import export
 
-    out = export(Path(ns.checkpoint), Path(ns.out_dir), dtype=ns.dtype, max_shard_bytes=int(ns.max_shard_gib * 2**30))
+    out = export(
+        Path(ns.checkpoint), Path(ns.out_dir), dtype=ns.dtype, max_shard_bytes=int(ns.max_shard_gib * 2**30)
+    )
     print(f"exported to {out}", file=sys.stderr)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slideformer`` console script; returns the exit status."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_args(argv)
     if ns.command is None:
-        parser.print_help()
+        build_parser().print_help()
         return EXIT_BAD_INPUT
     runners = {"train": _run_train, "plan": _run_plan, "export": _run_export}
     try:

@@ -71,6 +71,9 @@ class EngineConfig:
     """Intra-op threads for the CPU optimizer and conversions; 0 keeps torch's default."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
+    sync_copies: bool = False
+    """Debugging aid: make every host<->device copy synchronous (serialises the pipeline; results must
+    not change, which is how the race tests use it)."""
     max_tokens_per_micro_batch: int = 0
     """Pre-size activation buffers for this many tokens (0: size them on the first batch)."""
     extra: dict[str, str] = field(default_factory=dict)

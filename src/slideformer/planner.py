@@ -72,7 +72,10 @@ class Plan:
     @property
     def fits(self) -> bool:
         """True when both the GPU and the host budget hold the plan."""
-        return self.gpu_total <= self.hardware.gpu_memory_bytes and self.host_total <= self.hardware.host_memory_bytes
+        return (
+            self.gpu_total <= self.hardware.gpu_memory_bytes
+            and self.host_total <= self.hardware.host_memory_bytes
+        )
 
     def to_json(self) -> str:
         """The plan as JSON (bytes and seconds)."""
@@ -86,14 +89,20 @@ class Plan:
         lines = [
             f"model: {self.model_type}, {p['total'] / 1e9:.3f} B params "
             f"(embedding {p['embedding'] / 1e6:,.1f} M, {self.settings['layers']} decoder layers of "
-            f"{p['largest_layer'] / 1e6:,.1f} M, head {p['lm_head'] / 1e6:,.1f} M{' tied' if self.settings['tied'] else ''})",
-            f"run: {self.settings['tokens_per_micro_batch']:,} tokens per micro-batch x {self.settings['grad_accum']} "
+            f"{p['largest_layer'] / 1e6:,.1f} M, head {p['lm_head'] / 1e6:,.1f} M"
+            f"{' tied' if self.settings['tied'] else ''})",
+            f"run: {self.settings['tokens_per_micro_batch']:,} tokens per micro-batch x "
+            f"{self.settings['grad_accum']} "
             f"micro-batches, window {self.settings['window']}, schedule {self.settings['schedule']}",
         ]
 
         def section(title: str, items: dict[str, int], budget: int | None = None) -> None:
             total = sum(items.values())
-            tail = f" of {budget / GIB:,.1f} GiB -> {'fits' if total <= budget else 'DOES NOT FIT'}" if budget else ""
+            tail = (
+                f" of {budget / GIB:,.1f} GiB -> {'fits' if total <= budget else 'DOES NOT FIT'}"
+                if budget
+                else ""
+            )
             lines.append(f"{title}: {total / GIB:,.2f} GiB{tail}")
             lines.extend(f"  {k:<34} {v / GIB:>10,.2f} GiB" for k, v in items.items())
 
@@ -101,17 +110,23 @@ class Plan:
         section("pinned host RAM", self.pinned)
         section("pageable host RAM", self.host)
         lines.append(
-            f"host RAM total: {self.host_total / GIB:,.2f} GiB of {self.hardware.host_memory_bytes / GIB:,.1f} GiB -> "
+            f"host RAM total: {self.host_total / GIB:,.2f} GiB of "
+            f"{self.hardware.host_memory_bytes / GIB:,.1f} GiB -> "
             f"{'fits' if self.host_total <= self.hardware.host_memory_bytes else 'DOES NOT FIT'}"
         )
         section("disk", self.disk)
         s = self.step_seconds
         bound = max(s, key=lambda k: s[k] if k != "step" else -1)
-        lines.append(f"predicted step: {s['step']:.2f} s (bound: {bound}; " + ", ".join(
-            f"{k} {v:.2f} s" for k, v in s.items() if k != "step") + ")")
+        lines.append(
+            f"predicted step: {s['step']:.2f} s (bound: {bound}; "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in s.items() if k != "step")
+            + ")"
+        )
         h = self.hardware
-        lines.append(f"assumes {h.gpu_tflops:g} TFLOP/s on the GPU, {h.pcie_gbs:g} GB/s PCIe per direction, "
-                     f"{h.adam_gparams:g} Gparam/s CPU AdamW")
+        lines.append(
+            f"assumes {h.gpu_tflops:g} TFLOP/s on the GPU, {h.pcie_gbs:g} GB/s PCIe per direction, "
+            f"{h.adam_gparams:g} Gparam/s CPU AdamW"
+        )
         lines.extend(f"note: {n}" for n in self.notes)
         lines.append("fits" if self.fits else "does NOT fit")
         return "\n".join(lines)
@@ -182,11 +197,18 @@ def make_plan(
     if not on_gpu:
         host.update({f"device (cpu): {k}": v for k, v in gpu.items() if "CUDA" not in k})
         gpu = {}
-    disk = {f"checkpoints ({keep_checkpoints} x 12 B/param)": keep_checkpoints * 12 * n, "export (bf16)": 2 * n}
+    disk = {
+        f"checkpoints ({keep_checkpoints} x 12 B/param)": keep_checkpoints * 12 * n,
+        "export (bf16)": 2 * n,
+    }
 
     step_tokens = tokens * grad_accum
-    compute = 8.0 * n * step_tokens / (hardware.gpu_tflops * 1e12)  # fwd 2 + recompute 2 + bwd 4 flop/param/token
-    pcie = (4.0 * grad_accum + 2.0) * n / (hardware.pcie_gbs * 1e9)  # bf16 up twice per micro-batch, grads down
+    compute = (
+        8.0 * n * step_tokens / (hardware.gpu_tflops * 1e12)
+    )  # fwd 2 + recompute 2 + bwd 4 flop/param/token
+    pcie = (
+        (4.0 * grad_accum + 2.0) * n / (hardware.pcie_gbs * 1e9)
+    )  # bf16 up twice per micro-batch, grads down
     adam = n / (hardware.adam_gparams * 1e9)
     times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
     times["step"] = max(times.values())
@@ -195,10 +217,17 @@ def make_plan(
     if limit is not None and seq_len > limit:
         notes.append(f"seq_len {seq_len} exceeds max_position_embeddings {limit}")
     if not on_gpu:
-        notes.append("engine.device is cpu: the 'device' tensors live in host RAM and the times are GPU estimates")
+        notes.append(
+            "engine.device is cpu: the 'device' tensors live in host RAM and the times are GPU estimates"
+        )
     settings = {
-        "layers": len(layers), "tied": tied, "tokens_per_micro_batch": tokens, "grad_accum": grad_accum,
-        "window": engine.window, "schedule": "deferred" if deferred else "overlap", "seq_len": seq_len,
+        "layers": len(layers),
+        "tied": tied,
+        "tokens_per_micro_batch": tokens,
+        "grad_accum": grad_accum,
+        "window": engine.window,
+        "schedule": "deferred" if deferred else "overlap",
+        "seq_len": seq_len,
         "batch_size": batch_size,
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes)
@@ -230,7 +259,9 @@ def plan_from_args(ns: argparse.Namespace) -> Plan:
     clip = ns.max_grad_norm if ns.max_grad_norm is not None else cfg.optim.max_grad_norm
     hw = Hardware(
         gpu_memory_bytes=int(ns.gpu_memory_gib * GIB) if ns.gpu_memory_gib else _gpu_memory_default(),
-        host_memory_bytes=int(ns.host_memory_gib * GIB) if ns.host_memory_gib else psutil.virtual_memory().total,
+        host_memory_bytes=int(ns.host_memory_gib * GIB)
+        if ns.host_memory_gib
+        else psutil.virtual_memory().total,
     )
     return make_plan(
         load_hf_config(model),

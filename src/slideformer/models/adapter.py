@@ -96,7 +96,13 @@ class ModelAdapter:
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         softcap = getattr(text_cfg, "final_logit_softcapping", None)
         scale = getattr(embed, "embed_scale", None)
-        embed_scale = float(scale) if scale is not None else None
+        if scale is None:
+            embed_scale = None
+        elif isinstance(scale, torch.Tensor) and scale.device.type == "meta":
+            # HF's scaled embeddings (Gemma) are built with scale sqrt(hidden_size).
+            embed_scale = float(text_cfg.hidden_size) ** 0.5
+        else:
+            embed_scale = float(scale)
         parts = ModelParts(model, base, embed, layers, norm, lm_head, rotary, tied,
                            float(softcap) if softcap else None, embed_scale)
         self._check_coverage(parts)

@@ -44,7 +44,7 @@ class WeightSource:
 
     def load_into(self, units: list[HostUnit]) -> None:
         """Copy every parameter from the shards into the units' master buffers, one tensor at a time."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         wanted = {spec.name: (u, spec) for u in units for spec in u.params}
         seen: set[str] = set()
@@ -61,7 +61,7 @@ class WeightSource:
                                                  f"implies {tuple(spec.shape)}; config.json and weights disagree")
                         u.view(u.master, spec).copy_(t)
                         seen.add(key)
-            except (OSError, RuntimeError, ValueError) as exc:
+            except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
                 if isinstance(exc, ModelPathError):
                     raise
                 raise ModelPathError(f"cannot read {file}: {exc} (truncated or corrupted shard?)") from exc

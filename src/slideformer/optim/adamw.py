@@ -16,19 +16,7 @@ import torch
 
 from slideformer.config import OptimConfig
 from slideformer.memory.host_state import HostUnit
-try:
-    from slideformer.optim.cpu_adam import adamw_step
-except ImportError:  # TEMPORARY until optim/cpu_adam.py lands
-    def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
-                   grad_scale=1.0, out=None):  # type: ignore[no-redef]
-        g = grad.float() if grad.dtype != torch.float32 else grad
-        if grad_scale != 1.0:
-            g = g * grad_scale
-        torch._fused_adamw_([param], [g], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))], lr=lr,
-                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
-                            maximize=False)
-        if out is not None:
-            out.copy_(param)
+from slideformer.optim.cpu_adam import adamw_step
 
 
 @dataclass(frozen=True)

@@ -1,36 +1,36 @@
 // slideformer CPU AdamW kernel: one pass over a layer's flat FP32 buffers that reads the gradient
 // (FP32, BF16 or FP16), updates param / exp_avg / exp_avg_sq in place and writes the BF16/FP16
-// upload copy of the updated param, with OpenMP threads over contiguous 128-byte-aligned ranges.
+// upload copy of the updated param, with OpenMP threads over 256 KiB chunks.
 //
 // Invariants:
 //  * Semantics and FP32 rounding are those of torch's CPU `_fused_adamw_` (AVX2/AVX-512 build):
 //    p *= f32(1 - lr*wd); m = fma(w, g - m, m) (lerp); v = fma(f32(1-b2)*g, g, v*f32(b2));
 //    p += (f32(-lr/bc1) * m) / (sqrt(v) / f32(sqrt(bc2)) + f32(eps)). Every contraction is an
 //    explicit std::fma and the file is compiled with -ffp-contract=off, so the compiler cannot add
-//    or drop one: results do not depend on the vector width the compiler picks.
-//  * The kernel touches raw pointers only; the Python loader validates dtypes, sizes, devices and
-//    contiguity before calling, and keeps the tensors alive for the duration of the call.
-//  * The GIL is released for the whole kernel; nothing here touches Python objects.
-//  * No allocation: the only memory written is the caller's buffers.
-#include <pybind11/pybind11.h>
-
+//    or drop one: results do not depend on the vector width the compiler picks. The last n % 8
+//    elements follow torch's scalar tail (see adam_tail), so every size matches bitwise.
+//  * A plain C ABI over raw pointers, called through ctypes (which releases the GIL for the call):
+//    no Python or torch headers, so it builds in about a second. The Python loader validates
+//    dtypes, sizes, devices and contiguity before calling and keeps the tensors alive meanwhile.
+//  * No allocation, no exceptions: the only memory written is the caller's buffers.
 #include <omp.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
-#include <string>
 #include <type_traits>
 
 namespace {
 
-// 32 elements: 128 bytes of FP32 and 64 bytes of BF16/FP16, so no cache line is shared by two
-// threads in any buffer.
-constexpr int64_t kAlign = 32;
+// Elements per work item of the thread pool (256 KiB of each FP32 buffer): a multiple of 32, so
+// no cache line of any buffer is shared by two threads.
+constexpr int64_t kChunk = 1 << 16;
 // Below this many elements per thread, waking more threads costs more than it saves.
-constexpr int64_t kMinPerThread = 1 << 15;
+constexpr int64_t kMinPerThread = kChunk;
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNone = -1 };
 
@@ -82,6 +82,7 @@ struct Coeffs {
   float bc2_sqrt;
   float eps;
   float neg_step;    // -lr / bias_correction1
+  bool stream_out;   // write the copy with non-temporal stores (no read-for-ownership of `out`)
 };
 
 // Elements per block: the FP32 staging of a BF16/FP16 gradient block stays in L1, so the kernel is
@@ -96,6 +97,33 @@ void load_block(const T* __restrict src, float* __restrict dst, int64_t n) {
 template <typename T>
 void store_block(const float* __restrict src, T* __restrict dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = from_f32<T>(src[i]);
+}
+
+// The copy through an L1 staging block, then 32-byte non-temporal stores where `dst` is aligned: the
+// copy buffer is written once and read next by the GPU's DMA, so it need not be read into the cache
+// first. Callers end with store_fence() before the data may be read elsewhere.
+template <typename T>
+void store_block_stream(const float* __restrict src, T* __restrict dst, int64_t n) {
+#if defined(__AVX2__)
+  static_assert(sizeof(T) == 2, "16-bit copies only");
+  alignas(64) T staged[kBlock];
+  store_block<T>(src, staged, n);
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 31u) != 0; ++i) dst[i] = staged[i];
+  for (; i + 16 <= n; i += 16) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(staged + i)));
+  }
+  for (; i < n; ++i) dst[i] = staged[i];
+#else
+  store_block<T>(src, dst, n);
+#endif
+}
+
+inline void store_fence() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_sfence();
+#endif
 }
 
 void adam_block(float* __restrict p, const float* __restrict g, float* __restrict m,
@@ -128,8 +156,15 @@ void adam_range(float* p, const G* g, float* m, float* v, O* out, int64_t n, con
       gf = staged;
     }
     adam_block(p + b, gf, m + b, v + b, len, c);
-    if constexpr (!std::is_same_v<O, NoOut>) store_block<O>(p + b, out + b, len);
+    if constexpr (!std::is_same_v<O, NoOut>) {
+      if (c.stream_out) {
+        store_block_stream<O>(p + b, out + b, len);
+      } else {
+        store_block<O>(p + b, out + b, len);
+      }
+    }
   }
+  if (c.stream_out) store_fence();
 }
 
 // torch's fused kernel runs 8-wide vectors (its AVX2 kernel, also used on AVX-512 CPUs) and a
@@ -164,15 +199,16 @@ int run_body(float* p, const void* g, float* m, float* v, void* out, int64_t n, 
     return 1;
   }
   int used = nt;
+  // Dynamic chunks rather than one static range per thread: a thread that loses its core (to the
+  // engine's main thread, say) delays the step by one chunk, not by its whole share.
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel num_threads(nt)
   {
-    const int t = omp_get_thread_num();
-    const int k = omp_get_num_threads();
-    if (t == 0) used = k;
-    const int64_t units = (n + kAlign - 1) / kAlign;
-    const int64_t begin = std::min(n, units * t / k * kAlign);
-    const int64_t end = std::min(n, units * (t + 1) / k * kAlign);
-    if (end > begin) {
+    if (omp_get_thread_num() == 0) used = omp_get_num_threads();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ci = 0; ci < chunks; ++ci) {
+      const int64_t begin = ci * kChunk;
+      const int64_t end = std::min(n, begin + kChunk);
       adam_range<G, O>(p + begin, gp + begin, m + begin, v + begin,
                        op == nullptr ? nullptr : op + begin, end - begin, c);
     }
@@ -201,15 +237,20 @@ int dispatch_out(int out_dtype, float* p, const void* g, float* m, float* v, voi
 #if defined(__FLT16_MAX__)
     case kF16: return run<G, half_t>(p, g, m, v, out, n, c, threads);
 #endif
-    default: throw std::invalid_argument("cpu_adam: unsupported out dtype code");
+    default: return -1;
   }
 }
 
-// Returns the number of threads that ran the kernel.
-int adamw_step(std::uintptr_t param, std::uintptr_t grad, int grad_dtype, std::uintptr_t exp_avg,
-               std::uintptr_t exp_avg_sq, std::uintptr_t out, int out_dtype, int64_t n, double lr,
-               double beta1, double beta2, double eps, double weight_decay, double step,
-               double grad_scale, int threads) {
+}  // namespace
+
+extern "C" {
+
+// One AdamW step over n elements, in place. Returns the number of threads that ran it, or -1 for
+// an unsupported dtype code (nothing is written then).
+int slideformer_adamw_step(float* p, const void* g, int grad_dtype, float* m, float* v, void* o,
+                           int out_dtype, int64_t n, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, double step, double grad_scale,
+                           int threads, int stream_out) {
   if (n <= 0) return 0;
   // Hyperparameters in double, then rounded to float, exactly as torch's fused CPU kernel.
   const double bc1 = 1.0 - std::pow(beta1, step);
@@ -225,49 +266,39 @@ int adamw_step(std::uintptr_t param, std::uintptr_t grad, int grad_dtype, std::u
   c.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
   c.eps = static_cast<float>(eps);
   c.neg_step = static_cast<float>(-(lr / bc1));
-
-  auto* p = reinterpret_cast<float*>(param);
-  auto* m = reinterpret_cast<float*>(exp_avg);
-  auto* v = reinterpret_cast<float*>(exp_avg_sq);
-  const void* g = reinterpret_cast<const void*>(grad);
-  void* o = reinterpret_cast<void*>(out);
+  c.stream_out = stream_out != 0 && o != nullptr;
   switch (grad_dtype) {
     case kF32: return dispatch_out<float>(out_dtype, p, g, m, v, o, n, c, threads);
     case kBF16: return dispatch_out<uint16_t>(out_dtype, p, g, m, v, o, n, c, threads);
 #if defined(__FLT16_MAX__)
     case kF16: return dispatch_out<half_t>(out_dtype, p, g, m, v, o, n, c, threads);
 #endif
-    default: throw std::invalid_argument("cpu_adam: unsupported grad dtype code");
+    default: return -1;
   }
 }
 
-std::string simd_flags() {
-  std::string s;
+int slideformer_has_fp16() { return kHasF16 ? 1 : 0; }
+
+int slideformer_max_threads() { return omp_get_max_threads(); }
+
+const char* slideformer_simd() {
+  return ""
 #if defined(__AVX512F__)
-  s += "avx512f ";
+         "avx512f "
 #endif
 #if defined(__AVX2__)
-  s += "avx2 ";
+         "avx2 "
 #endif
 #if defined(__FMA__)
-  s += "fma ";
+         "fma "
 #endif
 #if defined(__F16C__)
-  s += "f16c ";
+         "f16c "
 #endif
 #if defined(__ARM_NEON)
-  s += "neon ";
+         "neon "
 #endif
-  if (!s.empty()) s.pop_back();
-  return s;
+      ;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.doc() = "slideformer fused CPU AdamW over flat FP32 buffers (see cpu_adam.py)";
-  mod.def("adamw_step", &adamw_step, pybind11::call_guard<pybind11::gil_scoped_release>());
-  mod.attr("has_fp16") = kHasF16;
-  mod.attr("simd") = simd_flags();
-  mod.attr("max_threads") = omp_get_max_threads();
-}
+}  // extern "C"

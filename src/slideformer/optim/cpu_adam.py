@@ -12,12 +12,14 @@ runs ``torch._fused_adamw_`` with separate cast passes (one warning says why and
 Invariant: both paths are ``torch.optim.AdamW`` with torch's CPU fused arithmetic: on CPUs where
 torch runs its AVX2/AVX-512 kernels the result is bitwise that of ``torch._fused_adamw_`` applied
 to ``grad.float() * grad_scale``, and ``out`` is bitwise ``param.to(out.dtype)``. Inputs are
-validated here (device, dtype, size, contiguity) before any memory is touched; the kernel releases
-the GIL, so a worker thread can run it while the main thread drives the GPU.
+validated here (device, dtype, size, contiguity) before any memory is touched. The kernel is called
+through ctypes, which releases the GIL (as torch's ops in the fallback do), so a worker thread can
+run it while the main thread drives the GPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -29,7 +31,6 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -41,17 +42,42 @@ __all__ = ["CpuAdamInputError", "adamw_step", "build_info", "extension_available
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_adam.cpp")
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
-           "-fno-trapping-math", "-DNDEBUG")
+_CFLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-DNDEBUG",
+)
 _LDFLAGS = ("-fopenmp",)
 _GRAD_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OUT_CODES = {torch.bfloat16: 1, torch.float16: 2}
-_FALLBACK_COST = ("the fallback makes separate cast passes (about 46 instead of 30 bytes of memory "
-                  "traffic per parameter), so the bandwidth-bound host optimizer runs about 1.5x slower")
+_FALLBACK_COST = (
+    "the fallback makes separate cast passes (about 46 instead of 30 bytes of memory "
+    "traffic per parameter), so the bandwidth-bound host optimizer runs about 1.5x slower"
+)
 
 
 class CpuAdamInputError(SlideformerError, ValueError):
     """A tensor handed to ``adamw_step`` has the wrong device, dtype, size or layout."""
+
+
+class _Kernel:
+    """The built library's C entry points (ctypes releases the GIL for every call)."""
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        c = ctypes
+        self.step = lib.slideformer_adamw_step
+        self.step.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
+                              c.c_int64, *([c.c_double] * 7), c.c_int, c.c_int]  # fmt: skip
+        self.step.restype = c.c_int
+        lib.slideformer_simd.restype = c.c_char_p
+        self.simd: str = lib.slideformer_simd().decode().strip()
+        self.has_fp16 = bool(lib.slideformer_has_fp16())
+        self.max_threads = int(lib.slideformer_max_threads())
 
 
 class _Loader:
@@ -60,20 +86,20 @@ class _Loader:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.tried = False
-        self.module: ModuleType | None = None
+        self.kernel: _Kernel | None = None
         self.reason: str | None = None
         self.info: dict[str, Any] = {}
 
-    def get(self) -> ModuleType | None:
+    def get(self) -> _Kernel | None:
         if self.tried:
-            return self.module
+            return self.kernel
         with self.lock:
             if not self.tried:
-                self.module = self._load()
+                self.kernel = self._load()
                 self.tried = True
-        return self.module
+        return self.kernel
 
-    def _load(self) -> ModuleType | None:
+    def _load(self) -> _Kernel | None:
         if os.environ.get("SLIDEFORMER_NO_EXT", "") not in ("", "0"):
             self.reason = "disabled by SLIDEFORMER_NO_EXT"
             return None
@@ -93,25 +119,46 @@ class _Loader:
             t0 = time.perf_counter()
             try:
                 build_dir.mkdir(parents=True, exist_ok=True)
-                module = cpp_extension.load(name, [str(_SOURCE)], extra_cflags=list(_CFLAGS),
-                                            extra_ldflags=list(_LDFLAGS), build_directory=str(build_dir),
-                                            verbose=False)
+                path = cpp_extension.load(
+                    name,
+                    [str(_SOURCE)],
+                    extra_cflags=list(_CFLAGS),
+                    extra_ldflags=list(_LDFLAGS),
+                    build_directory=str(build_dir),
+                    verbose=False,
+                    is_python_module=False,
+                )
+                kernel = _Kernel(path if isinstance(path, str) else str(build_dir / f"{name}.so"))
             except Exception as exc:  # any build or import failure means: use the fallback
                 logger.debug("cpu_adam build failed", exc_info=True)
-                lines = [ln for ln in str(exc).splitlines() if "error" in ln.lower()] or [str(exc)]
+                text = str(exc).splitlines() or [""]
+                lines = [ln for ln in text if "error:" in ln] or [ln for ln in text if "rror" in ln] or text
                 why = f"build failed: {type(exc).__name__}: {lines[0][:300]}"
             else:
                 seconds = time.perf_counter() - t0
-                self.info = {"path": str(build_dir), "cached": cached, "load_seconds": round(seconds, 3),
-                             "simd": module.simd, "has_fp16": bool(module.has_fp16),
-                             "omp_max_threads": int(module.max_threads)}
-                logger.info("cpu_adam extension %s in %.1f s (%s)", "loaded" if cached else "built",
-                            seconds, build_dir)
-                return module
+                self.info = {
+                    "path": str(build_dir),
+                    "cached": cached,
+                    "load_seconds": round(seconds, 3),
+                    "simd": kernel.simd,
+                    "has_fp16": kernel.has_fp16,
+                    "omp_max_threads": kernel.max_threads,
+                }
+                logger.info(
+                    "cpu_adam extension %s in %.1f s (%s)",
+                    "loaded" if cached else "built",
+                    seconds,
+                    build_dir,
+                )
+                return kernel
         self.reason = why
-        warnings.warn(f"slideformer: the C++ CPU AdamW is unavailable ({why}); using the pure-torch "
-                      f"fallback: {_FALLBACK_COST}. Set SLIDEFORMER_NO_EXT=1 to choose the fallback "
-                      "without this warning.", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"slideformer: the C++ CPU AdamW is unavailable ({why}); using the pure-torch "
+            f"fallback: {_FALLBACK_COST}. Set SLIDEFORMER_NO_EXT=1 to choose the fallback "
+            "without this warning.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
 
 
@@ -149,8 +196,14 @@ def _compiler_id(cxx: str) -> str:
 
 def _cache_key(cxx: str) -> str:
     h = hashlib.sha256(_SOURCE.read_bytes())
-    for part in (" ".join(_CFLAGS + _LDFLAGS), _compiler_id(cxx), torch.__version__,
-                 f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(), _cpu_flags()):
+    for part in (
+        " ".join(_CFLAGS + _LDFLAGS),
+        _compiler_id(cxx),
+        torch.__version__,
+        f"{sys.version_info[0]}.{sys.version_info[1]}",
+        platform.machine(),
+        _cpu_flags(),
+    ):
         h.update(b"\0" + part.encode())
     return h.hexdigest()
 
@@ -162,10 +215,15 @@ def extension_available() -> bool:
 
 def build_info() -> dict[str, Any]:
     """How ``adamw_step`` runs here: backend, why not the extension, build directory, SIMD, timings."""
-    module = _LOADER.get()
-    return {"backend": "extension" if module is not None else "torch", "reason": _LOADER.reason,
-            "cflags": list(_CFLAGS), "torch": torch.__version__,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), **_LOADER.info}
+    kernel = _LOADER.get()
+    return {
+        "backend": "extension" if kernel is not None else "torch",
+        "reason": _LOADER.reason,
+        "cflags": list(_CFLAGS),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **_LOADER.info,
+    }
 
 
 def _check(name: str, t: object, dtypes: dict[torch.dtype, int], n: int) -> torch.Tensor:
@@ -179,15 +237,31 @@ def _check(name: str, t: object, dtypes: dict[torch.dtype, int], n: int) -> torc
     if t.numel() != n:
         raise CpuAdamInputError(f"adamw_step: {name} has {t.numel()} elements, param has {n}")
     if not t.is_contiguous():
-        raise CpuAdamInputError(f"adamw_step: {name} must be contiguous (a flat buffer or a slice of one); "
-                                f"got shape {tuple(t.shape)} with strides {t.stride()}")
+        raise CpuAdamInputError(
+            f"adamw_step: {name} must be contiguous (a flat buffer or a slice of one); "
+            f"got shape {tuple(t.shape)} with strides {t.stride()}"
+        )
     return t
 
 
-def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-               *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               grad_scale: float = 1.0, out: torch.Tensor | None = None, num_threads: int | None = None,
-               scratch: torch.Tensor | None = None) -> None:
+def adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: float = 1.0,
+    out: torch.Tensor | None = None,
+    num_threads: int | None = None,
+    scratch: torch.Tensor | None = None,
+    stream_out: bool = False,
+) -> None:
     """One AdamW step over flat CPU buffers, in place (``torch.optim.AdamW`` semantics).
 
     ``param``, ``exp_avg``, ``exp_avg_sq``: FP32, contiguous, ``n`` elements. ``grad``: FP32, BF16 or
@@ -197,6 +271,9 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     C++ kernel (default ``torch.get_num_threads()``); the fallback uses torch's intra-op pool.
     ``scratch``: optional FP32 buffer of >= ``n`` elements the fallback casts the gradient into
     (otherwise it allocates one when the gradient is not FP32 or ``grad_scale != 1``).
+    ``stream_out``: write ``out`` with non-temporal stores (the C++ kernel on x86 with AVX2): it skips
+    reading the copy buffer into the cache before overwriting it (2 of ~30 bytes per parameter);
+    whether that is faster depends on the machine (``benchmarks/bench_cpu_adam.py`` measures both).
     """
     n = param.numel() if isinstance(param, torch.Tensor) else -1
     _check("param", param, {torch.float32: 0}, n)
@@ -212,21 +289,48 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         raise CpuAdamInputError(f"adamw_step: num_threads must be >= 1, got {num_threads}")
     if n == 0:
         return
-    module = _LOADER.get()
-    if module is not None and (module.has_fp16 or torch.float16 not in (grad.dtype, getattr(out, "dtype", None))):
-        module.adamw_step(param.data_ptr(), grad.data_ptr(), _GRAD_CODES[grad.dtype], exp_avg.data_ptr(),
-                          exp_avg_sq.data_ptr(), 0 if out is None else out.data_ptr(),
-                          -1 if out is None else _OUT_CODES[out.dtype], n, float(lr), float(beta1),
-                          float(beta2), float(eps), float(weight_decay), float(step), float(grad_scale),
-                          threads)
+    kernel = _LOADER.get()
+    if kernel is not None and (kernel.has_fp16 or torch.float16 not in (grad.dtype, getattr(out, "dtype", None))):
+        o_ptr, o_code = (None, -1) if out is None else (out.data_ptr(), _OUT_CODES[out.dtype])
+        hp = map(float, (lr, beta1, beta2, eps, weight_decay, step, grad_scale))
+        rc = kernel.step(param.data_ptr(), grad.data_ptr(), _GRAD_CODES[grad.dtype], exp_avg.data_ptr(),
+                         exp_avg_sq.data_ptr(), o_ptr, o_code, n, *hp, threads, int(stream_out))  # fmt: skip
+        if rc < 0:  # the kernel lacks a dtype this Python accepted: a build/version mismatch
+            raise CpuAdamInputError(f"adamw_step: the C++ kernel rejected {grad.dtype} -> {o_code}")
         return
-    _torch_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                weight_decay=weight_decay, grad_scale=grad_scale, out=out, scratch=scratch)
+    _torch_step(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        grad_scale=grad_scale,
+        out=out,
+        scratch=scratch,
+    )
 
 
-def _torch_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                grad_scale: float, out: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+def _torch_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: float,
+    out: torch.Tensor | None,
+    scratch: torch.Tensor | None,
+) -> None:
     """The fallback: cast (and scale) the gradient into FP32, ``_fused_adamw_``, cast the copy out."""
     n = param.numel()
     g = grad.view(-1)
@@ -250,8 +354,20 @@ def _torch_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         step_t = _STEP.tensor = torch.zeros((), dtype=torch.float32)
     step_t.fill_(float(step))
     with torch.no_grad():
-        torch._fused_adamw_([param.view(-1)], [g], [exp_avg.view(-1)], [exp_avg_sq.view(-1)], [], [step_t],
-                            lr=float(lr), beta1=float(beta1), beta2=float(beta2),
-                            weight_decay=float(weight_decay), eps=float(eps), amsgrad=False, maximize=False)
+        torch._fused_adamw_(
+            [param.view(-1)],
+            [g],
+            [exp_avg.view(-1)],
+            [exp_avg_sq.view(-1)],
+            [],
+            [step_t],
+            lr=float(lr),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=float(weight_decay),
+            eps=float(eps),
+            amsgrad=False,
+            maximize=False,
+        )
         if out is not None:
             out.view(-1).copy_(param.view(-1))

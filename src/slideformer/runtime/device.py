@@ -20,8 +20,9 @@ import torch
 class DeviceOps:
     """Device abstraction used by the engine, the transfer workers and the activation store."""
 
-    def __init__(self, device: torch.device, pin_memory: bool = True) -> None:
+    def __init__(self, device: torch.device, pin_memory: bool = True, sync_copies: bool = False) -> None:
         self.device = device
+        self.sync_copies = sync_copies and device.type == "cuda"
         self.is_cuda = device.type == "cuda"
         self.pin = pin_memory and self.is_cuda
         self.pinned_bytes = 0
@@ -85,6 +86,8 @@ class DeviceOps:
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy on the current stream; asynchronous between pinned host and device memory."""
         dst.copy_(src, non_blocking=self.is_cuda)
+        if self.sync_copies:
+            torch.cuda.synchronize(self.device)  # debugging mode only: no copy overlaps anything
 
     def keep_alive(self, tensor: torch.Tensor, stream: Any) -> None:
         """Tell the caching allocator ``tensor`` is in use on ``stream`` until its queued work ends."""

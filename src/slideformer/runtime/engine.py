@@ -71,7 +71,7 @@ class Engine:
         self.dtype = self.cfg.resolve_dtype(self.device)
         self._failed: BaseException | None = None
         self._closed = False
-        self.ops = DeviceOps(self.device, self.cfg.pin_memory)
+        self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = self._make_units(model)
         try:
             self._init_weights(model, init, weights)
@@ -112,6 +112,8 @@ class Engine:
     def _init_weights(self, model: nn.Module, init: str, weights: Any) -> None:
         for u in self.units:
             u.allocate(with_grad_acc=False)
+        self._materialize_meta(model)
+        for u in self.units:
             if init == "copy":
                 for spec in u.params:
                     if spec.param.device.type == "meta":
@@ -126,6 +128,22 @@ class Engine:
             random_init(model, self.units)
         elif init != "copy":
             raise ConfigError(f"unknown init {init!r}")
+
+    def _materialize_meta(self, model: nn.Module) -> None:
+        """Replace meta parameters by real ones that alias the host master buffers (ties preserved)."""
+        fresh: dict[int, nn.Parameter] = {}
+        for u in self.units:
+            for spec in u.params:
+                if spec.param.device.type == "meta":
+                    new = nn.Parameter(u.view(u.master, spec), requires_grad=spec.param.requires_grad)
+                    fresh[id(spec.param)] = new
+                    spec.param = new
+        if not fresh:
+            return
+        for module in model.modules():
+            for name, q in list(module._parameters.items()):
+                if q is not None and id(q) in fresh:
+                    module._parameters[name] = fresh[id(q)]
 
     def _setup_device(self) -> None:
         p, ops = self.parts, self.ops

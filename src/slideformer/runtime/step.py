@@ -190,7 +190,7 @@ class StepRunner:
         dh = grads[0]
         uh = e.units[-1]
         head_grad_views = self.head_grad_views[-1]
-        for spec, view, g in zip(uh.params, head_grad_views, self._head_grads(uh, norm_params, grads[1:])):
+        for view, g in zip(head_grad_views, self._head_grads(uh, norm_params, grads[1:])):
             if g is not None:
                 view.copy_(g)
         uh_seg = e.head_segments[-1]

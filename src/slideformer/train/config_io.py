@@ -67,7 +67,7 @@ def _type_name(tp: Any) -> str:
 
 
 def type_name(cls: type, name: str) -> str:
-    """A short human-readable name of a field's annotated type, e.g. ``{cosine,linear}`` or ``float | null``."""
+    """A short readable name of a field's annotated type, e.g. ``{cosine,linear}`` or ``float | null``."""
     return _type_name(typing.get_type_hints(cls)[name])
 
 
@@ -150,7 +150,7 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
     prefix = f"{where}." if where else ""
-    return ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+    return ConfigError(f"unknown config key {prefix}{key}{hint}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:

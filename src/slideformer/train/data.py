@@ -84,7 +84,8 @@ def _render_chat(row: Row, tokenizer: Any, args: DataArgs) -> tuple[str, list[tu
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (full.startswith(upto) and upto.startswith(before)):
             raise DataError(
-                f"{row.where}: the chat template does not render conversations prefix by prefix, so assistant "
+                f"{row.where}: the chat template does not render conversations prefix by prefix, so "
+                "assistant "
                 "turns cannot be located; set data.mask_prompt=false to train on every token"
             )
         spans.append((len(before), len(upto)))
@@ -205,7 +206,7 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
 
 
 def collate(seqs: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """A micro-batch dict: input_ids, labels [B, S] (right-padded to the longest), attention_mask if padded."""
+    """A micro-batch: input_ids, labels [B, S] (right-padded to the longest), attention_mask if padded."""
     width = max(len(s.ids) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
@@ -274,7 +275,8 @@ class BatchStream:
         """Continue from a position saved by ``state_dict`` (the data must be the same)."""
         if int(state["num_sequences"]) != len(self.seqs):
             raise DataError(
-                f"the checkpoint's data had {state['num_sequences']} sequences, this run's has {len(self.seqs)}; "
+                f"the checkpoint's data had {state['num_sequences']} sequences, this run's has "
+                f"{len(self.seqs)}; "
                 "resume needs the same data and data settings"
             )
         self.epoch = int(state["epoch"])

@@ -20,7 +20,13 @@ from safetensors import safe_open
 from slideformer.errors import ConfigError
 from slideformer.train import checkpoint, tensor_io
 
-_NOT_EXPORTED = {"model.safetensors", "optimizer.safetensors", "trainer_state.json", "manifest.json", "run_config.yaml"}
+_NOT_EXPORTED = {
+    "model.safetensors",
+    "optimizer.safetensors",
+    "trainer_state.json",
+    "manifest.json",
+    "run_config.yaml",
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,7 +94,9 @@ def export(ckpt: Path, out_dir: Path, dtype: str = "auto", max_shard_bytes: int 
             weight_map.update({s.name: fname for s in shard})
     if n > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
 
     for path in sorted(src.iterdir()):
         if path.is_file() and path.name not in _NOT_EXPORTED and path.name != "config.json":

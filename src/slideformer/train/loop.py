@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -35,7 +36,14 @@ from slideformer.errors import ConfigError, SlideformerError
 from slideformer.train import checkpoint, run_info
 from slideformer.train.args import RunConfig
 from slideformer.train.config_io import dump_yaml
-from slideformer.train.data import BatchStream, Encoded, build_sequences, eval_batches, split_rows
+from slideformer.train.data import (
+    BatchStream,
+    Encoded,
+    build_sequences,
+    detect_format,
+    eval_batches,
+    split_rows,
+)
 from slideformer.train.evaluate import eval_loss
 from slideformer.train.lr_schedule import LRSchedule
 from slideformer.train.metrics import MetricsLogger, StepMetrics, Throughput, gpu_peak_gib, host_rss_gib
@@ -46,7 +54,7 @@ from slideformer.train.model_loading import (
     load_hf_config,
     load_tokenizer,
 )
-from slideformer.train.sources import read_rows
+from slideformer.train.sources import DataError, read_rows
 
 
 class DivergenceError(SlideformerError, RuntimeError):
@@ -104,16 +112,20 @@ def _load_data(cfg: RunConfig, tokenizer: Any) -> _Data:
         Path(cfg.data.train_path).expanduser() if cfg.data.train_path else builtin_asset_dir() / "data.jsonl"
     )
     rows = read_rows(train_path, cfg.data.max_rows)
+    if not rows:
+        raise DataError(f"dataset {train_path} has no rows")
+    # The format is decided once, from the file's first row, so both splits are read the same way.
+    args = dataclasses.replace(cfg.data, format=detect_format(rows[0], cfg.data))
     if cfg.data.val_path:
         val_rows = read_rows(cfg.data.val_path, cfg.data.max_rows)
     else:
         rows, val_rows = split_rows(rows, cfg.data.val_fraction, cfg.train.seed)
-    train, tstats = build_sequences(rows, tokenizer, cfg.data, str(train_path))
+    train, tstats = build_sequences(rows, tokenizer, args, str(train_path))
     val: list[Encoded] = []
     vstats = None
     if val_rows:
         val, vstats = build_sequences(
-            val_rows, tokenizer, cfg.data, cfg.data.val_path or f"{train_path} (val split)"
+            val_rows, tokenizer, args, cfg.data.val_path or f"{train_path} (val split)"
         )
     summary = {"train_path": str(train_path), "train": vars(tstats), "val": vars(vstats) if vstats else None}
     return _Data(train, val, summary)
@@ -165,7 +177,8 @@ def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     if cfg.train.resume == "":
         if checkpoint.latest(ckpt_root) is not None:
             raise ConfigError(
-                f"{ckpt_root} already holds checkpoints; pass --resume to continue that run, or choose another "
+                f"{ckpt_root} already holds checkpoints; pass --resume to continue that run, or choose "
+                "another "
                 "train.output_dir"
             )
         return None
@@ -189,7 +202,8 @@ def train(
         on_step: called after each step with its metrics (the progress bar and files are already updated).
 
     Raises:
-        ConfigError, ModelPathError, DataError: bad configuration or input, before anything large is allocated.
+        ConfigError, ModelPathError, DataError: bad configuration or input, raised before anything
+            large is allocated.
         DivergenceError: ``train.max_nonfinite`` non-finite losses in a row.
         CheckpointError: a checkpoint could not be written (earlier checkpoints are intact).
     """
@@ -344,11 +358,16 @@ def train(
                     if on_step is not None:
                         on_step(m)
                     if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < end:
-                        result.checkpoint = save()
+                        if streak == 0:
+                            result.checkpoint = save()
+                        else:  # the last update may have been computed from a non-finite gradient
+                            logger.write(f"skipping the checkpoint of step {step}: its loss was not finite")
                 result.interrupted = interrupted.is_set()
                 if result.interrupted:
                     logger.write(f"interrupted at step {step}: saving a checkpoint, then exiting")
-                if result.interrupted or stop_at is not None or cfg.checkpoint.save_final:
+                if streak:
+                    logger.write(f"not saving a checkpoint at step {step}: the last loss was not finite")
+                elif result.interrupted or stop_at is not None or cfg.checkpoint.save_final:
                     result.checkpoint = save()
         finally:
             logger.close()

@@ -185,7 +185,7 @@ class MetricsLogger:
 
 
 class Throughput:
-    """Tokens/s and model TFLOPS of one step (6 x params x tokens: forward + backward, recompute not counted)."""
+    """Tokens/s and model TFLOPS of a step (6 x params x tokens: forward + backward, no recompute)."""
 
     def __init__(self, n_params: int) -> None:
         self.n_params = n_params

@@ -63,7 +63,8 @@ def check_seq_len(cfg: RunConfig, hf_config: Any) -> None:
     limit = getattr(hf_config, "max_position_embeddings", None)
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings={limit}; lower data.seq_len"
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings={limit}; "
+            "lower data.seq_len"
         )
 
 

@@ -39,6 +39,10 @@ def versions() -> dict[str, str | None]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    if out["slideformer"] is None:  # running from a source checkout (not pip-installed)
+        import slideformer
+
+        out["slideformer"] = f"{slideformer.__version__} (source)"
     out["cuda"] = torch.version.cuda
     return out
 

@@ -1,0 +1,282 @@
+"""One slideformer step under ``torch.profiler``: a Chrome trace and a PNG timeline of the overlap.
+
+    python benchmarks/profile_step.py --model llama3.2-3b --batch-size 4 --seq-len 1024 --out-dir DIR
+
+Writes ``DIR/<name>.json.gz`` (open it in https://ui.perfetto.dev or chrome://tracing),
+``DIR/<name>.png`` with one lane each for GPU compute (kernels), upload (H2D copies), download
+(D2H copies), host-side upload preparation (FP32->BF16 conversion) and the CPU optimizer, and
+``DIR/<name>_summary.json`` with each lane's busy fraction and how much of the step the copies
+and the optimizer overlap with compute.
+
+The engine's worker threads are profiled with ``profile_all_threads``. Host-side work is made
+visible by wrapping, on this engine instance only, its optimizer and transfer entry points in
+``record_function`` ranges (``sf/cpu_adamw``, ``sf/upload_host``, ``sf/grad_host``); ranges of the
+same names emitted by the engine itself are used as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gzip
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.append(str(HERE.parent / "src"))
+
+import torch  # noqa: E402
+
+import shapes  # noqa: E402
+
+LANES: tuple[tuple[str, str], ...] = (
+    ("compute", "GPU compute"),
+    ("upload", "upload H2D"),
+    ("download", "download D2H"),
+    ("upload_host", "host upload task\n(waits included)"),
+    ("cpu_adamw", "CPU optimizer"),
+)
+INSTRUMENT: tuple[tuple[str, str, str], ...] = (
+    ("adam", "update", "sf/cpu_adamw"),
+    ("layer_up", "upload", "sf/upload_host"),
+    ("vocab_up", "upload", "sf/upload_host"),
+    ("drain", "drain", "sf/grad_host"),
+)
+"""(engine attribute, method, range name): instance methods wrapped in profiler ranges."""
+
+
+def _ranged(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def instrument(engine: Any) -> list[str]:
+    """Wrap the engine instance's host-side entry points in named ranges; returns what was wrapped."""
+    done = []
+    for attr, method, name in INSTRUMENT:
+        obj = getattr(engine, attr, None)
+        fn = getattr(obj, method, None) if obj is not None else None
+        if callable(fn):
+            setattr(obj, method, _ranged(fn, name))
+            done.append(f"{attr}.{method} -> {name}")
+    return done
+
+
+def lane_of(event: dict[str, Any]) -> str | None:
+    """Which timeline lane a Chrome-trace event belongs to (None: not drawn)."""
+    cat = str(event.get("cat", "")).lower()
+    name = str(event.get("name", ""))
+    low = name.lower()
+    if cat == "kernel":
+        return "compute"
+    if cat == "gpu_memcpy":
+        if "htod" in low:
+            return "upload"
+        if "dtoh" in low:
+            return "download"
+        return None
+    if cat in ("user_annotation", "cpu_op", "python_function"):
+        if low.startswith("sf/cpu_adamw") or "fused_adamw" in low:
+            return "cpu_adamw"
+        if low.startswith("sf/upload_host"):
+            return "upload_host"
+    return None
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(e - s for s, e in intervals)
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def timeline(
+    trace: dict[str, Any], step_name: str
+) -> tuple[float, float, dict[str, list[tuple[float, float]]]]:
+    """The profiled step's window (µs) and, per lane, the merged busy intervals inside it."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    step = [e for e in events if e.get("ph") == "X" and e.get("name") == step_name]
+    lanes: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in LANES}
+    spans = []
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        lane = lane_of(e)
+        if lane is None:
+            continue
+        start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        lanes[lane].append((start, end))
+        spans.append((start, end))
+    if step:
+        t0 = float(step[0]["ts"])
+        t1 = t0 + float(step[0]["dur"])
+    else:
+        t0 = min(s for s, _ in spans) if spans else 0.0
+        t1 = max(e for _, e in spans) if spans else 1.0
+    t1 = max([t1] + [e for _, e in spans])  # GPU work may finish after the host-side range closes
+    return t0, t1, {k: _union(v) for k, v in lanes.items()}
+
+
+def summarize(t0: float, t1: float, lanes: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    """Busy fraction of every lane, and how much of each other lane runs while the GPU computes."""
+    window = max(t1 - t0, 1e-9)
+    out: dict[str, Any] = {"window_ms": window / 1e3, "busy_fraction": {}, "overlap_with_compute": {}}
+    for key, _ in LANES:
+        out["busy_fraction"][key] = _length(lanes[key]) / window
+        if key != "compute" and lanes[key]:
+            out["overlap_with_compute"][key] = _intersection(lanes[key], lanes["compute"]) / _length(
+                lanes[key]
+            )
+    return out
+
+
+def plot(t0: float, t1: float, lanes: dict[str, list[tuple[float, float]]], title: str, path: Path) -> bool:
+    """Draw the lanes as horizontal bars (milliseconds from the step start); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(14, 3.6))
+    colors = ("tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:red")
+    for row, ((key, _label), color) in enumerate(zip(LANES, colors)):
+        bars = [((s - t0) / 1e3, max((e - s) / 1e3, 1e-3)) for s, e in lanes[key]]
+        y = len(LANES) - 1 - row
+        ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=color)
+    ax.set_yticks(range(len(LANES)), [label for _, label in reversed(LANES)])
+    ax.set_xlim(0, (t1 - t0) / 1e3)
+    ax.set_xlabel("ms since the step started")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _profiler_kwargs(device: torch.device) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    kwargs: dict[str, Any] = {"activities": acts, "record_shapes": False, "with_stack": False}
+    try:  # worker threads (uploads, gradient drain, CPU AdamW) exist before the profiler starts
+        from torch._C._profiler import _ExperimentalConfig
+
+        kwargs["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
+    except (ImportError, TypeError):
+        pass
+    return kwargs
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama3.2-3b", choices=sorted(shapes.CONFIGS))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--window", type=int, default=2)
+    p.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpu-memory-gib", type=float, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--name", default=None, help="file stem (default: timeline_<model>_b<batch>)")
+    args = p.parse_args(argv)
+
+    import common
+    from slideformer import Engine, EngineConfig, OptimConfig
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    common.cap_gpu_memory(device, args.gpu_memory_gib)
+    opts: dict[str, Any] = {}
+    for pair in args.engine_opt:
+        key, _, value = pair.partition("=")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    engine = Engine.from_config(
+        shapes.hf_config(args.model),
+        EngineConfig(device=str(device), window=args.window, **opts),
+        OptimConfig(lr=1e-5),
+        seed=0,
+    )
+    wrapped = instrument(engine)
+    batch = shapes.random_batch(
+        args.batch_size, args.seq_len, shapes.hf_config(args.model).vocab_size, device="cpu"
+    )
+    for _ in range(args.warmup):
+        engine.train_step(batch)
+    engine.flush()
+    common.synchronize(device)
+
+    step_name = "sf/profiled_step"
+    with torch.profiler.profile(**_profiler_kwargs(device)) as prof:
+        with torch.profiler.record_function(step_name):
+            engine.train_step(batch)
+            engine.flush()
+            common.synchronize(device)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"timeline_{args.model}_b{args.batch_size}"
+    raw = args.out_dir / f"{stem}.json"
+    prof.export_chrome_trace(str(raw))
+    trace = json.loads(raw.read_text())
+    with gzip.open(args.out_dir / f"{stem}.json.gz", "wt") as f:
+        json.dump(trace, f)
+    raw.unlink()
+    t0, t1, lanes = timeline(trace, step_name)
+    summary = summarize(t0, t1, lanes)
+    summary.update(
+        model=args.model,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        device=str(device),
+        engine_options=opts,
+        window=args.window,
+        instrumented=wrapped,
+        memory_report=engine.memory_report(),
+    )
+    title = (
+        f"slideformer, {args.model}, batch {args.batch_size} x {args.seq_len}: one step "
+        f"({summary['window_ms']:.0f} ms)"
+    )
+    drew = plot(t0, t1, lanes, title, args.out_dir / f"{stem}.png")
+    (args.out_dir / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    engine.close()
+    print(
+        json.dumps({k: summary[k] for k in ("window_ms", "busy_fraction", "overlap_with_compute")}, indent=1)
+    )
+    print(f"wrote {args.out_dir / stem}.json.gz, {stem}_summary.json" + (f", {stem}.png" if drew else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,106 @@
+"""GPU tests (run on the H100 box: ``pytest -m gpu``): BF16 parity, race hunting, memory flatness.
+
+* Parity: the engine (BF16 weights and compute, FP32 master and moments) against HF + AdamW under
+  BF16 autocast over an FP32 model, at window depths 1-3, both schedules. The engine's deviation from
+  that reference is bounded by a multiple of the reference's own deviation from FP32 training (the
+  size of BF16 rounding in this very run), so the bound scales with what BF16 can promise.
+* Race amplifier: wide, thin layers (long transfers, tiny compute) for 20+ steps must equal, bitwise,
+  the same engine with every copy made synchronous.
+* Memory: device bytes do not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.reference import adamw_for, make_model, random_batch, reference_step, rel, tiny_config
+from tests.tolerances import TOLERANCES
+
+from slideformer import Engine, EngineConfig, OptimConfig
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _updates(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(p.detach().float().cpu() - init[n]).reshape(-1) for n, p in model.named_parameters()])
+
+
+@pytest.mark.parametrize("family,window,accumulate,max_norm", [
+    ("llama", 1, 1, None), ("llama", 2, 1, None), ("llama", 3, 1, None),
+    ("llama_tied", 2, 2, 1.0), ("qwen2", 2, 1, None), ("qwen3", 3, 2, 1.0), ("mistral", 1, 1, 0.5),
+])
+def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float | None) -> None:
+    tol = TOLERANCES["gpu_bf16"]
+    cfg = tiny_config(family, layers=4, hidden=128, vocab=2048)
+    cpu_model = make_model(cfg)
+    init = {n: p.detach().clone() for n, p in cpu_model.named_parameters()}
+    ref = copy.deepcopy(cpu_model).cuda()
+    fp32 = copy.deepcopy(cpu_model).cuda()
+    lr, wd = 1e-3, 0.1
+    opt_ref, opt_fp32 = adamw_for(ref, lr, wd, fused=True), adamw_for(fp32, lr, wd, fused=True)
+    engine = Engine(cpu_model, EngineConfig(device="cuda", window=window, chunk_mib=1),
+                    OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
+    gen = torch.Generator().manual_seed(5)
+    try:
+        for step in range(5):
+            mbs = [random_batch(cfg.vocab_size, 4, 64, gen) for _ in range(accumulate)]
+            dev = [{k: v.cuda() for k, v in m.items()} for m in mbs]
+            ref_loss = reference_step(ref, opt_ref, dev, max_norm, autocast=torch.bfloat16)
+            reference_step(fp32, opt_fp32, dev, max_norm)
+            res = engine.train_step(mbs if accumulate > 1 else mbs[0])
+            assert abs(res.loss - ref_loss) <= tol["loss_rel"] * abs(ref_loss), (step, res.loss, ref_loss)
+        trained = engine.hf_model()
+        d_engine = rel(_updates(trained, init), _updates(ref, init))
+        d_autocast = rel(_updates(ref, init), _updates(fp32, init))
+        print(f"\n{family} w={window} K={accumulate} clip={max_norm}: engine-vs-autocast update rel "
+              f"{d_engine:.4f}, autocast-vs-fp32 {d_autocast:.4f}")
+        assert d_engine <= max(tol["update_rel_factor"] * d_autocast, tol["update_rel_floor"])
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("window,accumulate", [(1, 1), (2, 1), (3, 1), (2, 3)])
+def test_race_amplifier(window: int, accumulate: int) -> None:
+    """Long transfers, tiny compute: every missing wait shows up as a bitwise difference."""
+    cfg = tiny_config("llama", layers=5, hidden=1024, vocab=4096)
+    cfg.intermediate_size = 8192
+    base = make_model(cfg)
+    results = []
+    for sync in (False, True):
+        engine = Engine(copy.deepcopy(base),
+                        EngineConfig(device="cuda", window=window, chunk_mib=2, staging_chunks=2, sync_copies=sync),
+                        OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0 if accumulate > 1 else None))
+        gen = torch.Generator().manual_seed(7)
+        losses = []
+        for _ in range(20):
+            mbs = [random_batch(cfg.vocab_size, 1, 16, gen) for _ in range(accumulate)]
+            losses.append(engine.train_step(mbs if accumulate > 1 else mbs[0]).loss)
+        state = {k: v.clone() for k, v in engine.state_dict()["params"].items()}
+        engine.close()
+        results.append((losses, state))
+    (l_async, s_async), (l_sync, s_sync) = results
+    assert l_async == l_sync
+    for name in s_sync:
+        assert torch.equal(s_async[name], s_sync[name]), name
+
+
+def test_device_memory_flat_in_layers() -> None:
+    peaks = {}
+    for layers in (4, 16):
+        cfg = tiny_config("llama", layers=layers, hidden=256, vocab=4096)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        engine = Engine.from_config(cfg, EngineConfig(device="cuda", window=2), OptimConfig(lr=1e-4))
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            engine.train_step(random_batch(cfg.vocab_size, 4, 128, gen))
+        engine.flush()
+        peaks[layers] = (engine.memory_report()["device_bytes"], torch.cuda.max_memory_allocated() - before)
+        engine.close()
+    print(f"\ndevice bytes (engine buffers, peak allocated): {peaks}")
+    assert peaks[4][0] == peaks[16][0]
+    assert abs(peaks[16][1] - peaks[4][1]) <= 0.02 * peaks[4][1] + 4 * 2**20

@@ -1,0 +1,136 @@
+"""``slideformer plan``: parameter counts match real models, byte formulas, fit decisions, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from slideformer.cli import main
+from slideformer.config import EngineConfig
+from slideformer.planner import GIB, Hardware, component_params, make_plan
+
+
+def _llama8b() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+        Qwen2Config(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ],
+    ids=["llama-untied", "qwen2-tied-bias"],
+)
+def test_component_params_match_the_real_model(cfg):
+    params, layers, tied = component_params(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert params["total"] == sum(p.numel() for p in model.parameters())
+    assert layers == [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    assert tied == cfg.tie_word_embeddings and params["embedding"] == cfg.vocab_size * cfg.hidden_size
+
+
+def test_llama8b_numbers_follow_the_layout():
+    hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB)
+    plan = make_plan(
+        _llama8b(),
+        seq_len=2048,
+        batch_size=8,
+        grad_accum=1,
+        clipping=False,
+        engine=EngineConfig(device="cuda"),
+        hardware=hw,
+    )
+    n = plan.params["total"]
+    assert 8.0e9 < n < 8.1e9  # Llama-3.1-8B has 8.03 B parameters
+    assert (
+        plan.host["master weights + Adam moments"] == 12 * n
+        and "gradient accumulator (fp32)" not in plan.host
+    )
+    assert plan.pinned["activation checkpoints"] == 32 * 2048 * 8 * 4096 * 2
+    layer = plan.params["largest_layer"]
+    assert plan.gpu["layer slots (2 x weights+grads)"] == 2 * layer * 4
+    assert plan.settings["schedule"] == "overlap" and plan.fits
+    assert plan.step_seconds["step"] == max(v for k, v in plan.step_seconds.items() if k != "step")
+
+    clipped = make_plan(
+        _llama8b(),
+        seq_len=2048,
+        batch_size=8,
+        grad_accum=4,
+        clipping=True,
+        engine=EngineConfig(device="cuda"),
+        hardware=hw,
+    )
+    assert clipped.host["gradient accumulator (fp32)"] == 4 * n and clipped.settings["schedule"] == "deferred"
+    assert clipped.host_total - plan.host_total == 4 * n
+
+    small = make_plan(
+        _llama8b(),
+        seq_len=2048,
+        batch_size=8,
+        grad_accum=1,
+        clipping=False,
+        engine=EngineConfig(device="cuda"),
+        hardware=Hardware(8 * GIB, 64 * GIB),
+    )
+    assert not small.fits and "DOES NOT FIT" in small.render()
+
+
+def test_plan_cli(tmp_path, capsys):
+    d = tmp_path / "m"
+    _llama8b().save_pretrained(str(d))
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(d),
+                "--seq-len",
+                "4096",
+                "--gpu-memory-gib",
+                "80",
+                "--host-memory-gib",
+                "125",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["settings"]["seq_len"] == 4096 and out["params"]["total"] > 8e9
+    assert (
+        main(["plan", "--model", str(d / "config.json"), "--host-memory-gib", "32", "--gpu-memory-gib", "24"])
+        == 1
+    )
+    text = capsys.readouterr().out
+    assert "host RAM total" in text and "does NOT fit" in text
+    assert main(["plan", "--model", str(tmp_path / "none")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
