@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps({"meta": meta, "best_gparam_s": best, "results": rows}, indent=1) + "\n"
-        )
+        args.out.write_text(json.dumps({"meta": meta, "best_gparam_s": best, "results": rows}, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

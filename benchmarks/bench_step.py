@@ -97,9 +97,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=3.0,
         help="kill a child (recorded as host RAM exhausted) when available host RAM drops below this",
     )
-    p.add_argument(
-        "--out", type=Path, default=None, help="results JSON (markdown, CSV, PNGs are written beside it)"
-    )
+    p.add_argument("--out", type=Path, default=None, help="results JSON (markdown, CSV, PNGs are written beside it)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -184,13 +182,15 @@ def child_main(name: str, spec: BenchSpec, cpu_threads: int) -> int:
 class ChildRun:
     """One child process: its result records, log tail, RSS peak (seen from here) and why it was killed."""
 
-    def __init__(self, name: str, cmd: list[str], timeout_s: float, host_reserve_bytes: int) -> None:
+    def __init__(self, name: str, cmd: list[str]) -> None:
         self.name = name
         self.records: list[dict[str, Any]] = []
         self.tail: deque[str] = deque(maxlen=40)
         self.killed: str | None = None
         self.rss_peak = 0
-        t0 = time.perf_counter()
+        self.returncode: int | None = None
+        self.wall_s = 0.0
+        self._t0 = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             cmd,
@@ -202,12 +202,15 @@ class ChildRun:
             cwd=str(REPO),
             start_new_session=True,
         )
-        reader = threading.Thread(target=self._read, daemon=True)
-        reader.start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def wait(self, timeout_s: float, host_reserve_bytes: int) -> None:
+        """Watch the child until it exits (killing it on timeout or host-RAM exhaustion)."""
         self._watch(timeout_s, host_reserve_bytes)
-        reader.join(timeout=10)
+        self._reader.join(timeout=10)
         self.returncode = self.proc.returncode
-        self.wall_s = time.perf_counter() - t0
+        self.wall_s = time.perf_counter() - self._t0
 
     def _read(self) -> None:
         if self.proc.stdout is None:
@@ -252,6 +255,10 @@ class ChildRun:
                 self._kill(f"timed out after {timeout_s:.0f} s")
             time.sleep(0.1)
 
+    def kill(self, reason: str) -> None:
+        """Kill the child and its process group now (the parent is being stopped)."""
+        self._kill(reason)
+
     def _kill(self, reason: str) -> None:
         self.killed = reason
         try:
@@ -274,9 +281,7 @@ class ChildRun:
             head = f"killed by the benchmark: {self.killed}"
         elif self.returncode and self.returncode < 0:
             sig = signal.Signals(-self.returncode).name
-            head = f"child died of {sig}" + (
-                " (likely the kernel OOM killer: host RAM)" if sig == "SIGKILL" else ""
-            )
+            head = f"child died of {sig}" + (" (likely the kernel OOM killer: host RAM)" if sig == "SIGKILL" else "")
         else:
             head = f"child exited with code {self.returncode} before reporting"
         tail = "\n".join(list(self.tail)[-12:])
@@ -313,10 +318,24 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
         "children": {},
     }
     children = ([] if args.no_roofline else [ROOFLINE]) + args.system_list
+    current: list[ChildRun | None] = [None]
+
+    def stop(signum: int, _frame: Any) -> None:
+        # Children run in their own sessions: take the running one down with us, then write what we have.
+        run = current[0]
+        if run is not None:
+            run.kill(f"benchmark stopped by {signal.Signals(signum).name}")
+            run.returncode = run.proc.returncode
+            _collect(results, spec, run)
+        report.write_all(results, out)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     for name in children:
         remaining = args.time_budget_s - (time.perf_counter() - t_start)
         if remaining < 30:
-            reason = f"skipped: time budget of {args.time_budget_s:.0f} s used up"
+            reason = f"time budget of {args.time_budget_s:.0f} s used up"
             if name == ROOFLINE:
                 results["roofline"] = {"error": reason}
             else:
@@ -336,39 +355,39 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
             str(args.cpu_threads),
         ]
         print(f"== {name}: starting (budget left {remaining:.0f} s)", file=sys.stderr, flush=True)
-        run = ChildRun(
-            name,
-            cmd,
-            timeout_s=min(args.child_timeout_s, remaining - 10),
-            host_reserve_bytes=int(args.host_reserve_gib * common.GIB),
-        )
-        results["children"][name] = run.summary()
+        run = ChildRun(name, cmd)
+        current[0] = run
+        run.wait(min(args.child_timeout_s, remaining - 10), int(args.host_reserve_gib * common.GIB))
+        current[0] = None
         print(
-            f"== {name}: done in {run.wall_s:.0f} s, exit {run.returncode}"
-            + (f", {run.killed}" if run.killed else ""),
+            f"== {name}: done in {run.wall_s:.0f} s, exit {run.returncode}" + (f", {run.killed}" if run.killed else ""),
             file=sys.stderr,
             flush=True,
         )
-        if name == ROOFLINE:
-            results["roofline"] = run.records[0] if run.records else {"error": run.failure_text()}
-        else:
-            got = {r.get("batch_size") for r in run.records}
-            results["records"] += run.records
-            results["records"] += [
-                _missing(spec, name, b, "error", run.failure_text(), rss=run.rss_peak)
-                for b in spec.batch_sizes
-                if b not in got
-            ]
-        paths = report.write_all(results, out)
+        _collect(results, spec, run)
+        report.write_all(results, out)
     paths = report.write_all(results, out)
     print(report.markdown(results))
     print("wrote: " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
 
 
-def _missing(
-    spec: BenchSpec, name: str, b: int, status: str, error: str, rss: int | None = None
-) -> dict[str, Any]:
+def _collect(results: dict[str, Any], spec: BenchSpec, run: ChildRun) -> None:
+    """File a finished (or killed) child's records; batch sizes it never reported become its error."""
+    results["children"][run.name] = run.summary()
+    if run.name == ROOFLINE:
+        results["roofline"] = run.records[0] if run.records else {"error": run.failure_text()}
+        return
+    got = {r.get("batch_size") for r in run.records}
+    results["records"] += run.records
+    results["records"] += [
+        _missing(spec, run.name, b, "error", run.failure_text(), rss=run.rss_peak)
+        for b in spec.batch_sizes
+        if b not in got
+    ]
+
+
+def _missing(spec: BenchSpec, name: str, b: int, status: str, error: str, rss: int | None = None) -> dict[str, Any]:
     return {
         "system": name,
         "model": spec.model,

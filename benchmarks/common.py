@@ -40,6 +40,14 @@ def parse_result_line(line: str) -> dict[str, Any] | None:
     return json.loads(line[len(RESULT_PREFIX) :])
 
 
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device; a bare 'cuda' becomes 'cuda:0' (several torch.cuda calls need the index)."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for all queued work on ``device`` (a no-op on the CPU)."""
     if device.type == "cuda":
@@ -50,9 +58,10 @@ def cap_gpu_memory(device: torch.device, gib: float | None) -> int | None:
     """Limit this process's CUDA caching allocator to ``gib`` GiB; returns the cap in bytes."""
     if gib is None or device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     cap = int(gib * GIB)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
     return cap
 
 

@@ -4,7 +4,7 @@
 
 Writes ``DIR/<name>.json.gz`` (open it in https://ui.perfetto.dev or chrome://tracing),
 ``DIR/<name>.png`` with one lane each for GPU compute (kernels), upload (H2D copies), download
-(D2H copies), host-side upload preparation (FP32->BF16 conversion) and the CPU optimizer, and
+(D2H copies), the host-side FP32->BF16 conversion on the upload threads, and the CPU optimizer, and
 ``DIR/<name>_summary.json`` with each lane's busy fraction and how much of the step the copies
 and the optimizer overlap with compute.
 
@@ -36,7 +36,7 @@ LANES: tuple[tuple[str, str], ...] = (
     ("compute", "GPU compute"),
     ("upload", "upload H2D"),
     ("download", "download D2H"),
-    ("upload_host", "host upload task\n(waits included)"),
+    ("upload_host", "host FP32->BF16\n(upload threads)"),
     ("cpu_adamw", "CPU optimizer"),
 )
 INSTRUMENT: tuple[tuple[str, str, str], ...] = (
@@ -69,8 +69,16 @@ def instrument(engine: Any) -> list[str]:
     return done
 
 
-def lane_of(event: dict[str, Any]) -> str | None:
-    """Which timeline lane a Chrome-trace event belongs to (None: not drawn)."""
+CONVERT_OPS = ("aten::copy_", "aten::_to_copy")
+"""CPU ops that, on an upload thread, are the FP32->BF16 conversion into staging (and the copy issue)."""
+
+
+def lane_of(event: dict[str, Any], upload_tids: set[Any]) -> str | None:
+    """Which timeline lane a Chrome-trace event belongs to (None: not drawn).
+
+    Host-side conversion is read from the upload threads (those that carry ``sf/upload_host``
+    ranges): their ``aten::copy_`` ops, not the ranges, which also span the waits for updates.
+    """
     cat = str(event.get("cat", "")).lower()
     name = str(event.get("name", ""))
     low = name.lower()
@@ -85,7 +93,7 @@ def lane_of(event: dict[str, Any]) -> str | None:
     if cat in ("user_annotation", "cpu_op", "python_function"):
         if low.startswith("sf/cpu_adamw") or "fused_adamw" in low:
             return "cpu_adamw"
-        if low.startswith("sf/upload_host"):
+        if cat == "cpu_op" and name in CONVERT_OPS and event.get("tid") in upload_tids:
             return "upload_host"
     return None
 
@@ -117,18 +125,17 @@ def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
     return total
 
 
-def timeline(
-    trace: dict[str, Any], step_name: str
-) -> tuple[float, float, dict[str, list[tuple[float, float]]]]:
+def timeline(trace: dict[str, Any], step_name: str) -> tuple[float, float, dict[str, list[tuple[float, float]]]]:
     """The profiled step's window (µs) and, per lane, the merged busy intervals inside it."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     step = [e for e in events if e.get("ph") == "X" and e.get("name") == step_name]
     lanes: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in LANES}
+    upload_tids = {e.get("tid") for e in events if str(e.get("name", "")).startswith("sf/upload_host")}
     spans = []
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
-        lane = lane_of(e)
+        lane = lane_of(e, upload_tids)
         if lane is None:
             continue
         start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
@@ -151,9 +158,7 @@ def summarize(t0: float, t1: float, lanes: dict[str, list[tuple[float, float]]])
     for key, _ in LANES:
         out["busy_fraction"][key] = _length(lanes[key]) / window
         if key != "compute" and lanes[key]:
-            out["overlap_with_compute"][key] = _intersection(lanes[key], lanes["compute"]) / _length(
-                lanes[key]
-            )
+            out["overlap_with_compute"][key] = _intersection(lanes[key], lanes["compute"]) / _length(lanes[key])
     return out
 
 
@@ -214,7 +219,7 @@ def main(argv: list[str]) -> int:
     import common
     from slideformer import Engine, EngineConfig, OptimConfig
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     common.cap_gpu_memory(device, args.gpu_memory_gib)
     opts: dict[str, Any] = {}
     for pair in args.engine_opt:
@@ -230,9 +235,7 @@ def main(argv: list[str]) -> int:
         seed=0,
     )
     wrapped = instrument(engine)
-    batch = shapes.random_batch(
-        args.batch_size, args.seq_len, shapes.hf_config(args.model).vocab_size, device="cpu"
-    )
+    batch = shapes.random_batch(args.batch_size, args.seq_len, shapes.hf_config(args.model).vocab_size, device="cpu")
     for _ in range(args.warmup):
         engine.train_step(batch)
     engine.flush()
@@ -265,15 +268,12 @@ def main(argv: list[str]) -> int:
         memory_report=engine.memory_report(),
     )
     title = (
-        f"slideformer, {args.model}, batch {args.batch_size} x {args.seq_len}: one step "
-        f"({summary['window_ms']:.0f} ms)"
+        f"slideformer, {args.model}, batch {args.batch_size} x {args.seq_len}: one step ({summary['window_ms']:.0f} ms)"
     )
     drew = plot(t0, t1, lanes, title, args.out_dir / f"{stem}.png")
     (args.out_dir / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     engine.close()
-    print(
-        json.dumps({k: summary[k] for k in ("window_ms", "busy_fraction", "overlap_with_compute")}, indent=1)
-    )
+    print(json.dumps({k: summary[k] for k in ("window_ms", "busy_fraction", "overlap_with_compute")}, indent=1))
     print(f"wrote {args.out_dir / stem}.json.gz, {stem}_summary.json" + (f", {stem}.png" if drew else ""))
     return 0
 

@@ -73,8 +73,7 @@ def environment(repo_root: Path) -> dict[str, Any]:
     gpu["nvidia_smi"] = _run(
         [
             "nvidia-smi",
-            "--query-gpu=name,memory.total,driver_version,pcie.link.gen.current,"
-            "pcie.link.width.current,clocks.max.sm",
+            "--query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current,clocks.max.sm",
             "--format=csv,noheader",
         ]
     )
@@ -102,9 +101,7 @@ def environment(repo_root: Path) -> dict[str, Any]:
             )
         },
         "git_commit": _run(["git", "-C", str(repo_root), "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(
-            _run(["git", "-C", str(repo_root), "status", "--porcelain", "--untracked-files=no"])
-        ),
+        "git_dirty": bool(_run(["git", "-C", str(repo_root), "status", "--porcelain", "--untracked-files=no"])),
     }
 
 
@@ -134,9 +131,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     pcie = roof.get("pcie")
     sf_rate = _rate(roof.get("cpu_adam_slideformer"), "gparam_s")
     torch_rate = _rate(roof.get("cpu_adam_torch"), "gparam_s")
-    opt_rate, opt_src = (
-        (sf_rate, "slideformer adamw_step") if sf_rate else (torch_rate, "torch _fused_adamw_")
-    )
+    opt_rate, opt_src = (sf_rate, "slideformer adamw_step") if sf_rate else (torch_rate, "torch _fused_adamw_")
     h2d, d2h, both = (_rate(pcie, k) for k in ("h2d_gbs", "d2h_gbs", "both_gbs"))
     out: dict[str, Any] = {"optimizer_rate_source": opt_src, "per_batch": {}}
     for b in results["args"]["batch_sizes"]:
@@ -210,6 +205,96 @@ def _sorted_records(results: dict[str, Any]) -> list[dict[str, Any]]:
     )
 
 
+def _check(value: float | None, ok: bool | None) -> str:
+    return "-" if value is None or ok is None else ("yes" if ok else "**no**")
+
+
+def targets(results: dict[str, Any], derived: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Issue 3's targets that this run can check: (target, measured, required, met)."""
+    args, shape = results["args"], results["shape"]
+    records = results.get("records", [])
+    rows: list[tuple[str, str, str, str]] = []
+    cap = args.get("gpu_memory_gib")
+    for b in args["batch_sizes"]:
+        row = derived["per_batch"].get(str(b)) or {}
+        if shape["name"] == "llama3.2-3b" and args["seq_len"] == 1024 and b == 8 and cap == 24:
+            for other, need in (("zero2", 2.5), ("zero3", 3.0)):
+                x = row.get(f"speedup_vs_{other}")
+                rows.append(
+                    (
+                        f"1: slideformer / {other} tokens/s (3B, b8, 24 GiB cap)",
+                        _num(x, "{:.2f}x"),
+                        f">= {need}x",
+                        _check(x, x is not None and x >= need),
+                    )
+                )
+        if shape["name"] == "llama3.1-8b" and args["seq_len"] == 1024 and b == 32:
+            x = row.get("slideformer_fraction_of_peak")
+            rows.append(
+                (
+                    "2: slideformer / no-offload peak (8B, b32)",
+                    _num(x, "{:.0%}"),
+                    ">= 90%",
+                    _check(x, x is not None and x >= 0.9),
+                )
+            )
+            x = row.get("efficiency")
+            rows.append(
+                ("2: efficiency (8B, b32)", _num(x, "{:.2f}"), ">= 0.90", _check(x, x is not None and x >= 0.9))
+            )
+        x = row.get("efficiency")
+        if x is not None:
+            rows.append((f"3: efficiency, batch {b}", f"{x:.2f}", ">= 0.85", _check(x, x >= 0.85)))
+        sf = _ok(records, "slideformer", b)
+        if sf is not None:
+            ckpt = shape["num_layers"] * b * args["seq_len"] * shape["hidden_size"] * 2
+            limit = 12.5 * shape["total_params"] + ckpt + 3 * GIB
+            rss = sf["host_rss_peak_bytes"]
+            rows.append(
+                (
+                    f"4: host RSS, batch {b}",
+                    f"{rss / GIB:.1f} GiB",
+                    f"<= {limit / GIB:.1f} GiB (12.5 B/param + BF16 checkpoints + 3 GiB)",
+                    _check(rss, rss <= limit),
+                )
+            )
+            alloc = sf.get("gpu_peak_allocated_bytes")
+            if shape["name"] == "llama3.1-8b" and args["seq_len"] == 1024 and b == 8 and alloc is not None:
+                rows.append(
+                    (
+                        "4: GPU allocated (8B, b8)",
+                        f"{alloc / GIB:.1f} GiB",
+                        "<= 10 GiB",
+                        _check(alloc, alloc <= 10 * GIB),
+                    )
+                )
+    if shape["name"] == "llama3.1-8b":
+        for r in records:
+            if r.get("system") in ("zero2", "zero3"):
+                what = "ran" if r.get("status") == "ok" else _short_error(r)[:80]
+                rss = r.get("host_rss_peak_bytes")
+                rows.append(
+                    (
+                        f"5: {r['system']} on 8B, batch {r['batch_size']}",
+                        f"{what}; host RSS {_gib(rss)} GiB",
+                        "shown",
+                        "yes",
+                    )
+                )
+    sec = (results.get("roofline") or {}).get("cpu_adam_slideformer") or {}
+    if "gparam_s" in sec:
+        x = sec["gparam_s"]
+        rows.append(
+            (
+                f"6: CPU AdamW, BF16 grad in + BF16 copy out ({sec['threads']} threads)",
+                f"{x:.2f} Gparam/s",
+                ">= 3 Gparam/s",
+                _check(x, x >= 3.0),
+            )
+        )
+    return rows
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The human report: setup, results table, roofline, ratios, formulas, errors."""
     meta, args, shape = results["meta"], results["args"], results["shape"]
@@ -217,8 +302,7 @@ def markdown(results: dict[str, Any]) -> str:
     env = meta.get("environment", {})
     gpu, cpu = env.get("gpu", {}), env.get("cpu", {})
     lines = [
-        f"# Step benchmark: {shape['name']}, seq {args['seq_len']}, "
-        f"batch {', '.join(map(str, args['batch_sizes']))}",
+        f"# Step benchmark: {shape['name']}, seq {args['seq_len']}, batch {', '.join(map(str, args['batch_sizes']))}",
         "",
         f"- Date: {meta.get('date')}",
         f"- Command: `{meta.get('command')}`",
@@ -267,6 +351,8 @@ def markdown(results: dict[str, Any]) -> str:
             )
     lines += ["", "## Roofline (slideformer)", ""]
     roof = results.get("roofline") or {}
+    if roof.get("error"):
+        lines.append(f"- Roofline not measured: {roof['error'].strip().splitlines()[0][:300]}")
     pcie = roof.get("pcie") or {}
     if "error" in pcie or not pcie:
         lines.append(f"- PCIe: not measured ({pcie.get('error', 'no roofline')})")
@@ -286,9 +372,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"({sec['params'] / 1e6:.0f} M params; {sec['what']})"
             )
         else:
-            lines.append(
-                f"- {label}: not measured ({(sec.get('error') or 'no roofline').splitlines()[0][:200]})"
-            )
+            lines.append(f"- {label}: not measured ({(sec.get('error') or 'no roofline').splitlines()[0][:200]})")
     lines += [
         f"- Optimizer rate used for the bound: {derived.get('optimizer_rate_source')}.",
         "",
@@ -308,13 +392,21 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_num(sf['step_time_s'] if sf else None, '{:.3f}')} "
             f"| {_num(row.get('efficiency'), '{:.2f}')} |"
         )
+    checks = targets(results, derived)
+    if checks:
+        lines += [
+            "",
+            "## Issue 3 targets this run can check",
+            "",
+            "| target | measured | required | met |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {t} | {m} | {r} | {ok} |" for t, m, r, ok in checks]
     lines += ["", "## Ratios (tokens/s, same run)", ""]
     for b in args["batch_sizes"]:
         row = derived["per_batch"].get(str(b)) or {}
         parts = [
-            f"vs {o}: {row[f'speedup_vs_{o}']:.2f}x"
-            for o in ("zero2", "zero3", "resident")
-            if f"speedup_vs_{o}" in row
+            f"vs {o}: {row[f'speedup_vs_{o}']:.2f}x" for o in ("zero2", "zero3", "resident") if f"speedup_vs_{o}" in row
         ]
         lines.append(f"- batch {b}: slideformer " + ("; ".join(parts) if parts else "-"))
     lines += [
@@ -344,21 +436,18 @@ def markdown(results: dict[str, Any]) -> str:
         "(or the cap), "
         "mode = peak: the per-layer no-offload peak above, timed on the GPU alone.",
     ]
+    described: set[str] = set()
     for r in results.get("records", []):
-        if r.get("system") in ("zero2", "zero3") and isinstance(r.get("config"), dict):
+        system = r.get("system")
+        if system in ("zero2", "zero3") and isinstance(r.get("config"), dict) and system not in described:
+            described.add(system)
             lines.append(
-                f"- {r['system']} DeepSpeed {r.get('deepspeed_version')} config: "
-                f"`{json.dumps(r['config'], separators=(',', ':'))}`; HF gradient checkpointing "
-                "(reentrant), SDPA, BF16 model built on the GPU (ZeRO-3: under zero.Init), "
-                "DeepSpeedCPUAdam."
+                f"- {system}: DeepSpeed {r.get('deepspeed_version')}, config "
+                f"`{json.dumps(r['config'], separators=(',', ':'))}`; HF gradient checkpointing (reentrant), "
+                "SDPA, BF16 model built on the GPU (ZeRO-3: under zero.Init), DeepSpeedCPUAdam."
             )
-            break
     sf_cfg = next(
-        (
-            r.get("config")
-            for r in results.get("records", [])
-            if r.get("system") == "slideformer" and r.get("config")
-        ),
+        (r.get("config") for r in results.get("records", []) if r.get("system") == "slideformer" and r.get("config")),
         None,
     )
     if sf_cfg:
@@ -435,11 +524,18 @@ def plot(results: dict[str, Any], stem: Path) -> list[Path]:
     written: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in SYSTEM_ORDER:
-        pts = sorted((r["batch_size"], r["tokens_per_s"]) for r in recs if r["system"] == system)
+    series = [(s, s, None) for s in SYSTEM_ORDER if s != "resident"]
+    series += [("resident", "resident", "resident"), ("resident", "resident system: per-layer peak", "peak")]
+    for system, label, mode in series:
+        pts = sorted(
+            (r["batch_size"], r["tokens_per_s"])
+            for r in recs
+            if r["system"] == system and (mode is None or r.get("mode") == mode)
+        )
         if pts:
-            label = system if system != "resident" else "resident / peak"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, ls=":" if mode == "peak" else "-"
+            )
     roof = (results.get("roofline") or {}).get("gpu_compute") or {}
     peak_pts = sorted((int(b), v["tokens_per_s"]) for b, v in roof.items() if "tokens_per_s" in v)
     if peak_pts:
@@ -455,7 +551,8 @@ def plot(results: dict[str, Any], stem: Path) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     path = stem.with_name(stem.name + "_tokens.png")
     fig.savefig(path, dpi=120)

@@ -3,7 +3,7 @@
 The references run beside each check: ``torch._fused_adamw_`` on ``grad.float() * grad_scale`` (the
 arithmetic both paths promise, bitwise where torch runs its AVX2/AVX-512 kernels) and
 ``torch.optim.AdamW`` (the semantics, within ``TOL``). The first test that needs the C++ kernel
-builds it into the user cache (~8 s on 2 cores), later runs load it.
+builds it into the user cache (1.5-3.5 s on 2 cores), later runs load it.
 """
 
 from __future__ import annotations
@@ -63,9 +63,7 @@ def _fused(
     **hp: float,
 ) -> None:
     g32 = g.float() * grad_scale if grad_scale != 1.0 else g.float()
-    torch._fused_adamw_(
-        [p], [g32], [m], [v], [], [torch.tensor(float(step))], amsgrad=False, maximize=False, **hp
-    )
+    torch._fused_adamw_([p], [g32], [m], [v], [], [torch.tensor(float(step))], amsgrad=False, maximize=False, **hp)
 
 
 def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor], bitwise: bool = BITWISE) -> None:
@@ -130,9 +128,7 @@ def test_out_is_param_cast(ext: None, out_dtype: torch.dtype, stream_out: bool, 
     p, m, v = _state(n, 7)
     backing = torch.full((n + 1,), 7.0, dtype=out_dtype)
     out = backing[1:]  # a slice whose start is not 32-byte aligned
-    adamw_step(
-        p, _grad(n, 1, torch.bfloat16), m, v, step=1, weight_decay=0.0, out=out, stream_out=stream_out, **HP
-    )
+    adamw_step(p, _grad(n, 1, torch.bfloat16), m, v, step=1, weight_decay=0.0, out=out, stream_out=stream_out, **HP)
     assert torch.equal(out, p.to(out_dtype))
     assert backing[0].item() == 7.0, "wrote outside out"
 
@@ -181,16 +177,18 @@ def test_fallback_matches_fused_and_grad_untouched() -> None:
     g = _grad(n, 1, torch.float32)
     g_before = g.clone()
     a, b = [p.clone(), m.clone(), v.clone()], [p.clone(), m.clone(), v.clone()]
-    cpu_adam._torch_step(
-        a[0], g, a[1], a[2], step=3, weight_decay=0.1, grad_scale=0.25, out=None, scratch=None, **HP
-    )
+    cpu_adam._torch_step(a[0], g, a[1], a[2], step=3, weight_decay=0.1, grad_scale=0.25, out=None, scratch=None, **HP)
     _fused(b[0], g, b[1], b[2], step=3, weight_decay=0.1, grad_scale=0.25, **HP)
     assert torch.equal(g, g_before)
     _assert_same(a, b, bitwise=True)  # the fallback *is* the fused kernel
 
 
 def test_gil_is_released(ext: None) -> None:
-    """The main thread keeps running Python while a worker thread is inside the kernel."""
+    """The main thread keeps running Python while a worker thread is inside the kernel.
+
+    With the GIL held, this loop would stall for each whole call (~10-50 ms; measured: stalled ~60% of
+    the window through ctypes.PyDLL, ~10% through the GIL-releasing CDLL on a loaded 2-core box).
+    """
     n = 1 << 24
     p, m, v = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     g = torch.ones(n, dtype=torch.bfloat16)
@@ -199,21 +197,20 @@ def test_gil_is_released(ext: None) -> None:
 
     def work() -> None:
         window.append(time.perf_counter())
-        adamw_step(p, g, m, v, step=2, weight_decay=0.0, num_threads=1, **HP)
+        for step in range(2, 7):
+            adamw_step(p, g, m, v, step=step, weight_decay=0.0, num_threads=1, **HP)
         window.append(time.perf_counter())
 
-    ticks = []
+    ticks = [time.perf_counter()]
     worker = threading.Thread(target=work)
     worker.start()
     while worker.is_alive():
         ticks.append(time.perf_counter())
     worker.join()
     start, end = window
-    inside = [t for t in ticks if start <= t <= end]
-    gaps = [b - a for a, b in zip(inside, inside[1:])]
-    # Holding the GIL would freeze this loop for the whole call: no ticks inside the window.
-    assert len(inside) > 100, (len(inside), end - start)
-    assert max(gaps) < 0.5 * (end - start), (max(gaps), end - start)
+    inside = [start, *(t for t in ticks if start < t < end), end]
+    stalled = sum(b - a for a, b in zip(inside, inside[1:]) if b - a > 0.005)
+    assert stalled < 0.35 * (end - start), (stalled, end - start)
 
 
 def test_empty_is_noop() -> None:

@@ -45,7 +45,8 @@ class BenchSpec:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device)
+        """The device, with an explicit index on CUDA (``set_device`` and the memory cap require one)."""
+        return common.resolve_device(self.device)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -168,9 +169,7 @@ def drive(system_name: str, spec: BenchSpec, make: Callable[[BenchSpec], BenchSy
         rss.reset_peak()
         try:
             step = system.prepare(b)
-            times = common.time_steps(
-                step, warmup=spec.warmup, steps=spec.steps, sync=system.sync, drain=system.drain
-            )
+            times = common.time_steps(step, warmup=spec.warmup, steps=spec.steps, sync=system.sync, drain=system.drain)
         except Exception as exc:
             oom = is_oom(exc)
             if oom:

@@ -45,9 +45,7 @@ def chunked_linear_cross_entropy(
     for start in range(0, x.shape[0], chunk_tokens):
         xc = x[start : start + chunk_tokens]
         logits = norm(xc) @ weight.t()
-        loss = F.cross_entropy(
-            logits.float(), y[start : start + chunk_tokens], ignore_index=-100, reduction="sum"
-        )
+        loss = F.cross_entropy(logits.float(), y[start : start + chunk_tokens], ignore_index=-100, reduction="sum")
         loss = loss / n_valid
         loss.backward()
         total += loss.detach()
@@ -71,9 +69,7 @@ class PeakModel:
             self.layer = layer_cls(cfg, layer_idx=0).to(dtype)
             self.norm = norm_cls(cfg.hidden_size, eps=cfg.rms_norm_eps).to(dtype)
             self.rotary = rotary_cls(config=cfg)
-            self.embedding = torch.nn.Parameter(
-                torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02
-            )
+            self.embedding = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02)
             self.head = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02)
         self.layer.train()
 

@@ -48,17 +48,15 @@ class Resident(BenchSystem):
         self.peak: PeakModel | None = None
         self.fallback_reason: str | None = None
         self.mode = "resident"
-        biggest = max(spec.batch_sizes)
-        estimate = resident_estimate_bytes(self.stats, biggest, spec.seq_len)
-        self.estimate_bytes = estimate
-        if estimate > self.capacity:
-            self._to_peak(
-                f"estimated {estimate / common.GIB:.1f} GiB "
-                f"(16 B/param + checkpoints + logits at batch {biggest}) "
-                f"> {self.capacity / common.GIB:.1f} GiB available"
-            )
-        else:
-            self._build_resident()
+        smallest = min(spec.batch_sizes)
+        self.estimate_bytes = resident_estimate_bytes(self.stats, smallest, spec.seq_len)
+        if self._fits(smallest):
+            try:
+                self._build_resident()
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                self._to_peak(f"resident OOM while building the model: {error_text(exc, 300)}")
 
     def _build_resident(self) -> None:
         model = shapes.build_model(self.spec.model, device=self.device, dtype=torch.float32)
@@ -71,6 +69,19 @@ class Resident(BenchSystem):
         fused = self.device.type == "cuda" or hasattr(torch, "_fused_adamw_")
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.spec.lr, fused=fused)
         self.model = model
+
+    def _fits(self, batch_size: int) -> bool:
+        """Whether the resident estimate at ``batch_size`` fits; if not, switch to the peak (once)."""
+        estimate = resident_estimate_bytes(self.stats, batch_size, self.spec.seq_len)
+        if estimate <= self.capacity:
+            return True
+        if self.mode == "resident":
+            self._to_peak(
+                f"estimated {estimate / common.GIB:.1f} GiB "
+                f"(16 B/param + checkpoints + logits at batch {batch_size}) "
+                f"> {self.capacity / common.GIB:.1f} GiB available"
+            )
+        return False
 
     def _to_peak(self, reason: str) -> None:
         self.model = None
@@ -86,7 +97,7 @@ class Resident(BenchSystem):
         batch = shapes.random_batch(
             batch_size, self.spec.seq_len, self.stats.vocab_size, device=self.device, seed=self.spec.seed
         )
-        if self.mode == "resident":
+        if self.mode == "resident" and self._fits(batch_size):
             step = self._resident_step(batch)
             try:  # one trial step: if the resident model OOMs here, measure the peak instead
                 step()

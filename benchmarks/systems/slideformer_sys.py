@@ -30,12 +30,10 @@ class Slideformer(BenchSystem):
         from slideformer import Engine, EngineConfig, OptimConfig
 
         self.hf_config = shapes.hf_config(spec.model)
-        self.engine_config = EngineConfig(device=spec.device, window=spec.window, **spec.engine_options)
+        self.engine_config = EngineConfig(device=str(self.device), window=spec.window, **spec.engine_options)
         self.optim_config = OptimConfig(lr=spec.lr)
         if hasattr(Engine, "from_config"):
-            self.engine = Engine.from_config(
-                self.hf_config, self.engine_config, self.optim_config, seed=spec.seed
-            )
+            self.engine = Engine.from_config(self.hf_config, self.engine_config, self.optim_config, seed=spec.seed)
             self.built_with = "Engine.from_config"
         else:  # older engines: an FP32 HF model on the host (4 B/param of extra host RAM while building)
             model = shapes.build_model(spec.model, device="cpu", dtype=torch.float32)

@@ -107,7 +107,9 @@ class _Loader:
 
         cxx = os.environ.get("CXX", "c++")
         why = None
-        if shutil.which(cxx) is None:
+        if not _SOURCE.is_file():
+            why = f"kernel source {_SOURCE.name} missing from the install (package data)"
+        elif shutil.which(cxx) is None:
             why = f"no C++ compiler ({cxx!r} not on PATH; install g++ or set CXX)"
         elif not cpp_extension.is_ninja_available():
             why = "ninja not found (pip install ninja)"
