@@ -69,6 +69,11 @@ class EngineConfig:
     """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once."""
     optimizer_threads: int = 0
     """Intra-op threads for the CPU optimizer and conversions; 0 keeps torch's default."""
+    upload_cast: Literal["auto", "device", "host"] = "auto"
+    """Where FP32 master weights become the compute dtype on their way up. 'device': the FP32 master is
+    page-locked in place and copied as is, and the GPU casts it (twice the PCIe bytes, no CPU work: the
+    host's memory bandwidth is left to AdamW). 'host': the CPU casts chunk by chunk into pinned staging
+    (half the PCIe bytes). 'auto': 'device' on CUDA when page-locking succeeds, else 'host'."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
     sync_copies: bool = False
@@ -90,6 +95,8 @@ class EngineConfig:
             )
         if self.chunk_mib < 1 or self.staging_chunks < 2:
             raise ConfigError("engine.chunk_mib must be >= 1 and engine.staging_chunks >= 2")
+        if self.upload_cast not in ("auto", "device", "host"):
+            raise ConfigError(f"engine.upload_cast must be auto, device or host, got {self.upload_cast!r}")
         if self.loss_chunk_tokens < 1:
             raise ConfigError("engine.loss_chunk_tokens must be >= 1")
 

@@ -58,6 +58,8 @@ class HostUnit:
         """Bumped (by the main thread) each time an update of this unit is scheduled."""
         self.update_future: Future = _done_future()
         """Completes when the most recently scheduled update has been applied."""
+        self.registered = False
+        """True when the master third is page-locked in place (uploads DMA it as FP32; the GPU casts)."""
         self.sq_norm = 0.0
         """Squared L2 norm of this unit's gradient for the step (written by the gradient worker)."""
 

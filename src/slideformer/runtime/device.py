@@ -26,6 +26,7 @@ class DeviceOps:
         self.is_cuda = device.type == "cuda"
         self.pin = pin_memory and self.is_cuda
         self.pinned_bytes = 0
+        self.registered_bytes = 0
         self.device_bytes = 0
         if self.is_cuda and device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -82,6 +83,27 @@ class DeviceOps:
         if self.pin:
             self.pinned_bytes += t.numel() * t.element_size()
         return t
+
+    def register_host(self, tensor: torch.Tensor) -> bool:
+        """Page-lock an existing host tensor in place (cudaHostRegister), so DMA reads it directly.
+
+        Returns False (the caller falls back) when not on CUDA or when the driver refuses, e.g. because
+        of a memlock limit.
+        """
+        if not self.is_cuda or not self.pin:
+            return False
+        nbytes = tensor.numel() * tensor.element_size()
+        err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            return False
+        self.registered_bytes += nbytes
+        return True
+
+    def unregister_host(self, tensor: torch.Tensor) -> None:
+        """Undo ``register_host``."""
+        if self.is_cuda:
+            torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+            self.registered_bytes -= tensor.numel() * tensor.element_size()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy on the current stream; asynchronous between pinned host and device memory."""

@@ -11,6 +11,7 @@ Any worker failure marks the engine failed: later calls raise instead of trainin
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,9 @@ class Engine:
         self.adam = FlatAdamW(self.optim_cfg)
         self.layer_up = Uploader(ops, "sf-upload", chunk, self.cfg.staging_chunks, self.dtype)
         self.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, self.dtype)
+        if self._register_masters():
+            self.layer_up.enable_device_cast()
+            self.vocab_up.enable_device_cast()
         self.drain = GradDrain(ops, "sf-grad", chunk, self.cfg.staging_chunks, self.dtype, self.adam)
         self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
         self.x0_capacity = 0
@@ -174,6 +178,25 @@ class Engine:
         from slideformer.runtime.step import StepRunner
 
         self.runner = StepRunner(self)
+
+    def _register_masters(self) -> bool:
+        """Page-lock the FP32 master weights in place when uploads are to be cast on the device."""
+        mode = self.cfg.upload_cast
+        if mode == "host" or not self.ops.is_cuda:
+            if mode == "device" and not self.ops.is_cuda:
+                raise ConfigError("engine.upload_cast='device' needs a CUDA device")
+            return False
+        for u in self.units:
+            if not self.ops.register_host(u.master):
+                if mode == "device":
+                    raise ConfigError("could not page-lock the master weights (cudaHostRegister failed: memlock "
+                                      "limit?); use engine.upload_cast='host'")
+                warnings.warn("slideformer: page-locking the FP32 master weights failed (memlock limit?); the "
+                              "remaining layers are cast on the CPU, which costs host memory bandwidth that "
+                              "AdamW needs", RuntimeWarning, stacklevel=3)
+                break
+            u.registered = True
+        return any(u.registered for u in self.units)
 
     def ensure_capacity(self, tokens: int) -> None:
         """Size activation and embedding buffers for micro-batches of ``tokens`` tokens."""
@@ -303,6 +326,10 @@ class Engine:
             "activation_host_bytes": acts,
             "host_bytes": state + staging + acts,
             "pinned_bytes": self.ops.pinned_bytes,
+            "registered_bytes": self.ops.registered_bytes,
+            "upload_cast": "device" if any(u.registered for u in self.units) else "host",
+            "host_updated_params": n,
+            "streamed_params": n,
             "device_bytes": self.ops.device_bytes,
             "window": len(self.layer_pool.slots),
             "slot_numel": self.layer_pool.numel,
@@ -322,6 +349,9 @@ class Engine:
         for u in self.units:
             if u.flat is not None:
                 u.point_params_to_master()
+            if u.registered:
+                self.ops.unregister_host(u.master)
+                u.registered = False
         for name in ("layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)

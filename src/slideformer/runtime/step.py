@@ -92,23 +92,27 @@ class StepRunner:
                 u.ensure_grad_acc()
         e.ensure_capacity(max(m.shape.numel() for m in mbs))
         total = sum(m.tokens for m in mbs)
+        # With one micro-batch the gradient norm is measured on the device as each unit's gradient is
+        # produced; with several, the host measures the accumulated sum.
+        host_norm = len(mbs) > 1
+        self.sq_dev = torch.zeros((), dtype=torch.float32, device=e.device)
         losses = []
         for k, mb in enumerate(mbs):
-            action_first, action_last = k == 0, k == len(mbs) - 1
-            losses.append(self._micro(mb, 1.0 / total, deferred, action_first, action_last, lr))
+            losses.append(self._micro(mb, 1.0 / total, deferred, k == 0, k == len(mbs) - 1, lr, host_norm))
         drain = e.drain
+        norm = drain.submit(self._clip_coefficient, host_norm, self.sq_dev)
         if deferred:
-            norm = drain.submit(self._clip_coefficient)
             for u in e.units:
                 spec = self._schedule_update(u, lr)
                 u.update_future = drain.submit(drain.apply_accumulated, u, norm, spec.step, spec.lr)
-        else:
-            norm = drain.submit(self._clip_coefficient)
         loss = torch.stack(losses).sum()
         return float(loss.item()), norm
 
-    def _clip_coefficient(self) -> tuple[float, float]:
-        total = math.sqrt(sum(u.sq_norm for u in self.e.units))
+    def _clip_coefficient(self, host_norm: bool, sq_dev: torch.Tensor) -> tuple[float, float]:
+        # Runs on the gradient worker after every drain of the step; reading sq_dev waits (on this
+        # thread only) for the compute stream to finish the step's backward.
+        sq = sum(u.sq_norm for u in self.e.units) if host_norm else float(sq_dev.item())
+        total = math.sqrt(sq)
         max_norm = self.e.optim_cfg.max_grad_norm
         if max_norm is None:
             return total, 1.0
@@ -116,15 +120,18 @@ class StepRunner:
         return total, min(1.0, max_norm / (total + 1e-6))
 
     def _action(self, units: list[HostUnit], deferred: bool, first: bool, last: bool,
-                lr: float) -> tuple[Accumulate | Update, bool]:
+                lr: float, host_norm: bool) -> tuple[Accumulate | Update, bool]:
         if deferred:
-            return Accumulate(first, last), False
+            return Accumulate(first, last, host_norm), False
         return Update({u.index: self._schedule_update(u, lr) for u in units}), True
 
     def _drain(self, sources: list[tuple[HostUnit, torch.Tensor]], release: Future, deferred: bool,
-               first: bool, last: bool, lr: float) -> None:
+               first: bool, last: bool, lr: float, host_norm: bool) -> None:
         units = [u for u, _ in sources]
-        action, updates = self._action(units, deferred, first, last, lr)
+        action, updates = self._action(units, deferred, first, last, lr, host_norm)
+        if not host_norm:
+            for _, src in sources:
+                self.sq_dev += torch.linalg.vector_norm(src, dtype=torch.float32).square()
         event = self.ops.record(self.ops.compute_stream())
         fut = self.e.drain.submit(self.e.drain.drain, sources, event, release, action)
         if updates:
@@ -132,7 +139,7 @@ class StepRunner:
                 u.update_future = fut
 
     def _micro(self, mb: MicroBatch, scale: float, deferred: bool, first: bool, last: bool,
-               lr: float) -> torch.Tensor:
+               lr: float, host_norm: bool) -> torch.Tensor:
         e, ops = self.e, self.ops
         p, L = e.parts, e.num_layers
         cs = ops.compute_stream()
@@ -195,7 +202,7 @@ class StepRunner:
                 view.copy_(g)
         uh_seg = e.head_segments[-1]
         self._drain([(uh, e.vocab_slot.grad[uh_seg.offset:uh_seg.offset + uh.numel])], head.release,
-                    deferred, first, last, lr)
+                    deferred, first, last, lr, host_norm)
 
         # Backward through the layers, last to first.
         for j in reversed(range(L)):
@@ -212,7 +219,7 @@ class StepRunner:
             e.acts.release(j, cs)
             dh = grads[0]
             torch._foreach_copy_(self.layer_grad_views[j], list(grads[1:]))
-            self._drain([(unit, use.slot.grad[:unit.numel])], use.release, deferred, first, last, lr)
+            self._drain([(unit, use.slot.grad[:unit.numel])], use.release, deferred, first, last, lr, host_norm)
 
         # Embedding backward: scatter the rows' gradients into the vocab slot's gradient buffer.
         self._begin(emb_use, True, "embedding backward")
@@ -228,7 +235,7 @@ class StepRunner:
         if pad is not None:
             dx = dx.masked_fill((mb.ids.view(-1) == pad).unsqueeze(1), 0)
         gw.index_add_(0, mb.ids.view(-1), dx)
-        self._drain([(u0, e.vocab_slot.grad[:u0.numel])], emb_use.release, deferred, first, last, lr)
+        self._drain([(u0, e.vocab_slot.grad[:u0.numel])], emb_use.release, deferred, first, last, lr, host_norm)
         # The next gather may overwrite x0 once compute and the activation copies are done with it.
         x0_release.set_result([ops.record(cs), ops.record(e.acts.stream)])
         return loss

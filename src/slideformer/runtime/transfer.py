@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import FlatAdamW, UpdateSpec
@@ -65,9 +66,20 @@ class _Worker:
 
 
 class Uploader(_Worker):
-    """Uploads units into slots, converting FP32 master weights chunk by chunk."""
+    """Uploads units into slots, converting FP32 master weights chunk by chunk.
+
+    A unit whose master is page-locked goes up as FP32 through a two-chunk device ring and is cast on
+    the device (no CPU work, no host waits: the ring is reused in stream order). Any other unit is cast
+    on the CPU into the pinned staging ring while the previous chunk is on the wire.
+    """
 
     _gather_event: Any = None
+    device_ring: list[torch.Tensor] = []
+
+    def enable_device_cast(self) -> None:
+        """Allocate the FP32 device ring used for units with a page-locked master."""
+        if not self.device_ring:
+            self.device_ring = [self.ops.empty(self.chunk, torch.float32) for _ in range(2)]
 
     def upload(self, slot: Slot, segments: list[Segment], update_futs: list[Future],
                waits: list[Future]) -> Any:
@@ -77,10 +89,17 @@ class Uploader(_Worker):
         for r in waits:
             # Earlier uses of the slot (compute, gradient download) must finish before we overwrite it.
             self.ops.wait(self.stream, r.result())
-        with self.ops.on(self.stream):
+        with self.ops.on(self.stream), record_function("sf/upload_host"):
             for seg in segments:
                 src = seg.unit.master
                 dst = slot.weight[seg.offset:seg.offset + seg.unit.numel]
+                if seg.unit.registered and self.device_ring:
+                    for i, lo in enumerate(range(0, seg.unit.numel, self.chunk)):
+                        hi = min(lo + self.chunk, seg.unit.numel)
+                        ring = self.device_ring[i % 2][:hi - lo]
+                        self.ops.copy(ring, src[lo:hi])  # FP32 DMA straight from the page-locked master
+                        dst[lo:hi].copy_(ring)  # cast on the device, in stream order after the copy
+                    continue
                 for lo in range(0, seg.unit.numel, self.chunk):
                     hi = min(lo + self.chunk, seg.unit.numel)
                     k, stage = self.take_chunk()
@@ -122,6 +141,9 @@ class Accumulate:
 
     first: bool
     last: bool
+    host_norm: bool = True
+    """Compute the accumulated gradient's norm on the host (needed when several micro-batches add up;
+    with one micro-batch the device already measured it)."""
 
 
 @dataclass
@@ -138,7 +160,6 @@ class GradDrain(_Worker):
                  adam: FlatAdamW) -> None:
         super().__init__(ops, name, chunk, count, dtype)
         self.adam = adam
-        self.scratch = torch.empty(chunk, dtype=torch.float32)
 
     def drain(self, sources: list[tuple[HostUnit, torch.Tensor]], compute_event: Any, release: Future | None,
               action: Accumulate | Update) -> None:
@@ -175,16 +196,16 @@ class GradDrain(_Worker):
         self.ops.host_wait(event)  # this chunk's device-to-host copy has landed
         self.last_progress = f"{unit.name}[{lo}:{hi}]"
         if isinstance(action, Update):
-            g32 = stage if stage.dtype == torch.float32 else self.scratch[:hi - lo].copy_(stage)
-            unit.sq_norm += float(torch.dot(g32, g32))
-            self.adam.update(unit, lo, hi, g32, action.specs[unit.index])
+            # AdamW reads the compute-dtype gradient as it landed (the kernel upcasts in registers).
+            with record_function("sf/cpu_adamw"):
+                self.adam.update(unit, lo, hi, stage, action.specs[unit.index])
             return
         acc = unit.grad_acc[lo:hi]
         if action.first:
             acc.copy_(stage)
         else:
             acc.add_(stage)
-        if action.last:
+        if action.last and action.host_norm:
             unit.sq_norm += float(torch.dot(acc, acc))
 
     def apply_accumulated(self, unit: HostUnit, spec_fut: Future, step: int, lr: float) -> None:
@@ -194,4 +215,5 @@ class GradDrain(_Worker):
         for lo in range(0, unit.numel, self.chunk):
             hi = min(lo + self.chunk, unit.numel)
             self.last_progress = f"update {unit.name}[{lo}:{hi}]"
-            self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)
+            with record_function("sf/cpu_adamw"):
+                self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)
