@@ -77,6 +77,8 @@ def gpu_capacity_bytes(device: torch.device, cap_bytes: int | None) -> int:
 def reset_gpu_peaks(device: torch.device) -> None:
     """Start a new window for ``max_memory_allocated`` / ``max_memory_reserved``."""
     if device.type == "cuda":
+        torch.cuda.init()  # resetting the stats of an allocator that never ran raises "Invalid device argument"
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -598,9 +598,10 @@ def write_all(results: dict[str, Any], json_path: Path) -> list[Path]:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1, default=str))
     stem = json_path.with_suffix("")
-    md = stem.with_suffix(".md")
+    # Names like "llama3.2-3b" contain dots: append, never with_suffix (it would cut at "llama3").
+    md = stem.parent / (stem.name + ".md")
     md.write_text(markdown(results))
-    csv_path = stem.with_suffix(".csv")
+    csv_path = stem.parent / (stem.name + ".csv")
     write_csv(results, csv_path)
     return [json_path, md, csv_path, *plot(results, stem)]
 

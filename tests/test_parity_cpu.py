@@ -26,7 +26,7 @@ def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 
     cfg = tiny_config(family, layers=layers)
     ref = make_model(cfg)
     model = copy.deepcopy(ref)
-    lr, wd = 3e-4, 0.1
+    lr, wd = 1e-4, 0.1
     # fused=True: the same per-element AdamW arithmetic as the engine's kernel, so what is compared is
     # the engine's gradients and schedule; test_window_depths uses torch's default implementation.
     opt = adamw_for(ref, lr, wd, fused=fused)
