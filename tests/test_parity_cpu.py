@@ -22,7 +22,8 @@ STEPS = 5
 
 
 def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 2, schedule: str = "auto",
-         pad_left: bool = False, layers: int = 3, lr_schedule: bool = False, fused: bool = True) -> None:
+         pad_left: bool = False, layers: int = 3, lr_schedule: bool = False, fused: bool = True,
+         chunk_mib: float = 1, staging_chunks: int = 4) -> None:
     cfg = tiny_config(family, layers=layers)
     ref = make_model(cfg)
     model = copy.deepcopy(ref)
@@ -30,8 +31,8 @@ def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 
     # fused=True: the same per-element AdamW arithmetic as the engine's kernel, so what is compared is
     # the engine's gradients and schedule; test_window_depths uses torch's default implementation.
     opt = adamw_for(ref, lr, wd, fused=fused)
-    engine = Engine(model, EngineConfig(device="cpu", window=window, schedule=schedule, chunk_mib=1,
-                                        loss_chunk_tokens=16),
+    engine = Engine(model, EngineConfig(device="cpu", window=window, schedule=schedule, chunk_mib=chunk_mib,
+                                        staging_chunks=staging_chunks, loss_chunk_tokens=16),
                     OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
     gen = torch.Generator().manual_seed(1)
     try:
@@ -78,6 +79,14 @@ def test_deferred_without_clipping_or_accumulation() -> None:
 
 def test_clipping_only_and_left_padding() -> None:
     _run("qwen2", accumulate=1, max_norm=0.3, pad_left=True)
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "qwen3"])
+def test_tiny_chunks_and_parking_pool(family: str) -> None:
+    """Units span many 16 KiB chunks and are larger than the 4-chunk parking pool: the optimizer must
+    stream them while they download, and reorder whole ones, without changing a number."""
+    _run(family, accumulate=1, max_norm=None, chunk_mib=1 / 64, staging_chunks=2, window=1)
+    _run(family, accumulate=3, max_norm=0.5, chunk_mib=1 / 64, staging_chunks=2, window=2)
 
 
 def test_accumulation_without_clipping() -> None:

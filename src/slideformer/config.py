@@ -61,10 +61,15 @@ class EngineConfig:
     no accumulation). 'deferred': gradients are accumulated on the host, the global norm is clipped, and
     the updates run during the next step's forward. 'auto' picks 'overlap' unless clipping or
     accumulation needs 'deferred'."""
-    chunk_mib: int = 32
-    """Size of one staging chunk (MiB) for FP32->BF16 upload and gradient download."""
+    chunk_mib: float = 32
+    """Size of one staging chunk (MiB) for FP32->BF16 upload and gradient download (fractions allowed,
+    down to 1/64, so tests can make units span many chunks)."""
     staging_chunks: int = 4
     """Number of pinned staging chunks per direction (the shared pool)."""
+    grad_park_mib: int = 2048
+    """Pinned pool (MiB, GPU runs) where gradients wait for the CPU optimizer, so the GPU never waits for
+    AdamW; the backlog left at the end of backward is then worked off bottom-up during the next forward.
+    On the CPU the pool is twice ``staging_chunks``."""
     loss_chunk_tokens: int = 2048
     """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once."""
     optimizer_threads: int = 0
@@ -93,8 +98,8 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.compute_dtype must be auto, bfloat16, float16 or float32, got {self.compute_dtype!r}"
             )
-        if self.chunk_mib < 1 or self.staging_chunks < 2:
-            raise ConfigError("engine.chunk_mib must be >= 1 and engine.staging_chunks >= 2")
+        if self.chunk_mib < 1 / 64 or self.staging_chunks < 2:
+            raise ConfigError("engine.chunk_mib must be >= 1/64 and engine.staging_chunks >= 2")
         if self.upload_cast not in ("auto", "device", "host"):
             raise ConfigError(f"engine.upload_cast must be auto, device or host, got {self.upload_cast!r}")
         if self.loss_chunk_tokens < 1:

@@ -28,7 +28,8 @@ from slideformer.models import get_adapter
 from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime.batch import prepare_batch
 from slideformer.runtime.device import DeviceOps
-from slideformer.runtime.transfer import GradDrain, Uploader
+from slideformer.runtime.grad_pipeline import GradPipeline
+from slideformer.runtime.transfer import Uploader
 from slideformer.runtime.window import Segment, SlotPool, invalidate
 
 
@@ -154,7 +155,7 @@ class Engine:
         self.num_layers = len(p.layers)
         self.hidden = int(p.embed.weight.shape[1])
         self.vocab = int(p.embed.weight.shape[0])
-        chunk = max(1, self.cfg.chunk_mib * 2**20 // torch.tensor([], dtype=self.dtype).element_size())
+        chunk = max(1, int(self.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=self.dtype).element_size())
         depth = min(self.cfg.window, self.num_layers)
         layer_units = self.units[1:-1]
         self.layer_pool = SlotPool(ops, depth, max(u.numel for u in layer_units), self.dtype)
@@ -168,7 +169,10 @@ class Engine:
         if self._register_masters():
             self.layer_up.enable_device_cast()
             self.vocab_up.enable_device_cast()
-        self.drain = GradDrain(ops, "sf-grad", chunk, self.cfg.staging_chunks, self.dtype, self.adam)
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        pool = (max(self.cfg.staging_chunks, self.cfg.grad_park_mib * 2**20 // (chunk * elem)) if ops.is_cuda
+                else 2 * self.cfg.staging_chunks)
+        self.drain = GradPipeline(ops, chunk, pool, self.dtype, self.adam)
         self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
         self.x0_capacity = 0
         if self.cfg.optimizer_threads > 0:
@@ -315,8 +319,8 @@ class Engine:
         """Host and device bytes the engine holds, by kind."""
         state = sum(u.host_bytes() for u in self.units)
         n = self.num_params
-        staging = sum(t.numel() * t.element_size() for w in (self.layer_up, self.vocab_up, self.drain)
-                      for t in w.ring)
+        staging = sum(t.numel() * t.element_size() for w in (self.layer_up, self.vocab_up) for t in w.ring)
+        staging += self.drain.staging_bytes()
         acts = self.acts.host_bytes()
         return {
             "num_params": n,

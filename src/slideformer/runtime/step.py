@@ -100,11 +100,11 @@ class StepRunner:
         for k, mb in enumerate(mbs):
             losses.append(self._micro(mb, 1.0 / total, deferred, k == 0, k == len(mbs) - 1, lr, host_norm))
         drain = e.drain
-        norm = drain.submit(self._clip_coefficient, host_norm, self.sq_dev)
+        norm = drain.submit_task(self._clip_coefficient, host_norm, self.sq_dev)
         if deferred:
             for u in e.units:
                 spec = self._schedule_update(u, lr)
-                u.update_future = drain.submit(drain.apply_accumulated, u, norm, spec.step, spec.lr)
+                u.update_future = drain.submit_task(drain.apply_accumulated, u, norm, spec.step, spec.lr)
         loss = torch.stack(losses).sum()
         return float(loss.item()), norm
 
@@ -133,10 +133,10 @@ class StepRunner:
             for _, src in sources:
                 self.sq_dev += torch.linalg.vector_norm(src, dtype=torch.float32).square()
         event = self.ops.record(self.ops.compute_stream())
-        fut = self.e.drain.submit(self.e.drain.drain, sources, event, release, action)
+        futures = self.e.drain.submit_drain(sources, event, release, action)
         if updates:
             for u in units:
-                u.update_future = fut
+                u.update_future = futures[u.index]
 
     def _micro(self, mb: MicroBatch, scale: float, deferred: bool, first: bool, last: bool,
                lr: float, host_norm: bool) -> torch.Tensor:

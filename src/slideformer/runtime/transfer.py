@@ -1,20 +1,17 @@
-"""Worker threads that move bytes: uploads (FP32 master -> compute dtype -> device) and gradient drains
-(device -> host staging -> AdamW or the FP32 accumulator).
+"""Upload workers (FP32 master -> compute dtype -> device slot) and the drain actions.
 
 Each worker is a single thread with its own stream and its own small ring of staging chunks, and runs
-its tasks in submission order. An upload converts one chunk on the CPU while the previous chunk's copy
-is in flight; a drain copies chunk k+1 down while AdamW consumes chunk k. Tasks return futures; an
-exception in a worker reaches the main thread through the future it is waiting on.
+its tasks in submission order. An upload either DMAs a page-locked FP32 master and casts on the device,
+or casts on the CPU one chunk while the previous chunk's copy is in flight. Tasks return futures; an
+exception in a worker reaches the main thread through the future it is waiting on. The gradient side
+lives in ``grad_pipeline``.
 
-Invariant: a staging chunk is overwritten only after the copy (upload) or the consumer (drain) that
-last used it has finished; a slot is released only after every copy out of its gradient buffer has
-been queued, with the event of the last one.
+Invariant: a staging chunk is overwritten only after the copy that last read it has finished.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +21,7 @@ import torch
 from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
-from slideformer.optim.adamw import FlatAdamW, UpdateSpec
+from slideformer.optim.adamw import UpdateSpec
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.window import Segment, Slot
 
@@ -151,69 +148,3 @@ class Update:
     """Drain action of the overlap schedule: run AdamW on the chunks as they land."""
 
     specs: dict[int, UpdateSpec]
-
-
-class GradDrain(_Worker):
-    """Copies gradients out of slots and consumes them: AdamW (overlap) or accumulation (deferred)."""
-
-    def __init__(self, ops: DeviceOps, name: str, chunk: int, count: int, dtype: torch.dtype,
-                 adam: FlatAdamW) -> None:
-        super().__init__(ops, name, chunk, count, dtype)
-        self.adam = adam
-
-    def drain(self, sources: list[tuple[HostUnit, torch.Tensor]], compute_event: Any, release: Future | None,
-              action: Accumulate | Update) -> None:
-        """Queued by ``submit``: download each unit's gradient and consume it chunk by chunk."""
-        try:
-            # The gradients are produced by the compute stream: copy only after it wrote them.
-            self.ops.wait(self.stream, compute_event)
-            pending: deque[tuple[HostUnit, int, int, torch.Tensor, Any]] = deque()
-            with self.ops.on(self.stream):
-                for unit, src in sources:
-                    if isinstance(action, Update) or action.first:
-                        unit.sq_norm = 0.0
-                    for lo in range(0, unit.numel, self.chunk):
-                        hi = min(lo + self.chunk, unit.numel)
-                        if len(pending) == len(self.ring):
-                            self._consume(pending.popleft(), action)  # frees the oldest staging chunk
-                        k, stage = self.take_chunk()
-                        stage = stage[:hi - lo]
-                        self.ops.copy(stage, src[lo:hi])
-                        pending.append((unit, lo, hi, stage, self.ops.record(self.stream)))
-                if release is not None:
-                    # Every copy out of the slot is queued: it is free once the last one has run.
-                    release.set_result(self.ops.record(self.stream))
-                    release = None
-            while pending:
-                self._consume(pending.popleft(), action)
-        except BaseException as exc:
-            if release is not None:
-                release.set_exception(exc)
-            raise
-
-    def _consume(self, item: tuple[HostUnit, int, int, torch.Tensor, Any], action: Accumulate | Update) -> None:
-        unit, lo, hi, stage, event = item
-        self.ops.host_wait(event)  # this chunk's device-to-host copy has landed
-        self.last_progress = f"{unit.name}[{lo}:{hi}]"
-        if isinstance(action, Update):
-            # AdamW reads the compute-dtype gradient as it landed (the kernel upcasts in registers).
-            with record_function("sf/cpu_adamw"):
-                self.adam.update(unit, lo, hi, stage, action.specs[unit.index])
-            return
-        acc = unit.grad_acc[lo:hi]
-        if action.first:
-            acc.copy_(stage)
-        else:
-            acc.add_(stage)
-        if action.last and action.host_norm:
-            unit.sq_norm += float(torch.dot(acc, acc))
-
-    def apply_accumulated(self, unit: HostUnit, spec_fut: Future, step: int, lr: float) -> None:
-        """Deferred schedule: AdamW on the unit's accumulated gradient, scaled by the clip coefficient."""
-        _, coef = spec_fut.result()
-        spec = UpdateSpec(step=step, lr=lr, grad_scale=coef)
-        for lo in range(0, unit.numel, self.chunk):
-            hi = min(lo + self.chunk, unit.numel)
-            self.last_progress = f"update {unit.name}[{lo}:{hi}]"
-            with record_function("sf/cpu_adamw"):
-                self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)

@@ -1,0 +1,253 @@
+"""The gradient pipeline: a downloader thread parks gradients on the host, an optimizer thread consumes them.
+
+The downloader copies each unit's gradient out of its device slot, chunk by chunk, into a fixed pool of
+pinned *parking* chunks, and releases the slot as soon as the last copy is queued: the GPU never waits
+for AdamW. The optimizer thread picks what to consume: among units whose gradient has fully landed,
+the lowest unit index first. Backward produces units from the top down, so the backlog left when
+backward ends is worked off bottom-up, in the order the next forward needs the updated weights.
+When nothing has fully landed it streams the unit being downloaded, so a unit larger than the pool
+still goes through.
+
+Ordering rules (the invariant):
+  * items of the same unit are consumed in submission order (accumulation adds in micro-batch order);
+  * a *task* (norm, deferred update) runs only after every item submitted before it, and nothing
+    submitted after it runs before it;
+  * a parking chunk is reused only after its consumer finished with it;
+  * the optimizer only waits for chunks of the unit being downloaded, so the pool cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.profiler import record_function
+
+from slideformer.memory.host_state import HostUnit
+from slideformer.optim.adamw import FlatAdamW, UpdateSpec
+from slideformer.runtime.device import DeviceOps
+from slideformer.runtime.transfer import Accumulate, Update, _Worker
+
+
+@dataclass
+class _Parked:
+    """One unit's gradient on its way from a slot to the optimizer."""
+
+    seq: int
+    unit: HostUnit
+    action: Accumulate | Update
+    n_chunks: int
+    future: Future = field(default_factory=Future)
+    chunks: list[tuple[int, int, int, Any]] = field(default_factory=list)
+    started: bool = False
+    landed: bool = False
+    error: BaseException | None = None
+
+
+@dataclass
+class _Task:
+    seq: int
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: Future = field(default_factory=Future)
+
+
+class GradPipeline:
+    """Downloader + optimizer threads over a pinned parking pool."""
+
+    def __init__(self, ops: DeviceOps, chunk: int, pool_chunks: int, dtype: torch.dtype, adam: FlatAdamW) -> None:
+        self.ops = ops
+        self.chunk = chunk
+        self.adam = adam
+        self.down = _Worker(ops, "sf-grad-down", chunk, 0, dtype)
+        self.pool = [ops.host_empty(chunk, dtype) for _ in range(pool_chunks)]
+        self._free = list(range(pool_chunks))
+        self._cv = threading.Condition()
+        self._pending: list[_Parked | _Task] = []
+        self._seq = itertools.count()
+        self._closed = False
+        self._error: BaseException | None = None
+        self.last_progress = ""
+        self._thread = threading.Thread(target=self._run, name="sf-optim", daemon=True)
+        self._thread.start()
+
+    # -- submission (main thread) ----------------------------------------------------------------
+    def submit_drain(self, sources: list[tuple[HostUnit, torch.Tensor]], compute_event: Any,
+                     release: Future | None, action: Accumulate | Update) -> dict[int, Future]:
+        """Queue the download of ``sources`` (unit, flat gradient view); returns a future per unit that
+        completes when the optimizer has consumed that unit's gradient."""
+        with self._cv:
+            items = [_Parked(next(self._seq), u, action, -(-u.numel // self.chunk)) for u, _ in sources]
+            self._pending.extend(items)
+        self.down.submit(self._download, items, [src for _, src in sources], compute_event, release)
+        return {it.unit.index: it.future for it in items}
+
+    def submit_task(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the optimizer thread after everything submitted so far."""
+        with self._cv:
+            task = _Task(next(self._seq), fn, args)
+            self._pending.append(task)
+            self._cv.notify_all()
+        return task.future
+
+    # -- downloader thread -----------------------------------------------------------------------
+    def _take_chunk(self) -> int:
+        with self._cv:
+            while not self._free:
+                if self._closed:
+                    raise RuntimeError("gradient pipeline closed")
+                self._cv.wait(0.1)  # the optimizer frees parking chunks as it consumes them
+            return self._free.pop()
+
+    def _download(self, items: list[_Parked], sources: list[torch.Tensor], compute_event: Any,
+                  release: Future | None) -> None:
+        try:
+            # The gradients are produced by the compute stream: copy only after it wrote them.
+            self.ops.wait(self.down.stream, compute_event)
+            with self.ops.on(self.down.stream), record_function("sf/grad_download"):
+                for it, src in zip(items, sources):
+                    with self._cv:
+                        it.started = True
+                    for lo in range(0, it.unit.numel, self.chunk):
+                        hi = min(lo + self.chunk, it.unit.numel)
+                        k = self._take_chunk()
+                        self.ops.copy(self.pool[k][:hi - lo], src[lo:hi])
+                        event = self.ops.record(self.down.stream)
+                        with self._cv:
+                            it.chunks.append((k, lo, hi, event))
+                            self._cv.notify_all()
+                    with self._cv:
+                        it.landed = True
+                        self._cv.notify_all()
+                if release is not None:
+                    # Every copy out of the slot is queued: it is free once the last one has run.
+                    release.set_result(self.ops.record(self.down.stream))
+                    release = None
+        except BaseException as exc:
+            if release is not None:
+                release.set_exception(exc)
+            with self._cv:
+                for it in items:
+                    it.error = it.error or exc
+                    it.started = it.landed = True
+                self._cv.notify_all()
+            raise
+
+    # -- optimizer thread ------------------------------------------------------------------------
+    def _eligible(self) -> _Parked | _Task | None:
+        """The next item to consume, by the rules in the module docstring (called under the lock)."""
+        seen_units: set[int] = set()
+        streaming: _Parked | None = None
+        best: _Parked | None = None
+        for pos, item in enumerate(self._pending):
+            if isinstance(item, _Task):
+                if pos == 0:
+                    return item
+                break  # nothing after a pending task may run before it
+            if item.unit.index in seen_units:
+                continue  # an earlier item of the same unit comes first
+            seen_units.add(item.unit.index)
+            if item.landed:
+                if best is None or item.unit.index < best.unit.index:
+                    best = item
+            elif item.started:
+                streaming = item
+        return best or streaming
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                item = self._eligible()
+                while item is None:
+                    if self._closed:
+                        return
+                    self._cv.wait(0.1)  # new gradients or tasks arrive from the downloader / main thread
+                    item = self._eligible()
+            if isinstance(item, _Task):
+                self._run_task(item)
+            else:
+                self._consume(item)
+            with self._cv:
+                self._pending.remove(item)
+                self._cv.notify_all()
+
+    def _run_task(self, task: _Task) -> None:
+        if self._error is not None:
+            task.future.set_exception(self._error)
+            return
+        try:
+            task.future.set_result(task.fn(*task.args))
+        except BaseException as exc:
+            self._error = exc
+            task.future.set_exception(exc)
+
+    def _consume(self, it: _Parked) -> None:
+        """Consume ``it`` chunk by chunk as its copies land, freeing each parking chunk after use."""
+        for i in range(it.n_chunks):
+            with self._cv:
+                while len(it.chunks) <= i and it.error is None:
+                    self._cv.wait(0.1)  # the downloader is still copying this unit
+                if len(it.chunks) <= i:
+                    break
+                k, lo, hi, event = it.chunks[i]
+            try:
+                if self._error is None and it.error is None:
+                    self.ops.host_wait(event)  # this chunk's device-to-host copy has landed
+                    self._apply(it, lo, hi, self.pool[k][:hi - lo])
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                with self._cv:
+                    self._free.append(k)
+                    self._cv.notify_all()
+        err = it.error or self._error
+        if err is not None:
+            it.future.set_exception(err)
+        else:
+            it.future.set_result(None)
+
+    def _apply(self, it: _Parked, lo: int, hi: int, grad: torch.Tensor) -> None:
+        unit, action = it.unit, it.action
+        self.last_progress = f"{unit.name}[{lo}:{hi}]"
+        if isinstance(action, Update):
+            # AdamW reads the compute-dtype gradient as it landed (the kernel upcasts in registers).
+            with record_function("sf/cpu_adamw"):
+                self.adam.update(unit, lo, hi, grad, action.specs[unit.index])
+            return
+        acc = unit.grad_acc[lo:hi]
+        if action.first:
+            if lo == 0:
+                unit.sq_norm = 0.0
+            acc.copy_(grad)
+        else:
+            acc.add_(grad)
+        if action.last and action.host_norm:
+            unit.sq_norm += float(torch.dot(acc, acc))
+
+    def apply_accumulated(self, unit: HostUnit, spec_fut: Future, step: int, lr: float) -> None:
+        """Deferred schedule: AdamW on the unit's accumulated gradient, scaled by the clip coefficient."""
+        _, coef = spec_fut.result()
+        spec = UpdateSpec(step=step, lr=lr, grad_scale=coef)
+        for lo in range(0, unit.numel, self.chunk):
+            hi = min(lo + self.chunk, unit.numel)
+            self.last_progress = f"update {unit.name}[{lo}:{hi}]"
+            with record_function("sf/cpu_adamw"):
+                self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)
+
+    def staging_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pool)
+
+    def close(self) -> None:
+        self.down.close()
+        with self._cv:
+            self._closed = True
+            for item in self._pending:
+                if isinstance(item, _Parked) and not item.landed:
+                    item.error = item.error or RuntimeError("gradient pipeline closed")
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
