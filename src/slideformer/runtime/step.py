@@ -100,7 +100,13 @@ class StepRunner:
         for k, mb in enumerate(mbs):
             losses.append(self._micro(mb, 1.0 / total, deferred, k == 0, k == len(mbs) - 1, lr, host_norm))
         drain = e.drain
-        norm = drain.submit_task(self._clip_coefficient, host_norm, self.sq_dev)
+        # Bring the device-side squared norm to the host asynchronously, behind this step's backward only.
+        # (Reading the device tensor from the optimizer thread would queue behind everything the main
+        # thread issues meanwhile, i.e. the next forward, and stall the optimizer for that long.)
+        sq_host = torch.empty(1, dtype=torch.float32, pin_memory=self.ops.pin)
+        self.ops.copy(sq_host, self.sq_dev.view(1))
+        sq_ready = self.ops.record(self.ops.compute_stream())
+        norm = drain.submit_task(self._clip_coefficient, host_norm, sq_host, sq_ready)
         if deferred:
             for u in e.units:
                 spec = self._schedule_update(u, lr)
@@ -108,10 +114,13 @@ class StepRunner:
         loss = torch.stack(losses).sum()
         return float(loss.item()), norm
 
-    def _clip_coefficient(self, host_norm: bool, sq_dev: torch.Tensor) -> tuple[float, float]:
-        # Runs on the gradient worker after every drain of the step; reading sq_dev waits (on this
-        # thread only) for the compute stream to finish the step's backward.
-        sq = sum(u.sq_norm for u in self.e.units) if host_norm else float(sq_dev.item())
+    def _clip_coefficient(self, host_norm: bool, sq_host: torch.Tensor, sq_ready: Any) -> tuple[float, float]:
+        # Runs on the optimizer thread after every gradient of the step was consumed.
+        if host_norm:
+            sq = sum(u.sq_norm for u in self.e.units)
+        else:
+            self.ops.host_wait(sq_ready)  # the copy of the device-side norm has landed
+            sq = float(sq_host[0])
         total = math.sqrt(sq)
         max_norm = self.e.optim_cfg.max_grad_norm
         if max_norm is None:
