@@ -126,3 +126,64 @@ def test_worker_failure_reaches_caller_and_engine_refuses_to_continue(engine, mo
         engine.flush()
     with pytest.raises(Exception, match="earlier step failed|injected"):
         engine.train_step(random_batch(1024, 2, 8, gen))
+
+
+@pytest.mark.parametrize("accumulate,max_norm", [(1, None), (2, 1.0)])
+def test_nonfinite_loss_skips_the_whole_step(monkeypatch, accumulate, max_norm) -> None:
+    """A NaN loss leaves weights, moments and step count untouched: the run equals one without that step."""
+    import slideformer.runtime.step as step_mod
+
+    cfg = tiny_config("llama_tied", layers=2)
+    base = make_model(cfg)
+    gen = torch.Generator().manual_seed(0)
+    batches = [[random_batch(1024, 2, 8, gen) for _ in range(accumulate)] for _ in range(3)]
+
+    def run(poison_step: int | None) -> dict:
+        import copy
+
+        eng = Engine(copy.deepcopy(base), EngineConfig(device="cpu"),
+                     OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=max_norm))
+        real = step_mod.linear_cross_entropy
+        for i, b in enumerate(batches):
+            if i == poison_step:
+                def poisoned(*args, **kwargs):
+                    loss, grad = real(*args, **kwargs)
+                    return loss * float("nan"), grad
+
+                monkeypatch.setattr(step_mod, "linear_cross_entropy", poisoned)
+                with pytest.warns(RuntimeWarning, match="non-finite loss"):
+                    res = eng.train_step(b if accumulate > 1 else b[0])
+                assert res.skipped and res.loss != res.loss
+                monkeypatch.setattr(step_mod, "linear_cross_entropy", real)
+            elif poison_step is None and i == 1:
+                continue  # the clean run leaves the poisoned step out
+            else:
+                assert not eng.train_step(b if accumulate > 1 else b[0]).skipped
+        state = {k: {n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v
+                 for k, v in eng.state_dict().items()}
+        eng.close()
+        return state
+
+    poisoned, clean = run(1), run(None)
+    assert poisoned["step"] == clean["step"] == 2
+    for part in ("params", "exp_avg", "exp_avg_sq"):
+        for name, t in clean[part].items():
+            assert torch.equal(poisoned[part][name], t), (part, name)
+
+
+def test_watchdog_reports_a_stalled_optimizer(monkeypatch) -> None:
+    import time
+
+    cfg = tiny_config("llama", layers=2)
+    eng = Engine(make_model(cfg), EngineConfig(device="cpu", watchdog_s=0.5), OptimConfig(lr=1e-3))
+    real = eng.adam.update
+
+    def slow(*args, **kwargs):
+        time.sleep(2.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eng.adam, "update", slow)
+    with pytest.raises(Exception, match=r"(?s)no progress for 0.5 s while waiting for .*sf-optim"):
+        eng.train_step(random_batch(1024, 2, 8, torch.Generator().manual_seed(0)))
+        eng.flush()
+    eng.close()

@@ -81,6 +81,13 @@ class EngineConfig:
     (half the PCIe bytes). 'auto': 'device' on CUDA when page-locking succeeds, else 'host'."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
+    watchdog_s: float = 600.0
+    """Fail (with a report naming what was awaited and a stack dump of every pipeline thread) when the
+    main thread waits this long for an upload, a gradient download or an optimizer update."""
+    skip_nonfinite: bool = True
+    """Check each micro-batch's loss once the forward is done (one host sync per micro-batch, before any
+    update of the step can start) and skip the whole step when it is NaN/inf: no update, no step count.
+    A non-finite gradient under a finite loss is not caught (the overlap schedule updates in backward)."""
     sync_copies: bool = False
     """Debugging aid: make every host<->device copy synchronous (serialises the pipeline; results must
     not change, which is how the race tests use it)."""
@@ -102,6 +109,8 @@ class EngineConfig:
             raise ConfigError("engine.chunk_mib must be >= 1/64 and engine.staging_chunks >= 2")
         if self.upload_cast not in ("auto", "device", "host"):
             raise ConfigError(f"engine.upload_cast must be auto, device or host, got {self.upload_cast!r}")
+        if self.watchdog_s <= 0:
+            raise ConfigError(f"engine.watchdog_s must be > 0, got {self.watchdog_s}")
         if self.loss_chunk_tokens < 1:
             raise ConfigError("engine.loss_chunk_tokens must be >= 1")
 

@@ -43,6 +43,8 @@ class StepResult:
     """Label tokens that contributed to the loss."""
     micro_batches: int
     _norm: Future
+    skipped: bool = False
+    """True when the loss was NaN/inf and the step's update was skipped (``EngineConfig.skip_nonfinite``)."""
 
     @property
     def grad_norm(self) -> float:
@@ -232,13 +234,16 @@ class Engine:
             raise ConfigError(f"learning rate must be a finite number >= 0, got {lr}")
         deferred = self._deferred(len(mbs))
         try:
-            loss, norm_fut = self.runner.step(mbs, deferred, lr_now)
+            loss, norm_fut, skipped = self.runner.step(mbs, deferred, lr_now)
         except BaseException as exc:
             self._failed = exc
             if isinstance(exc, SlideformerError):
                 raise
             raise WorkerError(f"training step failed: {type(exc).__name__}: {exc}") from exc
-        return StepResult(loss, sum(m.tokens for m in mbs), len(mbs), norm_fut)
+        if skipped:
+            warnings.warn(f"slideformer: non-finite loss at step {self.step_count + 1}; the update was skipped",
+                          RuntimeWarning, stacklevel=2)
+        return StepResult(loss, sum(m.tokens for m in mbs), len(mbs), norm_fut, skipped)
 
     def _deferred(self, micro_batches: int) -> bool:
         need = micro_batches > 1 or self.optim_cfg.max_grad_norm is not None
@@ -251,7 +256,7 @@ class Engine:
         """Wait until every scheduled optimizer update has been applied to the host state."""
         self._check_usable(allow_failed=False)
         for u in self.units:
-            self.runner.wait(u.update_future, "optimizer update")
+            self.runner.wait(u.update_future, f"the optimizer update of {u.name}")
 
     def _check_usable(self, allow_failed: bool = False) -> None:
         if self._closed:

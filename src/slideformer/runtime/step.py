@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,7 @@ from slideformer.models import run_layer
 from slideformer.optim.adamw import UpdateSpec
 from slideformer.runtime.batch import MicroBatch
 from slideformer.runtime.transfer import Accumulate, Update
+from slideformer.runtime.watchdog import stall_report
 from slideformer.runtime.window import Segment, Slot, Use, plan_use
 
 if TYPE_CHECKING:
@@ -55,11 +57,16 @@ class StepRunner:
 
     # -- waiting -----------------------------------------------------------------------------------
     def wait(self, fut: Future | None, what: str) -> Any:
-        """Wait for a worker's future; its exception surfaces here with the original chained."""
+        """Wait for a worker's future; its exception surfaces here with the original chained.
+
+        A wait longer than ``EngineConfig.watchdog_s`` fails with a report instead of hanging.
+        """
         if fut is None:
             return None
         try:
-            return fut.result()
+            return fut.result(timeout=self.e.cfg.watchdog_s)
+        except FutureTimeout:
+            raise WorkerError(stall_report(what, self.e.cfg.watchdog_s, self.e.drain.last_progress)) from None
         except BaseException as exc:
             raise WorkerError(f"{what} failed in a worker thread: {type(exc).__name__}: {exc}") from exc
 
@@ -85,7 +92,8 @@ class StepRunner:
         return UpdateSpec(step=unit.step, lr=lr)
 
     # -- the step ----------------------------------------------------------------------------------
-    def step(self, mbs: list[MicroBatch], deferred: bool, lr: float) -> tuple[float, Future]:
+    def step(self, mbs: list[MicroBatch], deferred: bool, lr: float) -> tuple[float, Future, bool]:
+        """Run one step; returns (loss, future of (grad norm, clip coefficient), skipped)."""
         e = self.e
         if deferred:
             for u in e.units:
@@ -98,7 +106,13 @@ class StepRunner:
         self.sq_dev = torch.zeros((), dtype=torch.float32, device=e.device)
         losses = []
         for k, mb in enumerate(mbs):
-            losses.append(self._micro(mb, 1.0 / total, deferred, k == 0, k == len(mbs) - 1, lr, host_norm))
+            loss_k = self._micro(mb, 1.0 / total, deferred, k == 0, k == len(mbs) - 1, lr, host_norm)
+            losses.append(loss_k)
+            if loss_k is None:
+                # A non-finite loss: nothing of this step was drained or scheduled; no update happens.
+                skipped: Future = Future()
+                skipped.set_result((math.nan, 1.0))
+                return math.nan, skipped, True
         drain = e.drain
         # Bring the device-side squared norm to the host asynchronously, behind this step's backward only.
         # (Reading the device tensor from the optimizer thread would queue behind everything the main
@@ -112,7 +126,7 @@ class StepRunner:
                 spec = self._schedule_update(u, lr)
                 u.update_future = drain.submit_task(drain.apply_accumulated, u, norm, spec.step, spec.lr)
         loss = torch.stack(losses).sum()
-        return float(loss.item()), norm
+        return float(loss.item()), norm, False
 
     def _clip_coefficient(self, host_norm: bool, sq_host: torch.Tensor, sq_ready: Any) -> tuple[float, float]:
         # Runs on the optimizer thread after every gradient of the step was consumed.
@@ -148,7 +162,8 @@ class StepRunner:
                 u.update_future = futures[u.index]
 
     def _micro(self, mb: MicroBatch, scale: float, deferred: bool, first: bool, last: bool,
-               lr: float, host_norm: bool) -> torch.Tensor:
+               lr: float, host_norm: bool) -> torch.Tensor | None:
+        """One micro-batch; returns its scaled loss (a device scalar), or None if it was non-finite."""
         e, ops = self.e, self.ops
         p, L = e.parts, e.num_layers
         cs = ops.compute_stream()
@@ -201,6 +216,13 @@ class StepRunner:
             xn = p.norm(h_last)
         loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), slot_w, mb.targets, scale, slot_gw,
                                          e.cfg.loss_chunk_tokens, p.logit_softcap)
+        if e.cfg.skip_nonfinite and not math.isfinite(float(loss)):
+            # Nothing has been drained yet: hand every planned use back and leave the weights alone.
+            done = ops.record(cs)
+            for use in [head, *bwd.values(), emb_use]:
+                use.release.set_result(done)
+            x0_release.set_result([done, ops.record(e.acts.stream)])
+            return None
         norm_params = list(p.norm.parameters())
         grads = torch.autograd.grad(xn, [h_last, *norm_params], dxn.view_as(xn))
         dh = grads[0]

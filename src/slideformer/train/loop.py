@@ -6,9 +6,9 @@ checkpoint) and its exits: normal end, Ctrl-C (finish the current step, save, re
 state saved at step N (engine state, data position, RNG, schedule position) is everything step N+1
 depends on, so ``resume`` reproduces an uninterrupted run bit for bit.
 
-Non-finite losses: the engine applies each layer's update inside backward ('overlap') or in the next
-forward ('deferred') and has no hook to cancel a step once its loss is known, so a NaN/inf step cannot
-be skipped after the fact; the loop warns, and stops after ``train.max_nonfinite`` in a row.
+Non-finite losses: the engine checks each micro-batch's loss before any update of the step can start
+and skips the whole step (``EngineConfig.skip_nonfinite``); the loop warns, and stops after
+``train.max_nonfinite`` such steps in a row.
 """
 
 from __future__ import annotations
@@ -328,9 +328,9 @@ def train(
                         )
                         if streak >= cfg.train.max_nonfinite:
                             raise DivergenceError(
-                                f"{streak} non-finite losses in a row (last at step {step}); the weights are "
-                                "likely corrupt, so no checkpoint was saved. Lower optim.lr, set "
-                                "optim.max_grad_norm, or resume from the last checkpoint"
+                                f"{streak} non-finite losses in a row (last at step {step}); their updates were "
+                                "skipped, but training is diverging, so no checkpoint was saved. Lower optim.lr, "
+                                "set optim.max_grad_norm, or resume from the last checkpoint"
                             )
                     ev = None
                     if data.val and (
