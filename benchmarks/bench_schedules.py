@@ -23,35 +23,9 @@ from pathlib import Path
 import psutil
 import torch
 import transformers
-from transformers import LlamaConfig
 
+from shapes import CONFIGS, hf_config
 from slideformer import Engine, EngineConfig, OptimConfig
-
-# Llama-3.2-1B's published config.json (meta-llama/Llama-3.2-1B): shapes only, random weights.
-SHAPES = {
-    "llama3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    ),
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=2048,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    ),
-}
 
 
 def _time_steps(engine: Engine, batches: list, steps: int, warmup: int) -> list[float]:
@@ -67,7 +41,7 @@ def _time_steps(engine: Engine, batches: list, steps: int, warmup: int) -> list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama3.2-1b", choices=sorted(SHAPES))
+    ap.add_argument("--model", default="llama3.2-1b", choices=sorted(CONFIGS))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
@@ -76,7 +50,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    cfg = LlamaConfig(**SHAPES[args.model])
+    cfg = hf_config(args.model)
     t0 = time.perf_counter()
     engine = Engine.from_config(cfg, EngineConfig(window=args.window), OptimConfig(lr=1e-5, weight_decay=0.1))
     build_s = time.perf_counter() - t0

@@ -29,6 +29,25 @@ _LLAMA3_ROPE_3B = {
 _LLAMA3_ROPE_8B = {**_LLAMA3_ROPE_3B, "factor": 8.0}
 
 CONFIGS: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-3.2-1B config.json
+    "llama3.2-1b": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "rope_scaling": _LLAMA3_ROPE_3B,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+    },
     # meta-llama/Llama-3.2-3B (LLM-Prof sglang/Model_Config.md)
     "llama3.2-3b": {
         "model_type": "llama",
@@ -139,6 +158,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 SOURCES: dict[str, str] = {
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B config.json",
     "llama3.2-3b": "meta-llama/Llama-3.2-3B config.json",
     "llama3.1-8b": "meta-llama/Llama-3.1-8B config.json",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B config.json",
