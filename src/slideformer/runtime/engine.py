@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,12 @@ from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.grad_pipeline import GradPipeline
 from slideformer.runtime.transfer import Uploader
 from slideformer.runtime.window import Segment, SlotPool, invalidate
+
+
+def _unregister_all(ops: DeviceOps, tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        ops.unregister_host(t)
+    tensors.clear()
 
 
 @dataclass
@@ -202,7 +209,11 @@ class Engine:
                               "AdamW needs", RuntimeWarning, stacklevel=3)
                 break
             u.registered = True
-        return any(u.registered for u in self.units)
+        registered = [u.master for u in self.units if u.registered]
+        # Page-locked memory must be unregistered before it is freed: close() does it, and so does this
+        # finalizer if an engine is dropped without close().
+        self._unregister = weakref.finalize(self, _unregister_all, self.ops, registered)
+        return bool(registered)
 
     def ensure_capacity(self, tokens: int) -> None:
         """Size activation and embedding buffers for micro-batches of ``tokens`` tokens."""
@@ -358,9 +369,9 @@ class Engine:
         for u in self.units:
             if u.flat is not None:
                 u.point_params_to_master()
-            if u.registered:
-                self.ops.unregister_host(u.master)
-                u.registered = False
+            u.registered = False
+        if getattr(self, "_unregister", None) is not None:
+            self._unregister()
         for name in ("layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)
