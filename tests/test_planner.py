@@ -74,7 +74,8 @@ def test_llama8b_numbers_follow_the_layout():
         plan.host["master weights + Adam moments"] == 12 * n
         and "gradient accumulator (fp32)" not in plan.host
     )
-    assert plan.pinned["activation checkpoints"] == 32 * 2048 * 8 * 4096 * 2
+    # The last layer's input never leaves the GPU (memory/activations.py): 31 of 32 layers on the host.
+    assert plan.pinned["activation checkpoints"] == 31 * 2048 * 8 * 4096 * 2
     layer = plan.params["largest_layer"]
     assert plan.gpu["layer slots (2 x weights+grads)"] == 2 * layer * 4
     assert plan.settings["schedule"] == "overlap" and plan.fits

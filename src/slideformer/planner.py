@@ -39,8 +39,9 @@ class Hardware:
     """Sustained BF16 TFLOP/s of the training kernels (about half the GEMM peak)."""
     pcie_gbs: float = 50.0
     """Pinned host<->device GB/s in each direction."""
-    adam_gparams: float = 3.0
-    """CPU AdamW Gparam/s over FP32 master weights and moments (DRAM-bandwidth bound)."""
+    adam_gparams: float = 4.5
+    """CPU AdamW Gparam/s over FP32 master weights and moments (DRAM-bandwidth bound; 4.7-5.1 measured on
+    the H100 box, benchmarks/results/cpu_adam_h100host_202611.json)."""
 
 
 @dataclass
@@ -180,9 +181,15 @@ def make_plan(
     if deferred:
         host["gradient accumulator (fp32)"] = 4 * n
     host["process baseline"] = PROCESS_BASELINE_BYTES
+    chunk_bytes = int(engine.chunk_mib * 2**20)
+    device_cast = on_gpu and engine.upload_cast != "host"
+    park = max(engine.staging_chunks, engine.grad_park_mib * 2**20 // chunk_bytes) if on_gpu else 0
     pinned = {
-        "staging rings (3 x chunks)": 3 * engine.staging_chunks * engine.chunk_mib * 2**20,
-        "activation checkpoints": len(layers) * tokens * hidden * 2,
+        # Host-cast upload rings (layer uploader + vocab uploader) and the gradient parking pool.
+        "upload staging rings": (engine.staging_chunks + 2) * chunk_bytes,
+        "gradient parking pool": park * chunk_bytes,
+        "embedding rows of a micro-batch": tokens * hidden * elt,
+        "activation checkpoints": max(len(layers) - 1, 0) * tokens * hidden * elt,
     }
     vocab_numel = vocab * hidden
     gpu = {
@@ -192,6 +199,7 @@ def make_plan(
         # running hidden state and its gradient.
         "layer activations": tokens * (12 * hidden + 4 * inter) * elt + 3 * tokens * hidden * elt,
         "loss chunk (fp32 logits + grad)": min(engine.loss_chunk_tokens, tokens) * vocab * 4 * 2,
+        "FP32 upload rings (device cast)": (2 * 2 * chunk_bytes // elt * 4) if device_cast else 0,
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }
     if not on_gpu:
@@ -206,9 +214,10 @@ def make_plan(
     compute = (
         8.0 * n * step_tokens / (hardware.gpu_tflops * 1e12)
     )  # fwd 2 + recompute 2 + bwd 4 flop/param/token
+    up_bytes = 4.0 if device_cast else float(elt)  # FP32 masters cast on the device, or host-cast copies
     pcie = (
-        (4.0 * grad_accum + 2.0) * n / (hardware.pcie_gbs * 1e9)
-    )  # bf16 up twice per micro-batch, grads down
+        (2 * up_bytes * grad_accum + elt) * n / (hardware.pcie_gbs * 1e9)
+    )  # weights up twice per micro-batch, gradients down once
     adam = n / (hardware.adam_gparams * 1e9)
     times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
     times["step"] = max(times.values())
@@ -220,6 +229,9 @@ def make_plan(
         notes.append(
             "engine.device is cpu: the 'device' tensors live in host RAM and the times are GPU estimates"
         )
+    if device_cast:
+        notes.append(f"the FP32 master weights ({4 * n / 2**30:.1f} GiB of the host total) are page-locked "
+                     "in place so uploads DMA them directly (engine.upload_cast)")
     settings = {
         "layers": len(layers),
         "tied": tied,
