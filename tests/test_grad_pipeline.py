@@ -1,0 +1,128 @@
+"""The gradient pipeline's ordering rules, driven directly (CPU: downloads land as they are issued).
+
+Rules (runtime/grad_pipeline.py): among fully landed units the lowest index is consumed first; items of
+one unit keep their order; a task runs after everything before it and before everything after it; a
+unit larger than the parking pool streams through it; a failure reaches every later future.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from slideformer.memory.host_state import HostUnit
+from slideformer.optim.adamw import UpdateSpec
+from slideformer.runtime.device import DeviceOps
+from slideformer.runtime.grad_pipeline import GradPipeline
+from slideformer.runtime.transfer import Accumulate, Update
+
+
+class RecordingAdam:
+    """Stands in for FlatAdamW: records (unit, lo) calls; can hold the optimizer thread on a gate."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on: int | None = None
+
+    def update(self, unit, lo, hi, grad, spec) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+        if unit.index == self.fail_on:
+            raise RuntimeError("injected")
+        self.calls.append((unit.index, lo))
+
+
+def _unit(i: int, n: int) -> HostUnit:
+    u = HostUnit(i, f"u{i}", [(f"p{i}", nn.Parameter(torch.zeros(n)))])
+    u.allocate(with_grad_acc=True)
+    return u
+
+
+def _pipeline(adam, pool_chunks: int = 8, chunk: int = 4) -> GradPipeline:
+    return GradPipeline(DeviceOps(torch.device("cpu")), chunk, pool_chunks, torch.float32, adam)
+
+
+def _update(units) -> Update:
+    return Update({u.index: UpdateSpec(step=1, lr=1e-3) for u in units})
+
+
+def _wait_landed(p: GradPipeline, count: int) -> None:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        with p._cv:
+            if sum(1 for it in p._pending if getattr(it, "landed", False)) >= count:
+                return
+        time.sleep(0.01)
+    raise AssertionError("downloads did not land")
+
+
+def test_backlog_is_consumed_lowest_unit_first() -> None:
+    adam = RecordingAdam()
+    p = _pipeline(adam)
+    units = {i: _unit(i, 4) for i in range(1, 6)}
+    adam.gate.clear()  # hold the optimizer on the first unit
+    futs = [p.submit_drain([(units[5], torch.ones(4))], None, None, _update([units[5]]))]
+    assert adam.entered.wait(10)  # the optimizer is inside unit 5 before the others arrive
+    for i in (4, 3, 2, 1):  # backward produces units top-down
+        futs.append(p.submit_drain([(units[i], torch.ones(4))], None, None, _update([units[i]])))
+    _wait_landed(p, 5)
+    adam.gate.set()
+    for f in futs:
+        for fut in f.values():
+            fut.result(10)
+    assert [u for u, _ in adam.calls] == [5, 1, 2, 3, 4]
+    p.close()
+
+
+def test_same_unit_items_keep_their_order_and_tasks_are_barriers() -> None:
+    p = _pipeline(RecordingAdam())
+    a, b = _unit(1, 6), _unit(2, 6)
+    seen = []
+    f1 = p.submit_drain([(b, torch.full((6,), 2.0))], None, None, Accumulate(first=True, last=False, host_norm=True))
+    f2 = p.submit_drain([(a, torch.full((6,), 1.0))], None, None, Accumulate(first=True, last=False, host_norm=True))
+    f3 = p.submit_drain([(b, torch.full((6,), 3.0))], None, None, Accumulate(first=False, last=True, host_norm=True))
+    task = p.submit_task(lambda: seen.append((b.grad_acc.clone(), a.grad_acc.clone())) or "ran")
+    f4 = p.submit_drain([(a, torch.full((6,), 5.0))], None, None, Accumulate(first=False, last=True, host_norm=True))
+    for f in (f1, f2, f3, f4):
+        for fut in f.values():
+            fut.result(10)
+    assert task.result(10) == "ran"
+    acc_b, acc_a = seen[0]
+    assert torch.equal(acc_b, torch.full((6,), 5.0))  # first copied, then added: 2 + 3
+    assert torch.equal(acc_a, torch.full((6,), 1.0))  # the item after the task had not run yet
+    assert torch.equal(a.grad_acc, torch.full((6,), 6.0))
+    assert b.sq_norm == pytest.approx(6 * 25.0)
+    p.close()
+
+
+def test_unit_larger_than_the_pool_streams_through_it() -> None:
+    adam = RecordingAdam()
+    p = _pipeline(adam, pool_chunks=2, chunk=4)
+    big = _unit(3, 4 * 7 + 1)  # 8 chunks through a 2-chunk pool
+    fut = p.submit_drain([(big, torch.ones(big.numel))], None, None, _update([big]))
+    fut[3].result(10)
+    assert [lo for _, lo in adam.calls] == list(range(0, big.numel, 4))
+    p.close()
+
+
+def test_a_failure_reaches_this_and_every_later_future_without_deadlock() -> None:
+    adam = RecordingAdam()
+    adam.fail_on = 2
+    p = _pipeline(adam, pool_chunks=2, chunk=4)
+    units = [_unit(i, 12) for i in (3, 2, 1)]
+    futs = [p.submit_drain([(u, torch.ones(12))], None, None, _update([u])) for u in units]
+    with pytest.raises(RuntimeError, match="injected"):
+        futs[1][2].result(10)
+    with pytest.raises(RuntimeError, match="injected"):
+        futs[2][1].result(10)
+    later = p.submit_task(lambda: "never")
+    with pytest.raises(RuntimeError, match="injected"):
+        later.result(10)
+    p.close()
