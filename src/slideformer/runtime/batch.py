@@ -41,7 +41,7 @@ def _tensor(batch: Mapping[str, Any], key: str, i: int) -> torch.Tensor | None:
 
 
 def prepare_batch(batch: Any, vocab_size: int, max_positions: int | None,
-                  device: torch.device) -> list[MicroBatch]:
+                  device: torch.device, require_labels: bool = True) -> list[MicroBatch]:
     """Validate ``batch`` (a dict, or a list of dicts = micro-batches) and move it where it is used."""
     if isinstance(batch, Mapping):
         items: Sequence[Any] = [batch]
@@ -56,7 +56,7 @@ def prepare_batch(batch: Any, vocab_size: int, max_positions: int | None,
         if not isinstance(mb, Mapping):
             raise BatchError(f"micro-batch {i} is a {type(mb).__name__}, expected a dict of tensors")
         out.append(_prepare_one(mb, i, vocab_size, max_positions, device))
-    if sum(m.tokens for m in out) == 0:
+    if require_labels and sum(m.tokens for m in out) == 0:
         raise BatchError("no label tokens to learn from in this step: every label is -100 after the "
                          "causal shift (check the labels / attention_mask, or use longer sequences)")
     return out

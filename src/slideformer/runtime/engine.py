@@ -256,6 +256,23 @@ class Engine:
                           RuntimeWarning, stacklevel=2)
         return StepResult(loss, sum(m.tokens for m in mbs), len(mbs), norm_fut, skipped)
 
+    def eval_loss(self, batch: Any) -> tuple[float, int]:
+        """(token-weighted mean loss, label tokens) of ``batch`` (a dict or a list of micro-batches) under
+        the current weights: a forward-only pass through the window, no update, no gradient."""
+        self._check_usable()
+        max_pos = getattr(self.hf_config, "max_position_embeddings", None)
+        mbs = prepare_batch(batch, self.vocab, max_pos, self.device, require_labels=False)
+        self.ensure_capacity(max(m.shape.numel() for m in mbs))
+        try:
+            total = torch.stack([self.runner.eval_micro(m) for m in mbs]).sum()
+        except BaseException as exc:
+            self._failed = exc
+            if isinstance(exc, SlideformerError):
+                raise
+            raise WorkerError(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
+        tokens = sum(m.tokens for m in mbs)
+        return (float(total.item()) / tokens if tokens else math.nan), tokens
+
     def _deferred(self, micro_batches: int) -> bool:
         need = micro_batches > 1 or self.optim_cfg.max_grad_norm is not None
         if self.cfg.schedule == "overlap" and need:

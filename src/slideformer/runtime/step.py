@@ -271,6 +271,51 @@ class StepRunner:
         x0_release.set_result([ops.record(cs), ops.record(e.acts.stream)])
         return loss
 
+    def eval_micro(self, mb: MicroBatch) -> torch.Tensor:
+        """Forward-only pass of one micro-batch through the window; returns the summed token loss.
+
+        Same slots, uploads and kernels as training (so the same numbers as ``train_step``'s loss), but
+        no checkpoints, no backward and no gradients; uploads still wait for pending updates.
+        """
+        e, ops = self.e, self.ops
+        p, L = e.parts, e.num_layers
+        cs = ops.compute_stream()
+        u0 = e.units[0]
+        bsz, seq = mb.shape
+        shape = torch.Size((bsz, seq, e.hidden))
+        x0_waits, self.x0_releases = self.x0_releases, []
+        x0_fut = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
+                                   e.x0_stage, u0.update_future, x0_waits)
+        x0_release: Future = Future()
+        self.x0_releases.append(x0_release)
+        up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
+        fwd = [plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer) for j in range(L)]
+        head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
+        with torch.no_grad():
+            ops.wait(cs, self.wait(x0_fut, "embedding gather"))  # compute reads x0 only after its copy landed
+            x0 = e.x0_dev[:shape.numel()].view(shape)
+            emb = x0 if p.embed_scale is None else x0 * torch.tensor(p.embed_scale, dtype=x0.dtype,
+                                                                     device=x0.device)
+            h, calls = e.adapter.layer_calls(p, emb, mb.attention_mask, mb.position_ids)
+            for j in range(L):
+                self._begin(fwd[j], False, f"layer {j} forward (eval)")
+                self._bind(e.units[j + 1], self.layer_views[j])
+                h = run_layer(p.layers[j], h, calls[j])
+                fwd[j].release.set_result(ops.record(cs))  # the slot is free once this compute is done
+            self._begin(head, False, "head (eval)")
+            self._bind_segments(e.head_segments, self.head_views)
+            w_seg = e.head_segments[0] if p.tied else e.head_segments[-1]
+            w_spec = next(s for s in w_seg.unit.params if s.param is p.lm_head.weight)
+            w_lo = w_seg.offset + w_spec.offset
+            slot_w = e.vocab_slot.weight[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
+            xn = p.norm(h)
+            loss, _ = linear_cross_entropy(xn.reshape(-1, e.hidden), slot_w, mb.targets, 1.0, None,
+                                           e.cfg.loss_chunk_tokens, p.logit_softcap)
+        done = ops.record(cs)
+        head.release.set_result(done)
+        x0_release.set_result(done)
+        return loss
+
     @staticmethod
     def _head_grads(uh: HostUnit, norm_params: list[torch.nn.Parameter],
                     grads: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:

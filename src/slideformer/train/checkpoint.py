@@ -10,7 +10,9 @@ Layout of one checkpoint, ``<root>/step-00000042/``::
 
 Invariant: a directory named ``step-*`` is complete. It is written as ``.tmp-step-*`` and renamed only
 after every file (manifest last) is fsynced, so a crash or a full disk during a save leaves the previous
-checkpoints untouched and loadable; partial temp directories are removed on the next save.
+checkpoints untouched and loadable; partial temp directories are removed on the next save. A complete
+checkpoint is never deleted in place: it is first renamed to a ``.tmp-step-*`` name, so a crash halfway
+through a deletion cannot leave a ``step-*`` directory with a manifest but missing files.
 """
 
 from __future__ import annotations
@@ -44,6 +46,21 @@ def step_dir_name(step: int) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory: rename it out of the ``step-*`` namespace first, then remove it."""
+    aside = path.with_name(f"{_TMP_PREFIX}{path.name[len(_PREFIX):]}-{os.getpid()}.old")
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -104,11 +121,12 @@ def save(
             write_extra(tmp)
         for path in sorted(tmp.iterdir()):
             if path.name not in files and path.is_file():
+                _fsync_file(path)  # files from write_extra (config, tokenizer) are durable before the manifest
                 files[path.name] = {"bytes": path.stat().st_size, "sha256": tensor_io.sha256_file(path)}
         _write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. final == last periodic): replace it
-            shutil.rmtree(final)
+        if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save): replace it
+            _discard(final)
         os.rename(tmp, final)
         _fsync_dir(root)
     except OSError as e:
@@ -118,7 +136,10 @@ def save(
         what = "the disk is full" if e.errno == errno.ENOSPC else str(e)
         raise CheckpointError(f"saving checkpoint step {step} to {root} failed: {what}; {kept}") from e
     for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _discard(old)
+        except OSError:
+            pass  # an old checkpoint that cannot be removed is harmless; the new one is complete
     return final
 
 

@@ -278,6 +278,12 @@ def train(
             + (f" | resumed from {resume_from.name}" if resume_from else "")
         )
         result = TrainResult(out, step)
+        # A step whose checkpoint is already on disk is not saved again (e.g. a run resumed at its end, or
+        # Ctrl-C right after a periodic save): replacing a complete checkpoint is the one save that is
+        # not atomic, so it is avoided.
+        saved: tuple[int, Path] | None = None
+        if resume_from is not None and resume_from.parent.resolve() == ckpt_root.resolve():
+            saved = (step, resume_from)
 
         def save() -> Path:
             st = dict(
@@ -360,6 +366,7 @@ def train(
                     if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < end:
                         if streak == 0:
                             result.checkpoint = save()
+                            saved = (step, result.checkpoint)
                         else:  # the last update may have been computed from a non-finite gradient
                             logger.write(f"skipping the checkpoint of step {step}: its loss was not finite")
                 result.interrupted = interrupted.is_set()
@@ -367,6 +374,8 @@ def train(
                     logger.write(f"interrupted at step {step}: saving a checkpoint, then exiting")
                 if streak:
                     logger.write(f"not saving a checkpoint at step {step}: the last loss was not finite")
+                elif saved is not None and saved[0] == step:
+                    result.checkpoint = saved[1]
                 elif result.interrupted or stop_at is not None or cfg.checkpoint.save_final:
                     result.checkpoint = save()
         finally:
