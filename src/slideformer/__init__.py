@@ -8,6 +8,7 @@ from slideformer.config import EngineConfig, OptimConfig
 from slideformer.errors import (
     BatchError,
     ConfigError,
+    HostMemoryError,
     ModelPathError,
     SlideformerError,
     UnsupportedModelError,
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "Engine",
     "EngineConfig",
+    "HostMemoryError",
     "ModelPathError",
     "OptimConfig",
     "SlideformerError",

@@ -81,6 +81,9 @@ class EngineConfig:
     (half the PCIe bytes). 'auto': 'device' on CUDA when page-locking succeeds, else 'host'."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
+    check_host_memory: bool = True
+    """Refuse to start (before allocating) when the host buffers exceed the available RAM. Turn off on
+    machines whose RAM is granted on demand and reported small at start (some VMs)."""
     watchdog_s: float = 600.0
     """Fail (with a report naming what was awaited and a stack dump of every pipeline thread) when the
     main thread waits this long for an upload, a gradient download or an optimizer update."""

@@ -30,3 +30,7 @@ class ModelPathError(SlideformerError, FileNotFoundError):
 
 class WorkerError(SlideformerError, RuntimeError):
     """A pipeline worker thread failed; the original exception is chained as ``__cause__``."""
+
+
+class HostMemoryError(SlideformerError, MemoryError):
+    """The host RAM a run would allocate exceeds what is available; raised before allocating."""

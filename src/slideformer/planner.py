@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from slideformer.config import EngineConfig
-from slideformer.errors import ConfigError, ModelPathError
+from slideformer.errors import ConfigError, HostMemoryError, ModelPathError
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + allocator slack on the GPU (measured order of magnitude)
@@ -243,6 +243,53 @@ def make_plan(
         "batch_size": batch_size,
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes)
+
+
+HOST_MARGIN_FRACTION = 0.05
+HOST_MARGIN_MIN_BYTES = 256 * 2**20  # headroom for what the plan does not count (Python objects, data)
+
+
+def engine_host_bytes(
+    num_params: int, layer_numels: list[int], vocab_slot_numel: int, engine: EngineConfig, on_cuda: bool, elt: int
+) -> dict[str, int]:
+    """Host bytes an ``Engine`` allocates at construction, by kind (the engine's own layout).
+
+    12 B/param of FP32 master weights and Adam moments (+4 B/param of gradient accumulator when
+    ``engine.schedule`` is 'deferred'; 'auto' decides per step and is counted at 12), the upload staging
+    rings and the gradient pool, and on a CPU 'device' the layer and vocabulary slots. Activation buffers
+    grow with the first batches and are not counted. ``vocab_slot_numel`` is the embedding + head numel
+    when tied, else the larger of the two (one slot serves both).
+    """
+    chunk_bytes = int(engine.chunk_mib * 2**20)
+    pool = (max(engine.staging_chunks, engine.grad_park_mib * 2**20 // chunk_bytes) if on_cuda
+            else 2 * engine.staging_chunks)
+    need = {"master weights + Adam moments (12 B/param)": 12 * num_params}
+    if engine.schedule == "deferred":
+        need["gradient accumulator (4 B/param)"] = 4 * num_params
+    need["upload staging rings"] = (engine.staging_chunks + 2) * chunk_bytes
+    need["gradient pool"] = pool * chunk_bytes
+    if not on_cuda:
+        depth = min(engine.window, len(layer_numels))
+        need["device slots on the cpu (weights + grads)"] = (
+            depth * max(layer_numels, default=0) + vocab_slot_numel) * 2 * elt
+    return need
+
+
+def check_host_memory(need: dict[str, int], available: int, what: str = "the engine") -> None:
+    """Raise HostMemoryError, printing the plan, when ``need`` plus a margin exceeds ``available``."""
+    total = sum(need.values())
+    margin = max(int(HOST_MARGIN_FRACTION * total), HOST_MARGIN_MIN_BYTES)
+    if total + margin <= available:
+        return
+    lines = "\n".join(f"  {k:<48} {v / GIB:10.3f} GiB" for k, v in need.items())
+    raise HostMemoryError(
+        f"{what} needs {total / GIB:.2f} GiB of host RAM (+{margin / GIB:.2f} GiB margin) but only "
+        f"{available / GIB:.2f} GiB is available; nothing was allocated. Plan:\n{lines}\n"
+        "Free host memory (other processes, page cache held by them), use a machine with more RAM, or train "
+        "a smaller model; `slideformer plan` shows the whole plan. Host state is 12 B/param whatever the "
+        "batch size or window. If this machine grants RAM on demand and under-reports it at start, set "
+        "engine.check_host_memory=false."
+    )
 
 
 def _gpu_memory_default() -> int:

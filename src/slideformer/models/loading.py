@@ -6,7 +6,8 @@ safetensors shards (``load_into``) or drawn by the model's own ``_init_weights``
 Module buffers (RoPE frequencies) are materialised on the compute device.
 
 Invariant: no second full copy of the model exists at any time; a missing or malformed directory is
-reported before any large allocation.
+reported before any large allocation; a shard whose tensors are not floating point or hold NaN/inf (a
+corrupted file: HF shards carry no checksum) is an error, never a model that trains on garbage.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class WeightSource:
                         if tuple(t.shape) != tuple(spec.shape):
                             raise ModelPathError(f"{file.name}: {key} has shape {tuple(t.shape)}, the config "
                                                  f"implies {tuple(spec.shape)}; config.json and weights disagree")
+                        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                            what = f"dtype {t.dtype}" if not t.is_floating_point() else "NaN or inf values"
+                            raise ModelPathError(f"{file.name}: {key} holds {what}; the shard is corrupted "
+                                                 "(or was saved from a diverged model)")
                         u.view(u.master, spec).copy_(t)
                         seen.add(key)
             except (OSError, RuntimeError, ValueError, SafetensorError) as exc:

@@ -5,16 +5,24 @@ device") there are no streams: copies complete when they return, events are alre
 waits are no-ops. The threads and hand-offs of the schedule stay the same in both cases, so CPU tests
 exercise the real ordering.
 
-Invariant: code outside this module never calls ``torch.cuda`` stream or event APIs directly.
+Invariant: code outside this module never calls ``torch.cuda`` stream or event APIs directly. A
+pinned allocation the system refuses (memlock limit, WSL's pinned-memory cap) never fails the run: the
+buffer is pageable instead, counted in ``pinned_fallbacks`` / ``pageable_fallback_bytes``, and one
+``RuntimeWarning`` per ``DeviceOps`` states the cause and the measured cost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+# Host-to-device copy speeds measured on the H100 reference box (docs/design.md section 3).
+PINNED_H2D_GBS = 55.0
+PAGEABLE_H2D_GBS = 5.4
 
 
 class DeviceOps:
@@ -28,6 +36,10 @@ class DeviceOps:
         self.pinned_bytes = 0
         self.registered_bytes = 0
         self.device_bytes = 0
+        self.pinned_fallbacks = 0
+        """Pinned allocations that were refused and fell back to pageable memory."""
+        self.pageable_fallback_bytes = 0
+        """Bytes of those fallback buffers."""
         if self.is_cuda and device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
@@ -78,11 +90,38 @@ class DeviceOps:
         return t
 
     def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A host staging buffer: pinned on CUDA when allowed, pageable otherwise."""
-        t = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
-        if self.pin:
-            self.pinned_bytes += t.numel() * t.element_size()
+        """A host staging buffer: pinned on CUDA when allowed, pageable otherwise.
+
+        A refused pinned allocation falls back to pageable memory (see the module invariant).
+        """
+        if not self.pin:
+            return torch.empty(numel, dtype=dtype)
+        try:
+            t = torch.empty(numel, dtype=dtype, pin_memory=True)
+        except RuntimeError as exc:
+            t = torch.empty(numel, dtype=dtype)
+            self._pinned_fallback(t.numel() * t.element_size(), exc)
+            return t
+        self.pinned_bytes += t.numel() * t.element_size()
         return t
+
+    def _pinned_fallback(self, nbytes: int, exc: RuntimeError) -> None:
+        self.pinned_fallbacks += 1
+        self.pageable_fallback_bytes += nbytes
+        if self.pinned_fallbacks > 1:
+            return
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"slideformer: pinned host memory could not be allocated ({nbytes / 2**20:.1f} MiB; {cause}), "
+            "most likely the memlock limit (ulimit -l; raise it or run as a service with LimitMEMLOCK="
+            "infinity) or WSL's cap on pinned memory. Falling back to pageable memory: host-to-device "
+            f"copies from it run at about {PAGEABLE_H2D_GBS:g} GB/s instead of {PINNED_H2D_GBS:g} GB/s "
+            f"pinned (about {PINNED_H2D_GBS / PAGEABLE_H2D_GBS:.0f}x slower, measured on the H100 box), and "
+            "the copying thread blocks until each copy ends. Later fallbacks are counted in the memory "
+            "report, not warned again.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def register_host(self, tensor: torch.Tensor) -> bool:
         """Page-lock an existing host tensor in place (cudaHostRegister), so DMA reads it directly.

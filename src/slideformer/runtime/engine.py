@@ -84,6 +84,7 @@ class Engine:
         self._closed = False
         self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = self._make_units(model)
+        self._check_host_memory()
         try:
             self._init_weights(model, init, weights)
             self._setup_device()
@@ -119,6 +120,22 @@ class Engine:
 
         head = named(p.norm) + ([] if p.tied else named(p.lm_head))
         return build_units(named(p.embed), [named(layer) for layer in p.layers], head)
+
+    def _check_host_memory(self) -> None:
+        """Fail before allocating when the host buffers cannot fit in the available RAM."""
+        if not self.cfg.check_host_memory:
+            return
+        import psutil
+
+        from slideformer.planner import check_host_memory, engine_host_bytes
+
+        u0, uh = self.units[0].numel, self.units[-1].numel
+        vocab_slot = u0 + uh if self.parts.tied else max(u0, uh)
+        elt = torch.tensor([], dtype=self.dtype).element_size()
+        need = engine_host_bytes(self.num_params, [u.numel for u in self.units[1:-1]], vocab_slot, self.cfg,
+                                 self.ops.is_cuda, elt)
+        check_host_memory(need, int(psutil.virtual_memory().available),
+                          f"{self.model_type} with {self.num_params / 1e6:,.1f}M params")
 
     def _init_weights(self, model: nn.Module, init: str, weights: Any) -> None:
         for u in self.units:
@@ -363,6 +380,8 @@ class Engine:
             "activation_host_bytes": acts,
             "host_bytes": state + staging + acts,
             "pinned_bytes": self.ops.pinned_bytes,
+            "pinned_fallbacks": self.ops.pinned_fallbacks,
+            "pageable_fallback_bytes": self.ops.pageable_fallback_bytes,
             "registered_bytes": self.ops.registered_bytes,
             "upload_cast": "device" if any(u.registered for u in self.units) else "host",
             "host_updated_params": n,

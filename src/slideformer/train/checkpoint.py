@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from slideformer.errors import SlideformerError
 from slideformer.train import tensor_io
@@ -34,6 +35,8 @@ MANIFEST = "manifest.json"
 FORMAT = "slideformer-checkpoint/1"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-step-"
+REQUIRED = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
+"""Files every checkpoint's manifest must list (so none of them is read unverified)."""
 
 
 class CheckpointError(SlideformerError, OSError):
@@ -147,10 +150,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of checkpoint ``path``; raises CheckpointError when it is missing or unreadable."""
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
         raise CheckpointError(f"{path} is not a complete checkpoint (no readable {MANIFEST}: {e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}")
+    files = manifest.get("files")
+    entries_ok = isinstance(files, dict) and all(
+        isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+        for i in files.values()
+    )
+    if not entries_ok or not set(REQUIRED) <= set(files):
+        raise CheckpointError(f"{path}: {MANIFEST} is malformed or does not list {', '.join(REQUIRED)}")
     return manifest
 
 
@@ -200,10 +211,15 @@ def load(path: Path, engine_state: dict[str, Any], checksums: bool = True) -> di
     materialised twice; one tensor at a time passes through memory.
     """
     verify(path, checksums)
-    tensor_io.read_into(path / "model.safetensors", engine_state["params"])
-    tensor_io.read_into(path / "optimizer.safetensors", engine_state["exp_avg"], "exp_avg.")
-    tensor_io.read_into(path / "optimizer.safetensors", engine_state["exp_avg_sq"], "exp_avg_sq.")
-    state: dict[str, Any] = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    try:
+        tensor_io.read_into(path / "model.safetensors", engine_state["params"])
+        tensor_io.read_into(path / "optimizer.safetensors", engine_state["exp_avg"], "exp_avg.")
+        tensor_io.read_into(path / "optimizer.safetensors", engine_state["exp_avg_sq"], "exp_avg_sq.")
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:  # JSON/Unicode: ValueError
+        raise CheckpointError(f"{path} cannot be loaded into this model: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: trainer_state.json is not a JSON object")
     return state
 
 

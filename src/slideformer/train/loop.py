@@ -187,6 +187,29 @@ def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     return checkpoint.resolve(Path(cfg.train.resume).expanduser())
 
 
+def restore(path: Path, engine: Any, stream: BatchStream, verify: bool = True) -> tuple[int, int]:
+    """Load checkpoint ``path`` into ``engine``, ``stream`` and the RNGs; return (step, non-finite streak).
+
+    Raises:
+        CheckpointError: the checkpoint is damaged or does not belong to this model and data (anything
+            malformed that got past the manifest, e.g. with ``verify`` off, is reported the same way).
+    """
+    sd = engine.state_dict()
+    state = checkpoint.load(path, sd, verify)
+    try:
+        sd["step"], sd["unit_steps"] = int(state["engine_step"]), state.get("unit_steps")
+        engine.load_state_dict(sd)
+        stream.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        return int(state["step"]), int(state.get("nonfinite_streak", 0))
+    except (KeyError, TypeError, ValueError, SyntaxError, RuntimeError, AttributeError) as e:
+        if isinstance(e, SlideformerError) and not isinstance(e, ConfigError):
+            raise
+        raise checkpoint.CheckpointError(
+            f"{path}: trainer_state.json is damaged or belongs to another run ({type(e).__name__}: {e})"
+        ) from e
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -238,17 +261,15 @@ def train(
         if (model_dir / "generation_config.json").is_file():
             (tmp / "generation_config.json").write_bytes((model_dir / "generation_config.json").read_bytes())
 
+    # Every RNG a run may draw from starts from train.seed (a resume then restores the saved states), so
+    # two fresh runs with the same seed and data are identical, saved trainer state included.
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
     with build_engine(cfg, hf_config) as engine:
         step = 0
         streak = 0
         if resume_from is not None:
-            sd = engine.state_dict()
-            state = checkpoint.load(resume_from, sd, cfg.checkpoint.verify)
-            sd["step"], sd["unit_steps"] = state["engine_step"], state.get("unit_steps")
-            engine.load_state_dict(sd)
-            stream.load_state_dict(state["data"])
-            _set_rng_state(state["rng"])
-            step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
+            step, streak = restore(resume_from, engine, stream, cfg.checkpoint.verify)
         n_params = int(engine.num_params)
         run_info.write(
             out,

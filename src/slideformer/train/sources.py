@@ -40,6 +40,8 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply to read") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
             yield Row(obj, f"{path}:{lineno}")
@@ -68,6 +70,8 @@ def _json_rows(path: Path) -> Iterator[Row]:
             obj, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
         yield Row(obj, f"{path}:{line}")
