@@ -1,11 +1,11 @@
 """Validation loss: a forward-only pass over held-out micro-batches.
 
 Owns the eval-loss definition: the token-weighted mean next-token cross-entropy over every label that
-is not -100, the same quantity the engine's ``train_step`` reports as ``loss``. The engine has no
-forward-only method yet, so this runs the HF model whose parameters are the engine's FP32 master
-weights (``Engine.hf_model()``) on the CPU: exact, and fine for small models, but slow for 7-8B ones
-(keep ``train.eval_batches`` small there). Invariant: evaluation never changes a parameter or RNG state
-that training uses.
+is not -100, the same quantity the engine's ``train_step`` reports as ``loss``. Training runs evaluate
+through ``Engine.eval_loss`` (forward-only, on the device); this function computes the same quantity
+with a plain HF model (e.g. ``Engine.hf_model()`` or an exported checkpoint) and is the reference the
+tests hold the engine to. Invariant: evaluation never changes a parameter or RNG state that training
+uses.
 """
 
 from __future__ import annotations

@@ -44,7 +44,6 @@ from slideformer.train.data import (
     eval_batches,
     split_rows,
 )
-from slideformer.train.evaluate import eval_loss
 from slideformer.train.lr_schedule import LRSchedule
 from slideformer.train.metrics import MetricsLogger, StepMetrics, Throughput, gpu_peak_gib, host_rss_gib
 from slideformer.train.model_loading import (
@@ -322,10 +321,11 @@ def train(
         def evaluate() -> float | None:
             if not data.val:
                 return None
-            model = engine.hf_model()
-            loss, _ = eval_loss(
-                model, eval_batches(data.val, cfg.train.batch_size, cfg.train.eval_batches, pad_id)
-            )
+            # Forward-only through the engine's window: on the GPU, with the training kernels.
+            batches = list(eval_batches(data.val, cfg.train.batch_size, cfg.train.eval_batches, pad_id))
+            if not batches:
+                return None
+            loss, _ = engine.eval_loss(batches)
             return loss
 
         end = min(total, stop_at) if stop_at is not None else total
