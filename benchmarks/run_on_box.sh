@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call that re-validates the engine and refreshes the headline numbers on the H100 box.
+# Usage (device tool, carry [".whl"] for the DeepSpeed stages; each stage writes under $OUT):
+#   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
+#   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
+#   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
+# Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:$PWD:${PYTHONPATH:-}
+for stage in "$@"; do
+  case "$stage" in
+    tests)
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" \
+        | grep -E "rel|bytes|passed|failed|Error" || exit 1
+      grep -q " failed" "$OUT/gpu_tests.log" && exit 1 ;;
+    bench3b)
+      timeout 420 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,zero2,zero3,resident --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 400 \
+        --out "$OUT/llama3.2-3b_cap24g_h100_bench.json" > "$OUT/bench3b.log" 2>&1
+      sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_h100_bench.md ;;
+    bench8b)
+      timeout 300 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
+        --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 290 \
+        --out "$OUT/llama3.1-8b_h100_bench.json" > "$OUT/bench8b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_h100_bench.md ;;
+    profile)
+      timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench8b, profile)"; exit 2 ;;
+  esac
+done
