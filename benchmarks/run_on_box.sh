@@ -25,6 +25,12 @@ for stage in "$@"; do
         --systems slideformer,zero2,zero3,resident --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 400 \
         --out "$OUT/llama3.2-3b_cap24g_h100_bench.json" > "$OUT/bench3b.log" 2>&1
       sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_h100_bench.md ;;
+    bench3b_resident)
+      # The same comparison with 8 of the 28 layers resident on the GPU (their AdamW there): ~11 GiB more.
+      timeout 420 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,zero2 --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 400 \
+        --engine-opt resident_layers=8 --out "$OUT/llama3.2-3b_cap24g_resident8_h100_bench.json" > "$OUT/bench3b_res.log" 2>&1
+      sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_resident8_h100_bench.md ;;
     bench8b)
       timeout 300 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
         --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 290 \
@@ -33,6 +39,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench8b, profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, profile)"; exit 2 ;;
   esac
 done

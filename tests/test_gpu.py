@@ -28,11 +28,12 @@ def _updates(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> torch.Ten
     return torch.cat([(p.detach().float().cpu() - init[n]).reshape(-1) for n, p in model.named_parameters()])
 
 
-@pytest.mark.parametrize("family,window,accumulate,max_norm", [
-    ("llama", 1, 1, None), ("llama", 2, 1, None), ("llama", 3, 1, None),
-    ("llama_tied", 2, 2, 1.0), ("qwen2", 2, 1, None), ("qwen3", 3, 2, 1.0), ("mistral", 1, 1, 0.5),
+@pytest.mark.parametrize("family,window,accumulate,max_norm,resident", [
+    ("llama", 1, 1, None, 0), ("llama", 2, 1, None, 0), ("llama", 3, 1, None, 0),
+    ("llama_tied", 2, 2, 1.0, 0), ("qwen2", 2, 1, None, 0), ("qwen3", 3, 2, 1.0, 0), ("mistral", 1, 1, 0.5, 0),
+    ("llama", 2, 1, None, 2), ("qwen3", 1, 1, None, 4),
 ])
-def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float | None) -> None:
+def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float | None, resident: int) -> None:
     tol = TOLERANCES["gpu_bf16"]
     cfg = tiny_config(family, layers=4, hidden=128, vocab=2048)
     cpu_model = make_model(cfg)
@@ -41,7 +42,7 @@ def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float 
     fp32 = copy.deepcopy(cpu_model).cuda()
     lr, wd = 1e-3, 0.1
     opt_ref, opt_fp32 = adamw_for(ref, lr, wd, fused=True), adamw_for(fp32, lr, wd, fused=True)
-    engine = Engine(cpu_model, EngineConfig(device="cuda", window=window, chunk_mib=1),
+    engine = Engine(cpu_model, EngineConfig(device="cuda", window=window, chunk_mib=1, resident_layers=resident),
                     OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
     gen = torch.Generator().manual_seed(5)
     try:
@@ -55,15 +56,16 @@ def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float 
         trained = engine.hf_model()
         d_engine = rel(_updates(trained, init), _updates(ref, init))
         d_autocast = rel(_updates(ref, init), _updates(fp32, init))
-        print(f"\n{family} w={window} K={accumulate} clip={max_norm}: engine-vs-autocast update rel "
+        print(f"\n{family} w={window} K={accumulate} clip={max_norm} resident={resident}: "
+              f"engine-vs-autocast update rel "
               f"{d_engine:.4f}, autocast-vs-fp32 {d_autocast:.4f}")
         assert d_engine <= max(tol["update_rel_factor"] * d_autocast, tol["update_rel_floor"])
     finally:
         engine.close()
 
 
-@pytest.mark.parametrize("window,accumulate", [(1, 1), (2, 1), (3, 1), (2, 3)])
-def test_race_amplifier(window: int, accumulate: int) -> None:
+@pytest.mark.parametrize("window,accumulate,resident", [(1, 1, 0), (2, 1, 0), (3, 1, 0), (2, 3, 0), (2, 1, 2)])
+def test_race_amplifier(window: int, accumulate: int, resident: int) -> None:
     """Long transfers, tiny compute: every missing wait shows up as a bitwise difference."""
     cfg = tiny_config("llama", layers=5, hidden=1024, vocab=4096)
     cfg.intermediate_size = 8192
@@ -71,7 +73,8 @@ def test_race_amplifier(window: int, accumulate: int) -> None:
     results = []
     for sync in (False, True):
         engine = Engine(copy.deepcopy(base),
-                        EngineConfig(device="cuda", window=window, chunk_mib=2, staging_chunks=2, sync_copies=sync),
+                        EngineConfig(device="cuda", window=window, chunk_mib=2, staging_chunks=2, sync_copies=sync,
+                                     resident_layers=resident),
                         OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0 if accumulate > 1 else None))
         gen = torch.Generator().manual_seed(7)
         losses = []

@@ -15,7 +15,7 @@ import torch
 from tests.reference import FAMILIES, adamw_for, make_model, random_batch, reference_step, rel, tiny_config
 from tests.tolerances import TOLERANCES
 
-from slideformer import Engine, EngineConfig, OptimConfig
+from slideformer import ConfigError, Engine, EngineConfig, OptimConfig
 
 TOL = TOLERANCES["cpu_fp32"]
 STEPS = 5
@@ -23,7 +23,7 @@ STEPS = 5
 
 def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 2, schedule: str = "auto",
          pad_left: bool = False, layers: int = 3, lr_schedule: bool = False, fused: bool = True,
-         chunk_mib: float = 1, staging_chunks: int = 4) -> None:
+         chunk_mib: float = 1, staging_chunks: int = 4, resident_layers: int = 0) -> None:
     cfg = tiny_config(family, layers=layers)
     ref = make_model(cfg)
     model = copy.deepcopy(ref)
@@ -32,7 +32,8 @@ def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 
     # the engine's gradients and schedule; test_window_depths uses torch's default implementation.
     opt = adamw_for(ref, lr, wd, fused=fused)
     engine = Engine(model, EngineConfig(device="cpu", window=window, schedule=schedule, chunk_mib=chunk_mib,
-                                        staging_chunks=staging_chunks, loss_chunk_tokens=16),
+                                        staging_chunks=staging_chunks, loss_chunk_tokens=16,
+                                        resident_layers=resident_layers),
                     OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
     gen = torch.Generator().manual_seed(1)
     try:
@@ -87,6 +88,18 @@ def test_tiny_chunks_and_parking_pool(family: str) -> None:
     stream them while they download, and reorder whole ones, without changing a number."""
     _run(family, accumulate=1, max_norm=None, chunk_mib=1 / 64, staging_chunks=2, window=1)
     _run(family, accumulate=3, max_norm=0.5, chunk_mib=1 / 64, staging_chunks=2, window=2)
+
+
+@pytest.mark.parametrize("family,resident,window", [("llama", 1, 1), ("llama_tied", 2, 2), ("qwen3", 3, 2),
+                                                     ("gemma2", 2, 1), ("llama", 4, 2)])
+def test_resident_layers(family: str, resident: int, window: int) -> None:
+    """Layers kept on the device with their optimizer there train exactly like streamed ones."""
+    _run(family, accumulate=1, max_norm=None, window=window, resident_layers=resident, layers=4)
+
+
+def test_resident_layers_refuse_the_deferred_schedule() -> None:
+    with pytest.raises(ConfigError, match="resident_layers"):
+        _run("llama", accumulate=2, max_norm=None, resident_layers=1)
 
 
 def test_accumulation_without_clipping() -> None:

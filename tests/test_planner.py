@@ -135,3 +135,18 @@ def test_plan_cli(tmp_path, capsys):
     assert "host RAM total" in text and "does NOT fit" in text
     assert main(["plan", "--model", str(tmp_path / "none")]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_resident_layers_move_optimizer_work_to_the_gpu():
+    hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB)
+
+    def plan(resident: int):
+        return make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                         engine=EngineConfig(device="cuda", resident_layers=resident), hardware=hw)
+
+    base, res = plan(0), plan(8)
+    layer = base.params["largest_layer"]
+    assert res.gpu["resident layers (weights + FP32 master + moments)"] == 8 * layer * 14 + layer * 4
+    assert res.step_seconds["cpu adamw"] < base.step_seconds["cpu adamw"]
+    assert res.step_seconds["pcie"] < base.step_seconds["pcie"]
+    assert res.settings["resident_layers"] == 8

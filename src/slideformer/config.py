@@ -56,6 +56,10 @@ class EngineConfig:
     (bfloat16 on a GPU, float32 on the CPU). Master weights and Adam moments are always float32."""
     window: int = 2
     """Number of decoder-layer slots on the device (one computing, the others being filled)."""
+    resident_layers: int = 0
+    """Decoder layers kept on the device for good, with their FP32 master weights and AdamW moments
+    (14 bytes/param of device memory each), spread evenly over the depth: never uploaded, their gradients
+    never cross PCIe, their AdamW runs on the device. Overlap schedule only (no clipping/accumulation)."""
     schedule: Schedule = "auto"
     """'overlap': each layer's AdamW runs during backward, as soon as its gradient lands (no clipping,
     no accumulation). 'deferred': gradients are accumulated on the host, the global norm is clipped, and
@@ -100,6 +104,8 @@ class EngineConfig:
     """Free-form notes carried into run metadata; ignored by the engine."""
 
     def __post_init__(self) -> None:
+        if self.resident_layers < 0:
+            raise ConfigError(f"engine.resident_layers must be >= 0, got {self.resident_layers}")
         if self.window < 1:
             raise ConfigError(f"engine.window must be >= 1, got {self.window}")
         if self.schedule not in ("auto", "overlap", "deferred"):

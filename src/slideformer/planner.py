@@ -202,6 +202,10 @@ def make_plan(
         "FP32 upload rings (device cast)": (2 * 2 * chunk_bytes // elt * 4) if device_cast else 0,
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }
+    n_res = min(engine.resident_layers, len(layers)) * params["largest_layer"]
+    if n_res:
+        # runtime/resident.py: weights + FP32 master + two moments per resident param, one FP32 grad scratch.
+        gpu["resident layers (weights + FP32 master + moments)"] = n_res * (elt + 12) + params["largest_layer"] * 4
     if not on_gpu:
         host.update({f"device (cpu): {k}": v for k, v in gpu.items() if "CUDA" not in k})
         gpu = {}
@@ -215,10 +219,11 @@ def make_plan(
         8.0 * n * step_tokens / (hardware.gpu_tflops * 1e12)
     )  # fwd 2 + recompute 2 + bwd 4 flop/param/token
     up_bytes = 4.0 if device_cast else float(elt)  # FP32 masters cast on the device, or host-cast copies
+    streamed = n - n_res  # resident layers never cross PCIe and are updated on the GPU
     pcie = (
-        (2 * up_bytes * grad_accum + elt) * n / (hardware.pcie_gbs * 1e9)
+        (2 * up_bytes * grad_accum + elt) * streamed / (hardware.pcie_gbs * 1e9)
     )  # weights up twice per micro-batch, gradients down once
-    adam = n / (hardware.adam_gparams * 1e9)
+    adam = streamed / (hardware.adam_gparams * 1e9)
     times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
     times["step"] = max(times.values())
     notes = []
@@ -238,6 +243,7 @@ def make_plan(
         "tokens_per_micro_batch": tokens,
         "grad_accum": grad_accum,
         "window": engine.window,
+        "resident_layers": min(engine.resident_layers, len(layers)),
         "schedule": "deferred" if deferred else "overlap",
         "seq_len": seq_len,
         "batch_size": batch_size,

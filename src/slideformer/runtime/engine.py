@@ -30,6 +30,7 @@ from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime.batch import prepare_batch
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.grad_pipeline import GradPipeline
+from slideformer.runtime.resident import ResidentLayers, pick_resident
 from slideformer.runtime.transfer import Uploader
 from slideformer.runtime.window import Segment, SlotPool, invalidate
 
@@ -182,9 +183,12 @@ class Engine:
         self.hidden = int(p.embed.weight.shape[1])
         self.vocab = int(p.embed.weight.shape[0])
         chunk = max(1, int(self.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=self.dtype).element_size())
-        depth = min(self.cfg.window, self.num_layers)
-        layer_units = self.units[1:-1]
-        self.layer_pool = SlotPool(ops, depth, max(u.numel for u in layer_units), self.dtype)
+        self.resident_idx = pick_resident(self.num_layers, self.cfg.resident_layers)
+        streamed = [u for j, u in enumerate(self.units[1:-1]) if j not in set(self.resident_idx)]
+        self.resident = (ResidentLayers(ops, [self.units[j + 1] for j in self.resident_idx], self.dtype,
+                                        self.optim_cfg) if self.resident_idx else None)
+        depth = min(self.cfg.window, len(streamed))
+        self.layer_pool = SlotPool(ops, depth, max((u.numel for u in streamed), default=0), self.dtype)
         u0, uh = self.units[0], self.units[-1]
         self.head_segments = [Segment(u0, 0), Segment(uh, u0.numel)] if p.tied else [Segment(uh, 0)]
         vocab_numel = max(sum(s.unit.numel for s in self.head_segments), u0.numel)
@@ -292,6 +296,10 @@ class Engine:
 
     def _deferred(self, micro_batches: int) -> bool:
         need = micro_batches > 1 or self.optim_cfg.max_grad_norm is not None
+        if self.resident is not None and (need or self.cfg.schedule == "deferred"):
+            raise ConfigError("engine.resident_layers updates those layers on the device inside backward, which "
+                              "the deferred schedule (clipping, accumulation) does not support yet; set "
+                              "engine.resident_layers=0 or train without clipping and accumulation")
         if self.cfg.schedule == "overlap" and need:
             raise ConfigError("schedule='overlap' updates each layer inside backward, so it cannot clip the "
                               "global norm or accumulate micro-batches; use schedule='auto' or 'deferred'")
@@ -302,6 +310,8 @@ class Engine:
         self._check_usable(allow_failed=False)
         for u in self.units:
             self.runner.wait(u.update_future, f"the optimizer update of {u.name}")
+        if self.resident is not None:
+            self.resident.sync_to_host()
 
     def _check_usable(self, allow_failed: bool = False) -> None:
         if self._closed:
@@ -356,6 +366,8 @@ class Engine:
         for u, s in zip(self.units, steps):
             u.step = int(s)
             u.version += 1
+        if self.resident is not None:
+            self.resident.load_from_host()
         invalidate(self.layer_pool.slots + [self.vocab_slot])
 
     def hf_model(self) -> nn.Module:
@@ -369,6 +381,7 @@ class Engine:
         """Host and device bytes the engine holds, by kind."""
         state = sum(u.host_bytes() for u in self.units)
         n = self.num_params
+        resident_params = sum(self.units[j + 1].numel for j in self.resident_idx)
         staging = sum(t.numel() * t.element_size() for w in (self.layer_up, self.vocab_up) for t in w.ring)
         staging += self.drain.staging_bytes()
         acts = self.acts.host_bytes()
@@ -384,10 +397,11 @@ class Engine:
             "pageable_fallback_bytes": self.ops.pageable_fallback_bytes,
             "registered_bytes": self.ops.registered_bytes,
             "upload_cast": "device" if any(u.registered for u in self.units) else "host",
-            "host_updated_params": n,
-            "streamed_params": n,
+            "host_updated_params": n - resident_params,
+            "streamed_params": n - resident_params,
             "device_bytes": self.ops.device_bytes,
             "window": len(self.layer_pool.slots),
+            "resident_layers": len(self.resident_idx),
             "slot_numel": self.layer_pool.numel,
             "vocab_slot_numel": self.vocab_slot.weight.numel(),
         }
@@ -408,7 +422,7 @@ class Engine:
             u.registered = False
         if getattr(self, "_unregister", None) is not None:
             self._unregister()
-        for name in ("layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
+        for name in ("resident", "layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)
 

@@ -46,11 +46,18 @@ class StepRunner:
         self.layer_segments = [[Segment(u, 0)] for u in engine.units[1:-1]]
         self.x0_releases: list[Future] = []
         # Views of each layer's slot, computed once: layer j always lives in slot j % window.
+        # Streamed layers take the slots round-robin; resident layers (runtime/resident.py) have none.
         slots = engine.layer_pool.slots
-        self.layer_slot = [slots[j % len(slots)] for j in range(engine.num_layers)]
-        self.layer_views = [s.views(self.layer_segments[j])[0] for j, s in enumerate(self.layer_slot)]
-        self.layer_grad_views = [s.views(self.layer_segments[j], grads=True)[0]
-                                 for j, s in enumerate(self.layer_slot)]
+        self.resident = engine.resident
+        resident = set(engine.resident_idx)
+        streamed = [j for j in range(engine.num_layers) if j not in resident]
+        self.layer_slot: dict[int, Slot] = {j: slots[k % len(slots)] for k, j in enumerate(streamed)}
+        self.layer_views: dict[int, list[torch.Tensor]] = {
+            j: s.views(self.layer_segments[j])[0] for j, s in self.layer_slot.items()}
+        self.layer_grad_views = {j: s.views(self.layer_segments[j], grads=True)[0]
+                                 for j, s in self.layer_slot.items()}
+        if self.resident is not None:
+            self.layer_views.update({j: self.resident.views[j + 1] for j in resident})
         head = engine.head_segments
         self.head_views = engine.vocab_slot.views(head)
         self.head_grad_views = engine.vocab_slot.views(head, grads=True)
@@ -179,9 +186,11 @@ class StepRunner:
         x0_release: Future = Future()
         self.x0_releases.append(x0_release)
         up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
-        fwd = [plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer) for j in range(L)]
+        fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
+               for j in range(L) if j in self.layer_slot}
         head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
-        bwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer) for j in reversed(range(L))}
+        bwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
+               for j in reversed(range(L)) if j in self.layer_slot}
         emb_use = plan_use(e.vocab_slot, [Segment(u0, 0)], False, up_vocab)
 
         # Embedding (host gather) and preamble.
@@ -196,12 +205,14 @@ class StepRunner:
         h = h0.detach()
         with torch.no_grad():
             for j in range(L):
-                use = fwd[j]
-                self._begin(use, False, f"layer {j} forward")
+                use = fwd.get(j)
+                if use is not None:
+                    self._begin(use, False, f"layer {j} forward")
                 self._bind(e.units[j + 1], self.layer_views[j])
                 e.acts.save(j, h, cs)
                 h = run_layer(p.layers[j], h, calls[j])
-                use.release.set_result(ops.record(cs))  # the slot is free once this compute is done
+                if use is not None:
+                    use.release.set_result(ops.record(cs))  # the slot is free once this compute is done
 
         # Head: final norm + chunked linear cross-entropy, gradients in the same pass.
         self._begin(head, True, "head")
@@ -237,8 +248,9 @@ class StepRunner:
 
         # Backward through the layers, last to first.
         for j in reversed(range(L)):
-            use = bwd[j]
-            self._begin(use, True, f"layer {j} backward")
+            use = bwd.get(j)
+            if use is not None:
+                self._begin(use, True, f"layer {j} backward")
             unit = e.units[j + 1]
             self._bind(unit, self.layer_views[j])
             e.acts.prefetch(j - 1, shape)
@@ -249,6 +261,10 @@ class StepRunner:
             grads = torch.autograd.grad(out, [x, *params], dh)
             e.acts.release(j, cs)
             dh = grads[0]
+            if use is None:
+                # A resident layer: AdamW on the device, in stream order after its backward.
+                self.resident.update(unit, list(grads[1:]), lr, self.sq_dev)
+                continue
             torch._foreach_copy_(self.layer_grad_views[j], list(grads[1:]))
             self._drain([(unit, use.slot.grad[:unit.numel])], use.release, deferred, first, last, lr, host_norm)
 
@@ -289,7 +305,8 @@ class StepRunner:
         x0_release: Future = Future()
         self.x0_releases.append(x0_release)
         up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
-        fwd = [plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer) for j in range(L)]
+        fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
+               for j in range(L) if j in self.layer_slot}
         head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
         with torch.no_grad():
             ops.wait(cs, self.wait(x0_fut, "embedding gather"))  # compute reads x0 only after its copy landed
@@ -298,10 +315,13 @@ class StepRunner:
                                                                      device=x0.device)
             h, calls = e.adapter.layer_calls(p, emb, mb.attention_mask, mb.position_ids)
             for j in range(L):
-                self._begin(fwd[j], False, f"layer {j} forward (eval)")
+                use = fwd.get(j)
+                if use is not None:
+                    self._begin(use, False, f"layer {j} forward (eval)")
                 self._bind(e.units[j + 1], self.layer_views[j])
                 h = run_layer(p.layers[j], h, calls[j])
-                fwd[j].release.set_result(ops.record(cs))  # the slot is free once this compute is done
+                if use is not None:
+                    use.release.set_result(ops.record(cs))  # the slot is free once this compute is done
             self._begin(head, False, "head (eval)")
             self._bind_segments(e.head_segments, self.head_views)
             w_seg = e.head_segments[0] if p.tied else e.head_segments[-1]

@@ -1,0 +1,74 @@
+"""Resident layers: decoder layers that never leave the device, with their optimizer on the device.
+
+On a GPU with room to spare, some layers keep compute-dtype weights plus FP32 master weights and AdamW
+moments on the device (14 bytes/param of device memory). They are never uploaded, their gradients never
+cross PCIe, and their AdamW runs on the device right after their backward, in stream order; the host's
+memory bandwidth and the PCIe link are left to the streamed layers. The host keeps its flat buffers for
+these units too (checkpoints and ``hf_model`` read them): ``sync_to_host`` refreshes them, on ``flush``.
+
+Invariant: a resident unit's device state is the truth between ``load_from_host`` and ``sync_to_host``;
+its update uses ``torch._fused_adamw_`` with the same arithmetic as the host kernel, so results do not
+depend on which layers are resident (CPU parity tests hold that).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slideformer.config import OptimConfig
+from slideformer.memory.host_state import HostUnit
+from slideformer.runtime.device import DeviceOps
+
+
+def pick_resident(num_layers: int, count: int) -> list[int]:
+    """``count`` layer indices spread evenly over the depth (so uploads of the others stay hidden)."""
+    count = max(0, min(count, num_layers))
+    return sorted({min(num_layers - 1, int((i + 0.5) * num_layers / count)) for i in range(count)})
+
+
+class ResidentLayers:
+    """Device-side weights, master weights and AdamW state of the resident units."""
+
+    def __init__(self, ops: DeviceOps, units: list[HostUnit], dtype: torch.dtype, optim: OptimConfig) -> None:
+        self.ops = ops
+        self.optim = optim
+        self.units = {u.index: u for u in units}
+        self.flat = {u.index: ops.empty(3 * u.numel, torch.float32) for u in units}
+        self.weight = {u.index: ops.empty(u.numel, dtype) for u in units}
+        self.grad32 = ops.empty(max(u.numel for u in units), torch.float32)
+        self.step_t = {u.index: torch.zeros((), dtype=torch.float32, device=ops.device) for u in units}
+        self.views = {u.index: [self.weight[u.index][s.offset:s.offset + s.numel].view(s.shape) for s in u.params]
+                      for u in units}
+        self.load_from_host()
+
+    def load_from_host(self) -> None:
+        """Copy the host state (master, moments, step) of every resident unit to the device."""
+        for i, u in self.units.items():
+            self.flat[i].copy_(u.flat)
+            self.weight[i].copy_(self.flat[i][:u.numel])
+            self.step_t[i].fill_(float(u.step))
+
+    def sync_to_host(self) -> None:
+        """Copy the device state back into the host buffers (a blocking copy: used by ``flush``)."""
+        for i, u in self.units.items():
+            u.flat.copy_(self.flat[i])
+
+    def update(self, unit: HostUnit, grads: list[torch.Tensor], lr: float, sq_norm: torch.Tensor) -> None:
+        """AdamW for ``unit`` from its fresh gradients, on the compute stream, then refresh its weights."""
+        n = unit.numel
+        g = self.grad32[:n]
+        torch._foreach_copy_([g[s.offset:s.offset + s.numel].view(s.shape) for s in unit.params], grads)
+        sq_norm += torch.linalg.vector_norm(g).square()
+        unit.step += 1
+        self.step_t[unit.index] += 1
+        flat = self.flat[unit.index]
+        b1, b2 = self.optim.betas
+        for lo, hi, decay in unit.decay_segments(0, n):
+            torch._fused_adamw_([flat[lo:hi]], [g[lo:hi]], [flat[n + lo:n + hi]], [flat[2 * n + lo:2 * n + hi]], [],
+                                [self.step_t[unit.index]], lr=lr, beta1=b1, beta2=b2,
+                                weight_decay=self.optim.weight_decay if decay else 0.0, eps=self.optim.eps,
+                                amsgrad=False, maximize=False)
+        self.weight[unit.index].copy_(flat[:n])
+
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.flat.values(), *self.weight.values(), self.grad32])
