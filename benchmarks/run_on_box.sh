@@ -36,9 +36,11 @@ for stage in "$@"; do
         --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 290 \
         --out "$OUT/llama3.1-8b_h100_bench.json" > "$OUT/bench8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_h100_bench.md ;;
+    soak)
+      timeout 400 python3 benchmarks/soak.py --steps 1000 --out "$OUT/soak_h100.json" 2>&1 | tee "$OUT/soak.log" ;;
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile)"; exit 2 ;;
   esac
 done
