@@ -61,6 +61,13 @@ class StepRunner:
         head = engine.head_segments
         self.head_views = engine.vocab_slot.views(head)
         self.head_grad_views = engine.vocab_slot.views(head, grads=True)
+        # The LM head's weight (the embedding's, when tied) and its gradient inside the vocabulary slot.
+        p = engine.parts
+        w_seg = head[0] if p.tied else head[-1]
+        w_spec = next(s for s in w_seg.unit.params if s.param is p.lm_head.weight)
+        w_lo = w_seg.offset + w_spec.offset
+        self.head_w = engine.vocab_slot.weight[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
+        self.head_gw = engine.vocab_slot.grad[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
 
     # -- waiting -----------------------------------------------------------------------------------
     def wait(self, fut: Future | None, what: str) -> Any:
@@ -168,6 +175,50 @@ class StepRunner:
             for u in units:
                 u.update_future = futures[u.index]
 
+    def _plan_forward(self, mb: MicroBatch) -> tuple[Future, Future, dict[int, Use], Use]:
+        """Queue the embedding gather and plan the forward's slot uses and the head (queues uploads)."""
+        e = self.e
+        u0 = e.units[0]
+        x0_waits, self.x0_releases = self.x0_releases, []
+        x0_fut = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
+                                   e.x0_stage, u0.update_future, x0_waits)
+        x0_release: Future = Future()
+        self.x0_releases.append(x0_release)
+        up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
+        fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
+               for j in range(e.num_layers) if j in self.layer_slot}
+        head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
+        return x0_fut, x0_release, fwd, head
+
+    def _embed(self, mb: MicroBatch, x0_fut: Future, grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+        """The gathered embedding rows on the device, and the preamble: (x0, first layer input, layer calls)."""
+        e, p = self.e, self.e.parts
+        shape = torch.Size((*mb.shape, e.hidden))
+        self.ops.wait(self.ops.compute_stream(), self.wait(x0_fut, "embedding gather"))  # x0's copy landed
+        x0 = e.x0_dev[:shape.numel()].view(shape).detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            emb = x0 if p.embed_scale is None else x0 * torch.tensor(p.embed_scale, dtype=x0.dtype,
+                                                                     device=x0.device)
+            h0, calls = e.adapter.layer_calls(p, emb, mb.attention_mask, mb.position_ids)
+        return x0, h0, calls
+
+    def _forward_layers(self, fwd: dict[int, Use], h: torch.Tensor, calls: list[Any], save: bool) -> torch.Tensor:
+        """Every decoder layer's forward (no autograd); with ``save``, each input is checkpointed."""
+        e, ops = self.e, self.ops
+        cs = ops.compute_stream()
+        with torch.no_grad():
+            for j in range(e.num_layers):
+                use = fwd.get(j)
+                if use is not None:
+                    self._begin(use, False, f"layer {j} forward")
+                self._bind(e.units[j + 1], self.layer_views[j])
+                if save:
+                    e.acts.save(j, h, cs)
+                h = run_layer(e.parts.layers[j], h, calls[j])
+                if use is not None:
+                    use.release.set_result(ops.record(cs))  # the slot is free once this compute is done
+        return h
+
     def _micro(self, mb: MicroBatch, scale: float, deferred: bool, first: bool, last: bool,
                lr: float, host_norm: bool) -> torch.Tensor | None:
         """One micro-batch; returns its scaled loss (a device scalar), or None if it was non-finite."""
@@ -179,53 +230,22 @@ class StepRunner:
         hidden = e.hidden
         shape = torch.Size((bsz, seq, hidden))
 
-        # Plan: the embedding gather, then every slot use in program order (this queues the uploads).
-        x0_waits, self.x0_releases = self.x0_releases, []
-        x0_fut = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
-                                   e.x0_stage, u0.update_future, x0_waits)
-        x0_release: Future = Future()
-        self.x0_releases.append(x0_release)
+        # Plan every slot use in program order (this queues the uploads), then run them.
+        x0_fut, x0_release, fwd, head = self._plan_forward(mb)
         up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
-        fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
-               for j in range(L) if j in self.layer_slot}
-        head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
         bwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
                for j in reversed(range(L)) if j in self.layer_slot}
         emb_use = plan_use(e.vocab_slot, [Segment(u0, 0)], False, up_vocab)
-
-        # Embedding (host gather) and preamble.
-        ops.wait(cs, self.wait(x0_fut, "embedding gather"))  # compute reads x0 only after its copy landed
-        x0 = e.x0_dev[:shape.numel()].view(shape).detach().requires_grad_(True)
-        with torch.enable_grad():
-            emb = x0 if p.embed_scale is None else x0 * torch.tensor(p.embed_scale, dtype=x0.dtype,
-                                                                     device=x0.device)
-            h0, calls = e.adapter.layer_calls(p, emb, mb.attention_mask, mb.position_ids)
-
-        # Forward.
-        h = h0.detach()
-        with torch.no_grad():
-            for j in range(L):
-                use = fwd.get(j)
-                if use is not None:
-                    self._begin(use, False, f"layer {j} forward")
-                self._bind(e.units[j + 1], self.layer_views[j])
-                e.acts.save(j, h, cs)
-                h = run_layer(p.layers[j], h, calls[j])
-                if use is not None:
-                    use.release.set_result(ops.record(cs))  # the slot is free once this compute is done
+        x0, h0, calls = self._embed(mb, x0_fut, grad=True)
+        h = self._forward_layers(fwd, h0.detach(), calls, save=True)
 
         # Head: final norm + chunked linear cross-entropy, gradients in the same pass.
         self._begin(head, True, "head")
         self._bind_segments(e.head_segments, self.head_views)
-        w_seg = e.head_segments[0] if p.tied else e.head_segments[-1]
-        w_spec = next(s for s in w_seg.unit.params if s.param is p.lm_head.weight)
-        w_lo = w_seg.offset + w_spec.offset
-        slot_w = e.vocab_slot.weight[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
-        slot_gw = e.vocab_slot.grad[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
         h_last = h.detach().requires_grad_(True)
         with torch.enable_grad():
             xn = p.norm(h_last)
-        loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), slot_w, mb.targets, scale, slot_gw,
+        loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, scale, self.head_gw,
                                          e.cfg.loss_chunk_tokens, p.logit_softcap)
         if e.cfg.skip_nonfinite and not math.isfinite(float(loss)):
             # Nothing has been drained yet: hand every planned use back and leave the weights alone.
@@ -294,44 +314,16 @@ class StepRunner:
         no checkpoints, no backward and no gradients; uploads still wait for pending updates.
         """
         e, ops = self.e, self.ops
-        p, L = e.parts, e.num_layers
-        cs = ops.compute_stream()
-        u0 = e.units[0]
-        bsz, seq = mb.shape
-        shape = torch.Size((bsz, seq, e.hidden))
-        x0_waits, self.x0_releases = self.x0_releases, []
-        x0_fut = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
-                                   e.x0_stage, u0.update_future, x0_waits)
-        x0_release: Future = Future()
-        self.x0_releases.append(x0_release)
-        up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
-        fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
-               for j in range(L) if j in self.layer_slot}
-        head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
+        x0_fut, x0_release, fwd, head = self._plan_forward(mb)
+        _, h0, calls = self._embed(mb, x0_fut, grad=False)
+        h = self._forward_layers(fwd, h0, calls, save=False)
         with torch.no_grad():
-            ops.wait(cs, self.wait(x0_fut, "embedding gather"))  # compute reads x0 only after its copy landed
-            x0 = e.x0_dev[:shape.numel()].view(shape)
-            emb = x0 if p.embed_scale is None else x0 * torch.tensor(p.embed_scale, dtype=x0.dtype,
-                                                                     device=x0.device)
-            h, calls = e.adapter.layer_calls(p, emb, mb.attention_mask, mb.position_ids)
-            for j in range(L):
-                use = fwd.get(j)
-                if use is not None:
-                    self._begin(use, False, f"layer {j} forward (eval)")
-                self._bind(e.units[j + 1], self.layer_views[j])
-                h = run_layer(p.layers[j], h, calls[j])
-                if use is not None:
-                    use.release.set_result(ops.record(cs))  # the slot is free once this compute is done
             self._begin(head, False, "head (eval)")
             self._bind_segments(e.head_segments, self.head_views)
-            w_seg = e.head_segments[0] if p.tied else e.head_segments[-1]
-            w_spec = next(s for s in w_seg.unit.params if s.param is p.lm_head.weight)
-            w_lo = w_seg.offset + w_spec.offset
-            slot_w = e.vocab_slot.weight[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
-            xn = p.norm(h)
-            loss, _ = linear_cross_entropy(xn.reshape(-1, e.hidden), slot_w, mb.targets, 1.0, None,
-                                           e.cfg.loss_chunk_tokens, p.logit_softcap)
-        done = ops.record(cs)
+            xn = e.parts.norm(h)
+            loss, _ = linear_cross_entropy(xn.reshape(-1, e.hidden), self.head_w, mb.targets, 1.0, None,
+                                           e.cfg.loss_chunk_tokens, e.parts.logit_softcap)
+        done = ops.record(ops.compute_stream())
         head.release.set_result(done)
         x0_release.set_result(done)
         return loss
