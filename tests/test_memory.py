@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.reference import random_batch, tiny_config
 
@@ -42,3 +43,33 @@ def test_device_buffers_do_not_grow_with_layers() -> None:
         eng.close()
     assert reports[0]["device_bytes"] == reports[1]["device_bytes"]
     assert reports[0]["staging_bytes"] == reports[1]["staging_bytes"]
+
+
+def test_compute_dtype_gradient_buffer_is_exact_for_one_micro_batch() -> None:
+    """BF16 engine on the CPU: the deferred schedule with a BF16 gradient buffer (2 B/param) and no
+    clipping gives bitwise the overlap schedule's result (AdamW reads the same BF16 gradient)."""
+    import copy
+
+    from tests.reference import make_model
+
+    from slideformer import ConfigError
+
+    cfg = tiny_config("llama", layers=3, hidden=64, vocab=1024)
+    model = make_model(cfg)
+    gen = torch.Generator().manual_seed(0)
+    batches = [random_batch(1024, 2, 16, gen) for _ in range(4)]
+    states, reports = [], []
+    for schedule, acc in (("overlap", "fp32"), ("deferred", "compute")):
+        eng = Engine(copy.deepcopy(model), EngineConfig(device="cpu", compute_dtype="bfloat16", schedule=schedule,
+                                                        grad_accumulator=acc), OptimConfig(lr=1e-3, weight_decay=0.1))
+        for b in batches:
+            eng.train_step(b)
+        states.append({k: v.clone() for k, v in eng.state_dict()["params"].items()})
+        reports.append(eng.memory_report())
+        if acc == "compute":
+            with pytest.raises(ConfigError, match="accumulating several"):
+                eng.train_step(batches[:2])
+        eng.close()
+    for name, t in states[0].items():
+        assert torch.equal(states[1][name], t), name
+    assert reports[0]["bytes_per_param"] == 12.0 and reports[1]["bytes_per_param"] == 14.0

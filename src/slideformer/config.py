@@ -65,6 +65,10 @@ class EngineConfig:
     no accumulation). 'deferred': gradients are accumulated on the host, the global norm is clipped, and
     the updates run during the next step's forward. 'auto' picks 'overlap' unless clipping or
     accumulation needs 'deferred'."""
+    grad_accumulator: Literal["fp32", "compute"] = "fp32"
+    """Dtype of the deferred schedule's host gradient buffer. 'fp32' (4 B/param) sums micro-batches exactly
+    as ``torch`` does. 'compute' (2 B/param in BF16) stores the gradient as the GPU produced it: exact
+    for one micro-batch per step (clipping without accumulation), refused with several."""
     chunk_mib: float = 32
     """Size of one staging chunk (MiB) for FP32->BF16 upload and gradient download (fractions allowed,
     down to 1/64, so tests can make units span many chunks)."""
@@ -104,6 +108,8 @@ class EngineConfig:
     """Free-form notes carried into run metadata; ignored by the engine."""
 
     def __post_init__(self) -> None:
+        if self.grad_accumulator not in ("fp32", "compute"):
+            raise ConfigError(f"engine.grad_accumulator must be fp32 or compute, got {self.grad_accumulator!r}")
         if self.resident_layers < 0:
             raise ConfigError(f"engine.resident_layers must be >= 0, got {self.resident_layers}")
         if self.window < 1:

@@ -179,7 +179,10 @@ def make_plan(
 
     host = {"master weights + Adam moments": 12 * n}
     if deferred:
-        host["gradient accumulator (fp32)"] = 4 * n
+        if engine.grad_accumulator == "compute":
+            host[f"gradient buffer ({elt} B/param, one micro-batch)"] = elt * n
+        else:
+            host["gradient accumulator (fp32)"] = 4 * n
     host["process baseline"] = PROCESS_BASELINE_BYTES
     chunk_bytes = int(engine.chunk_mib * 2**20)
     device_cast = on_gpu and engine.upload_cast != "host"
@@ -271,7 +274,8 @@ def engine_host_bytes(
             else 2 * engine.staging_chunks)
     need = {"master weights + Adam moments (12 B/param)": 12 * num_params}
     if engine.schedule == "deferred":
-        need["gradient accumulator (4 B/param)"] = 4 * num_params
+        acc = elt if engine.grad_accumulator == "compute" else 4
+        need[f"gradient accumulator ({acc} B/param)"] = acc * num_params
     need["upload staging rings"] = (engine.staging_chunks + 2) * chunk_bytes
     need["gradient pool"] = pool * chunk_bytes
     if not on_cuda:

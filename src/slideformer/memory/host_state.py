@@ -6,8 +6,8 @@ exp_avg_sq]``; inside each third, parameters that get weight decay come first, s
 call sees at most two contiguous segments. The HF ``nn.Parameter`` objects are re-pointed at views of
 the master third, so the HF model *is* the FP32 master model whenever it is on the host.
 
-Invariant: 12 bytes per parameter (plus 4 for the optional FP32 gradient accumulator of the deferred
-schedule); no BF16 copy of a unit ever lives on the host outside the shared staging pools.
+Invariant: 12 bytes per parameter (plus 4, or 2 in BF16, for the gradient buffer of the deferred
+schedule); no BF16 copy of a unit's weights ever lives on the host outside the shared staging pools.
 """
 
 from __future__ import annotations
@@ -71,10 +71,11 @@ class HostUnit:
         if with_grad_acc:
             self.grad_acc = torch.zeros(self.numel, dtype=torch.float32)
 
-    def ensure_grad_acc(self) -> None:
-        """Allocate the gradient accumulator the first time the deferred schedule needs it."""
-        if self.grad_acc is None:
-            self.grad_acc = torch.zeros(self.numel, dtype=torch.float32)
+    def ensure_grad_acc(self, dtype: torch.dtype = torch.float32) -> None:
+        """Allocate the gradient accumulator (of ``dtype``) the first time the deferred schedule needs it."""
+        if self.grad_acc is None or self.grad_acc.dtype != dtype:
+            self.grad_acc = None
+            self.grad_acc = torch.zeros(self.numel, dtype=dtype)
 
     @property
     def master(self) -> torch.Tensor:
@@ -103,7 +104,7 @@ class HostUnit:
             spec.param.data = self.view(self.master, spec)
 
     def host_bytes(self) -> int:
-        extra = self.grad_acc.numel() * 4 if self.grad_acc is not None else 0
+        extra = self.grad_acc.numel() * self.grad_acc.element_size() if self.grad_acc is not None else 0
         return (self.flat.numel() * 4 if self.flat is not None else 0) + extra
 
     def decay_segments(self, lo: int, hi: int) -> list[tuple[int, int, bool]]:

@@ -295,6 +295,9 @@ class Engine:
         return (float(total.item()) / tokens if tokens else math.nan), tokens
 
     def _deferred(self, micro_batches: int) -> bool:
+        if micro_batches > 1 and self.cfg.grad_accumulator == "compute":
+            raise ConfigError("engine.grad_accumulator='compute' keeps one micro-batch's gradient as the device "
+                              "produced it; accumulating several micro-batches needs 'fp32'")
         need = micro_batches > 1 or self.optim_cfg.max_grad_norm is not None
         if self.resident is not None and (need or self.cfg.schedule == "deferred"):
             raise ConfigError("engine.resident_layers updates those layers on the device inside backward, which "

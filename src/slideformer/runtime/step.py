@@ -110,8 +110,9 @@ class StepRunner:
         """Run one step; returns (loss, future of (grad norm, clip coefficient), skipped)."""
         e = self.e
         if deferred:
+            acc_dtype = e.dtype if e.cfg.grad_accumulator == "compute" else torch.float32
             for u in e.units:
-                u.ensure_grad_acc()
+                u.ensure_grad_acc(acc_dtype)
         e.ensure_capacity(max(m.shape.numel() for m in mbs))
         total = sum(m.tokens for m in mbs)
         # With one micro-batch the gradient norm is measured on the device as each unit's gradient is
