@@ -63,7 +63,8 @@ def test_compute_dtype_gradient_buffer_is_exact_for_one_micro_batch() -> None:
         eng = Engine(copy.deepcopy(model), EngineConfig(device="cpu", compute_dtype="bfloat16", schedule=schedule,
                                                         grad_accumulator=acc), OptimConfig(lr=1e-3, weight_decay=0.1))
         for b in batches:
-            eng.train_step(b)
+            res = eng.train_step(b)
+            assert not res.skipped and 6.0 < res.loss < 8.0  # a real BF16 step (ln 1024 = 6.93 at init)
         states.append({k: v.clone() for k, v in eng.state_dict()["params"].items()})
         reports.append(eng.memory_report())
         if acc == "compute":

@@ -121,8 +121,11 @@ class Uploader(_Worker):
         picked = scratch[:n * width].view(n, width)
         torch.index_select(table, 0, ids, out=picked)
         with self.ops.on(self.stream):
-            if stage.data_ptr() == out.data_ptr():
-                return self.ops.record(self.stream)
+            if picked.data_ptr() == out.data_ptr():
+                return self.ops.record(self.stream)  # gathered straight into the compute buffer
+            if not self.ops.is_cuda:
+                out[:n * width].copy_(picked.view(-1))  # the CPU plays the device: cast in place
+                return None
             # The previous gather's copy out of ``stage`` must be done before we refill it.
             self.ops.host_wait(self._gather_event)
             st = stage[:n * width]
