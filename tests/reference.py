@@ -66,14 +66,15 @@ def reference_step(model: nn.Module, opt: torch.optim.Optimizer, mbs: list[dict[
     total = sum(int((shifted(m["labels"]) != -100).sum()) for m in mbs)
     loss_sum = 0.0
     for m in mbs:
-        ctx = torch.autocast("cuda", dtype=autocast) if autocast is not None else nullcontext()
+        device_type = m["input_ids"].device.type
+        ctx = torch.autocast(device_type, dtype=autocast) if autocast is not None else nullcontext()
         with ctx:
             logits = model(input_ids=m["input_ids"], attention_mask=m.get("attention_mask")).logits
         targets = shifted(m["labels"]).reshape(-1)
         loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
                                            ignore_index=-100, reduction="sum") / total
         loss.backward()
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     opt.step()

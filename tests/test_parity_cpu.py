@@ -120,3 +120,32 @@ def test_hf_model_after_training_is_the_master_model() -> None:
         assert torch.equal(p.detach(), state[name])
     assert trained.lm_head.weight is trained.model.embed_tokens.weight
     engine.close()
+
+
+@pytest.mark.parametrize("family,schedule", [("llama_tied", "auto"), ("qwen3", "deferred")])
+def test_bf16_compute_on_cpu_tracks_autocast(family: str, schedule: str) -> None:
+    """BF16 weights and compute (the GPU's arithmetic, run by the CPU): the engine's parameter updates stay
+    within a few times of how far BF16 autocast itself drifts from FP32 training (as the GPU tests bound)."""
+    tol = TOLERANCES["gpu_bf16"]
+    cfg = tiny_config(family, layers=3)
+    base = make_model(cfg)
+    init = {n: p.detach().clone() for n, p in base.named_parameters()}
+    ref, fp32 = copy.deepcopy(base), copy.deepcopy(base)
+    opt_ref, opt_fp32 = adamw_for(ref, 1e-3, 0.1, fused=True), adamw_for(fp32, 1e-3, 0.1, fused=True)
+    engine = Engine(copy.deepcopy(base), EngineConfig(device="cpu", compute_dtype="bfloat16", schedule=schedule,
+                                                      chunk_mib=1 / 16), OptimConfig(lr=1e-3, weight_decay=0.1))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        mb = random_batch(cfg.vocab_size, 3, 16, gen)
+        ref_loss = reference_step(ref, opt_ref, [mb], None, autocast=torch.bfloat16)
+        reference_step(fp32, opt_fp32, [mb], None)
+        res = engine.train_step(mb)
+        assert not res.skipped and abs(res.loss - ref_loss) <= tol["loss_rel"] * abs(ref_loss)
+    trained = engine.hf_model()
+
+    def updates(m: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([(p.detach().float() - init[n]).reshape(-1) for n, p in m.named_parameters()])
+
+    d_engine, d_autocast = rel(updates(trained), updates(ref)), rel(updates(ref), updates(fp32))
+    assert d_engine <= max(tol["update_rel_factor"] * d_autocast, tol["update_rel_floor"]), (d_engine, d_autocast)
+    engine.close()
