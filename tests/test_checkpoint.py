@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.run_config import tiny_run
 
 from slideformer.train import checkpoint, tensor_io
 from slideformer.train.args import RunConfig
-from slideformer.train.config_io import apply_override, from_dict
 from slideformer.train.loop import train
 
 
@@ -112,27 +112,8 @@ def test_corruption_and_incomplete_dirs_are_detected(tmp_path):
 
 
 def _cfg(out: Path, **overrides: object) -> RunConfig:
-    tree: dict = {
-        "data": {"seq_len": 32, "max_rows": 400, "val_fraction": 0.05},
-        "optim": {"lr": 3e-3},
-        "schedule": {"warmup_steps": 2},
-        "train": {
-            "output_dir": str(out),
-            "batch_size": 4,
-            "max_steps": 8,
-            "progress_bar": False,
-            "eval_every": 3,
-            "eval_batches": 2,
-            "tensorboard": False,
-            "plot": False,
-            "log_every": 100,
-        },
-        "checkpoint": {"keep_last": 3},
-        "engine": {"device": "cpu"},
-    }
-    for key, value in overrides.items():
-        apply_override(tree, key.replace("__", "."), str(value))
-    return from_dict(RunConfig, tree)
+    # This file's runs: 8 steps, eval every 3, the last 3 checkpoints kept (overridable per test).
+    return tiny_run(out, **{"train__max_steps": 8, "train__eval_every": 3, "checkpoint__keep_last": 3, **overrides})
 
 
 @pytest.mark.parametrize(

@@ -16,37 +16,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from tests.run_config import tiny_run
 
 from slideformer.errors import ConfigError, ModelPathError
 from slideformer.train import loop
 from slideformer.train.args import RunConfig, builtin_asset_dir
-from slideformer.train.config_io import apply_override, from_dict
+from slideformer.train.config_io import from_dict
 from slideformer.train.sources import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(out: Path, **overrides: object) -> RunConfig:
-    tree: dict = {
-        "data": {"seq_len": 32, "max_rows": 400, "val_fraction": 0.05},
-        "optim": {"lr": 3e-3},
-        "schedule": {"warmup_steps": 2},
-        "train": {
-            "output_dir": str(out),
-            "batch_size": 4,
-            "max_steps": 6,
-            "progress_bar": False,
-            "eval_every": 0,
-            "eval_batches": 2,
-            "tensorboard": False,
-            "plot": False,
-            "log_every": 100,
-        },
-        "engine": {"device": "cpu"},
-    }
-    for key, value in overrides.items():
-        apply_override(tree, key.replace("__", "."), str(value))
-    return from_dict(RunConfig, tree)
+    return tiny_run(out, **overrides)
 
 
 def test_run_learns_and_writes_its_output_dir(tmp_path):
