@@ -220,7 +220,10 @@ class Engine:
             if mode == "device" and not self.ops.is_cuda:
                 raise ConfigError("engine.upload_cast='device' needs a CUDA device")
             return False
+        resident = {j + 1 for j in self.resident_idx}
         for u in self.units:
+            if u.index in resident:
+                continue  # never uploaded: its device copy is the truth between flushes (runtime/resident.py)
             if not self.ops.register_host(u.master):
                 if mode == "device":
                     raise ConfigError("could not page-lock the master weights (cudaHostRegister failed: memlock "

@@ -44,14 +44,21 @@ class ResidentLayers:
     def load_from_host(self) -> None:
         """Copy the host state (master, moments, step) of every resident unit to the device."""
         for i, u in self.units.items():
-            self.flat[i].copy_(u.flat)
+            self._copy_thirds(self.flat[i], u.flat, u.numel)
             self.weight[i].copy_(self.flat[i][:u.numel])
             self.step_t[i].fill_(float(u.step))
 
     def sync_to_host(self) -> None:
         """Copy the device state back into the host buffers (a blocking copy: used by ``flush``)."""
         for i, u in self.units.items():
-            u.flat.copy_(self.flat[i])
+            self._copy_thirds(u.flat, self.flat[i], u.numel)
+
+    @staticmethod
+    def _copy_thirds(dst: torch.Tensor, src: torch.Tensor, n: int) -> None:
+        # One copy per third: a CUDA copy whose host range is only partly page-locked (a master third
+        # registered for uploads, moments not) fails with cudaErrorInvalidValue.
+        for k in range(3):
+            dst[k * n:(k + 1) * n].copy_(src[k * n:(k + 1) * n])
 
     def update(self, unit: HostUnit, grads: list[torch.Tensor], lr: float, sq_norm: torch.Tensor) -> None:
         """AdamW for ``unit`` from its fresh gradients, on the compute stream, then refresh its weights."""
