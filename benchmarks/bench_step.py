@@ -13,6 +13,7 @@ the JSON, markdown, CSV and plots (``report.py``), so an interrupted run still l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib
 import json
@@ -103,7 +104,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.batch_sizes = tuple(int(x) for x in str(args.batch_size).split(",") if x.strip())
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in args.system_list if s not in FACTORIES]
+    # A variant "slideformer+key=value+..." runs the engine with extra engine options (same run, own row).
+    unknown = [s for s in args.system_list if s.split("+")[0] not in FACTORIES]
     if unknown:
         p.error(f"unknown systems {unknown}; choose from {list(FACTORIES)}")
     if args.device is None:
@@ -152,7 +154,10 @@ def child_main(name: str, spec: BenchSpec, cpu_threads: int) -> int:
         return 0
     from systems.base import drive
 
-    module_name, _, func = FACTORIES[name].partition(":")
+    base, *variant = name.split("+")
+    if variant:
+        spec = dataclasses.replace(spec, engine_options={**spec.engine_options, **_engine_options(variant)})
+    module_name, _, func = FACTORIES[base].partition(":")
     try:
         make = getattr(importlib.import_module(module_name), func)
     except Exception as exc:  # e.g. deepspeed or slideformer not installed

@@ -26,10 +26,12 @@ for stage in "$@"; do
         --out "$OUT/llama3.2-3b_cap24g_h100_bench.json" > "$OUT/bench3b.log" 2>&1
       sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_h100_bench.md ;;
     bench3b_resident)
-      # The same comparison with 8 of the 28 layers resident on the GPU (their AdamW there): ~11 GiB more.
-      timeout 420 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,zero2 --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 400 \
-        --engine-opt resident_layers=8 --out "$OUT/llama3.2-3b_cap24g_resident8_h100_bench.json" > "$OUT/bench3b_res.log" 2>&1
+      # 8 of the 28 layers resident on the GPU (their AdamW there, ~11 GiB): the lowest layers (default)
+      # against the same 8 spread over the depth and against 9, with ZeRO-2/3 in the same run.
+      timeout 560 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+resident_placement=spread,slideformer+resident_layers=9,zero2,zero3 \
+        --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 540 --engine-opt resident_layers=8 \
+        --out "$OUT/llama3.2-3b_cap24g_resident8_h100_bench.json" > "$OUT/bench3b_res.log" 2>&1
       sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_resident8_h100_bench.md ;;
     bench8b)
       timeout 300 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
@@ -37,10 +39,19 @@ for stage in "$@"; do
         --out "$OUT/llama3.1-8b_h100_bench.json" > "$OUT/bench8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_h100_bench.md ;;
     soak)
-      timeout 400 python3 benchmarks/soak.py --steps 1000 --out "$OUT/soak_h100.json" 2>&1 | tee "$OUT/soak.log" ;;
+      timeout 400 python3 benchmarks/soak.py --steps 1000 --out "$OUT/soak_h100.json" 2>&1 | tail -8 ;;
+    profile_resident)
+      timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --gpu-memory-gib 24 --engine-opt resident_layers=8 --name timeline_llama3.2-3b_b8_resident8 \
+        --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
+    e2e8b)
+      # A Llama-3.1-8B-shaped checkpoint through `slideformer train` (preset YAML) -> export -> transformers.
+      (cd benchmarks && timeout 420 python3 e2e_cli.py --model llama3.1-8b --config ../configs/llama3_1_8b.yaml \
+        --workdir /tmp/e2e --steps 6 --out "$OUT/e2e_cli_llama3.1-8b.json" > "$OUT/e2e8b.log" 2>&1)
+      tail -25 "$OUT/e2e8b.log" ;;
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b)"; exit 2 ;;
   esac
 done

@@ -23,7 +23,8 @@ STEPS = 5
 
 def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 2, schedule: str = "auto",
          pad_left: bool = False, layers: int = 3, lr_schedule: bool = False, fused: bool = True,
-         chunk_mib: float = 1, staging_chunks: int = 4, resident_layers: int = 0) -> None:
+         chunk_mib: float = 1, staging_chunks: int = 4, resident_layers: int = 0,
+         placement: str = "first") -> None:
     cfg = tiny_config(family, layers=layers)
     ref = make_model(cfg)
     model = copy.deepcopy(ref)
@@ -33,7 +34,7 @@ def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 
     opt = adamw_for(ref, lr, wd, fused=fused)
     engine = Engine(model, EngineConfig(device="cpu", window=window, schedule=schedule, chunk_mib=chunk_mib,
                                         staging_chunks=staging_chunks, loss_chunk_tokens=16,
-                                        resident_layers=resident_layers),
+                                        resident_layers=resident_layers, resident_placement=placement),
                     OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
     gen = torch.Generator().manual_seed(1)
     try:
@@ -90,11 +91,13 @@ def test_tiny_chunks_and_parking_pool(family: str) -> None:
     _run(family, accumulate=3, max_norm=0.5, chunk_mib=1 / 64, staging_chunks=2, window=2)
 
 
-@pytest.mark.parametrize("family,resident,window", [("llama", 1, 1), ("llama_tied", 2, 2), ("qwen3", 3, 2),
-                                                     ("gemma2", 2, 1), ("llama", 4, 2)])
-def test_resident_layers(family: str, resident: int, window: int) -> None:
+@pytest.mark.parametrize("family,resident,window,placement", [
+    ("llama", 1, 1, "first"), ("llama_tied", 2, 2, "spread"), ("qwen3", 3, 2, "first"), ("gemma2", 2, 1, "spread"),
+    ("llama", 4, 2, "first"), ("llama", 2, 1, "spread")])
+def test_resident_layers(family: str, resident: int, window: int, placement: str) -> None:
     """Layers kept on the device with their optimizer there train exactly like streamed ones."""
-    _run(family, accumulate=1, max_norm=None, window=window, resident_layers=resident, layers=4)
+    _run(family, accumulate=1, max_norm=None, window=window, resident_layers=resident, layers=4,
+         placement=placement)
 
 
 def test_resident_layers_refuse_the_deferred_schedule() -> None:

@@ -70,7 +70,7 @@ def tokenizer():
 
 
 def _ingest(path: Path, tokenizer) -> int:
-    """What a run does with a dataset file before training (loop._load_data): rows -> sequences."""
+    """What a run does with a dataset file before training (loop.load_data): rows -> sequences."""
     rows = read_rows(path)
     if not rows:
         return 0

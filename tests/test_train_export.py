@@ -81,3 +81,38 @@ def test_export_refuses_non_empty_target_and_cli_works(trained, tmp_path, capsys
     assert (tmp_path / "ok" / "model.safetensors").is_file()
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 1
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_export_at_the_end_of_training_equals_the_checkpoint_export(tmp_path):
+    """``checkpoint.export_dir`` writes the live engine's weights; they equal the final checkpoint's."""
+    from tests.run_config import tiny_run
+
+    from slideformer.train.loop import train
+
+    direct = tmp_path / "direct"
+    res = train(tiny_run(tmp_path / "run", checkpoint__export_dir=direct, checkpoint__export_dtype="float32"))
+    assert res.export == direct and res.checkpoint is not None
+    via_ckpt = export(res.checkpoint, tmp_path / "via_ckpt", dtype="float32")
+    assert not (direct / "optimizer.safetensors").exists() and (direct / "tokenizer.json").exists()
+    probe = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(str(direct))(input_ids=probe).logits
+        b = AutoModelForCausalLM.from_pretrained(str(via_ckpt))(input_ids=probe).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    bf16 = train(tiny_run(tmp_path / "run2", checkpoint__export_dir=tmp_path / "bf16",
+                          checkpoint__save_final="false"))
+    assert bf16.checkpoint is None
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+
+
+def test_export_dir_that_is_not_empty_fails_before_training(tmp_path):
+    from tests.run_config import tiny_run
+
+    from slideformer.errors import ConfigError
+    from slideformer.train.loop import train
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="export_dir"):
+        train(tiny_run(tmp_path / "run", checkpoint__export_dir=tmp_path / "taken"))
+    assert not (tmp_path / "run" / "checkpoints").exists()

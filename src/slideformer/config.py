@@ -58,8 +58,12 @@ class EngineConfig:
     """Number of decoder-layer slots on the device (one computing, the others being filled)."""
     resident_layers: int = 0
     """Decoder layers kept on the device for good, with their FP32 master weights and AdamW moments
-    (14 bytes/param of device memory each), spread evenly over the depth: never uploaded, their gradients
-    never cross PCIe, their AdamW runs on the device. Overlap schedule only (no clipping/accumulation)."""
+    (14 bytes/param of device memory each): never uploaded, their gradients never cross PCIe, their AdamW
+    runs on the device. Overlap schedule only (no clipping/accumulation)."""
+    resident_placement: Literal["first", "spread"] = "first"
+    """Which layers stay resident. 'first': the lowest ones, whose updates would otherwise be the CPU
+    optimizer's tail at the end of backward and whose uploads would start the next forward. 'spread':
+    evenly over the depth, giving the link time to catch up between streamed layers."""
     schedule: Schedule = "auto"
     """'overlap': each layer's AdamW runs during backward, as soon as its gradient lands (no clipping,
     no accumulation). 'deferred': gradients are accumulated on the host, the global norm is clipped, and
@@ -112,6 +116,8 @@ class EngineConfig:
             raise ConfigError(f"engine.grad_accumulator must be fp32 or compute, got {self.grad_accumulator!r}")
         if self.resident_layers < 0:
             raise ConfigError(f"engine.resident_layers must be >= 0, got {self.resident_layers}")
+        if self.resident_placement not in ("first", "spread"):
+            raise ConfigError(f"engine.resident_placement must be first or spread, got {self.resident_placement!r}")
         if self.window < 1:
             raise ConfigError(f"engine.window must be >= 1, got {self.window}")
         if self.schedule not in ("auto", "overlap", "deferred"):

@@ -183,7 +183,7 @@ class Engine:
         self.hidden = int(p.embed.weight.shape[1])
         self.vocab = int(p.embed.weight.shape[0])
         chunk = max(1, int(self.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=self.dtype).element_size())
-        self.resident_idx = pick_resident(self.num_layers, self.cfg.resident_layers)
+        self.resident_idx = pick_resident(self.num_layers, self.cfg.resident_layers, self.cfg.resident_placement)
         streamed = [u for j, u in enumerate(self.units[1:-1]) if j not in set(self.resident_idx)]
         self.resident = (ResidentLayers(ops, [self.units[j + 1] for j in self.resident_idx], self.dtype,
                                         self.optim_cfg) if self.resident_idx else None)

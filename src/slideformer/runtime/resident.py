@@ -20,9 +20,11 @@ from slideformer.memory.host_state import HostUnit
 from slideformer.runtime.device import DeviceOps
 
 
-def pick_resident(num_layers: int, count: int) -> list[int]:
-    """``count`` layer indices spread evenly over the depth (so uploads of the others stay hidden)."""
+def pick_resident(num_layers: int, count: int, placement: str = "first") -> list[int]:
+    """``count`` layer indices: the lowest (``first``) or spread evenly over the depth (``spread``)."""
     count = max(0, min(count, num_layers))
+    if placement == "first":
+        return list(range(count))
     return sorted({min(num_layers - 1, int((i + 0.5) * num_layers / count)) for i in range(count)})
 
 

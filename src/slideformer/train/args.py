@@ -173,6 +173,12 @@ class CheckpointArgs:
     """Check every file's SHA-256 against the manifest when resuming."""
     save_final: bool = True
     """Save a checkpoint when training ends."""
+    export_dir: str = ""
+    """Also write the trained weights here as a Hugging Face model when training ends (an empty or new
+    directory). Weights only, so it fits where a full checkpoint (12 B/param) would not: an 8B model
+    exports in ~16 GB of BF16 shards."""
+    export_dtype: str = "bfloat16"
+    """Dtype of the exported weights: bfloat16, float16, float32, or auto (the one in config.json)."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:

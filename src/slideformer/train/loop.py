@@ -17,6 +17,7 @@ import ast
 import base64
 import dataclasses
 import datetime as dt
+import errno
 import json
 import math
 import random
@@ -44,6 +45,7 @@ from slideformer.train.data import (
     eval_batches,
     split_rows,
 )
+from slideformer.train.export import export_engine
 from slideformer.train.lr_schedule import LRSchedule
 from slideformer.train.metrics import MetricsLogger, StepMetrics, Throughput, gpu_peak_gib, host_rss_gib
 from slideformer.train.model_loading import (
@@ -72,6 +74,7 @@ class TrainResult:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, eval loss) pairs of this invocation."""
     checkpoint: Path | None = None
+    export: Path | None = None
     """The last checkpoint written, if any."""
     interrupted: bool = False
     """True when Ctrl-C (SIGINT) ended the run early."""
@@ -104,7 +107,8 @@ def resolve_output_dir(cfg: RunConfig) -> Path:
     return out
 
 
-def _load_data(cfg: RunConfig, tokenizer: Any) -> _Data:
+def load_data(cfg: RunConfig, tokenizer: Any) -> _Data:
+    """The run's training and validation sequences, exactly as `train` builds them (tools reuse it)."""
     from slideformer.train.args import builtin_asset_dir
 
     train_path = (
@@ -236,7 +240,7 @@ def train(
     check_seq_len(cfg, hf_config)
     cfg.engine.resolve_device()  # a CUDA device without a GPU fails here, before data work
     tokenizer = load_tokenizer(cfg.model.resolved_tokenizer())
-    data = _load_data(cfg, tokenizer)
+    data = load_data(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = BatchStream(
         data.train,
@@ -251,6 +255,10 @@ def train(
     out = resolve_output_dir(cfg)
     ckpt_root = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else out / "checkpoints"
     resume_from = _resume_source(cfg, ckpt_root)
+    export_dir = Path(cfg.checkpoint.export_dir).expanduser() if cfg.checkpoint.export_dir else None
+    if export_dir is not None and export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
+        raise ConfigError(f"checkpoint.export_dir {export_dir} exists and is not empty; point it at a new "
+                          "directory (the export is written there when training ends)")
     (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
 
     def write_extra(tmp: Path) -> None:
@@ -317,6 +325,19 @@ def train(
             sd = engine.state_dict()
             st["unit_steps"] = [int(s) for s in sd.get("unit_steps", [])] or None
             return checkpoint.save(ckpt_root, step, sd, st, write_extra, cfg.checkpoint.keep_last)
+
+        def export_final(target: Path) -> Path:
+            def extra(d: Path) -> None:
+                tokenizer.save_pretrained(str(d))
+                if (model_dir / "generation_config.json").is_file():
+                    (d / "generation_config.json").write_bytes((model_dir / "generation_config.json").read_bytes())
+
+            try:
+                return export_engine(engine.state_dict()["params"], target, hf_config.to_dict(), extra,
+                                     cfg.checkpoint.export_dtype)
+            except OSError as e:
+                what = "the disk is full" if e.errno == errno.ENOSPC else str(e)
+                raise checkpoint.CheckpointError(f"exporting the trained model to {target} failed: {what}") from e
 
         def evaluate() -> float | None:
             if not data.val:
@@ -399,6 +420,9 @@ def train(
                     result.checkpoint = saved[1]
                 elif result.interrupted or stop_at is not None or cfg.checkpoint.save_final:
                     result.checkpoint = save()
+                if export_dir is not None and not streak and not result.interrupted:
+                    result.export = export_final(export_dir)
+                    logger.write(f"exported the trained model to {export_dir}")
         finally:
             logger.close()
         result.seconds = time.perf_counter() - t_start
@@ -412,6 +436,7 @@ def train(
             "eval_losses": result.eval_losses,
             "interrupted": result.interrupted,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "export": str(result.export) if result.export else None,
             "loss_plot": str(plot) if plot else None,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
