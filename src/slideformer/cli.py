@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ examples:
   slideformer train                                  # the built-in tiny model and dataset
   slideformer train configs/llama3_1_8b.yaml --model.path=/models/Llama-3.1-8B --data.train_path=chat.jsonl
   slideformer train --resume runs/my-run             # continue the newest checkpoint of a run
+  torchrun --nproc-per-node 2 -m slideformer train CONFIG   # data-parallel: one engine per GPU
 """
 
 
@@ -187,6 +189,12 @@ def _run_train(ns: argparse.Namespace) -> int:
     from slideformer.train.loop import train
 
     result = train(cfg)
+    from slideformer.dist import group
+
+    rank = int(os.environ.get("RANK", "0"))
+    group.shutdown()  # data-parallel: every rank finished (rank 0's last checkpoint save ends in a barrier)
+    if rank != 0:
+        return 0
     first = f"{result.losses[0]:.4f}" if result.losses else "-"
     last = f"{result.losses[-1]:.4f}" if result.losses else "-"
     ev = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""

@@ -34,3 +34,8 @@ class WorkerError(SlideformerError, RuntimeError):
 
 class HostMemoryError(SlideformerError, MemoryError):
     """The host RAM a run would allocate exceeds what is available; raised before allocating."""
+
+
+class DistError(SlideformerError, RuntimeError):
+    """A collective with the other data-parallel ranks failed: another rank exited, crashed or stalled
+    past the watchdog; its own log has the cause."""

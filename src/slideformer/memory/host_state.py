@@ -8,6 +8,11 @@ the master third, so the HF model *is* the FP32 master model whenever it is on t
 
 Invariant: 12 bytes per parameter (plus 4, or 2 in BF16, for the gradient buffer of the deferred
 schedule); no BF16 copy of a unit's weights ever lives on the host outside the shared staging pools.
+
+Data-parallel runs (``slideformer.dist``) *shard* a unit: its flat layout is padded to a multiple of
+the world size and this rank keeps only ``[shard_lo, shard_lo + shard_len)`` of it, so the thirds and
+the gradient buffer are ``shard_len`` long and every optimizer offset is shard-local. Unsharded,
+``shard_lo = 0`` and ``shard_len = padded = numel``.
 """
 
 from __future__ import annotations
@@ -62,11 +67,25 @@ class HostUnit:
         """True when the master third is page-locked in place (uploads DMA it as FP32; the GPU casts)."""
         self.sq_norm = 0.0
         """Squared L2 norm of this unit's gradient for the step (written by the gradient worker)."""
+        self.shard_lo = 0
+        """First element of the flat (padded) layout this rank owns (0 unless sharded)."""
+        self.shard_len = self.numel
+        """Elements this rank owns: the length of each third and of the gradient buffer."""
+        self.padded = self.numel
+        """The flat length padded to a multiple of the world size (``numel`` unless sharded)."""
+
+    @property
+    def sharded(self) -> bool:
+        """True when this rank holds only a shard of the unit (data-parallel runs)."""
+        return self.shard_len != self.numel or self.padded != self.numel
 
     # -- allocation -----------------------------------------------------------------------------
-    def allocate(self, with_grad_acc: bool) -> None:
-        """Allocate the flat buffer (moments zeroed) and, if asked, the FP32 gradient accumulator."""
-        self.flat = torch.empty(3 * self.numel, dtype=torch.float32)
+    def allocate(self, with_grad_acc: bool, master_only: bool = False) -> None:
+        """Allocate the flat buffer (moments zeroed) and, if asked, the FP32 gradient accumulator.
+
+        ``master_only``: just the full master third, to be initialised and then sharded (``shard``).
+        """
+        self.flat = torch.empty((1 if master_only else 3) * self.numel, dtype=torch.float32)
         self.flat[self.numel:].zero_()
         if with_grad_acc:
             self.grad_acc = torch.zeros(self.numel, dtype=torch.float32)
@@ -75,7 +94,7 @@ class HostUnit:
         """Allocate the gradient accumulator (of ``dtype``) the first time the deferred schedule needs it."""
         if self.grad_acc is None or self.grad_acc.dtype != dtype:
             self.grad_acc = None
-            self.grad_acc = torch.zeros(self.numel, dtype=dtype)
+            self.grad_acc = torch.zeros(self.shard_len, dtype=dtype)
 
     @property
     def master(self) -> torch.Tensor:
@@ -92,14 +111,16 @@ class HostUnit:
     def _third(self, k: int) -> torch.Tensor:
         if self.flat is None:
             raise RuntimeError(f"unit {self.name} is not allocated")
-        return self.flat[k * self.numel:(k + 1) * self.numel]
+        return self.flat[k * self.shard_len:(k + 1) * self.shard_len]
 
     def view(self, flat: torch.Tensor, spec: ParamSpec) -> torch.Tensor:
         """The view of ``spec`` inside a flat tensor laid out like this unit."""
         return flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
 
     def point_params_to_master(self) -> None:
-        """Make the HF parameters alias this unit's FP32 master weights."""
+        """Make the HF parameters alias this unit's FP32 master weights (a shard has no full view: no-op)."""
+        if self.sharded:
+            return
         for spec in self.params:
             spec.param.data = self.view(self.master, spec)
 
@@ -108,13 +129,35 @@ class HostUnit:
         return (self.flat.numel() * 4 if self.flat is not None else 0) + extra
 
     def decay_segments(self, lo: int, hi: int) -> list[tuple[int, int, bool]]:
-        """Split ``[lo, hi)`` at the decay boundary: [(lo, hi, decay), ...]."""
+        """Split ``[lo, hi)`` (shard-local) at the decay boundary: [(lo, hi, decay), ...]."""
         out = []
-        if lo < self.n_decay:
-            out.append((lo, min(hi, self.n_decay), True))
-        if hi > self.n_decay:
-            out.append((max(lo, self.n_decay), hi, False))
+        n_decay = min(max(self.n_decay - self.shard_lo, 0), self.shard_len)
+        if lo < n_decay:
+            out.append((lo, min(hi, n_decay), True))
+        if hi > n_decay:
+            out.append((max(lo, n_decay), hi, False))
         return [s for s in out if s[1] > s[0]]
+
+
+    def shard(self, rank: int, world: int, placeholder: torch.Tensor) -> None:
+        """Keep only this rank's shard of the (initialised) master; moments start at zero.
+
+        The layout is padded to ``world * ceil(numel / world)``; the padding is zero and stays zero (its
+        gradient is zeroed before every reduction, and it gets no weight decay). The HF parameters are
+        re-pointed at ``placeholder`` (expanded, no bytes): only device slot views are ever bound to them.
+        """
+        if self.flat is None:
+            raise RuntimeError(f"unit {self.name} is not allocated")
+        size = -(-self.numel // world)
+        lo = rank * size
+        own = max(0, min(size, self.numel - lo))
+        flat = torch.zeros(3 * size, dtype=torch.float32)
+        flat[:own].copy_(self.flat[lo:lo + own])
+        self.flat = flat
+        self.shard_lo, self.shard_len, self.padded = lo, size, size * world
+        self.grad_acc = None
+        for spec in self.params:
+            spec.param.data = placeholder.expand(spec.shape)
 
 
 def build_units(embed_params: list[tuple[str, nn.Parameter]], layer_params: list[list[tuple[str, nn.Parameter]]],

@@ -6,6 +6,10 @@ the activation store; ``runtime.step.StepRunner`` runs one training step over th
 Invariant: after construction the HF parameters alias host FP32 master weights or device slot views;
 ``flush()`` makes every scheduled update land, after which ``hf_model()`` is the trained FP32 model.
 Any worker failure marks the engine failed: later calls raise instead of training on broken state.
+
+Data-parallel (``dist``, a ``slideformer.dist.DistContext``): every rank runs this engine on its own
+micro-batches; the context shards the units, reduces gradients and gathers weights (see
+``docs/distributed.md``); the schedule is unchanged.
 """
 
 from __future__ import annotations
@@ -67,11 +71,12 @@ class Engine:
     """Full-parameter training of an HF causal LM through a sliding window of device slots."""
 
     def __init__(self, model: nn.Module, engine: EngineConfig | None = None, optim: OptimConfig | None = None,
-                 *, init: str = "copy", weights: Any = None) -> None:
+                 *, init: str = "copy", weights: Any = None, dist: Any = None) -> None:
         """Build an engine around ``model`` (an HF CausalLM on the CPU, FP32, or on the meta device).
 
         ``init``: 'copy' takes the model's own weights; 'load' streams them from ``weights`` (a
-        ``models.loading.WeightSource``); 'random' applies the model's own initialiser.
+        ``models.loading.WeightSource``); 'random' applies the model's own initialiser. ``dist``: a
+        ``slideformer.dist.DistContext`` for data-parallel training (None: single process).
         """
         self.cfg = engine or EngineConfig()
         self.optim_cfg = optim or OptimConfig()
@@ -83,6 +88,7 @@ class Engine:
         self.dtype = self.cfg.resolve_dtype(self.device)
         self._failed: BaseException | None = None
         self._closed = False
+        self.dist = dist
         self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = self._make_units(model)
         self._check_host_memory()
@@ -96,21 +102,21 @@ class Engine:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, engine: EngineConfig | None = None,
-                        optim: OptimConfig | None = None) -> Engine:
+                        optim: OptimConfig | None = None, dist: Any = None) -> Engine:
         """Build from a local HF model directory, streaming safetensors shards into host buffers."""
         from slideformer.models.loading import meta_model, weight_source
 
         source = weight_source(path)
-        return cls(meta_model(source.config), engine, optim, init="load", weights=source)
+        return cls(meta_model(source.config), engine, optim, init="load", weights=source, dist=dist)
 
     @classmethod
     def from_config(cls, config: Any, engine: EngineConfig | None = None, optim: OptimConfig | None = None,
-                    seed: int = 0) -> Engine:
+                    seed: int = 0, dist: Any = None) -> Engine:
         """Build a randomly initialised model straight into host buffers (no FP32 model copy)."""
         from slideformer.models.loading import meta_model
 
         torch.manual_seed(seed)
-        return cls(meta_model(config), engine, optim, init="random")
+        return cls(meta_model(config), engine, optim, init="random", dist=dist)
 
     def _make_units(self, model: nn.Module) -> list[HostUnit]:
         names = {id(p): n for n, p in model.named_parameters()}
@@ -133,14 +139,19 @@ class Engine:
         u0, uh = self.units[0].numel, self.units[-1].numel
         vocab_slot = u0 + uh if self.parts.tied else max(u0, uh)
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        need = engine_host_bytes(self.num_params, [u.numel for u in self.units[1:-1]], vocab_slot, self.cfg,
+        # Data-parallel ranks of one node hold the node's share of the sharded state between them.
+        params = self.num_params if self.dist is None else self.dist.node_params(self.num_params)
+        need = engine_host_bytes(params, [u.numel for u in self.units[1:-1]], vocab_slot, self.cfg,
                                  self.ops.is_cuda, elt)
         check_host_memory(need, int(psutil.virtual_memory().available),
                           f"{self.model_type} with {self.num_params / 1e6:,.1f}M params")
 
     def _init_weights(self, model: nn.Module, init: str, weights: Any) -> None:
         for u in self.units:
-            u.allocate(with_grad_acc=False)
+            if self.dist is None:
+                u.allocate(with_grad_acc=False)
+            else:  # data-parallel: the full FP32 master only (4 B/param) while initialising, sharded below
+                u.allocate(with_grad_acc=False, master_only=True)
         self._materialize_meta(model)
         for u in self.units:
             if init == "copy":
@@ -157,6 +168,8 @@ class Engine:
             random_init(model, self.units)
         elif init != "copy":
             raise ConfigError(f"unknown init {init!r}")
+        if self.dist is not None:
+            self.dist.shard_units(self.units, self.cfg)
 
     def _materialize_meta(self, model: nn.Module) -> None:
         """Replace meta parameters by real ones that alias the host master buffers (ties preserved)."""
@@ -188,10 +201,11 @@ class Engine:
         self.resident = (ResidentLayers(ops, [self.units[j + 1] for j in self.resident_idx], self.dtype,
                                         self.optim_cfg) if self.resident_idx else None)
         depth = min(self.cfg.window, len(streamed))
-        self.layer_pool = SlotPool(ops, depth, max((u.numel for u in streamed), default=0), self.dtype)
+        # Slots hold a unit's padded layout (= numel unless data-parallel sharding pads it).
+        self.layer_pool = SlotPool(ops, depth, max((u.padded for u in streamed), default=0), self.dtype)
         u0, uh = self.units[0], self.units[-1]
-        self.head_segments = [Segment(u0, 0), Segment(uh, u0.numel)] if p.tied else [Segment(uh, 0)]
-        vocab_numel = max(sum(s.unit.numel for s in self.head_segments), u0.numel)
+        self.head_segments = [Segment(u0, 0), Segment(uh, u0.padded)] if p.tied else [Segment(uh, 0)]
+        vocab_numel = max(sum(s.unit.padded for s in self.head_segments), u0.padded)
         self.vocab_slot = SlotPool(ops, 1, vocab_numel, self.dtype).slots[0]
         self.adam = FlatAdamW(self.optim_cfg)
         self.layer_up = Uploader(ops, "sf-upload", chunk, self.cfg.staging_chunks, self.dtype)
@@ -202,7 +216,10 @@ class Engine:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         pool = (max(self.cfg.staging_chunks, self.cfg.grad_park_mib * 2**20 // (chunk * elem)) if ops.is_cuda
                 else 2 * self.cfg.staging_chunks)
-        self.drain = GradPipeline(ops, chunk, pool, self.dtype, self.adam)
+        pipeline = GradPipeline if self.dist is None else self.dist.grad_pipeline
+        self.drain = pipeline(ops, chunk, pool, self.dtype, self.adam)
+        if self.dist is not None:
+            self.dist.attach_uploaders(self.layer_up, self.vocab_up)
         self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
         self.x0_capacity = 0
         if self.cfg.optimizer_threads > 0:
@@ -338,8 +355,14 @@ class Engine:
         return self.units[0].step
 
     def state_dict(self) -> dict[str, Any]:
-        """Master weights and moments keyed by HF parameter name (views of host buffers, no copy)."""
+        """Master weights and moments keyed by HF parameter name (views of host buffers, no copy).
+
+        Data-parallel: the values are ``slideformer.dist.state.ShardedTensor`` handles (collective: every
+        rank must read or load them in the same order).
+        """
         self.flush()
+        if self.dist is not None:
+            return self.dist.state_dict(self)
         out: dict[str, Any] = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": self.step_count,
                                "unit_steps": [u.step for u in self.units]}
         for u in self.units:
@@ -352,6 +375,10 @@ class Engine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load master weights and (if present) moments and step counts; missing params are an error."""
         self.flush()
+        if self.dist is not None:
+            self.dist.load_state_dict(self, state)
+            invalidate(self.layer_pool.slots + [self.vocab_slot])
+            return
         for key in ("params",):
             if key not in state:
                 raise ConfigError(f"state dict has no {key!r} entry")
@@ -379,6 +406,9 @@ class Engine:
     def hf_model(self) -> nn.Module:
         """The HF model whose parameters are the FP32 master weights (all updates applied)."""
         self.flush()
+        if self.dist is not None:
+            raise SlideformerError("a data-parallel engine holds only this rank's shard of the weights: save a "
+                                   "checkpoint (gathered to rank 0) and export it")
         for u in self.units:
             u.point_params_to_master()
         return self.parts.model

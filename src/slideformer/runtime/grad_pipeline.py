@@ -82,7 +82,7 @@ class GradPipeline:
         """Queue the download of ``sources`` (unit, flat gradient view); returns a future per unit that
         completes when the optimizer has consumed that unit's gradient."""
         with self._cv:
-            items = [_Parked(next(self._seq), u, action, -(-u.numel // self.chunk)) for u, _ in sources]
+            items = [_Parked(next(self._seq), u, action, -(-u.shard_len // self.chunk)) for u, _ in sources]
             self._pending.extend(items)
         self.down.submit(self._download, items, [src for _, src in sources], compute_event, release)
         return {it.unit.index: it.future for it in items}
@@ -111,10 +111,11 @@ class GradPipeline:
             self.ops.wait(self.down.stream, compute_event)
             with self.ops.on(self.down.stream), record_function("sf/grad_download"):
                 for it, src in zip(items, sources):
+                    src = self.reduce(it.unit, src)
                     with self._cv:
                         it.started = True
-                    for lo in range(0, it.unit.numel, self.chunk):
-                        hi = min(lo + self.chunk, it.unit.numel)
+                    for lo in range(0, it.unit.shard_len, self.chunk):
+                        hi = min(lo + self.chunk, it.unit.shard_len)
                         k = self._take_chunk()
                         self.ops.copy(self.pool[k][:hi - lo], src[lo:hi])
                         event = self.ops.record(self.down.stream)
@@ -138,7 +139,19 @@ class GradPipeline:
                 self._cv.notify_all()
             raise
 
+    def reduce(self, unit: HostUnit, grad: torch.Tensor) -> torch.Tensor:
+        """The part of ``grad`` (the unit's flat gradient in its slot) this rank's optimizer consumes.
+
+        Single process: all of it. Data-parallel runs (``slideformer.dist``) override this with the
+        cross-rank reduction, issued on the downloader's stream.
+        """
+        return grad
+
     # -- optimizer thread ------------------------------------------------------------------------
+    def global_sq(self, units: list[HostUnit]) -> float:
+        """Squared global gradient norm from the units' ``sq_norm`` (data-parallel runs sum over ranks)."""
+        return sum(u.sq_norm for u in units)
+
     def _eligible(self) -> _Parked | _Task | None:
         """The next item to consume, by the rules in the module docstring (called under the lock)."""
         seen_units: set[int] = set()
@@ -233,8 +246,8 @@ class GradPipeline:
         """Deferred schedule: AdamW on the unit's accumulated gradient, scaled by the clip coefficient."""
         _, coef = spec_fut.result()
         spec = UpdateSpec(step=step, lr=lr, grad_scale=coef)
-        for lo in range(0, unit.numel, self.chunk):
-            hi = min(lo + self.chunk, unit.numel)
+        for lo in range(0, unit.shard_len, self.chunk):
+            hi = min(lo + self.chunk, unit.shard_len)
             self.last_progress = f"update {unit.name}[{lo}:{hi}]"
             with record_function("sf/cpu_adamw"):
                 self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)

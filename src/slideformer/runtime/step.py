@@ -115,9 +115,13 @@ class StepRunner:
                 u.ensure_grad_acc(acc_dtype)
         e.ensure_capacity(max(m.shape.numel() for m in mbs))
         total = sum(m.tokens for m in mbs)
+        if e.dist is not None:
+            # Data-parallel: the loss is the token-weighted mean over every rank's tokens (one big batch).
+            total = int(e.dist.all_sum(total))
         # With one micro-batch the gradient norm is measured on the device as each unit's gradient is
-        # produced; with several, the host measures the accumulated sum.
-        host_norm = len(mbs) > 1
+        # produced; with several, the host measures the accumulated sum. Data-parallel runs measure each
+        # rank's reduced shard on the host and sum over ranks.
+        host_norm = len(mbs) > 1 or e.dist is not None
         self.sq_dev = torch.zeros((), dtype=torch.float32, device=e.device)
         losses = []
         for k, mb in enumerate(mbs):
@@ -140,13 +144,15 @@ class StepRunner:
             for u in e.units:
                 spec = self._schedule_update(u, lr)
                 u.update_future = drain.submit_task(drain.apply_accumulated, u, norm, spec.step, spec.lr)
-        loss = torch.stack(losses).sum()
-        return float(loss.item()), norm, False
+        loss = float(torch.stack(losses).sum().item())
+        if e.dist is not None:
+            loss = e.dist.all_sum(loss)  # every rank's share of the global mean
+        return loss, norm, False
 
     def _clip_coefficient(self, host_norm: bool, sq_host: torch.Tensor, sq_ready: Any) -> tuple[float, float]:
         # Runs on the optimizer thread after every gradient of the step was consumed.
         if host_norm:
-            sq = sum(u.sq_norm for u in self.e.units)
+            sq = self.e.drain.global_sq(self.e.units)
         else:
             self.ops.host_wait(sq_ready)  # the copy of the device-side norm has landed
             sq = float(sq_host[0])
@@ -248,7 +254,7 @@ class StepRunner:
             xn = p.norm(h_last)
         loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, scale, self.head_gw,
                                          e.cfg.loss_chunk_tokens, p.logit_softcap)
-        if e.cfg.skip_nonfinite and not math.isfinite(float(loss)):
+        if e.cfg.skip_nonfinite and self._nonfinite(loss):
             # Nothing has been drained yet: hand every planned use back and leave the weights alone.
             done = ops.record(cs)
             for use in [head, *bwd.values(), emb_use]:
@@ -264,7 +270,7 @@ class StepRunner:
             if g is not None:
                 view.copy_(g)
         uh_seg = e.head_segments[-1]
-        self._drain([(uh, e.vocab_slot.grad[uh_seg.offset:uh_seg.offset + uh.numel])], head.release,
+        self._drain([(uh, e.vocab_slot.grad[uh_seg.offset:uh_seg.offset + uh.padded])], head.release,
                     deferred, first, last, lr, host_norm)
 
         # Backward through the layers, last to first.
@@ -287,7 +293,7 @@ class StepRunner:
                 self.resident.update(unit, list(grads[1:]), lr, self.sq_dev)
                 continue
             torch._foreach_copy_(self.layer_grad_views[j], list(grads[1:]))
-            self._drain([(unit, use.slot.grad[:unit.numel])], use.release, deferred, first, last, lr, host_norm)
+            self._drain([(unit, use.slot.grad[:unit.padded])], use.release, deferred, first, last, lr, host_norm)
 
         # Embedding backward: scatter the rows' gradients into the vocab slot's gradient buffer.
         self._begin(emb_use, True, "embedding backward")
@@ -303,10 +309,15 @@ class StepRunner:
         if pad is not None:
             dx = dx.masked_fill((mb.ids.view(-1) == pad).unsqueeze(1), 0)
         gw.index_add_(0, mb.ids.view(-1), dx)
-        self._drain([(u0, e.vocab_slot.grad[:u0.numel])], emb_use.release, deferred, first, last, lr, host_norm)
+        self._drain([(u0, e.vocab_slot.grad[:u0.padded])], emb_use.release, deferred, first, last, lr, host_norm)
         # The next gather may overwrite x0 once compute and the activation copies are done with it.
         x0_release.set_result([ops.record(cs), ops.record(e.acts.stream)])
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether the step must be skipped: this rank's loss is NaN/inf, or (data-parallel) any rank's is."""
+        bad = not math.isfinite(float(loss))
+        return bad if self.e.dist is None else self.e.dist.any(bad)  # all ranks skip together
 
     def eval_micro(self, mb: MicroBatch) -> torch.Tensor:
         """Forward-only pass of one micro-batch through the window; returns the summed token loss.

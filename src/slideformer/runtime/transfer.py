@@ -72,6 +72,9 @@ class Uploader(_Worker):
 
     _gather_event: Any = None
     device_ring: list[torch.Tensor] = []
+    gather: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    """Data-parallel runs (``slideformer.dist``): ``gather(whole, own)`` all-gathers a sharded unit's
+    compute-dtype weights into the slot, ``own`` being this rank's part of ``whole``, on the current stream."""
 
     def enable_device_cast(self) -> None:
         """Allocate the FP32 device ring used for units with a page-locked master."""
@@ -88,24 +91,28 @@ class Uploader(_Worker):
             self.ops.wait(self.stream, r.result())
         with self.ops.on(self.stream), record_function("sf/upload_host"):
             for seg in segments:
-                src = seg.unit.master
-                dst = slot.weight[seg.offset:seg.offset + seg.unit.numel]
-                if seg.unit.registered and self.device_ring:
-                    for i, lo in enumerate(range(0, seg.unit.numel, self.chunk)):
-                        hi = min(lo + self.chunk, seg.unit.numel)
+                # This rank's part of the unit (all of it unless data-parallel sharding is on).
+                u, src = seg.unit, seg.unit.master
+                dst = slot.weight[seg.offset + u.shard_lo:seg.offset + u.shard_lo + u.shard_len]
+                if u.registered and self.device_ring:
+                    for i, lo in enumerate(range(0, u.shard_len, self.chunk)):
+                        hi = min(lo + self.chunk, u.shard_len)
                         ring = self.device_ring[i % 2][:hi - lo]
                         self.ops.copy(ring, src[lo:hi])  # FP32 DMA straight from the page-locked master
                         dst[lo:hi].copy_(ring)  # cast on the device, in stream order after the copy
-                    continue
-                for lo in range(0, seg.unit.numel, self.chunk):
-                    hi = min(lo + self.chunk, seg.unit.numel)
-                    k, stage = self.take_chunk()
-                    # The copy that last read this staging chunk must be done before we refill it.
-                    self.ops.host_wait(self.ring_events[k])
-                    stage = stage[:hi - lo]
-                    stage.copy_(src[lo:hi])  # FP32 -> compute dtype on the CPU, overlapping the last copy
-                    self.ops.copy(dst[lo:hi], stage)
-                    self.ring_events[k] = self.ops.record(self.stream)
+                else:
+                    for lo in range(0, u.shard_len, self.chunk):
+                        hi = min(lo + self.chunk, u.shard_len)
+                        k, stage = self.take_chunk()
+                        # The copy that last read this staging chunk must be done before we refill it.
+                        self.ops.host_wait(self.ring_events[k])
+                        stage = stage[:hi - lo]
+                        stage.copy_(src[lo:hi])  # FP32 -> compute dtype on the CPU, overlapping the last copy
+                        self.ops.copy(dst[lo:hi], stage)
+                        self.ring_events[k] = self.ops.record(self.stream)
+                if u.sharded and self.gather is not None:
+                    # Collective on this stream, after our shard's copy: every rank's shard -> the whole unit.
+                    self.gather(slot.weight[seg.offset:seg.offset + u.padded], dst)
             return self.ops.record(self.stream)
 
     def gather_rows(self, unit: HostUnit, rows: int, ids: torch.Tensor, out: torch.Tensor,

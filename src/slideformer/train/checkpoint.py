@@ -78,10 +78,15 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _spec(name: str, t: Any) -> tensor_io.TensorSpec:
+    # A data-parallel engine's values are handles that gather the tensor when it is due (dist/state.py).
+    return tensor_io.spec_of(name, t) if isinstance(t, torch.Tensor) else t.spec_for(name)
+
+
 def _engine_specs(state: dict[str, Any]) -> tuple[list[tensor_io.TensorSpec], list[tensor_io.TensorSpec]]:
-    params = [tensor_io.spec_of(n, t) for n, t in state["params"].items()]
-    moments = [tensor_io.spec_of(f"exp_avg.{n}", t) for n, t in state["exp_avg"].items()]
-    moments += [tensor_io.spec_of(f"exp_avg_sq.{n}", t) for n, t in state["exp_avg_sq"].items()]
+    params = [_spec(n, t) for n, t in state["params"].items()]
+    moments = [_spec(f"exp_avg.{n}", t) for n, t in state["exp_avg"].items()]
+    moments += [_spec(f"exp_avg_sq.{n}", t) for n, t in state["exp_avg_sq"].items()]
     return params, moments
 
 

@@ -9,6 +9,13 @@ depends on, so ``resume`` reproduces an uninterrupted run bit for bit.
 Non-finite losses: the engine checks each micro-batch's loss before any update of the step can start
 and skips the whole step (``EngineConfig.skip_nonfinite``); the loop warns, and stops after
 ``train.max_nonfinite`` such steps in a row.
+
+Data-parallel (launched by torchrun, ``WORLD_SIZE > 1``): ``train.batch_size`` is per rank; every rank
+draws the same global batch of ``batch_size x world`` rows per micro-batch and trains on its own slice
+(rows ``[rank * batch_size, (rank + 1) * batch_size)``), so N ranks train exactly like one process with N
+times the batch. Only rank 0 writes files (metrics, run info, checkpoints, with a barrier after each
+save); the stop decision (end, Ctrl-C, divergence) is the same on every rank. The output and checkpoint
+directories must be on a file system every rank sees (resume reads the checkpoint on every rank).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 
 import torch
 
+from slideformer.dist.group import env_topology
 from slideformer.errors import ConfigError, SlideformerError
 from slideformer.train import checkpoint, run_info
 from slideformer.train.args import RunConfig
@@ -45,7 +53,7 @@ from slideformer.train.data import (
     eval_batches,
     split_rows,
 )
-from slideformer.train.export import export_engine
+from slideformer.train.export import export_engine, exported_values
 from slideformer.train.lr_schedule import LRSchedule
 from slideformer.train.metrics import MetricsLogger, StepMetrics, Throughput, gpu_peak_gib, host_rss_gib
 from slideformer.train.model_loading import (
@@ -213,6 +221,11 @@ def restore(path: Path, engine: Any, stream: BatchStream, verify: bool = True) -
         ) from e
 
 
+def _agree(ctx: Any, stop: bool) -> bool:
+    """Whether to stop: with data parallelism, every rank stops when any rank was asked to (Ctrl-C)."""
+    return stop if ctx is None else ctx.any(stop)
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -242,9 +255,16 @@ def train(
     tokenizer = load_tokenizer(cfg.model.resolved_tokenizer())
     data = load_data(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ctx = None
+    if env_topology() is not None:
+        from slideformer.dist import DistContext
+
+        ctx, engine_cfg = DistContext.from_env(cfg.engine)
+        cfg = dataclasses.replace(cfg, engine=engine_cfg)
+    world, main = (1, True) if ctx is None else (ctx.world, ctx.is_main)
     stream = BatchStream(
         data.train,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size * world,
         grad_accum=cfg.train.grad_accum,
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
@@ -252,14 +272,17 @@ def train(
     )
     total = cfg.train.max_steps or cfg.train.epochs * stream.steps_per_epoch
     schedule = LRSchedule(cfg.optim.lr, total, cfg.schedule)
-    out = resolve_output_dir(cfg)
+    out = resolve_output_dir(cfg) if main else Path()
+    if ctx is not None:
+        out = Path(ctx.broadcast_from_main(str(out)))  # a timestamped default name must be rank 0's
     ckpt_root = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else out / "checkpoints"
     resume_from = _resume_source(cfg, ckpt_root)
     export_dir = Path(cfg.checkpoint.export_dir).expanduser() if cfg.checkpoint.export_dir else None
     if export_dir is not None and export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
         raise ConfigError(f"checkpoint.export_dir {export_dir} exists and is not empty; point it at a new "
                           "directory (the export is written there when training ends)")
-    (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    if main:
+        (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
 
     def write_extra(tmp: Path) -> None:
         (tmp / "run_config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
@@ -272,13 +295,14 @@ def train(
     # two fresh runs with the same seed and data are identical, saved trainer state included.
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    with build_engine(cfg, hf_config) as engine:
+    with build_engine(cfg, hf_config) if ctx is None else build_engine(cfg, hf_config, ctx) as engine:
         step = 0
         streak = 0
         if resume_from is not None:
             step, streak = restore(resume_from, engine, stream, cfg.checkpoint.verify)
         n_params = int(engine.num_params)
-        run_info.write(
+        run_info_write = run_info.write if main else (lambda *a: None)
+        run_info_write(
             out,
             engine.device,
             {
@@ -296,13 +320,16 @@ def train(
             total_steps=total,
             start_step=step,
             log_every=cfg.train.log_every,
-            progress_bar=cfg.train.progress_bar,
-            tensorboard=cfg.train.tensorboard,
+            progress_bar=cfg.train.progress_bar and main,
+            tensorboard=cfg.train.tensorboard and main,
+            enabled=main,
         )
         logger.write(
             f"slideformer: {model_dir.name} ({n_params / 1e6:,.2f}M params) on {engine.device} | "
             f"{len(data.train)} train / {len(data.val)} val sequences of <= {cfg.data.seq_len} tokens | "
-            f"{total} steps x {stream.per_step} sequences | output {out}"
+            f"{total} steps x {stream.per_step} sequences"
+            + (f" ({world} ranks x {stream.per_step // world})" if ctx is not None else "")
+            + f" | output {out}"
             + (f" | resumed from {resume_from.name}" if resume_from else "")
         )
         result = TrainResult(out, step)
@@ -324,7 +351,17 @@ def train(
             )
             sd = engine.state_dict()
             st["unit_steps"] = [int(s) for s in sd.get("unit_steps", [])] or None
-            return checkpoint.save(ckpt_root, step, sd, st, write_extra, cfg.checkpoint.keep_last)
+            if ctx is None:
+                return checkpoint.save(ckpt_root, step, sd, st, write_extra, cfg.checkpoint.keep_last)
+            from slideformer.dist import state as dist_state
+
+            path = ckpt_root / checkpoint.step_dir_name(step)
+            if main:
+                path = checkpoint.save(ckpt_root, step, sd, st, write_extra, cfg.checkpoint.keep_last)
+            else:
+                dist_state.drain(sd)  # the same gathers rank 0's save makes, in the same order
+            ctx.barrier()  # the checkpoint is complete before any rank goes on (or exits)
+            return path
 
         def export_final(target: Path) -> Path:
             def extra(d: Path) -> None:
@@ -332,18 +369,26 @@ def train(
                 if (model_dir / "generation_config.json").is_file():
                     (d / "generation_config.json").write_bytes((model_dir / "generation_config.json").read_bytes())
 
-            try:
-                return export_engine(engine.state_dict()["params"], target, hf_config.to_dict(), extra,
-                                     cfg.checkpoint.export_dtype)
-            except OSError as e:
-                what = "the disk is full" if e.errno == errno.ENOSPC else str(e)
-                raise checkpoint.CheckpointError(f"exporting the trained model to {target} failed: {what}") from e
+            params = engine.state_dict()["params"]
+            if not main:
+                for value in exported_values(params, hf_config.to_dict()):
+                    value.value()  # the same gathers rank 0's export makes, in the same order
+            else:
+                try:
+                    export_engine(params, target, hf_config.to_dict(), extra, cfg.checkpoint.export_dtype)
+                except OSError as e:
+                    what = "the disk is full" if e.errno == errno.ENOSPC else str(e)
+                    raise checkpoint.CheckpointError(f"exporting the trained model to {target} failed: {what}") from e
+            if ctx is not None:
+                ctx.barrier()  # the export is complete before any rank exits
+            return target
 
         def evaluate() -> float | None:
             if not data.val:
                 return None
             # Forward-only through the engine's window: on the GPU, with the training kernels.
-            batches = list(eval_batches(data.val, cfg.train.batch_size, cfg.train.eval_batches, pad_id))
+            # Data-parallel: every rank evaluates the same global batches (same loss everywhere, same collectives).
+            batches = list(eval_batches(data.val, cfg.train.batch_size * world, cfg.train.eval_batches, pad_id))
             if not batches:
                 return None
             loss, _ = engine.eval_loss(batches)
@@ -353,8 +398,11 @@ def train(
         timer = Throughput(n_params)
         try:
             with _sigint_to_flag() as interrupted:
-                while step < end and not interrupted.is_set():
+                while step < end and not _agree(ctx, interrupted.is_set()):
                     batches = stream.next_step()
+                    if ctx is not None:
+                        bs = cfg.train.batch_size
+                        batches = [{k: v[ctx.rank * bs:(ctx.rank + 1) * bs] for k, v in b.items()} for b in batches]
                     lr = schedule.lr_at(step)
                     timer.start()
                     res = engine.train_step(batches, lr=lr)
@@ -363,6 +411,8 @@ def train(
                         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                         for b in batches
                     )
+                    if ctx is not None:
+                        tokens = int(ctx.all_sum(tokens))  # throughput counts every rank's tokens
                     dt_s, tps, tflops = timer.stop(tokens)
                     step += 1
                     result.steps = step
@@ -426,6 +476,8 @@ def train(
         finally:
             logger.close()
         result.seconds = time.perf_counter() - t_start
+        if not main:
+            return result
         plot = logger.plot() if cfg.train.plot else None
         summary = {
             "steps": step,

@@ -75,19 +75,25 @@ class MetricsLogger:
         progress_bar: bool = True,
         tensorboard: bool = True,
         stream: TextIO | None = None,
+        enabled: bool = True,
     ) -> None:
+        """``enabled`` False (data-parallel ranks other than 0): record nothing, print nothing."""
+        self.enabled = enabled
         self.out_dir = out_dir
         self.log_every = log_every
         self.stream = stream or sys.stderr
         self.csv_path = out_dir / "metrics.csv"
-        self.rows: list[dict[str, Any]] = self._existing_rows(start_step)
+        self.rows: list[dict[str, Any]] = self._existing_rows(start_step) if enabled else []
+        self._tb: Any = None
+        self._bar: Any = None
+        if not enabled:
+            return
         self._csv_file = open(self.csv_path, "w", newline="", encoding="utf-8")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS)
         self._csv.writeheader()
         for row in self.rows:
             self._csv.writerow(row)
         self._csv_file.flush()
-        self._tb: Any = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -116,6 +122,8 @@ class MetricsLogger:
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
+        if not self.enabled:
+            return
         if self._bar is not None:
             self._bar.write(message, file=self.stream)
         else:
@@ -123,6 +131,8 @@ class MetricsLogger:
 
     def log_step(self, m: StepMetrics) -> None:
         """Record one optimizer step (and its eval loss, if it evaluated)."""
+        if not self.enabled:
+            return
         row = {k: ("" if v is None else v) for k, v in asdict(m).items()}
         self.rows.append(row)
         self._csv.writerow(row)
@@ -150,7 +160,8 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        self._csv_file.close()
+        if self.enabled:
+            self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -68,10 +68,13 @@ def check_seq_len(cfg: RunConfig, hf_config: Any) -> None:
         )
 
 
-def build_engine(cfg: RunConfig, hf_config: Any) -> Any:
-    """An ``Engine`` holding the model: loaded from safetensors, or randomly initialised (seeded)."""
+def build_engine(cfg: RunConfig, hf_config: Any, dist: Any = None) -> Any:
+    """An ``Engine`` holding the model: loaded from safetensors, or randomly initialised (seeded).
+
+    ``dist``: the run's ``slideformer.dist.DistContext`` (data-parallel), or None.
+    """
     from slideformer import Engine
 
     if cfg.model.is_builtin or cfg.model.random_init:
-        return Engine.from_config(hf_config, cfg.engine, cfg.optim, seed=cfg.train.seed)
-    return Engine.from_pretrained(str(cfg.model.resolved_path()), cfg.engine, cfg.optim)
+        return Engine.from_config(hf_config, cfg.engine, cfg.optim, seed=cfg.train.seed, dist=dist)
+    return Engine.from_pretrained(str(cfg.model.resolved_path()), cfg.engine, cfg.optim, dist=dist)

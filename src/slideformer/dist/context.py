@@ -1,0 +1,107 @@
+"""The data-parallel context an ``Engine`` is built with: the only object the engine talks to.
+
+Owns the decisions of a data-parallel run: which units are sharded (all but the embedding), which
+gradient pipeline and weight gather the engine uses, the host scalars the step agrees on (global token
+count, loss, non-finite flag), and how its state is saved and loaded. Invariant: every method that
+runs a collective is called by every rank in the same order (the engine's schedule is deterministic
+and identical on all ranks, given the same number of micro-batches per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from slideformer.config import EngineConfig
+from slideformer.dist import group as grp
+from slideformer.dist import shard, state
+from slideformer.dist.group import Groups, Topology
+from slideformer.errors import ConfigError
+from slideformer.memory.host_state import HostUnit
+from slideformer.optim.adamw import FlatAdamW
+from slideformer.runtime.device import DeviceOps
+
+EMBED_UNIT = 0
+"""The embedding unit stays replicated (its forward gathers rows from the host master)."""
+
+
+class DistContext:
+    """Topology + process groups, and the engine-facing operations of a data-parallel run."""
+
+    def __init__(self, topo: Topology, groups: Groups) -> None:
+        self.topo = topo
+        self.groups = groups
+        self.rank, self.world = topo.rank, topo.world
+        self._max_shard = 0
+
+    @classmethod
+    def from_env(cls, engine: EngineConfig) -> tuple[DistContext, EngineConfig]:
+        """Join torchrun's run; returns the context and the engine config bound to this rank's device."""
+        device = engine.resolve_device()
+        topo, groups = grp.init_from_env(device.type, engine.watchdog_s)
+        if device.type == "cuda":
+            engine = dataclasses.replace(engine, device=f"cuda:{topo.local_rank}")
+        return cls(topo, groups), engine
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- engine construction -------------------------------------------------------------------------
+    def node_params(self, num_params: int) -> int:
+        """Parameters whose 12 B of state this rank's node holds (its ranks' shards)."""
+        return -(-num_params * self.topo.local_world // self.world)
+
+    def shard_units(self, units: list[HostUnit], cfg: EngineConfig) -> None:
+        """Shard the initialised units (called by the engine before the device is set up)."""
+        if cfg.resident_layers:
+            raise ConfigError("engine.resident_layers keeps whole layers and their optimizer on one GPU; it is "
+                              "not supported with data-parallel training yet (set it to 0)")
+        shard.shard_units(units, self.rank, self.world, {EMBED_UNIT})
+        self._max_shard = max(u.shard_len for u in units if u.sharded)
+
+    def grad_pipeline(self, ops: DeviceOps, chunk: int, pool: int, dtype: torch.dtype,
+                      adam: FlatAdamW) -> shard.ShardedGradPipeline:
+        """The engine's gradient pipeline: reduce over ranks, then download this rank's shard."""
+        g = self.groups
+        return shard.ShardedGradPipeline(ops, chunk, pool, dtype, adam, rank=self.rank, world=self.world,
+                                         backend=g.backend, grad_group=g.grads, optim_group=g.optim,
+                                         max_shard=self._max_shard)
+
+    def attach_uploaders(self, layer_up: Any, vocab_up: Any) -> None:
+        """Give each upload thread its own all-gather group."""
+        layer_up.gather = shard.make_gather(self.groups.layer_up, self.world)
+        vocab_up.gather = shard.make_gather(self.groups.vocab_up, self.world)
+
+    # -- per-step agreement (main thread, gloo) -----------------------------------------------------
+    def all_sum(self, value: float) -> float:
+        """Sum over ranks of a host scalar (token counts, loss shares)."""
+        return grp.all_sum(value, self.groups.main)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank's ``flag`` is true (non-finite loss, stop requests)."""
+        return grp.any_true(flag, self.groups.main)
+
+    def barrier(self) -> None:
+        grp.barrier(self.groups.main)
+
+    def broadcast_from_main(self, value: str) -> str:
+        """Rank 0's ``value`` on every rank (e.g. a timestamped output directory)."""
+        return grp.broadcast_str(value, self.groups.main)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self, engine: Any) -> dict[str, Any]:
+        return state.state_dict(engine.units, self.rank, self.world, self.groups.main, engine.step_count)
+
+    def load_state_dict(self, engine: Any, sd: dict[str, Any]) -> None:
+        state.load_state_dict(engine.units, sd)
+
+    def full_params(self, engine: Any, part: str = "params") -> dict[str, torch.Tensor]:
+        """Every parameter's full FP32 ``part`` on every rank (after ``engine.flush()``; small models)."""
+        engine.flush()
+        return state.full_state(engine.units, self.world, self.groups.main, part)
+
+    def shutdown(self) -> None:
+        grp.shutdown()

@@ -1,0 +1,142 @@
+"""Data-parallel training on the CPU (gloo, 2 processes) equals one process training on the whole batch.
+
+Each test launches two ranks as subprocesses with torchrun's environment (``tests/dist_harness.py``).
+Compared against plain HF + ``torch.optim.AdamW`` on the union of both ranks' micro-batches (one big
+batch, token-weighted over all of them): every step's loss and grad norm, and every parameter and
+Adam moment at the end, within the ``cpu_fp32`` tolerances. Also: a checkpoint saved by 2 ranks loads
+into a single-process engine and continues as if uninterrupted, and a rank that dies makes the other
+exit with an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tests.dist_harness import LR, WD, engine_configs, global_batches, launch
+from tests.reference import adamw_for, make_model, reference_step, rel, tiny_config
+from tests.tolerances import TOLERANCES
+
+from slideformer import Engine
+from slideformer.train import checkpoint
+
+TOL = TOLERANCES["cpu_fp32"]
+
+
+def _finish(procs: list, timeout: float = 120.0) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except BaseException:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, err))
+    return out
+
+
+def _reference(family: str, steps: int, accumulate: int,
+               max_norm: float | None) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[float]]:
+    cfg = tiny_config(family)
+    ref = make_model(cfg)
+    opt = adamw_for(ref, LR, WD, fused=True)
+    batches = global_batches(cfg.vocab_size, steps, 2, accumulate)
+    losses = []
+    for step in batches:
+        losses.append(reference_step(ref, opt, [mb for rank in step for mb in rank], max_norm))
+    return ref, opt, losses
+
+
+def _compare_state(got: dict, ref: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    names = dict(ref.named_parameters())
+    assert set(got["params"]) == set(names)
+    for name, p in names.items():
+        assert rel(got["params"][name], p.detach()) <= TOL["param_rel"], name
+        assert rel(got["exp_avg"][name], opt.state[p]["exp_avg"]) <= 1e-4, name
+        assert rel(got["exp_avg_sq"][name], opt.state[p]["exp_avg_sq"]) <= 1e-4, name
+
+
+PARITY = {
+    # update in backward, tied head (sharded head + replicated embedding)
+    "overlap": dict(family="llama_tied", schedule="overlap", accumulate=1, max_norm=None),
+    # 2 micro-batches per rank, global-norm clipping active at every step
+    "deferred": dict(family="qwen3", schedule="deferred", accumulate=2, max_norm=0.5),
+}
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-rank launch runs every data-parallel scenario in turn (process start-up dominates the time)."""
+    d = tmp_path_factory.mktemp("dist")
+    runs = [dict(args, scenario="parity", steps=STEPS, out=str(d / f"{name}.pt")) for name, args in PARITY.items()]
+    runs.append(dict(family="qwen3", schedule="overlap", accumulate=1, steps=2, scenario="checkpoint",
+                     ckpt=str(d / "ckpt"), out=str(d / "checkpoint.pt")))
+    for rc, err in _finish(launch("suite", {"runs": runs})):
+        assert rc == 0, err[-4000:]
+    return d
+
+
+@pytest.mark.parametrize("name", sorted(PARITY))
+def test_two_ranks_equal_one_big_batch(suite: Path, name: str) -> None:
+    args = PARITY[name]
+    got = torch.load(suite / f"{name}.pt")
+    ref, opt, ref_losses = _reference(args["family"], STEPS, args["accumulate"], args["max_norm"])
+    for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
+        assert abs(a - b) <= TOL["loss_rel"] * abs(b), (step, a, b)
+    assert all(n > 0 for n in got["norms"])
+    if args["max_norm"] is not None:
+        assert min(got["norms"]) > args["max_norm"]  # clipping was active, so the global norm mattered
+    _compare_state(got, ref, opt)
+    # Each rank keeps half of every sharded unit's state and all of the (replicated) embedding's.
+    mem, cfg = got["memory"], tiny_config(args["family"])
+    per_param = 16 if args["schedule"] == "deferred" else 12
+    emb = cfg.vocab_size * cfg.hidden_size
+    expect = per_param * (emb + (mem["num_params"] - emb) / 2)
+    assert expect <= mem["host_state_bytes"] <= expect + per_param * 2 * len(ref.state_dict()), mem
+
+
+def test_checkpoint_from_two_ranks_continues_on_one(suite: Path) -> None:
+    family, steps = "qwen3", 2
+    ckpt = suite / "ckpt"
+    cfg = tiny_config(family)
+    ref, opt, _ = _reference(family, 2 * steps, 1, None)  # uninterrupted: 4 steps of both ranks' batches
+    ecfg, ocfg = engine_configs({"schedule": "overlap"})
+    engine = Engine(make_model(cfg, seed=5), ecfg, ocfg)  # other initial weights: the load must replace them
+    try:
+        sd = engine.state_dict()
+        state = checkpoint.load(checkpoint.latest(ckpt), sd)
+        sd["step"], sd["unit_steps"] = int(state["engine_step"]), None
+        engine.load_state_dict(sd)
+        batches = global_batches(cfg.vocab_size, 2 * steps, 2, 1)
+        for step in batches[steps:]:
+            both = [rank[0] for rank in step]
+            engine.train_step({k: torch.cat([b[k] for b in both]) for k in both[0]})
+        final = engine.state_dict()
+        _compare_state({k: final[k] for k in ("params", "exp_avg", "exp_avg_sq")}, ref, opt)
+        assert final["step"] == 2 * steps
+    finally:
+        engine.close()
+
+
+def test_a_failing_rank_ends_the_other_with_an_error(tmp_path: Path) -> None:
+    start = time.monotonic()
+    procs = launch("fail", {"family": "llama", "schedule": "overlap", "steps": 3, "accumulate": 1,
+                            "watchdog_s": 20.0, "out": str(tmp_path / "out.pt")})
+    (rc0, err0), (rc1, err1) = _finish(procs, timeout=90)
+    assert rc1 != 0 and "fails on purpose" in err1
+    assert rc0 != 0, "rank 0 must not finish training alone"
+    assert "DistError" in err0 and "other ranks failed" in err0, err0[-3000:]
+    assert time.monotonic() - start < 60
+
+
+def test_reference_helper_is_deterministic() -> None:
+    # The harness and the test draw the same batches: the comparison above is of like with like.
+    a = global_batches(1024, 2, 2, 2)
+    b = global_batches(1024, 2, 2, 2)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for s, t in zip(a, b) for r, q in zip(s, t)
+               for x, y in zip(r, q))
+    assert not torch.equal(a[0][0][0]["input_ids"], a[0][1][0]["input_ids"])  # ranks see different rows
