@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,15 +127,21 @@ def _launch(args: argparse.Namespace, system: str, gpus: int) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE),
                                                         os.environ.get("PYTHONPATH", "")]))
     print(f"[bench_multi] {system} on {gpus} {'GPU' if args.device == 'cuda' else 'process'}(s) ...", flush=True)
+    # Own process group: on a timeout the workers die with torchrun instead of holding the GPUs.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        out, err = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"system": system, "gpus": gpus, "status": "error", "error": f"timeout after {args.timeout} s"}
-    for line in proc.stdout.splitlines():
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        tail = "\n".join((out + err).splitlines()[-6:])
+        return {"system": system, "gpus": gpus, "status": "error", "error": f"timeout after {args.timeout} s; {tail}"}
+    for line in out.splitlines():
         rec = common.parse_result_line(line)
         if rec is not None:
             return rec
-    text = proc.stderr or proc.stdout
+    text = err or out
     causes = [ln for ln in text.splitlines() if "Error" in ln and "elastic" not in ln]  # the worker's, not torchrun's
     return {"system": system, "gpus": gpus, "status": "error", "error": "\n".join(causes[-4:]) or text[-1500:]}
 

@@ -40,6 +40,15 @@ for stage in "$@"; do
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_h100_bench.md ;;
     soak)
       timeout 400 python3 benchmarks/soak.py --steps 1000 --out "$OUT/soak_h100.json" 2>&1 | tail -8 ;;
+    dist_tests)
+      # 2 GPUs (nvidia-h100-x2): N-rank training == one rank with N times the batch, BF16, NCCL.
+      timeout 150 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_dist_gpu.py 2>&1 \
+        | tee "$OUT/dist_gpu_tests.log" | tail -15 ;;
+    multi)
+      # 2 GPUs: Llama-3.1-8B b16/GPU, slideformer x1 / x2 and DeepSpeed ZeRO-3 x2 (each under its torchrun).
+      (cd benchmarks && timeout 540 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
+        --gpus 2 --timeout 170 --out "$OUT/multi_llama3.1-8b_2xh100" > "$OUT/bench_multi.log" 2>&1)
+      cat "$OUT/multi_llama3.1-8b_2xh100.md" ;;
     profile_resident)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --gpu-memory-gib 24 --engine-opt resident_layers=8 --name timeline_llama3.2-3b_b8_resident8 \
@@ -52,6 +61,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi)"; exit 2 ;;
   esac
 done
