@@ -150,3 +150,28 @@ def test_resident_layers_move_optimizer_work_to_the_gpu():
     assert res.step_seconds["cpu adamw"] < base.step_seconds["cpu adamw"]
     assert res.step_seconds["pcie"] < base.step_seconds["pcie"]
     assert res.settings["resident_layers"] == 8
+
+
+def test_disk_tier_is_planned_from_the_host_budget_and_free_space():
+    def plan(host_gib: float, disk_free: int | None, offload: str = "auto"):
+        hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=int(host_gib * GIB), disk_free_bytes=disk_free)
+        return make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                         engine=EngineConfig(device="cuda", offload=offload, offload_dir="/nvme/sf"), hardware=hw)
+
+    roomy = plan(125, 500 * GIB)
+    n = roomy.params["total"]
+    assert roomy.settings["offload"] == "none" and roomy.offload_bytes == 0 and "disk" not in roomy.step_seconds
+    tight = plan(64, 500 * GIB)
+    assert tight.settings["offload"] == "moments" and tight.fits
+    assert tight.offload_bytes == 8 * n and tight.host["master weights (moments on disk)"] == 4 * n
+    ring = tight.host["disk ring (6 pieces of moments)"]
+    assert ring == 6 * 2 * 4 * (32 << 20) // 2  # 6 pieces of a 32 MiB BF16 chunk's two FP32 moments: 768 MiB
+    assert tight.host_total == roomy.host_total - 8 * n + ring
+    # The disk roofline: every step reads and writes 8 B/param at the disk's speed.
+    hw = tight.hardware
+    disk_s = 8 * n / (hw.disk_read_gbs * 1e9) + 8 * n / (hw.disk_write_gbs * 1e9)
+    assert tight.step_seconds["disk"] == pytest.approx(disk_s)
+    assert tight.step_seconds["step"] == tight.step_seconds["disk"]
+    assert "disk tier (moments, /nvme/sf)" in tight.render()
+    full = plan(64, 10 * GIB)
+    assert not full.fits and "DOES NOT FIT" in full.render()

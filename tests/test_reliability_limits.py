@@ -107,9 +107,9 @@ def test_host_ram_is_checked_before_allocating(monkeypatch):
     allocated: list[str] = []
     real_allocate = HostUnit.allocate
 
-    def allocate(self: HostUnit, with_grad_acc: bool) -> None:
+    def allocate(self: HostUnit, *args: object, **kwargs: object) -> None:
         allocated.append(self.name)
-        real_allocate(self, with_grad_acc)
+        real_allocate(self, *args, **kwargs)
 
     monkeypatch.setattr(HostUnit, "allocate", allocate)
     threads = threading.active_count()

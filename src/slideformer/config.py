@@ -106,6 +106,25 @@ class EngineConfig:
     sync_copies: bool = False
     """Debugging aid: make every host<->device copy synchronous (serialises the pipeline; results must
     not change, which is how the race tests use it)."""
+    offload: Literal["none", "moments", "auto"] = "none"
+    """The disk tier. 'moments': the AdamW moments (8 of the 12 B/param of host state) live in one file per
+    unit under ``offload_dir``, read ahead of each unit's update into a small ring of host buffers and
+    written back after it, piece by piece, overlapped with the GPU (results are bitwise those of the all-in-RAM run).
+    'auto': offload them only when the host state would not fit ``host_memory_gib``. 'none': all in RAM."""
+    offload_dir: str | None = None
+    """Directory (on a local NVMe disk) for the offloaded state; owned by one engine at a time, emptied on
+    exit; a crashed run's leftovers are cleared at the next start."""
+    offload_io: Literal["auto", "posix", "kvikio"] = "auto"
+    """Disk I/O path. 'posix': O_DIRECT preadv/pwritev from a thread pool (buffered, with a warning, where
+    the file system refuses O_DIRECT). 'kvikio': kvikio's CuFile (GDS where present). 'auto': kvikio when
+    it imports and the device is CUDA, else posix."""
+    offload_prefetch: int = 4
+    """Pieces of moments read ahead of the one being updated. A piece is one optimizer chunk (``chunk_mib``
+    of the compute dtype: 16 Mi elements, 128 MiB of moments, by default); the ring holds prefetch + 2."""
+    offload_io_threads: int = 4
+    """Threads issuing the posix backend's reads and writes (8 MiB pieces in parallel)."""
+    host_memory_gib: float = 0.0
+    """Host RAM budget (GiB) for ``offload='auto'`` and the start-up check; 0: the RAM available now."""
     max_tokens_per_micro_batch: int = 0
     """Pre-size activation buffers for this many tokens (0: size them on the first batch)."""
     extra: dict[str, str] = field(default_factory=dict)
@@ -132,6 +151,16 @@ class EngineConfig:
             raise ConfigError(f"engine.upload_cast must be auto, device or host, got {self.upload_cast!r}")
         if self.watchdog_s <= 0:
             raise ConfigError(f"engine.watchdog_s must be > 0, got {self.watchdog_s}")
+        if self.offload not in ("none", "moments", "auto"):
+            raise ConfigError(f"engine.offload must be none, moments or auto, got {self.offload!r}")
+        if self.offload == "moments" and not self.offload_dir:
+            raise ConfigError("engine.offload='moments' needs engine.offload_dir (a directory on a local NVMe disk)")
+        if self.offload_io not in ("auto", "posix", "kvikio"):
+            raise ConfigError(f"engine.offload_io must be auto, posix or kvikio, got {self.offload_io!r}")
+        if self.offload_prefetch < 1 or self.offload_io_threads < 1:
+            raise ConfigError("engine.offload_prefetch and engine.offload_io_threads must be >= 1")
+        if self.host_memory_gib < 0:
+            raise ConfigError(f"engine.host_memory_gib must be >= 0, got {self.host_memory_gib}")
         if self.loss_chunk_tokens < 1:
             raise ConfigError("engine.loss_chunk_tokens must be >= 1")
 

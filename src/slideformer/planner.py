@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,12 @@ class Hardware:
     adam_gparams: float = 4.5
     """CPU AdamW Gparam/s over FP32 master weights and moments (DRAM-bandwidth bound; 4.7-5.1 measured on
     the H100 box, benchmarks/results/cpu_adam_h100host_202611.json)."""
+    disk_free_bytes: int | None = None
+    """Free space where ``engine.offload_dir`` lives (None: unknown, not checked)."""
+    disk_read_gbs: float = 1.5
+    """Sequential O_DIRECT read GB/s of the offload disk (the H100 box, docs/design.md section 3)."""
+    disk_write_gbs: float = 1.3
+    """Sequential O_DIRECT write GB/s of the offload disk."""
 
 
 @dataclass
@@ -71,17 +79,25 @@ class Plan:
         return sum(self.gpu.values())
 
     @property
+    def offload_bytes(self) -> int:
+        """Bytes of training state in the offload directory (the disk tier)."""
+        return sum(v for k, v in self.disk.items() if k.startswith("offload:"))
+
+    @property
     def fits(self) -> bool:
-        """True when both the GPU and the host budget hold the plan."""
+        """True when the GPU, the host budget and (with offloaded state) the offload disk hold the plan."""
+        free = self.hardware.disk_free_bytes
         return (
             self.gpu_total <= self.hardware.gpu_memory_bytes
             and self.host_total <= self.hardware.host_memory_bytes
+            and (free is None or self.offload_bytes <= free)
         )
 
     def to_json(self) -> str:
         """The plan as JSON (bytes and seconds)."""
         d = asdict(self)
-        d.update(host_total=self.host_total, gpu_total=self.gpu_total, fits=self.fits)
+        d.update(host_total=self.host_total, gpu_total=self.gpu_total, offload_bytes=self.offload_bytes,
+                 fits=self.fits)
         return json.dumps(d, indent=1)
 
     def render(self) -> str:
@@ -116,6 +132,14 @@ class Plan:
             f"{'fits' if self.host_total <= self.hardware.host_memory_bytes else 'DOES NOT FIT'}"
         )
         section("disk", self.disk)
+        if self.offload_bytes:
+            free = self.hardware.disk_free_bytes
+            lines.append(
+                f"disk tier ({self.settings['offload']}, {self.settings['offload_dir']}): "
+                f"{self.offload_bytes / GIB:,.2f} GiB of "
+                + (f"{free / GIB:,.1f} GiB free -> {'fits' if self.offload_bytes <= free else 'DOES NOT FIT'}"
+                   if free is not None else "unknown free space")
+            )
         s = self.step_seconds
         bound = max(s, key=lambda k: s[k] if k != "step" else -1)
         lines.append(
@@ -177,7 +201,21 @@ def make_plan(
     on_gpu = engine.device != "cpu"
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
 
-    host = {"master weights + Adam moments": 12 * n}
+    largest_unit = max(params["embedding"] + (params["norm"] if tied else 0), params["largest_layer"],
+                       params["lm_head"] + params["norm"])
+    # The disk tier: 'auto' moves the moments to disk only when the all-in-RAM host total exceeds the budget.
+    offload = engine.offload
+    if offload == "auto":
+        ram_plan = make_plan(hf_config, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+                             clipping=clipping, engine=EngineConfig(**{**asdict(engine), "offload": "none"}),
+                             hardware=hardware, keep_checkpoints=keep_checkpoints)
+        offload = "moments" if ram_plan.host_total > hardware.host_memory_bytes else "none"
+    if offload == "moments":
+        host = {"master weights (moments on disk)": 4 * n,
+                f"disk ring ({engine.offload_prefetch + 2} pieces of moments)":
+                    offload_ring_bytes(engine, largest_unit, elt)}
+    else:
+        host = {"master weights + Adam moments": 12 * n}
     if deferred:
         if engine.grad_accumulator == "compute":
             host[f"gradient buffer ({elt} B/param, one micro-batch)"] = elt * n
@@ -216,6 +254,8 @@ def make_plan(
         f"checkpoints ({keep_checkpoints} x 12 B/param)": keep_checkpoints * 12 * n,
         "export (bf16)": 2 * n,
     }
+    if offload == "moments":
+        disk["offload: AdamW moments (8 B/param)"] = 8 * n
 
     step_tokens = tokens * grad_accum
     compute = (
@@ -228,6 +268,9 @@ def make_plan(
     )  # weights up twice per micro-batch, gradients down once
     adam = streamed / (hardware.adam_gparams * 1e9)
     times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
+    if offload == "moments":
+        # Every step reads and writes every unit's moments once (one disk: the two directions add up).
+        times["disk"] = 8 * n / (hardware.disk_read_gbs * 1e9) + 8 * n / (hardware.disk_write_gbs * 1e9)
     times["step"] = max(times.values())
     notes = []
     limit = getattr(hf_config, "max_position_embeddings", None)
@@ -237,6 +280,8 @@ def make_plan(
         notes.append(
             "engine.device is cpu: the 'device' tensors live in host RAM and the times are GPU estimates"
         )
+    if offload == "moments" and not engine.offload_dir:
+        notes.append("the moments go to disk: set engine.offload_dir (a directory on a local NVMe disk)")
     if device_cast:
         notes.append(f"the FP32 master weights ({4 * n / 2**30:.1f} GiB of the host total) are page-locked "
                      "in place so uploads DMA them directly (engine.upload_cast)")
@@ -250,6 +295,8 @@ def make_plan(
         "schedule": "deferred" if deferred else "overlap",
         "seq_len": seq_len,
         "batch_size": batch_size,
+        "offload": offload,
+        "offload_dir": engine.offload_dir,
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes)
 
@@ -259,20 +306,27 @@ HOST_MARGIN_MIN_BYTES = 256 * 2**20  # headroom for what the plan does not count
 
 
 def engine_host_bytes(
-    num_params: int, layer_numels: list[int], vocab_slot_numel: int, engine: EngineConfig, on_cuda: bool, elt: int
+    num_params: int, layer_numels: list[int], vocab_slot_numel: int, engine: EngineConfig, on_cuda: bool, elt: int,
+    offload: str = "none", largest_unit: int = 0,
 ) -> dict[str, int]:
     """Host bytes an ``Engine`` allocates at construction, by kind (the engine's own layout).
 
     12 B/param of FP32 master weights and Adam moments (+4 B/param of gradient accumulator when
     ``engine.schedule`` is 'deferred'; 'auto' decides per step and is counted at 12), the upload staging
-    rings and the gradient pool, and on a CPU 'device' the layer and vocabulary slots. Activation buffers
-    grow with the first batches and are not counted. ``vocab_slot_numel`` is the embedding + head numel
+    rings and the gradient pool, and on a CPU 'device' the layer and vocabulary slots. With ``offload`` =
+    'moments' the moments are on disk: 4 B/param plus the ring of ``offload_prefetch + 2`` pieces (a chunk
+    of both moments, at most the largest unit's, ``largest_unit`` params). Activation buffers grow with the
+    first batches and are not counted. ``vocab_slot_numel`` is the embedding + head numel
     when tied, else the larger of the two (one slot serves both).
     """
     chunk_bytes = int(engine.chunk_mib * 2**20)
     pool = (max(engine.staging_chunks, engine.grad_park_mib * 2**20 // chunk_bytes) if on_cuda
             else 2 * engine.staging_chunks)
-    need = {"master weights + Adam moments (12 B/param)": 12 * num_params}
+    if offload == "moments":
+        need = {"master weights (4 B/param; moments on disk)": 4 * num_params,
+                "disk ring buffers (pieces of moments)": offload_ring_bytes(engine, largest_unit, elt)}
+    else:
+        need = {"master weights + Adam moments (12 B/param)": 12 * num_params}
     if engine.schedule == "deferred":
         acc = elt if engine.grad_accumulator == "compute" else 4
         need[f"gradient accumulator ({acc} B/param)"] = acc * num_params
@@ -283,6 +337,23 @@ def engine_host_bytes(
         need["device slots on the cpu (weights + grads)"] = (
             depth * max(layer_numels, default=0) + vocab_slot_numel) * 2 * elt
     return need
+
+
+def offload_ring_bytes(engine: EngineConfig, largest_unit: int, elt: int) -> int:
+    """Host bytes of the disk tier's ring: ``offload_prefetch + 2`` buffers of one piece's two moments (a piece
+    is the optimizer chunk, ``chunk_mib`` of the compute dtype, or the largest unit if smaller)."""
+    piece = min(int(engine.chunk_mib * 2**20) // elt, -(-largest_unit // 1024) * 1024)
+    return (engine.offload_prefetch + 2) * 2 * (-(-4 * piece // 4096) * 4096)
+
+
+def choose_offload(engine: EngineConfig, need: Callable[[str], dict[str, int]], budget: int) -> str:
+    """Where the moments live: the configured mode, or for 'auto' the disk only when the all-in-RAM layout
+    (``need('none')``, plus the margin) does not fit ``budget`` bytes and an offload directory is set."""
+    if engine.offload != "auto":
+        return engine.offload
+    total = sum(need("none").values())
+    fits = total + max(int(HOST_MARGIN_FRACTION * total), HOST_MARGIN_MIN_BYTES) <= budget
+    return "none" if fits or not engine.offload_dir else "moments"
 
 
 def check_host_memory(need: dict[str, int], available: int, what: str = "the engine") -> None:
@@ -296,10 +367,20 @@ def check_host_memory(need: dict[str, int], available: int, what: str = "the eng
         f"{what} needs {total / GIB:.2f} GiB of host RAM (+{margin / GIB:.2f} GiB margin) but only "
         f"{available / GIB:.2f} GiB is available; nothing was allocated. Plan:\n{lines}\n"
         "Free host memory (other processes, page cache held by them), use a machine with more RAM, or train "
-        "a smaller model; `slideformer plan` shows the whole plan. Host state is 12 B/param whatever the "
-        "batch size or window. If this machine grants RAM on demand and under-reports it at start, set "
+        "a smaller model, or put the AdamW moments on disk (engine.offload=moments or auto with "
+        "engine.offload_dir=/nvme/dir: 4 instead of 12 B/param); `slideformer plan` shows the whole plan. Host "
+        "state is 12 B/param whatever the batch size or window. If this machine grants RAM on demand and "
+        "under-reports it at start, set "
         "engine.check_host_memory=false."
     )
+
+
+def _free_bytes(directory: str) -> int:
+    """Free bytes of the file system that holds (or will hold) ``directory``."""
+    path = Path(directory).expanduser().resolve()
+    while not path.exists():
+        path = path.parent
+    return int(shutil.disk_usage(path).free)
 
 
 def _gpu_memory_default() -> int:
@@ -324,13 +405,19 @@ def plan_from_args(ns: argparse.Namespace) -> Plan:
     window = ns.window if ns.window is not None else engine.window
     if window < 1:
         raise ConfigError("--window must be >= 1")
-    engine = EngineConfig(**{**asdict(engine), "window": window})
+    overrides: dict[str, Any] = {"window": window}
+    if ns.offload is not None:
+        overrides["offload"] = ns.offload
+    if ns.offload_dir is not None:
+        overrides["offload_dir"] = ns.offload_dir
+    engine = EngineConfig(**{**asdict(engine), **overrides})
     clip = ns.max_grad_norm if ns.max_grad_norm is not None else cfg.optim.max_grad_norm
     hw = Hardware(
         gpu_memory_bytes=int(ns.gpu_memory_gib * GIB) if ns.gpu_memory_gib else _gpu_memory_default(),
         host_memory_bytes=int(ns.host_memory_gib * GIB)
         if ns.host_memory_gib
         else psutil.virtual_memory().total,
+        disk_free_bytes=_free_bytes(engine.offload_dir) if engine.offload_dir else None,
     )
     return make_plan(
         load_hf_config(model),

@@ -6,13 +6,18 @@ exp_avg_sq]``; inside each third, parameters that get weight decay come first, s
 call sees at most two contiguous segments. The HF ``nn.Parameter`` objects are re-pointed at views of
 the master third, so the HF model *is* the FP32 master model whenever it is on the host.
 
-Invariant: 12 bytes per parameter (plus 4, or 2 in BF16, for the gradient buffer of the deferred
-schedule); no BF16 copy of a unit's weights ever lives on the host outside the shared staging pools.
+With the moments offloaded to disk (``memory/offload.py``) the buffer is only ``[params]``, and one
+piece of the moments at a time is reachable through ``moment_slices`` while the optimizer has it bound
+to a ring buffer.
+
+Invariant: 12 bytes per parameter (4 with the moments on disk; plus 4, or 2 in BF16, for the gradient
+buffer of the deferred schedule); no BF16 copy of a unit's weights ever lives on the host outside the
+shared staging pools.
 
 Data-parallel runs (``slideformer.dist``) *shard* a unit: its flat layout is padded to a multiple of
 the world size and this rank keeps only ``[shard_lo, shard_lo + shard_len)`` of it, so the thirds and
 the gradient buffer are ``shard_len`` long and every optimizer offset is shard-local. Unsharded,
-``shard_lo = 0`` and ``shard_len = padded = numel``.
+``shard_lo = 0`` and ``shard_len = padded = numel``. (Sharding and the disk tier are not combined yet.)
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from slideformer.errors import SlideformerError
 
 
 @dataclass
@@ -73,6 +80,13 @@ class HostUnit:
         """Elements this rank owns: the length of each third and of the gradient buffer."""
         self.padded = self.numel
         """The flat length padded to a multiple of the world size (``numel`` unless sharded)."""
+        self.moments_on_disk = False
+        self.moments: torch.Tensor | None = None
+        """With the moments on disk: the ring buffer holding the bound piece, ``exp_avg`` of elements
+        ``[moments_lo, moments_lo + moments_n)`` at 0 and their ``exp_avg_sq`` at ``moments_voff``."""
+        self.moments_lo = 0
+        self.moments_n = 0
+        self.moments_voff = 0
 
     @property
     def sharded(self) -> bool:
@@ -80,12 +94,14 @@ class HostUnit:
         return self.shard_len != self.numel or self.padded != self.numel
 
     # -- allocation -----------------------------------------------------------------------------
-    def allocate(self, with_grad_acc: bool, master_only: bool = False) -> None:
-        """Allocate the flat buffer (moments zeroed) and, if asked, the FP32 gradient accumulator.
+    def allocate(self, with_grad_acc: bool, master_only: bool = False, moments_on_disk: bool = False) -> None:
+        """Allocate the flat buffer (moments zeroed, or left to the disk) and, if asked, the FP32 gradient
+        accumulator.
 
         ``master_only``: just the full master third, to be initialised and then sharded (``shard``).
         """
-        self.flat = torch.empty((1 if master_only else 3) * self.numel, dtype=torch.float32)
+        self.moments_on_disk = moments_on_disk
+        self.flat = torch.empty((1 if master_only or moments_on_disk else 3) * self.numel, dtype=torch.float32)
         self.flat[self.numel:].zero_()
         if with_grad_acc:
             self.grad_acc = torch.zeros(self.numel, dtype=torch.float32)
@@ -111,7 +127,20 @@ class HostUnit:
     def _third(self, k: int) -> torch.Tensor:
         if self.flat is None:
             raise RuntimeError(f"unit {self.name} is not allocated")
+        if k > 0 and self.moments_on_disk:
+            raise SlideformerError(f"the moments of {self.name} are on disk: use moment_slices (bound pieces) or "
+                                   "Engine.state_dict (the files)")
         return self.flat[k * self.shard_len:(k + 1) * self.shard_len]
+
+    def moment_slices(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exp_avg, exp_avg_sq) of elements ``[lo, hi)``: views of the flat buffer, or of the bound ring piece."""
+        if not self.moments_on_disk:
+            return self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi]
+        a, b = lo - self.moments_lo, hi - self.moments_lo
+        if self.moments is None or a < 0 or b > self.moments_n:
+            raise SlideformerError(f"{self.name}[{lo}:{hi}]: its moments are on disk and not bound")
+        v = self.moments_voff
+        return self.moments[a:b], self.moments[v + a:v + b]
 
     def view(self, flat: torch.Tensor, spec: ParamSpec) -> torch.Tensor:
         """The view of ``spec`` inside a flat tensor laid out like this unit."""

@@ -29,6 +29,7 @@ from slideformer.config import EngineConfig, OptimConfig
 from slideformer.errors import ConfigError, SlideformerError, WorkerError
 from slideformer.memory.activations import ActivationStore
 from slideformer.memory.host_state import HostUnit, build_units
+from slideformer.memory.offload import OffloadedMoments, open_offload
 from slideformer.models import get_adapter
 from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime.batch import prepare_batch
@@ -91,7 +92,8 @@ class Engine:
         self.dist = dist
         self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = self._make_units(model)
-        self._check_host_memory()
+        self.offload: OffloadedMoments | None = None
+        self.offload_mode = self._check_host_memory()
         try:
             self._init_weights(model, init, weights)
             self._setup_device()
@@ -128,28 +130,38 @@ class Engine:
         head = named(p.norm) + ([] if p.tied else named(p.lm_head))
         return build_units(named(p.embed), [named(layer) for layer in p.layers], head)
 
-    def _check_host_memory(self) -> None:
-        """Fail before allocating when the host buffers cannot fit in the available RAM."""
-        if not self.cfg.check_host_memory:
-            return
+    def _check_host_memory(self) -> str:
+        """Pick where the moments live ('auto': disk only when RAM is short) and fail before allocating when
+        the host buffers cannot fit in the budget (``host_memory_gib``, default the available RAM)."""
         import psutil
 
-        from slideformer.planner import check_host_memory, engine_host_bytes
+        from slideformer.planner import check_host_memory, choose_offload, engine_host_bytes
 
         u0, uh = self.units[0].numel, self.units[-1].numel
         vocab_slot = u0 + uh if self.parts.tied else max(u0, uh)
         elt = torch.tensor([], dtype=self.dtype).element_size()
+        budget = (int(self.cfg.host_memory_gib * 2**30) if self.cfg.host_memory_gib
+                  else int(psutil.virtual_memory().available))
         # Data-parallel ranks of one node hold the node's share of the sharded state between them.
         params = self.num_params if self.dist is None else self.dist.node_params(self.num_params)
-        need = engine_host_bytes(params, [u.numel for u in self.units[1:-1]], vocab_slot, self.cfg,
-                                 self.ops.is_cuda, elt)
-        check_host_memory(need, int(psutil.virtual_memory().available),
-                          f"{self.model_type} with {self.num_params / 1e6:,.1f}M params")
+
+        def need(mode: str) -> dict[str, int]:
+            return engine_host_bytes(params, [u.numel for u in self.units[1:-1]], vocab_slot, self.cfg,
+                                     self.ops.is_cuda, elt, offload=mode,
+                                     largest_unit=max(u.numel for u in self.units))
+
+        mode = choose_offload(self.cfg, need, budget)
+        if mode != "none" and self.dist is not None:
+            raise ConfigError("the disk tier (engine.offload) is not supported with data-parallel training yet: "
+                              "set engine.offload=none (each rank already keeps only 1/N of the moments)")
+        if self.cfg.check_host_memory:
+            check_host_memory(need(mode), budget, f"{self.model_type} with {self.num_params / 1e6:,.1f}M params")
+        return mode
 
     def _init_weights(self, model: nn.Module, init: str, weights: Any) -> None:
         for u in self.units:
             if self.dist is None:
-                u.allocate(with_grad_acc=False)
+                u.allocate(with_grad_acc=False, moments_on_disk=self.offload_mode == "moments")
             else:  # data-parallel: the full FP32 master only (4 B/param) while initialising, sharded below
                 u.allocate(with_grad_acc=False, master_only=True)
         self._materialize_meta(model)
@@ -216,9 +228,12 @@ class Engine:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         pool = (max(self.cfg.staging_chunks, self.cfg.grad_park_mib * 2**20 // (chunk * elem)) if ops.is_cuda
                 else 2 * self.cfg.staging_chunks)
-        pipeline = GradPipeline if self.dist is None else self.dist.grad_pipeline
-        self.drain = pipeline(ops, chunk, pool, self.dtype, self.adam)
-        if self.dist is not None:
+        if self.offload_mode == "moments":
+            self.offload = open_offload(self.cfg, self.units, self.device, chunk)
+        if self.dist is None:
+            self.drain = GradPipeline(ops, chunk, pool, self.dtype, self.adam, self.offload)
+        else:
+            self.drain = self.dist.grad_pipeline(ops, chunk, pool, self.dtype, self.adam)
             self.dist.attach_uploaders(self.layer_up, self.vocab_up)
         self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
         self.x0_capacity = 0
@@ -335,6 +350,15 @@ class Engine:
             self.runner.wait(u.update_future, f"the optimizer update of {u.name}")
         if self.resident is not None:
             self.resident.sync_to_host()
+        if self.offload is not None:
+            self.offload.wait_writes(self.cfg.watchdog_s)
+
+    def _moments(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """(exp_avg, exp_avg_sq) per unit index: host views, or views of the offload files (read through)."""
+        if self.offload is None:
+            return {u.index: (u.exp_avg, u.exp_avg_sq) for u in self.units}
+        self.offload.sync(self.cfg.watchdog_s)
+        return self.offload.mapped()
 
     def _check_usable(self, allow_failed: bool = False) -> None:
         if self._closed:
@@ -355,7 +379,9 @@ class Engine:
         return self.units[0].step
 
     def state_dict(self) -> dict[str, Any]:
-        """Master weights and moments keyed by HF parameter name (views of host buffers, no copy).
+        """Master weights and moments keyed by HF parameter name (views of host buffers, no copy; moments on
+        disk are views of their files, read through the page cache, and writes into them count once
+        ``load_state_dict`` runs).
 
         Data-parallel: the values are ``slideformer.dist.state.ShardedTensor`` handles (collective: every
         rank must read or load them in the same order).
@@ -365,11 +391,13 @@ class Engine:
             return self.dist.state_dict(self)
         out: dict[str, Any] = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": self.step_count,
                                "unit_steps": [u.step for u in self.units]}
+        moments = self._moments()
         for u in self.units:
+            exp_avg, exp_avg_sq = moments[u.index]
             for spec in u.params:
                 out["params"][spec.name] = u.view(u.master, spec)
-                out["exp_avg"][spec.name] = u.view(u.exp_avg, spec)
-                out["exp_avg_sq"][spec.name] = u.view(u.exp_avg_sq, spec)
+                out["exp_avg"][spec.name] = u.view(exp_avg, spec)
+                out["exp_avg_sq"][spec.name] = u.view(exp_avg_sq, spec)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -382,9 +410,11 @@ class Engine:
         for key in ("params",):
             if key not in state:
                 raise ConfigError(f"state dict has no {key!r} entry")
+        moments = self._moments()
         for u in self.units:
+            exp_avg, exp_avg_sq = moments[u.index]
             for spec in u.params:
-                for part, buf in (("params", u.master), ("exp_avg", u.exp_avg), ("exp_avg_sq", u.exp_avg_sq)):
+                for part, buf in (("params", u.master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
                     src = state.get(part, {}).get(spec.name)
                     if src is None:
                         if part == "params":
@@ -395,6 +425,8 @@ class Engine:
                         raise ConfigError(f"{part}[{spec.name}] has shape {tuple(src.shape)}, "
                                           f"expected {tuple(spec.shape)}")
                     u.view(buf, spec).copy_(src)
+        if self.offload is not None:
+            self.offload.commit_mapped()
         steps = state.get("unit_steps") or [int(state.get("step", 0))] * len(self.units)
         for u, s in zip(self.units, steps):
             u.step = int(s)
@@ -421,6 +453,8 @@ class Engine:
         staging = sum(t.numel() * t.element_size() for w in (self.layer_up, self.vocab_up) for t in w.ring)
         staging += self.drain.staging_bytes()
         acts = self.acts.host_bytes()
+        ring = self.offload.host_bytes() if self.offload is not None else 0
+        staging += ring
         return {
             "num_params": n,
             "host_state_bytes": state,
@@ -440,6 +474,9 @@ class Engine:
             "resident_layers": len(self.resident_idx),
             "slot_numel": self.layer_pool.numel,
             "vocab_slot_numel": self.vocab_slot.weight.numel(),
+            "offload": self.offload_mode,
+            "offload_ring_bytes": ring,
+            "disk": self.offload.stats() if self.offload is not None else None,
         }
 
     # -- lifetime ----------------------------------------------------------------------------------
@@ -448,7 +485,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for name in ("layer_up", "vocab_up", "drain"):
+        for name in ("layer_up", "vocab_up", "drain", "offload"):  # the optimizer thread stops before the files go
             worker = getattr(self, name, None)
             if worker is not None:
                 worker.close()

@@ -6,7 +6,9 @@ for AdamW. The optimizer thread picks what to consume: among units whose gradien
 the lowest unit index first. Backward produces units from the top down, so the backlog left when
 backward ends is worked off bottom-up, in the order the next forward needs the updated weights.
 When nothing has fully landed it streams the unit being downloaded, so a unit larger than the pool
-still goes through.
+still goes through. With the moments on disk (``memory/offload.py``) it consumes in submission order
+instead (backward order, or forward order for the deferred updates), the order the disk ring prefetches
+in, and binds each chunk's moments with the ring's ``enter`` (``leave`` after the unit).
 
 Ordering rules (the invariant):
   * items of the same unit are consumed in submission order (accumulation adds in micro-batch order);
@@ -29,6 +31,7 @@ import torch
 from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
+from slideformer.memory.offload import OffloadedMoments
 from slideformer.optim.adamw import FlatAdamW, UpdateSpec
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.transfer import Accumulate, Update, _Worker
@@ -60,8 +63,10 @@ class _Task:
 class GradPipeline:
     """Downloader + optimizer threads over a pinned parking pool."""
 
-    def __init__(self, ops: DeviceOps, chunk: int, pool_chunks: int, dtype: torch.dtype, adam: FlatAdamW) -> None:
+    def __init__(self, ops: DeviceOps, chunk: int, pool_chunks: int, dtype: torch.dtype, adam: FlatAdamW,
+                 offload: OffloadedMoments | None = None) -> None:
         self.ops = ops
+        self.offload = offload
         self.chunk = chunk
         self.adam = adam
         self.down = _Worker(ops, "sf-grad-down", chunk, 0, dtype)
@@ -162,6 +167,8 @@ class GradPipeline:
                 if pos == 0:
                     return item
                 break  # nothing after a pending task may run before it
+            if self.offload is not None:
+                return item if item.started else None  # submission order: the order the disk ring prefetches
             if item.unit.index in seen_units:
                 continue  # an earlier item of the same unit comes first
             seen_units.add(item.unit.index)
@@ -201,6 +208,7 @@ class GradPipeline:
 
     def _consume(self, it: _Parked) -> None:
         """Consume ``it`` chunk by chunk as its copies land, freeing each parking chunk after use."""
+        on_disk = self.offload is not None and isinstance(it.action, Update)
         for i in range(it.n_chunks):
             with self._cv:
                 while len(it.chunks) <= i and it.error is None:
@@ -211,6 +219,9 @@ class GradPipeline:
             try:
                 if self._error is None and it.error is None:
                     self.ops.host_wait(event)  # this chunk's device-to-host copy has landed
+                    if on_disk:
+                        self.last_progress = f"disk read of {it.unit.name}[{lo}:{hi}] moments"
+                        self.offload.enter(it.unit, lo, hi, -1)  # moments from disk; then the units below
                     self._apply(it, lo, hi, self.pool[k][:hi - lo])
             except BaseException as exc:
                 self._error = exc
@@ -218,6 +229,11 @@ class GradPipeline:
                 with self._cv:
                     self._free.append(k)
                     self._cv.notify_all()
+        if on_disk:
+            try:
+                self.offload.leave()  # the last piece is written back asynchronously
+            except BaseException as exc:
+                self._error = self._error or exc
         err = it.error or self._error
         if err is not None:
             it.future.set_exception(err)
@@ -246,11 +262,18 @@ class GradPipeline:
         """Deferred schedule: AdamW on the unit's accumulated gradient, scaled by the clip coefficient."""
         _, coef = spec_fut.result()
         spec = UpdateSpec(step=step, lr=lr, grad_scale=coef)
-        for lo in range(0, unit.shard_len, self.chunk):
-            hi = min(lo + self.chunk, unit.shard_len)
-            self.last_progress = f"update {unit.name}[{lo}:{hi}]"
-            with record_function("sf/cpu_adamw"):
-                self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)
+        try:
+            for lo in range(0, unit.shard_len, self.chunk):
+                hi = min(lo + self.chunk, unit.shard_len)
+                self.last_progress = f"update {unit.name}[{lo}:{hi}]"
+                if self.offload is not None:
+                    self.last_progress = f"disk read of {unit.name}[{lo}:{hi}] moments"
+                    self.offload.enter(unit, lo, hi, +1)  # moments from disk; then the units above
+                with record_function("sf/cpu_adamw"):
+                    self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)
+        finally:
+            if self.offload is not None:
+                self.offload.leave()  # the last piece is written back asynchronously
 
     def staging_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.pool)

@@ -332,6 +332,13 @@ def train(
             + f" | output {out}"
             + (f" | resumed from {resume_from.name}" if resume_from else "")
         )
+        disk = engine.memory_report().get("disk")
+        if disk:
+            logger.write(
+                f"disk tier: AdamW moments in {disk['directory']} ({disk['file_bytes'] / 2**30:,.2f} GiB, "
+                f"{disk['backend']}{', O_DIRECT' if disk['o_direct'] else ', buffered'}): measured "
+                f"{disk.get('probe_write_gbs', 0):.2f} GB/s write, {disk.get('probe_read_gbs', 0):.2f} GB/s read"
+            )
         result = TrainResult(out, step)
         # A step whose checkpoint is already on disk is not saved again (e.g. a run resumed at its end, or
         # Ctrl-C right after a periodic save): replacing a complete checkpoint is the one save that is
