@@ -16,6 +16,7 @@ CPU smoke (gloo, the tiny shape; DeepSpeed is reported as an error where it is n
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -44,8 +45,15 @@ def _worker(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local}" if args.device == "cuda" else "cpu"
+    # A run that outlives its time prints every thread's stack first, so a timeout says where it stood.
+    faulthandler.dump_traceback_later(max(10.0, args.timeout - 20.0), exit=False)
     rss = common.RssSampler().start()
     t0 = time.perf_counter()
+
+    def progress(what: str) -> None:
+        print(f"[bench_multi rank {os.environ.get('RANK', '0')}] {time.perf_counter() - t0:7.1f} s: {what}",
+              file=sys.stderr, flush=True)
+
     hf = shapes.hf_config(args.model)
     batch = shapes.random_batch(args.batch_size, args.seq_len, hf.vocab_size, device="cpu", seed=local)
     ctx = None
@@ -78,6 +86,7 @@ def _worker(args: argparse.Namespace) -> None:
         def finish() -> None:
             system.sync()
     setup_s = time.perf_counter() - t0
+    progress(f"set up in {setup_s:.1f} s")
 
     def sync_all() -> None:
         if device.startswith("cuda"):
@@ -85,9 +94,10 @@ def _worker(args: argparse.Namespace) -> None:
         if dist.is_initialized():
             dist.barrier()  # step boundaries aligned over ranks: the slowest rank sets the time
 
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
         step()
         sync_all()
+        progress(f"warm-up step {i + 1} done")
     rss.reset_peak()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -97,6 +107,7 @@ def _worker(args: argparse.Namespace) -> None:
         step()
         sync_all()
         times.append(time.perf_counter() - t)
+        progress(f"step {len(times)}: {times[-1]:.3f} s")
     finish()
     peak = rss.peak_bytes
     node_rss = peak
@@ -135,7 +146,9 @@ def _launch(args: argparse.Namespace, system: str, gpus: int) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        tail = "\n".join((out + err).splitlines()[-6:])
+        # The ranks' progress lines and the stacks faulthandler dumped say how far each rank got.
+        lines = (out + err).splitlines()
+        tail = "\n".join([ln for ln in lines if ln.startswith("[bench_multi rank")][-8:] + lines[-40:])
         return {"system": system, "gpus": gpus, "status": "error", "error": f"timeout after {args.timeout} s; {tail}"}
     for line in out.splitlines():
         rec = common.parse_result_line(line)
@@ -173,7 +186,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per system before it is recorded as failed")
+    ap.add_argument("--timeout", type=float, default=360.0, help="seconds per system before it is recorded as failed")
     ap.add_argument("--systems", default="slideformer1,slideformerN,zero3N",
                     help="comma list of slideformer1, slideformerN, zero3N")
     ap.add_argument("--out", default="benchmarks/results/multi")
@@ -190,8 +203,10 @@ def main() -> None:
             r["scaling"] = r["tokens_per_s"] / base["tokens_per_s"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "records": records}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(records, args))
+    # Suffixes appended, not replaced: a stem like "multi_llama3.1-8b" has a dot of its own.
+    stem = str(out).removesuffix(".json")
+    Path(stem + ".json").write_text(json.dumps({"args": vars(args), "records": records}, indent=1) + "\n")
+    Path(stem + ".md").write_text(_markdown(records, args))
     print(_markdown(records, args))
 
 

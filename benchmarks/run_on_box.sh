@@ -33,6 +33,18 @@ for stage in "$@"; do
         --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 540 --engine-opt resident_layers=8 \
         --out "$OUT/llama3.2-3b_cap24g_resident8_h100_bench.json" > "$OUT/bench3b_res.log" 2>&1
       sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_resident8_h100_bench.md ;;
+    bench3b_auto)
+      # engine.resident_layers=-1: the placement planner picks the resident count for the 24 GiB cap.
+      timeout 560 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,zero2,zero3 --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 540 \
+        --engine-opt resident_layers=-1 --out "$OUT/llama3.2-3b_cap24g_auto_h100_bench.json" > "$OUT/bench3b_auto.log" 2>&1
+      sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_auto_h100_bench.md ;;
+    bench8b_auto)
+      # 8B on the whole 80 GB card with the placement planner's resident layers (overlap schedule).
+      timeout 400 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
+        --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 390 \
+        --engine-opt resident_layers=-1 --out "$OUT/llama3.1-8b_auto_h100_bench.json" > "$OUT/bench8b_auto.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_auto_h100_bench.md ;;
     bench8b)
       timeout 300 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
         --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 290 \
@@ -44,11 +56,13 @@ for stage in "$@"; do
       # 2 GPUs (nvidia-h100-x2): N-rank training == one rank with N times the batch, BF16, NCCL.
       timeout 150 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_dist_gpu.py 2>&1 \
         | tee "$OUT/dist_gpu_tests.log" | tail -15 ;;
-    multi)
-      # 2 GPUs: Llama-3.1-8B b16/GPU, slideformer x1 / x2 and DeepSpeed ZeRO-3 x2 (each under its torchrun).
-      (cd benchmarks && timeout 540 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
-        --gpus 2 --timeout 170 --out "$OUT/multi_llama3.1-8b_2xh100" > "$OUT/bench_multi.log" 2>&1)
-      cat "$OUT/multi_llama3.1-8b_2xh100.md" ;;
+    multi_sf|multi_zero3)
+      # 2 GPUs: Llama-3.1-8B b16/GPU; slideformer x1 and x2 in one call, DeepSpeed ZeRO-3 x2 in the next (each
+      # system under its own torchrun; an 8B build takes 1-2 min, so one call cannot hold all three).
+      systems=slideformer1,slideformerN; [ "$stage" = multi_zero3 ] && systems=zero3N
+      (cd benchmarks && timeout 560 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
+        --gpus 2 --systems "$systems" --timeout 270 --out "$OUT/${stage}_llama3.1-8b_2gpu" > "$OUT/$stage.log" 2>&1)
+      cat "$OUT/${stage}_llama3.1-8b_2gpu.md" ;;
     profile_resident)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --gpu-memory-gib 24 --engine-opt resident_layers=8 --name timeline_llama3.2-3b_b8_resident8 \
@@ -61,6 +75,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench8b_auto)"; exit 2 ;;
   esac
 done

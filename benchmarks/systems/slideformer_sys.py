@@ -30,7 +30,12 @@ class Slideformer(BenchSystem):
         from slideformer import Engine, EngineConfig, OptimConfig
 
         self.hf_config = shapes.hf_config(spec.model)
-        self.engine_config = EngineConfig(device=str(self.device), window=spec.window, **spec.engine_options)
+        options = dict(spec.engine_options)
+        if options.get("resident_layers") == -1:  # as many as fit: sized for the largest batch and the cap
+            options.setdefault("max_tokens_per_micro_batch", max(spec.batch_sizes) * spec.seq_len)
+            if spec.gpu_memory_gib:
+                options.setdefault("gpu_memory_gib", spec.gpu_memory_gib)
+        self.engine_config = EngineConfig(device=str(self.device), window=spec.window, **options)
         self.optim_config = OptimConfig(lr=spec.lr)
         if hasattr(Engine, "from_config"):
             self.engine = Engine.from_config(self.hf_config, self.engine_config, self.optim_config, seed=spec.seed)

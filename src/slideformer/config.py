@@ -59,7 +59,11 @@ class EngineConfig:
     resident_layers: int = 0
     """Decoder layers kept on the device for good, with their FP32 master weights and AdamW moments
     (14 bytes/param of device memory each): never uploaded, their gradients never cross PCIe, their AdamW
-    runs on the device. Overlap schedule only (no clipping/accumulation)."""
+    runs on the device. Overlap schedule only (no clipping/accumulation). -1: as many as fit in the GPU
+    memory (``gpu_memory_gib``) next to the streaming buffers for ``max_tokens_per_micro_batch`` tokens
+    (placement.py; 0 where they cannot be used)."""
+    gpu_memory_gib: float = 0.0
+    """GPU memory (GiB) the engine may plan for with ``resident_layers=-1``; 0: the device's free memory."""
     resident_placement: Literal["first", "spread"] = "first"
     """Which layers stay resident. 'first': the lowest ones, whose updates would otherwise be the CPU
     optimizer's tail at the end of backward and whose uploads would start the next forward. 'spread':
@@ -133,8 +137,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.grad_accumulator not in ("fp32", "compute"):
             raise ConfigError(f"engine.grad_accumulator must be fp32 or compute, got {self.grad_accumulator!r}")
-        if self.resident_layers < 0:
-            raise ConfigError(f"engine.resident_layers must be >= 0, got {self.resident_layers}")
+        if self.resident_layers < -1:
+            raise ConfigError("engine.resident_layers must be >= 0, or -1 for as many as fit, got "
+                              f"{self.resident_layers}")
         if self.resident_placement not in ("first", "spread"):
             raise ConfigError(f"engine.resident_placement must be first or spread, got {self.resident_placement!r}")
         if self.window < 1:

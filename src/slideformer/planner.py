@@ -239,10 +239,22 @@ def make_plan(
         # One layer's recompute + backward working set (q/k/v/o, MLP up/gate/act, norms) plus the
         # running hidden state and its gradient.
         "layer activations": tokens * (12 * hidden + 4 * inter) * elt + 3 * tokens * hidden * elt,
-        "loss chunk (fp32 logits + grad)": min(engine.loss_chunk_tokens, tokens) * vocab * 4 * 2,
+        # BF16 logits, FP32 logits and log-softmax, and their gradients (the chunk's autograd graph): 20 B
+        # per logit. Calibrated on the H100 box: 8 B/logit left the allocated peak 2.3-2.8 GiB above the
+        # plan for Llama-3.2-1B/3B/3.1-8B at b8 (vocab 128,256, 2,048-token chunks).
+        "loss chunk (logits, log-softmax, grads)": min(engine.loss_chunk_tokens, tokens) * vocab * 20,
         "FP32 upload rings (device cast)": (2 * 2 * chunk_bytes // elt * 4) if device_cast else 0,
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }
+    if engine.resident_layers < 0:  # 'as many as fit': placement.py, for this run's tokens and GPU
+        from slideformer.placement import resident_layers_that_fit
+
+        count, why = resident_layers_that_fit(hf_config, tokens=tokens, engine=engine, deferred=deferred,
+                                              gpu_budget_bytes=hardware.gpu_memory_bytes - CUDA_CONTEXT_BYTES)
+        engine = EngineConfig(**{**asdict(engine), "resident_layers": count})
+        auto_note = f"engine.resident_layers=-1 keeps {why}"
+    else:
+        auto_note = ""
     n_res = min(engine.resident_layers, len(layers)) * params["largest_layer"]
     if n_res:
         # runtime/resident.py: weights + FP32 master + two moments per resident param, one FP32 grad scratch.
@@ -272,7 +284,7 @@ def make_plan(
         # Every step reads and writes every unit's moments once (one disk: the two directions add up).
         times["disk"] = 8 * n / (hardware.disk_read_gbs * 1e9) + 8 * n / (hardware.disk_write_gbs * 1e9)
     times["step"] = max(times.values())
-    notes = []
+    notes = [auto_note] if auto_note else []
     limit = getattr(hf_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         notes.append(f"seq_len {seq_len} exceeds max_position_embeddings {limit}")

@@ -56,7 +56,7 @@ class DistContext:
 
     def shard_units(self, units: list[HostUnit], cfg: EngineConfig) -> None:
         """Shard the initialised units (called by the engine before the device is set up)."""
-        if cfg.resident_layers:
+        if cfg.resident_layers > 0:
             raise ConfigError("engine.resident_layers keeps whole layers and their optimizer on one GPU; it is "
                               "not supported with data-parallel training yet (set it to 0)")
         shard.shard_units(units, self.rank, self.world, {EMBED_UNIT})

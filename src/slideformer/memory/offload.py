@@ -245,7 +245,7 @@ def open_offload(cfg: Any, units: list[HostUnit], device: torch.device, piece: i
 
     if not cfg.offload_dir:
         raise ConfigError("engine.offload needs engine.offload_dir (a directory on a local NVMe disk)")
-    if cfg.resident_layers:
+    if cfg.resident_layers > 0:
         raise ConfigError("engine.resident_layers keeps those layers' moments on the device; it cannot be combined "
                           "with engine.offload (set one of them to 0/'none')")
     store = DiskStore(cfg.offload_dir, {key_of(u): file_bytes(u) for u in units},

@@ -14,6 +14,7 @@ micro-batches; the context shards the units, reduces gradients and gathers weigh
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 import weakref
@@ -39,6 +40,7 @@ from slideformer.runtime.resident import ResidentLayers, pick_resident
 from slideformer.runtime.transfer import Uploader
 from slideformer.runtime.window import Segment, SlotPool, invalidate
 
+logger = logging.getLogger(__name__)
 
 def _unregister_all(ops: DeviceOps, tensors: list[torch.Tensor]) -> None:
     for t in tensors:
@@ -208,7 +210,8 @@ class Engine:
         self.hidden = int(p.embed.weight.shape[1])
         self.vocab = int(p.embed.weight.shape[0])
         chunk = max(1, int(self.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=self.dtype).element_size())
-        self.resident_idx = pick_resident(self.num_layers, self.cfg.resident_layers, self.cfg.resident_placement)
+        count = self.cfg.resident_layers if self.cfg.resident_layers >= 0 else self._resident_auto()
+        self.resident_idx = pick_resident(self.num_layers, count, self.cfg.resident_placement)
         streamed = [u for j, u in enumerate(self.units[1:-1]) if j not in set(self.resident_idx)]
         self.resident = (ResidentLayers(ops, [self.units[j + 1] for j in self.resident_idx], self.dtype,
                                         self.optim_cfg) if self.resident_idx else None)
@@ -244,6 +247,16 @@ class Engine:
         from slideformer.runtime.step import StepRunner
 
         self.runner = StepRunner(self)
+
+    def _resident_auto(self) -> int:
+        """``resident_layers=-1``: as many layers as the GPU budget holds next to the streaming buffers."""
+        from slideformer.placement import engine_resident_count
+
+        count, self.resident_reason = engine_resident_count(
+            self.hf_config, self.cfg, self.device if self.ops.is_cuda else None,
+            clipping=self.optim_cfg.max_grad_norm is not None, data_parallel=self.dist is not None)
+        logger.info("engine.resident_layers=-1: %s", self.resident_reason)
+        return count
 
     def _register_masters(self) -> bool:
         """Page-lock the FP32 master weights in place when uploads are to be cast on the device."""

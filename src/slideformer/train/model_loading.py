@@ -7,6 +7,7 @@ tokenizer loads, and data.seq_len fits the model. Invariant: every failure here 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,14 @@ def build_engine(cfg: RunConfig, hf_config: Any, dist: Any = None) -> Any:
     """
     from slideformer import Engine
 
+    engine_cfg = cfg.engine
+    if engine_cfg.resident_layers < 0:  # as many as fit: sized for this run's micro-batches (placement.py)
+        updates: dict[str, Any] = {}
+        if not engine_cfg.max_tokens_per_micro_batch:
+            updates["max_tokens_per_micro_batch"] = cfg.train.batch_size * cfg.data.seq_len
+        if cfg.train.grad_accum > 1:
+            updates["resident_layers"] = 0  # accumulation runs the deferred schedule: no resident layers
+        engine_cfg = dataclasses.replace(engine_cfg, **updates)
     if cfg.model.is_builtin or cfg.model.random_init:
-        return Engine.from_config(hf_config, cfg.engine, cfg.optim, seed=cfg.train.seed, dist=dist)
-    return Engine.from_pretrained(str(cfg.model.resolved_path()), cfg.engine, cfg.optim, dist=dist)
+        return Engine.from_config(hf_config, engine_cfg, cfg.optim, seed=cfg.train.seed, dist=dist)
+    return Engine.from_pretrained(str(cfg.model.resolved_path()), engine_cfg, cfg.optim, dist=dist)

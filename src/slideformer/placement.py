@@ -1,0 +1,71 @@
+"""Placement: how many decoder layers stay resident on the GPU (``engine.resident_layers = -1``).
+
+Owns that one decision. A resident layer costs ``compute dtype + 12`` bytes/param of device memory
+(weights, FP32 master, two moments) and saves its uploads, its gradient download and its CPU AdamW
+(``runtime/resident.py``); the rest of the device memory is what ``planner.make_plan`` predicts for the
+run without resident layers. The count is the largest whose total stays within ``GPU_HEADROOM`` of the
+budget. Invariant: the count is 0 whenever the run cannot use resident layers (CPU device, the deferred
+schedule of clipping/accumulation, the disk tier) and never exceeds the number of decoder layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+
+from slideformer.config import EngineConfig
+from slideformer.errors import ConfigError
+
+GPU_HEADROOM = 0.90
+"""Fraction of the budget the predicted allocation may use: the caching allocator's reserve runs above
+the allocated peak (measured on the H100 box, Llama-3.2-3B b8 with 8 resident layers: 19.3 GiB allocated,
+21.6 GiB reserved; benchmarks/results/llama3.2-3b_cap24g_resident8_h100_202611_v2_bench.json)."""
+
+
+def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,
+                             gpu_budget_bytes: int) -> tuple[int, str]:
+    """(count, reason): resident decoder layers that fit ``gpu_budget_bytes`` for micro-batches of ``tokens``.
+
+    ``gpu_budget_bytes`` is device memory this process may still allocate (free memory, or a cap), the CUDA
+    context already excluded.
+    """
+    from slideformer.planner import CUDA_CONTEXT_BYTES, Hardware, make_plan
+
+    if engine.device == "cpu":
+        return 0, "the device is the CPU"
+    if deferred:
+        return 0, "clipping or accumulation selects the deferred schedule, which resident layers do not support"
+    if engine.offload != "none":
+        return 0, "the disk tier (engine.offload) is on"
+    base = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=False,
+                     engine=EngineConfig(**{**asdict(engine), "resident_layers": 0}),
+                     hardware=Hardware(gpu_memory_bytes=gpu_budget_bytes, host_memory_bytes=1 << 50))
+    layers = int(base.settings["layers"])
+    largest = int(base.params["largest_layer"])
+    elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
+    streamed_need = sum(v for k, v in base.gpu.items()) - CUDA_CONTEXT_BYTES
+    room = GPU_HEADROOM * gpu_budget_bytes - streamed_need - 4 * largest  # one FP32 gradient scratch
+    count = max(0, min(layers, int(room // (largest * (elt + 12))))) if room > 0 else 0
+    gib = 2**30
+    return count, (f"{count} of {layers} layers ({largest * (elt + 12) / gib:.2f} GiB each) fit next to "
+                   f"{streamed_need / gib:.2f} GiB of streaming buffers in {GPU_HEADROOM:.0%} of "
+                   f"{gpu_budget_bytes / gib:.1f} GiB")
+
+
+def engine_resident_count(hf_config: Any, cfg: EngineConfig, cuda_device: torch.device | None, *, clipping: bool,
+                          data_parallel: bool) -> tuple[int, str]:
+    """The engine's ``resident_layers=-1``: the budget is ``cfg.gpu_memory_gib`` or the device's free memory."""
+    tokens = cfg.max_tokens_per_micro_batch
+    if not tokens:
+        raise ConfigError("engine.resident_layers=-1 sizes the resident layers for a micro-batch: set "
+                          "engine.max_tokens_per_micro_batch (slideformer train sets it to batch_size x seq_len)")
+    if data_parallel:
+        return 0, "data-parallel training does not support resident layers yet"
+    if cuda_device is None:
+        return 0, "the device is the CPU"
+    free, _ = torch.cuda.mem_get_info(cuda_device)
+    budget = int(cfg.gpu_memory_gib * 2**30) if cfg.gpu_memory_gib else int(free)
+    return resident_layers_that_fit(hf_config, tokens=tokens, engine=replace(cfg, device="cuda"),
+                                    deferred=cfg.schedule == "deferred" or clipping, gpu_budget_bytes=budget)

@@ -1,0 +1,64 @@
+"""Placement (``engine.resident_layers=-1``): how many layers stay resident, checked against the H100 box.
+
+The calibration points are measured (benchmarks/results/llama3.2-3b_cap24g_resident8_h100_202611_v2_bench.json,
+GPU capped at 24 GiB, batch 8 x 1024): 8 resident layers ran at 19.3 GiB allocated / 21.6 reserved and
+9 at 20.6 / 22.8, so the count for that run must be 8 or 9, not more (10 would pass the cap).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from slideformer import Engine, EngineConfig, OptimConfig
+from slideformer.errors import ConfigError
+from slideformer.placement import resident_layers_that_fit
+from slideformer.planner import GIB, Hardware, make_plan
+
+
+def _llama3b() -> LlamaConfig:  # meta-llama/Llama-3.2-3B's shape
+    return LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                       num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       max_position_embeddings=131072)
+
+
+def _fit(budget_gib: float, tokens: int = 8192, deferred: bool = False, **engine: object) -> int:
+    cfg = EngineConfig(device="cuda", **engine)
+    return resident_layers_that_fit(_llama3b(), tokens=tokens, engine=cfg, deferred=deferred,
+                                    gpu_budget_bytes=int(budget_gib * GIB))[0]
+
+
+def test_the_measured_24gib_run_gets_the_count_that_fit_there():
+    assert _fit(24) in (8, 9)
+
+
+def test_count_grows_with_the_budget_shrinks_with_tokens_and_is_capped_by_the_depth():
+    counts = [_fit(b) for b in (8, 16, 24, 40, 80)]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 28
+    assert _fit(24, tokens=32768) < _fit(24)
+
+
+@pytest.mark.parametrize("why", [dict(deferred=True), dict(offload="moments", offload_dir="/tmp")])
+def test_no_resident_layers_where_they_cannot_be_used(why):
+    assert _fit(80, **why) == 0
+
+
+def test_plan_resolves_minus_one_and_says_so():
+    plan = make_plan(_llama3b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                     engine=EngineConfig(device="cuda", resident_layers=-1),
+                     hardware=Hardware(gpu_memory_bytes=25 * GIB, host_memory_bytes=125 * GIB))
+    assert plan.settings["resident_layers"] in (8, 9)
+    assert any("resident_layers=-1" in n for n in plan.notes)
+    assert sum(plan.gpu.values()) <= 25 * GIB
+
+
+def test_engine_minus_one_needs_the_micro_batch_size_and_keeps_none_on_the_cpu():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch"):
+        Engine.from_config(cfg, EngineConfig(device="cpu", resident_layers=-1), OptimConfig(lr=1e-3))
+    with Engine.from_config(cfg, EngineConfig(device="cpu", resident_layers=-1, max_tokens_per_micro_batch=64),
+                            OptimConfig(lr=1e-3)) as engine:
+        assert engine.memory_report()["resident_layers"] == 0 and "CPU" in engine.resident_reason
+        engine.train_step({"input_ids": torch.randint(0, 64, (2, 16))})
