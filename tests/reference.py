@@ -69,7 +69,8 @@ def reference_step(model: nn.Module, opt: torch.optim.Optimizer, mbs: list[dict[
         device_type = m["input_ids"].device.type
         ctx = torch.autocast(device_type, dtype=autocast) if autocast is not None else nullcontext()
         with ctx:
-            logits = model(input_ids=m["input_ids"], attention_mask=m.get("attention_mask")).logits
+            logits = model(input_ids=m["input_ids"], attention_mask=m.get("attention_mask"), use_cache=False,
+                           position_ids=m.get("position_ids")).logits
         targets = shifted(m["labels"]).reshape(-1)
         loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
                                            ignore_index=-100, reduction="sum") / total

@@ -73,7 +73,9 @@ def test_packing_makes_full_blocks_and_padding_masks(tok):
     packed, _ = build_sequences(rows, tok, DataArgs(seq_len=32), "f")
     assert packed and all(len(s.ids) == 32 == len(s.labels) for s in packed)
     batch = collate(packed[:3], tok.pad_token_id)
-    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].shape == (3, 32)
+    assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].shape == (3, 32)
+    unisolated, _ = build_sequences(rows, tok, DataArgs(seq_len=32, isolate_documents=False), "f")
+    assert set(collate(unisolated[:3], tok.pad_token_id)) == {"input_ids", "labels"}
 
     padded, _ = build_sequences(rows, tok, DataArgs(seq_len=32, packing=False), "f")
     assert len(padded) == 60

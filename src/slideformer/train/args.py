@@ -83,6 +83,10 @@ class DataArgs:
     packing: bool = True
     """Concatenate rows (separated by EOS) and cut them into seq_len blocks; false: one row per sequence,
     right-padded per micro-batch with an attention mask, rows longer than seq_len truncated."""
+    isolate_documents: bool = True
+    """With packing: each row attends only to itself (position ids restart per row, and transformers
+    builds the block-diagonal causal mask from them) and a row's first token is not predicted from the
+    previous row, so packed training equals unpacked training. false: causal attention across the block."""
     add_eos: bool = True
     """Append the tokenizer's EOS token to each row (text and prompt/completion formats)."""
     max_rows: int = 0

@@ -27,6 +27,8 @@ class Encoded:
 
     ids: list[int]
     labels: list[int]
+    positions: list[int] | None = None
+    """Position ids of a packed block whose documents are isolated (restarting at 0 per document)."""
 
 
 @dataclass
@@ -137,20 +139,39 @@ def encode_rows(rows: Sequence[Row], tokenizer: Any, args: DataArgs) -> tuple[li
     return out, stats
 
 
-def pack(encoded: Sequence[Encoded], seq_len: int) -> list[Encoded]:
+def pack(encoded: Sequence[Encoded], seq_len: int, isolate: bool = True) -> list[Encoded]:
     """Concatenate rows and cut the stream into ``seq_len`` blocks (the incomplete tail is dropped).
 
-    Attention is causal over the whole block (rows are separated by EOS, not by the mask), the usual
-    trade of packing for throughput.
+    ``isolate``: each block carries position ids that restart at 0 at every document start (and at the
+    block start, for a document cut by the previous block), and the first token of each document is not
+    a target (it would be predicted from the previous document). Given position ids and no attention
+    mask, transformers builds a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``),
+    so a document attends only to itself, with its own RoPE positions: the same training as unpacked
+    rows. Otherwise attention is causal over the whole block (rows separated only by EOS).
     """
     ids = [t for e in encoded for t in e.ids]
     labels = [t for e in encoded for t in e.labels]
+    pos = [i for e in encoded for i in range(len(e.ids))]
     blocks = []
     for start in range(0, len(ids) - seq_len + 1, seq_len):
         lab = labels[start : start + seq_len]
+        positions = None
+        if isolate:
+            positions = _restart_positions(pos[start : start + seq_len])
+            lab = [IGNORE_INDEX if k > 0 and p == 0 else t for k, (t, p) in enumerate(zip(lab, positions))]
         if any(x != IGNORE_INDEX for x in lab[1:]):
-            blocks.append(Encoded(ids[start : start + seq_len], lab))
+            blocks.append(Encoded(ids[start : start + seq_len], lab, positions))
     return blocks
+
+
+def _restart_positions(doc_pos: list[int]) -> list[int]:
+    """Positions within each document, counted from the block start for the document cut by it."""
+    out, offset = [], doc_pos[0] if doc_pos else 0
+    for p in doc_pos:
+        if p == 0:
+            offset = 0
+        out.append(p - offset)
+    return out
 
 
 def truncate(encoded: Sequence[Encoded], seq_len: int, stats: DataStats) -> list[Encoded]:
@@ -179,7 +200,8 @@ def build_sequences(
         what: a name for messages, e.g. the file path.
     """
     encoded, stats = encode_rows(rows, tokenizer, args)
-    seqs = pack(encoded, args.seq_len) if args.packing else truncate(encoded, args.seq_len, stats)
+    seqs = (pack(encoded, args.seq_len, args.isolate_documents) if args.packing
+            else truncate(encoded, args.seq_len, stats))
     stats.sequences = len(seqs)
     if not seqs:
         reason = (
@@ -218,6 +240,8 @@ def collate(seqs: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "labels": labels}
     if not bool(mask.all()):
         batch["attention_mask"] = mask
+    elif all(s.positions is not None for s in seqs):  # packed blocks (all seq_len long): documents isolated
+        batch["position_ids"] = torch.tensor([s.positions for s in seqs], dtype=torch.long)
     return batch
 
 

@@ -28,7 +28,10 @@ def eval_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
-            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+            # Packed blocks carry position_ids (documents isolated); transformers honours them only
+            # without a KV cache.
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
+                           use_cache=False).logits
             labels = batch["labels"][:, 1:]
             total += F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(),
