@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
-from tests.reference import random_batch, tiny_config
+from tests.reference import make_model, random_batch, tiny_config
 
 from slideformer import Engine, EngineConfig, HostMemoryError, OptimConfig, SlideformerError
 from slideformer.memory.host_state import HostUnit
@@ -163,3 +163,31 @@ def test_engine_runs_are_bitwise_deterministic(micro, clip):
     assert l1[-1] < l1[0]  # it trained (on the same batches each step)
     diff = [k for k in s1 if not torch.equal(s1[k], s2[k])]
     assert s1.keys() == s2.keys() and not diff, diff[:5]
+
+
+def test_cuda_out_of_memory_in_a_step_is_reported_with_the_plans_advice(monkeypatch):
+    """An OOM raised anywhere in the step (here: by the layer loop, as the CUDA allocator would) becomes a
+    DeviceMemoryError naming the GPU plan and what to change; the engine refuses further steps."""
+    from slideformer.errors import DeviceMemoryError
+    from slideformer.runtime.step import StepRunner
+
+    cfg = tiny_config("llama")
+    engine = Engine(make_model(cfg), EngineConfig(device="cpu", window=2), OptimConfig(lr=1e-3))
+    try:
+        def oom(*args, **kwargs):
+            try:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            except torch.OutOfMemoryError as e:  # as a worker would hand it on: wrapped
+                raise RuntimeError("upload worker failed") from e
+
+        monkeypatch.setattr(StepRunner, "step", oom)
+        batch = {"input_ids": torch.randint(0, cfg.vocab_size, (4, 32))}
+        with pytest.raises(DeviceMemoryError) as info:
+            engine.train_step(batch)
+        msg = str(info.value)
+        assert "Tried to allocate 2.00 GiB" in msg and "128 tokens per micro-batch" in msg
+        assert "train.batch_size" in msg and "slideformer plan" in msg and "engine.window=1" in msg
+        with pytest.raises(SlideformerError, match="earlier step failed"):
+            engine.train_step(batch)
+    finally:
+        engine.close()

@@ -39,3 +39,7 @@ class HostMemoryError(SlideformerError, MemoryError):
 class DistError(SlideformerError, RuntimeError):
     """A collective with the other data-parallel ranks failed: another rank exited, crashed or stalled
     past the watchdog; its own log has the cause."""
+
+
+class DeviceMemoryError(SlideformerError, MemoryError):
+    """The GPU ran out of memory inside a step; the message carries the planner's advice."""

@@ -69,3 +69,31 @@ def engine_resident_count(hf_config: Any, cfg: EngineConfig, cuda_device: torch.
     budget = int(cfg.gpu_memory_gib * 2**30) if cfg.gpu_memory_gib else int(free)
     return resident_layers_that_fit(hf_config, tokens=tokens, engine=replace(cfg, device="cuda"),
                                     deferred=cfg.schedule == "deferred" or clipping, gpu_budget_bytes=budget)
+
+
+def device_memory_advice(hf_config: Any, cfg: EngineConfig, *, tokens: int, resident: int, deferred: bool,
+                         budget_bytes: int | None, detail: str) -> str:
+    """The message for a CUDA out-of-memory inside a step: what the plan puts on the GPU, and what to change."""
+    from slideformer.planner import Hardware, make_plan
+
+    gib = 2**30
+    plan = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=deferred,
+                     engine=replace(cfg, device="cuda", resident_layers=resident),
+                     hardware=Hardware(gpu_memory_bytes=budget_bytes or 0, host_memory_bytes=1 << 50))
+    need = sum(plan.gpu.values())
+    top = sorted(plan.gpu.items(), key=lambda kv: -kv[1])[:3]
+    where = ", ".join(f"{k} {v / gib:.1f} GiB" for k, v in top)
+    of = f" of the {budget_bytes / gib:.1f} GiB available" if budget_bytes else ""
+    advice = [f"a smaller micro-batch ({tokens:,} tokens now): lower train.batch_size and raise train.grad_accum "
+              "to keep the global batch"]
+    if resident:
+        each = plan.gpu.get("resident layers (weights + FP32 master + moments)", 0) / resident / gib
+        advice.insert(0, f"fewer resident layers (engine.resident_layers={resident} now, ~{each:.2f} GiB each)")
+    if cfg.loss_chunk_tokens > 1024:
+        advice.append(f"engine.loss_chunk_tokens=1024 (now {cfg.loss_chunk_tokens})")
+    if cfg.window > 1:
+        advice.append(f"engine.window=1 (now {cfg.window})")
+    return (f"CUDA ran out of memory inside a training step ({detail.splitlines()[0] if detail else 'no detail'}). "
+            f"The plan for {tokens:,} tokens per micro-batch puts {need / gib:.1f} GiB on the GPU{of} (largest: "
+            f"{where}); other processes on the GPU count too. Try: " + "; ".join(advice) +
+            ". `slideformer plan` prints the GPU budget per setting.")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from slideformer.config import EngineConfig, OptimConfig
-from slideformer.errors import ConfigError, SlideformerError, WorkerError
+from slideformer.errors import ConfigError, DeviceMemoryError, SlideformerError, WorkerError
 from slideformer.memory.activations import ActivationStore
 from slideformer.memory.host_state import HostUnit, build_units
 from slideformer.memory.offload import OffloadedMoments, open_offload
@@ -317,6 +317,7 @@ class Engine:
             loss, norm_fut, skipped = self.runner.step(mbs, deferred, lr_now)
         except BaseException as exc:
             self._failed = exc
+            self._raise_device_oom(exc, max(m.shape.numel() for m in mbs), deferred)
             if isinstance(exc, SlideformerError):
                 raise
             raise WorkerError(f"training step failed: {type(exc).__name__}: {exc}") from exc
@@ -336,6 +337,7 @@ class Engine:
             total = torch.stack([self.runner.eval_micro(m) for m in mbs]).sum()
         except BaseException as exc:
             self._failed = exc
+            self._raise_device_oom(exc, max(m.shape.numel() for m in mbs), False)
             if isinstance(exc, SlideformerError):
                 raise
             raise WorkerError(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
@@ -372,6 +374,22 @@ class Engine:
             return {u.index: (u.exp_avg, u.exp_avg_sq) for u in self.units}
         self.offload.sync(self.cfg.watchdog_s)
         return self.offload.mapped()
+
+    def _raise_device_oom(self, exc: BaseException, tokens: int, deferred: bool) -> None:
+        """Turn a CUDA out-of-memory anywhere in ``exc``'s chain into a DeviceMemoryError with advice."""
+        seen: BaseException | None = exc
+        while seen is not None and not isinstance(seen, torch.OutOfMemoryError):
+            seen = seen.__cause__ or seen.__context__
+        if seen is None:
+            return
+        from slideformer.placement import device_memory_advice
+
+        budget = None
+        if self.ops.is_cuda:
+            budget = int(self.cfg.gpu_memory_gib * 2**30) or int(torch.cuda.mem_get_info(self.device)[1])
+        raise DeviceMemoryError(device_memory_advice(
+            self.hf_config, self.cfg, tokens=tokens, resident=len(self.resident_idx), deferred=deferred,
+            budget_bytes=budget, detail=str(seen))) from exc
 
     def _check_usable(self, allow_failed: bool = False) -> None:
         if self._closed:
