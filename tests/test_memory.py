@@ -74,3 +74,42 @@ def test_compute_dtype_gradient_buffer_is_exact_for_one_micro_batch() -> None:
     for name, t in states[0].items():
         assert torch.equal(states[1][name], t), name
     assert reports[0]["bytes_per_param"] == 12.0 and reports[1]["bytes_per_param"] == 14.0
+
+
+_LOAD_PROBE = r"""
+import json, resource, sys
+import psutil, torch
+from slideformer import Engine, EngineConfig
+torch.set_num_threads(1)
+base = psutil.Process().memory_info().rss
+engine = Engine.from_pretrained(sys.argv[1], EngineConfig(device="cpu", pin_memory=False))
+steady = psutil.Process().memory_info().rss
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+print(json.dumps({"base": base, "steady": steady, "peak": peak, "params": engine.num_params,
+                  "state": engine.memory_report()["host_state_bytes"]}))
+"""
+
+
+def test_loading_a_checkpoint_never_holds_the_model_twice(tmp_path) -> None:
+    """Shards stream into the host layout: the load's peak RSS exceeds the engine's steady state by at
+    most about one shard, never by another copy of the model (FP32 would be 4 B/param more)."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path), max_shard_size="20MB")  # ~2 B/param on disk, several shards
+    shard = max(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    out = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         check=True, timeout=300)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["params"] == n
+    over_steady = r["peak"] - r["steady"]
+    assert over_steady <= 2 * shard + 32 * 2**20, (over_steady / 2**20, shard / 2**20)
+    assert 2 * shard + 32 * 2**20 < 4 * n  # so a second FP32 copy of the model could not pass unnoticed
