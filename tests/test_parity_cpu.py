@@ -15,7 +15,7 @@ import torch
 from tests.reference import FAMILIES, adamw_for, make_model, random_batch, reference_step, rel, tiny_config
 from tests.tolerances import TOLERANCES
 
-from slideformer import ConfigError, Engine, EngineConfig, OptimConfig
+from slideformer import Engine, EngineConfig, OptimConfig
 
 TOL = TOLERANCES["cpu_fp32"]
 STEPS = 5
@@ -100,9 +100,13 @@ def test_resident_layers(family: str, resident: int, window: int, placement: str
          placement=placement)
 
 
-def test_resident_layers_refuse_the_deferred_schedule() -> None:
-    with pytest.raises(ConfigError, match="resident_layers"):
-        _run("llama", accumulate=2, max_norm=None, resident_layers=1)
+@pytest.mark.parametrize("family,resident,accumulate,max_norm,window", [
+    ("llama", 2, 1, 0.5, 2), ("llama_tied", 1, 3, 0.5, 1), ("qwen3", 3, 2, None, 2), ("gemma2", 2, 1, 1e-3, 1)])
+def test_resident_layers_under_the_deferred_schedule(family: str, resident: int, accumulate: int,
+                                                     max_norm: float | None, window: int) -> None:
+    """Clipping and accumulation with resident layers: accumulated and clipped on the device, updated
+    before their next forward; the same training as plain PyTorch."""
+    _run(family, accumulate=accumulate, max_norm=max_norm, window=window, resident_layers=resident, layers=4)
 
 
 def test_accumulation_without_clipping() -> None:

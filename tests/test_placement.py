@@ -39,9 +39,9 @@ def test_count_grows_with_the_budget_shrinks_with_tokens_and_is_capped_by_the_de
     assert _fit(24, tokens=32768) < _fit(24)
 
 
-@pytest.mark.parametrize("why", [dict(deferred=True), dict(offload="moments", offload_dir="/tmp")])
-def test_no_resident_layers_where_they_cannot_be_used(why):
-    assert _fit(80, **why) == 0
+def test_no_resident_layers_with_the_disk_tier_and_fewer_with_the_deferred_accumulator():
+    assert _fit(80, offload="moments", offload_dir="/tmp") == 0
+    assert 0 < _fit(24, deferred=True) < _fit(24)
 
 
 def test_plan_resolves_minus_one_and_says_so():

@@ -4,8 +4,9 @@ Owns that one decision. A resident layer costs ``compute dtype + 12`` bytes/para
 (weights, FP32 master, two moments) and saves its uploads, its gradient download and its CPU AdamW
 (``runtime/resident.py``); the rest of the device memory is what ``planner.make_plan`` predicts for the
 run without resident layers. The count is the largest whose total stays within ``GPU_HEADROOM`` of the
-budget. Invariant: the count is 0 whenever the run cannot use resident layers (CPU device, the deferred
-schedule of clipping/accumulation, the disk tier) and never exceeds the number of decoder layers.
+budget. Under the deferred schedule (clipping, accumulation) each resident layer also holds an FP32
+gradient accumulator (4 more bytes/param). Invariant: the count is 0 whenever the run cannot use resident
+layers (CPU device, the disk tier) and never exceeds the number of decoder layers.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
 
     if engine.device == "cpu":
         return 0, "the device is the CPU"
-    if deferred:
-        return 0, "clipping or accumulation selects the deferred schedule, which resident layers do not support"
     if engine.offload != "none":
         return 0, "the disk tier (engine.offload) is on"
     base = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=False,
@@ -47,9 +46,10 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
     streamed_need = sum(v for k, v in base.gpu.items()) - CUDA_CONTEXT_BYTES
     room = GPU_HEADROOM * gpu_budget_bytes - streamed_need - 4 * largest  # one FP32 gradient scratch
-    count = max(0, min(layers, int(room // (largest * (elt + 12))))) if room > 0 else 0
+    per_layer = largest * (elt + 12 + (4 if deferred else 0))  # + the deferred schedule's FP32 accumulator
+    count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
     gib = 2**30
-    return count, (f"{count} of {layers} layers ({largest * (elt + 12) / gib:.2f} GiB each) fit next to "
+    return count, (f"{count} of {layers} layers ({per_layer / gib:.2f} GiB each) fit next to "
                    f"{streamed_need / gib:.2f} GiB of streaming buffers in {GPU_HEADROOM:.0%} of "
                    f"{gpu_budget_bytes / gib:.1f} GiB")
 

@@ -257,8 +257,10 @@ def make_plan(
         auto_note = ""
     n_res = min(engine.resident_layers, len(layers)) * params["largest_layer"]
     if n_res:
-        # runtime/resident.py: weights + FP32 master + two moments per resident param, one FP32 grad scratch.
-        gpu["resident layers (weights + FP32 master + moments)"] = n_res * (elt + 12) + params["largest_layer"] * 4
+        # runtime/resident.py: weights + FP32 master + two moments per resident param (+ an FP32 gradient
+        # accumulator under the deferred schedule), one FP32 grad scratch.
+        gpu["resident layers (weights + FP32 master + moments)"] = (n_res * (elt + 12 + (4 if deferred else 0))
+                                                                    + params["largest_layer"] * 4)
     if not on_gpu:
         host.update({f"device (cpu): {k}": v for k, v in gpu.items() if "CUDA" not in k})
         gpu = {}

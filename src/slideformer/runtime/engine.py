@@ -349,10 +349,6 @@ class Engine:
             raise ConfigError("engine.grad_accumulator='compute' keeps one micro-batch's gradient as the device "
                               "produced it; accumulating several micro-batches needs 'fp32'")
         need = micro_batches > 1 or self.optim_cfg.max_grad_norm is not None
-        if self.resident is not None and (need or self.cfg.schedule == "deferred"):
-            raise ConfigError("engine.resident_layers updates those layers on the device inside backward, which "
-                              "the deferred schedule (clipping, accumulation) does not support yet; set "
-                              "engine.resident_layers=0 or train without clipping and accumulation")
         if self.cfg.schedule == "overlap" and need:
             raise ConfigError("schedule='overlap' updates each layer inside backward, so it cannot clip the "
                               "global norm or accumulate micro-batches; use schedule='auto' or 'deferred'")
@@ -364,6 +360,8 @@ class Engine:
         for u in self.units:
             self.runner.wait(u.update_future, f"the optimizer update of {u.name}")
         if self.resident is not None:
+            for index in list(self.runner.resident_pending):
+                self.runner.apply_resident_update(index)  # deferred updates of resident layers, on the device
             self.resident.sync_to_host()
         if self.offload is not None:
             self.offload.wait_writes(self.cfg.watchdog_s)

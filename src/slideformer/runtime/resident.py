@@ -6,6 +6,10 @@ cross PCIe, and their AdamW runs on the device right after their backward, in st
 memory bandwidth and the PCIe link are left to the streamed layers. The host keeps its flat buffers for
 these units too (checkpoints and ``hf_model`` read them): ``sync_to_host`` refreshes them, on ``flush``.
 
+Under the deferred schedule (clipping, accumulation) a resident unit's gradients are summed on the device
+in an FP32 accumulator (4 more bytes/param, allocated on first use); the update waits for the step's clip
+coefficient and runs, in stream order, before the unit's next forward (or on ``flush``).
+
 Invariant: a resident unit's device state is the truth between ``load_from_host`` and ``sync_to_host``;
 its update uses ``torch._fused_adamw_`` with the same arithmetic as the host kernel, so results do not
 depend on which layers are resident (CPU parity tests hold that).
@@ -41,6 +45,8 @@ class ResidentLayers:
         self.step_t = {u.index: torch.zeros((), dtype=torch.float32, device=ops.device) for u in units}
         self.views = {u.index: [self.weight[u.index][s.offset:s.offset + s.numel].view(s.shape) for s in u.params]
                       for u in units}
+        self.acc: dict[int, torch.Tensor] = {}
+        self.acc_views: dict[int, list[torch.Tensor]] = {}
         self.load_from_host()
 
     def load_from_host(self) -> None:
@@ -70,6 +76,33 @@ class ResidentLayers:
         sq_norm += torch.linalg.vector_norm(g).square()
         unit.step += 1
         self.step_t[unit.index] += 1
+        self._adamw(unit, g, lr)
+
+    def accumulate(self, unit: HostUnit, grads: list[torch.Tensor], first: bool, sq_norm: torch.Tensor | None) -> None:
+        """Deferred schedule: add a micro-batch's gradients into the unit's FP32 accumulator (``first``:
+        overwrite it); with ``sq_norm`` (the step's last micro-batch), add the accumulated squared norm."""
+        i = unit.index
+        if i not in self.acc:  # once per engine: the deferred schedule's first step
+            self.acc[i] = self.ops.empty(unit.numel, torch.float32)
+            self.acc_views[i] = [self.acc[i][s.offset:s.offset + s.numel].view(s.shape) for s in unit.params]
+        if first:
+            torch._foreach_copy_(self.acc_views[i], grads)
+        else:
+            torch._foreach_add_(self.acc_views[i], grads)
+        if sq_norm is not None:
+            sq_norm += torch.linalg.vector_norm(self.acc[i]).square()
+
+    def apply_accumulated(self, unit: HostUnit, step: int, lr: float, grad_scale: float) -> None:
+        """Deferred schedule: AdamW from the accumulated gradient times the clip coefficient (``step`` is
+        the unit's step count after this update, already advanced by the schedule)."""
+        g = self.acc[unit.index]
+        if grad_scale != 1.0:
+            g = torch.mul(g, grad_scale, out=self.grad32[:unit.numel])
+        self.step_t[unit.index].fill_(float(step))
+        self._adamw(unit, g, lr)
+
+    def _adamw(self, unit: HostUnit, g: torch.Tensor, lr: float) -> None:
+        n = unit.numel
         flat = self.flat[unit.index]
         b1, b2 = self.optim.betas
         for lo, hi, decay in unit.decay_segments(0, n):
@@ -80,4 +113,5 @@ class ResidentLayers:
         self.weight[unit.index].copy_(flat[:n])
 
     def device_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.flat.values(), *self.weight.values(), self.grad32])
+        return sum(t.numel() * t.element_size()
+                   for t in [*self.flat.values(), *self.weight.values(), *self.acc.values(), self.grad32])

@@ -50,6 +50,7 @@ class StepRunner:
         slots = engine.layer_pool.slots
         self.resident = engine.resident
         resident = set(engine.resident_idx)
+        self.resident_units = {j + 1 for j in resident}
         streamed = [j for j in range(engine.num_layers) if j not in resident]
         self.layer_slot: dict[int, Slot] = {j: slots[k % len(slots)] for k, j in enumerate(streamed)}
         self.layer_views: dict[int, list[torch.Tensor]] = {
@@ -58,6 +59,9 @@ class StepRunner:
                                  for j, s in self.layer_slot.items()}
         if self.resident is not None:
             self.layer_views.update({j: self.resident.views[j + 1] for j in resident})
+        # Deferred schedule: resident units' updates waiting for the step's clip coefficient, applied on
+        # the device before the unit's next forward (or by flush): unit index -> (norm future, step, lr).
+        self.resident_pending: dict[int, tuple[Future, int, float]] = {}
         head = engine.head_segments
         self.head_views = engine.vocab_slot.views(head)
         self.head_grad_views = engine.vocab_slot.views(head, grads=True)
@@ -112,7 +116,8 @@ class StepRunner:
         if deferred:
             acc_dtype = e.dtype if e.cfg.grad_accumulator == "compute" else torch.float32
             for u in e.units:
-                u.ensure_grad_acc(acc_dtype)
+                if u.index not in self.resident_units:  # resident units accumulate on the device
+                    u.ensure_grad_acc(acc_dtype)
         e.ensure_capacity(max(m.shape.numel() for m in mbs))
         total = sum(m.tokens for m in mbs)
         if e.dist is not None:
@@ -123,6 +128,8 @@ class StepRunner:
         # rank's reduced shard on the host and sum over ranks.
         host_norm = len(mbs) > 1 or e.dist is not None
         self.sq_dev = torch.zeros((), dtype=torch.float32, device=e.device)
+        # Resident units' accumulated squared norm when the host measures the others (several micro-batches).
+        self.sq_res = torch.zeros((), dtype=torch.float32, device=e.device)
         losses = []
         for k, mb in enumerate(mbs):
             loss_k = self._micro(mb, 1.0 / total, deferred, k == 0, k == len(mbs) - 1, lr, host_norm)
@@ -136,14 +143,17 @@ class StepRunner:
         # Bring the device-side squared norm to the host asynchronously, behind this step's backward only.
         # (Reading the device tensor from the optimizer thread would queue behind everything the main
         # thread issues meanwhile, i.e. the next forward, and stall the optimizer for that long.)
-        sq_host = torch.empty(1, dtype=torch.float32, pin_memory=self.ops.pin)
-        self.ops.copy(sq_host, self.sq_dev.view(1))
+        sq_host = torch.empty(2, dtype=torch.float32, pin_memory=self.ops.pin)
+        self.ops.copy(sq_host, torch.stack([self.sq_dev, self.sq_res]))
         sq_ready = self.ops.record(self.ops.compute_stream())
         norm = drain.submit_task(self._clip_coefficient, host_norm, sq_host, sq_ready)
         if deferred:
             for u in e.units:
                 spec = self._schedule_update(u, lr)
-                u.update_future = drain.submit_task(drain.apply_accumulated, u, norm, spec.step, spec.lr)
+                if u.index in self.resident_units:
+                    self.resident_pending[u.index] = (norm, spec.step, spec.lr)
+                else:
+                    u.update_future = drain.submit_task(drain.apply_accumulated, u, norm, spec.step, spec.lr)
         loss = float(torch.stack(losses).sum().item())
         if e.dist is not None:
             loss = e.dist.all_sum(loss)  # every rank's share of the global mean
@@ -152,7 +162,10 @@ class StepRunner:
     def _clip_coefficient(self, host_norm: bool, sq_host: torch.Tensor, sq_ready: Any) -> tuple[float, float]:
         # Runs on the optimizer thread after every gradient of the step was consumed.
         if host_norm:
-            sq = self.e.drain.global_sq(self.e.units)
+            sq = self.e.drain.global_sq([u for u in self.e.units if u.index not in self.resident_units])
+            if self.resident_units:
+                self.ops.host_wait(sq_ready)  # the copy of the resident units' device-side norm has landed
+                sq += float(sq_host[1])
         else:
             self.ops.host_wait(sq_ready)  # the copy of the device-side norm has landed
             sq = float(sq_host[0])
@@ -218,6 +231,8 @@ class StepRunner:
                 use = fwd.get(j)
                 if use is not None:
                     self._begin(use, False, f"layer {j} forward")
+                elif j + 1 in self.resident_pending:
+                    self.apply_resident_update(j + 1)
                 self._bind(e.units[j + 1], self.layer_views[j])
                 if save:
                     e.acts.save(j, h, cs)
@@ -289,8 +304,13 @@ class StepRunner:
             e.acts.release(j, cs)
             dh = grads[0]
             if use is None:
-                # A resident layer: AdamW on the device, in stream order after its backward.
-                self.resident.update(unit, list(grads[1:]), lr, self.sq_dev)
+                # A resident layer: AdamW on the device, in stream order after its backward; or, deferred,
+                # accumulation on the device (its norm joins the step's on the last micro-batch).
+                if deferred:
+                    sq = (self.sq_res if host_norm else self.sq_dev) if last else None
+                    self.resident.accumulate(unit, list(grads[1:]), first, sq)
+                else:
+                    self.resident.update(unit, list(grads[1:]), lr, self.sq_dev)
                 continue
             torch._foreach_copy_(self.layer_grad_views[j], list(grads[1:]))
             self._drain([(unit, use.slot.grad[:unit.padded])], use.release, deferred, first, last, lr, host_norm)
@@ -313,6 +333,13 @@ class StepRunner:
         # The next gather may overwrite x0 once compute and the activation copies are done with it.
         x0_release.set_result([ops.record(cs), ops.record(e.acts.stream)])
         return loss
+
+    def apply_resident_update(self, index: int) -> None:
+        """Run a resident unit's deferred update (AdamW on the device, clipped) once the step's norm is known."""
+        norm_fut, step, lr = self.resident_pending.pop(index)
+        # The clip coefficient comes from the optimizer thread once every gradient of the step was consumed.
+        _, coef = self.wait(norm_fut, "the step's gradient norm, before a resident layer's deferred update")
+        self.resident.apply_accumulated(self.e.units[index], step, lr, coef)
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """Whether the step must be skipped: this rank's loss is NaN/inf, or (data-parallel) any rank's is."""

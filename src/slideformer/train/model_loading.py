@@ -81,8 +81,6 @@ def build_engine(cfg: RunConfig, hf_config: Any, dist: Any = None) -> Any:
         updates: dict[str, Any] = {}
         if not engine_cfg.max_tokens_per_micro_batch:
             updates["max_tokens_per_micro_batch"] = cfg.train.batch_size * cfg.data.seq_len
-        if cfg.train.grad_accum > 1:
-            updates["resident_layers"] = 0  # accumulation runs the deferred schedule: no resident layers
         engine_cfg = dataclasses.replace(engine_cfg, **updates)
     if cfg.model.is_builtin or cfg.model.random_init:
         return Engine.from_config(hf_config, engine_cfg, cfg.optim, seed=cfg.train.seed, dist=dist)
