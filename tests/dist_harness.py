@@ -38,7 +38,8 @@ def engine_configs(args: dict[str, Any]) -> tuple[EngineConfig, OptimConfig]:
     return (EngineConfig(device=args.get("device", "cpu"), compute_dtype=args.get("dtype", "float32"),
                          schedule=args["schedule"],
                          chunk_mib=args.get("chunk_mib", 1 / 16), staging_chunks=2, loss_chunk_tokens=16,
-                         watchdog_s=args.get("watchdog_s", 60.0), window=args.get("window", 2)),
+                         watchdog_s=args.get("watchdog_s", 60.0), window=args.get("window", 2),
+                         host_copy=args.get("host_copy", "none")),
             OptimConfig(lr=LR, weight_decay=WD, max_grad_norm=args.get("max_norm")))
 
 

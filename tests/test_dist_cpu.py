@@ -66,6 +66,9 @@ PARITY = {
     "deferred": dict(family="qwen3", schedule="deferred", accumulate=2, max_norm=0.5),
 }
 STEPS = 3
+# BF16 compute with the optimizer's upload copy (engine.host_copy) on and off: bitwise the same run (the
+# copy of each sharded unit is this rank's shard; the replicated tied embedding's is whole).
+COPY = dict(family="llama_tied", schedule="deferred", accumulate=2, max_norm=0.5, dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,8 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 2-rank launch runs every data-parallel scenario in turn (process start-up dominates the time)."""
     d = tmp_path_factory.mktemp("dist")
     runs = [dict(args, scenario="parity", steps=STEPS, out=str(d / f"{name}.pt")) for name, args in PARITY.items()]
+    runs += [dict(COPY, host_copy=c, scenario="parity", steps=STEPS, out=str(d / f"copy_{c}.pt"))
+             for c in ("none", "bf16")]
     runs.append(dict(family="qwen3", schedule="overlap", accumulate=1, steps=2, scenario="checkpoint",
                      ckpt=str(d / "ckpt"), out=str(d / "checkpoint.pt")))
     for rc, err in _finish(launch("suite", {"runs": runs})):
@@ -97,6 +102,15 @@ def test_two_ranks_equal_one_big_batch(suite: Path, name: str) -> None:
     emb = cfg.vocab_size * cfg.hidden_size
     expect = per_param * (emb + (mem["num_params"] - emb) / 2)
     assert expect <= mem["host_state_bytes"] <= expect + per_param * 2 * len(ref.state_dict()), mem
+
+
+def test_host_copy_is_bitwise_on_two_ranks(suite: Path) -> None:
+    off, on = torch.load(suite / "copy_none.pt"), torch.load(suite / "copy_bf16.pt")
+    assert off["losses"] == on["losses"] and off["norms"] == on["norms"]
+    for part in ("params", "exp_avg", "exp_avg_sq"):
+        for name, t in off[part].items():
+            assert torch.equal(t, on[part][name]), (part, name)
+    assert off["memory"]["upload_copy_bytes"] == 0 < on["memory"]["upload_copy_bytes"]
 
 
 def test_checkpoint_from_two_ranks_continues_on_one(suite: Path) -> None:

@@ -31,7 +31,7 @@ class RecordingAdam:
         self.entered = threading.Event()
         self.fail_on: int | None = None
 
-    def update(self, unit, lo, hi, grad, spec) -> None:
+    def update(self, unit, lo, hi, grad, spec, out=None) -> None:
         self.entered.set()
         self.gate.wait(10)
         if unit.index == self.fail_on:

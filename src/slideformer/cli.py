@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--offload", choices=["none", "moments", "auto"],
                     help="the disk tier: AdamW moments on disk; auto: only when host RAM is short "
                     "(default: engine.offload)")
+    pl.add_argument("--host-copy", choices=["none", "bf16", "auto"],
+                    help="pinned BF16 upload copy written by the CPU AdamW (default: engine.host_copy)")
     pl.add_argument("--offload-dir", help="directory of the disk tier (default: engine.offload_dir)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 

@@ -95,6 +95,13 @@ class EngineConfig:
     page-locked in place and copied as is, and the GPU casts it (twice the PCIe bytes, no CPU work: the
     host's memory bandwidth is left to AdamW). 'host': the CPU casts chunk by chunk into pinned staging
     (half the PCIe bytes). 'auto': 'device' on CUDA when page-locking succeeds, else 'host'."""
+    host_copy: Literal["none", "bf16", "auto"] = "none"
+    """A pinned BF16 copy of every streamed unit's master weights (2 B/param of host RAM, allocated once),
+    written by the CPU AdamW in the same pass as the update, so uploads DMA 2 B/param straight into the slot
+    (no FP32 device ring, no cast, and the FP32 master is not page-locked). Results are bitwise those
+    without it. 'bf16': on (needs compute_dtype bfloat16; a ConfigError otherwise). 'auto': on when the
+    device is CUDA, the compute dtype is bfloat16 and the host state with the copy fits ``host_memory_gib``
+    (the planner's total), else off. 'none': uploads read the FP32 master (``upload_cast``)."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
     check_host_memory: bool = True
@@ -154,6 +161,8 @@ class EngineConfig:
             raise ConfigError("engine.chunk_mib must be >= 1/64 and engine.staging_chunks >= 2")
         if self.upload_cast not in ("auto", "device", "host"):
             raise ConfigError(f"engine.upload_cast must be auto, device or host, got {self.upload_cast!r}")
+        if self.host_copy not in ("none", "bf16", "auto"):
+            raise ConfigError(f"engine.host_copy must be none, bf16 or auto, got {self.host_copy!r}")
         if self.watchdog_s <= 0:
             raise ConfigError(f"engine.watchdog_s must be > 0, got {self.watchdog_s}")
         if self.offload not in ("none", "moments", "auto"):

@@ -4,10 +4,12 @@ Owns the first-order memory model of a run, before anything is allocated: the mo
 meta device (no weights are read), split by the engine's adapter into embedding / decoder layers /
 norm / head, and the byte counts follow the engine's layout: 12 B/param of FP32 master weights and Adam
 moments on the host (+4 B/param of gradient accumulator under the deferred schedule), activation
-checkpoints of layers x tokens x hidden x 2 B in pinned memory, and on the GPU ``window`` slots sized
-for the largest decoder layer (BF16 weights + grads), one vocabulary slot for embedding/head, and the
-working activations of one layer. Invariant: every number is derived from the config and the stated
-assumptions, which the output prints; the performance planner refines it with measured speeds.
+checkpoints of layers x tokens x hidden x 2 B in pinned memory (+2 B/param of pinned BF16 upload copies
+with ``engine.host_copy``, which also halves the upload bytes of a device-cast run), and on the GPU
+``window`` slots sized for the largest decoder layer (BF16 weights + grads), one vocabulary slot for
+embedding/head, and the working activations of one layer. Invariant: every number is derived from the
+config and the stated assumptions, which the output prints; the performance planner refines it with
+measured speeds.
 """
 
 from __future__ import annotations
@@ -206,10 +208,22 @@ def make_plan(
     # The disk tier: 'auto' moves the moments to disk only when the all-in-RAM host total exceeds the budget.
     offload = engine.offload
     if offload == "auto":
+        # An 'auto' BF16 copy yields to the moments: the offload decision is made without it.
+        copy_first = "none" if engine.host_copy == "auto" else engine.host_copy
         ram_plan = make_plan(hf_config, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-                             clipping=clipping, engine=EngineConfig(**{**asdict(engine), "offload": "none"}),
+                             clipping=clipping,
+                             engine=EngineConfig(**{**asdict(engine), "offload": "none", "host_copy": copy_first}),
                              hardware=hardware, keep_checkpoints=keep_checkpoints)
         offload = "moments" if ram_plan.host_total > hardware.host_memory_bytes else "none"
+    # The pinned BF16 upload copy (engine.host_copy): 'auto' only on a GPU, in BF16, when the host RAM holds it.
+    bf16 = engine.compute_dtype in ("auto", "bfloat16")
+    host_copy = engine.host_copy == "bf16" and bf16
+    if engine.host_copy == "auto" and on_gpu and bf16:
+        with_copy = make_plan(hf_config, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+                              clipping=clipping,
+                              engine=EngineConfig(**{**asdict(engine), "offload": offload, "host_copy": "bf16"}),
+                              hardware=hardware, keep_checkpoints=keep_checkpoints)
+        host_copy = with_copy.host_total <= hardware.host_memory_bytes
     if offload == "moments":
         host = {"master weights (moments on disk)": 4 * n,
                 f"disk ring ({engine.offload_prefetch + 2} pieces of moments)":
@@ -223,7 +237,7 @@ def make_plan(
             host["gradient accumulator (fp32)"] = 4 * n
     host["process baseline"] = PROCESS_BASELINE_BYTES
     chunk_bytes = int(engine.chunk_mib * 2**20)
-    device_cast = on_gpu and engine.upload_cast != "host"
+    device_cast = on_gpu and engine.upload_cast != "host" and not host_copy
     park = max(engine.staging_chunks, engine.grad_park_mib * 2**20 // chunk_bytes) if on_gpu else 0
     pinned = {
         # Host-cast upload rings (layer uploader + vocab uploader) and the gradient parking pool.
@@ -261,6 +275,10 @@ def make_plan(
         # accumulator under the deferred schedule), one FP32 grad scratch.
         gpu["resident layers (weights + FP32 master + moments)"] = (n_res * (elt + 12 + (4 if deferred else 0))
                                                                     + params["largest_layer"] * 4)
+    # Only uploaded units have a copy: not resident layers, nor an untied embedding (its rows are gathered).
+    copy_params = n - n_res - (0 if tied else params["embedding"])
+    if host_copy:
+        pinned["BF16 upload copies of the masters (2 B/param)"] = 2 * copy_params
     if not on_gpu:
         host.update({f"device (cpu): {k}": v for k, v in gpu.items() if "CUDA" not in k})
         gpu = {}
@@ -275,7 +293,8 @@ def make_plan(
     compute = (
         8.0 * n * step_tokens / (hardware.gpu_tflops * 1e12)
     )  # fwd 2 + recompute 2 + bwd 4 flop/param/token
-    up_bytes = 4.0 if device_cast else float(elt)  # FP32 masters cast on the device, or host-cast copies
+    # FP32 masters cast on the device, or compute-dtype bytes (cast on the host, or the optimizer's BF16 copy).
+    up_bytes = 4.0 if device_cast else float(elt)
     streamed = n - n_res  # resident layers never cross PCIe and are updated on the GPU
     pcie = (
         (2 * up_bytes * grad_accum + elt) * streamed / (hardware.pcie_gbs * 1e9)
@@ -299,6 +318,11 @@ def make_plan(
     if device_cast:
         notes.append(f"the FP32 master weights ({4 * n / 2**30:.1f} GiB of the host total) are page-locked "
                      "in place so uploads DMA them directly (engine.upload_cast)")
+    if host_copy:
+        notes.append(f"engine.host_copy: the CPU AdamW writes a pinned BF16 copy of the streamed masters "
+                     f"({2 * copy_params / 2**30:.1f} GiB) in the same pass; uploads move 2 B/param, no cast")
+    elif engine.host_copy == "bf16":
+        notes.append("engine.host_copy=bf16 needs compute_dtype bfloat16: the engine refuses this config")
     settings = {
         "layers": len(layers),
         "tied": tied,
@@ -311,6 +335,7 @@ def make_plan(
         "batch_size": batch_size,
         "offload": offload,
         "offload_dir": engine.offload_dir,
+        "host_copy": "bf16" if host_copy else "none",
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes)
 
@@ -321,7 +346,7 @@ HOST_MARGIN_MIN_BYTES = 256 * 2**20  # headroom for what the plan does not count
 
 def engine_host_bytes(
     num_params: int, layer_numels: list[int], vocab_slot_numel: int, engine: EngineConfig, on_cuda: bool, elt: int,
-    offload: str = "none", largest_unit: int = 0,
+    offload: str = "none", largest_unit: int = 0, host_copy: bool = False,
 ) -> dict[str, int]:
     """Host bytes an ``Engine`` allocates at construction, by kind (the engine's own layout).
 
@@ -330,7 +355,8 @@ def engine_host_bytes(
     rings and the gradient pool, and on a CPU 'device' the layer and vocabulary slots. With ``offload`` =
     'moments' the moments are on disk: 4 B/param plus the ring of ``offload_prefetch + 2`` pieces (a chunk
     of both moments, at most the largest unit's, ``largest_unit`` params). Activation buffers grow with the
-    first batches and are not counted. ``vocab_slot_numel`` is the embedding + head numel
+    first batches and are not counted. ``host_copy``: the pinned BF16 upload copies, 2 B/param (resident
+    layers, decided later, are counted too). ``vocab_slot_numel`` is the embedding + head numel
     when tied, else the larger of the two (one slot serves both).
     """
     chunk_bytes = int(engine.chunk_mib * 2**20)
@@ -344,6 +370,8 @@ def engine_host_bytes(
     if engine.schedule == "deferred":
         acc = elt if engine.grad_accumulator == "compute" else 4
         need[f"gradient accumulator ({acc} B/param)"] = acc * num_params
+    if host_copy:
+        need["BF16 upload copies (2 B/param, pinned)"] = 2 * num_params
     need["upload staging rings"] = (engine.staging_chunks + 2) * chunk_bytes
     need["gradient pool"] = pool * chunk_bytes
     if not on_cuda:
@@ -368,6 +396,30 @@ def choose_offload(engine: EngineConfig, need: Callable[[str], dict[str, int]], 
     total = sum(need("none").values())
     fits = total + max(int(HOST_MARGIN_FRACTION * total), HOST_MARGIN_MIN_BYTES) <= budget
     return "none" if fits or not engine.offload_dir else "moments"
+
+
+def choose_host_copy(engine: EngineConfig, need: Callable[[bool], dict[str, int]], budget: int, on_cuda: bool,
+                     dtype: torch.dtype) -> tuple[bool, str]:
+    """(on, why) for ``engine.host_copy``: 'bf16' is on (a ConfigError unless the compute dtype is BF16);
+    'auto' is on when the device is CUDA, the compute dtype BF16, and ``need(True)`` plus the margin fits
+    ``budget`` bytes (``need(copy)``: the engine's host bytes with or without the copy)."""
+    mode = engine.host_copy
+    if mode == "none":
+        return False, "engine.host_copy=none"
+    if dtype != torch.bfloat16:
+        if mode == "bf16":
+            raise ConfigError(f"engine.host_copy='bf16' keeps a BF16 upload copy, but the compute dtype is {dtype}; "
+                              "set engine.compute_dtype=bfloat16 or engine.host_copy=none")
+        return False, f"the compute dtype is {dtype}, not bfloat16"
+    if mode == "bf16":
+        return True, "engine.host_copy=bf16"
+    if not on_cuda:
+        return False, "the device is not CUDA (nothing crosses PCIe)"
+    total = sum(need(True).values())
+    if total + max(int(HOST_MARGIN_FRACTION * total), HOST_MARGIN_MIN_BYTES) > budget:
+        return False, (f"the host state with the copy ({total / GIB:.1f} GiB + margin) does not fit the "
+                       f"{budget / GIB:.1f} GiB budget")
+    return True, f"the host state with the copy ({total / GIB:.1f} GiB) fits the {budget / GIB:.1f} GiB budget"
 
 
 def check_host_memory(need: dict[str, int], available: int, what: str = "the engine") -> None:
@@ -424,6 +476,8 @@ def plan_from_args(ns: argparse.Namespace) -> Plan:
         overrides["offload"] = ns.offload
     if ns.offload_dir is not None:
         overrides["offload_dir"] = ns.offload_dir
+    if getattr(ns, "host_copy", None) is not None:
+        overrides["host_copy"] = ns.host_copy
     engine = EngineConfig(**{**asdict(engine), **overrides})
     clip = ns.max_grad_norm if ns.max_grad_norm is not None else cfg.optim.max_grad_norm
     hw = Hardware(

@@ -10,9 +10,14 @@ With the moments offloaded to disk (``memory/offload.py``) the buffer is only ``
 piece of the moments at a time is reachable through ``moment_slices`` while the optimizer has it bound
 to a ring buffer.
 
+With ``engine.host_copy`` a streamed unit also keeps ``upload_copy``: its master (this rank's shard) in
+the compute dtype, in pinned memory, allocated once. The CPU AdamW writes it in the same pass as the
+update; anything else that writes the master calls ``refresh_upload_copies``.
+
 Invariant: 12 bytes per parameter (4 with the moments on disk; plus 4, or 2 in BF16, for the gradient
-buffer of the deferred schedule); no BF16 copy of a unit's weights ever lives on the host outside the
-shared staging pools.
+buffer of the deferred schedule; plus 2 for the upload copy); no BF16 copy of a unit's weights lives on
+the host outside the shared staging pools and the upload copies. Whenever a unit's update future is
+done, its ``upload_copy`` is bitwise ``master.to(copy dtype)`` (round to nearest even).
 
 Data-parallel runs (``slideformer.dist``) *shard* a unit: its flat layout is padded to a multiple of
 the world size and this rank keeps only ``[shard_lo, shard_lo + shard_len)`` of it, so the thirds and
@@ -22,6 +27,7 @@ the gradient buffer are ``shard_len`` long and every optimizer offset is shard-l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -72,6 +78,9 @@ class HostUnit:
         """Completes when the most recently scheduled update has been applied."""
         self.registered = False
         """True when the master third is page-locked in place (uploads DMA it as FP32; the GPU casts)."""
+        self.upload_copy: torch.Tensor | None = None
+        """``engine.host_copy``: the master (``shard_len`` elements) in the compute dtype, pinned; uploads DMA
+        it as is. Written by the optimizer with each update, rebuilt by ``refresh_upload_copies``."""
         self.sq_norm = 0.0
         """Squared L2 norm of this unit's gradient for the step (written by the gradient worker)."""
         self.shard_lo = 0
@@ -155,6 +164,8 @@ class HostUnit:
 
     def host_bytes(self) -> int:
         extra = self.grad_acc.numel() * self.grad_acc.element_size() if self.grad_acc is not None else 0
+        if self.upload_copy is not None:
+            extra += self.upload_copy.numel() * self.upload_copy.element_size()
         return (self.flat.numel() * 4 if self.flat is not None else 0) + extra
 
     def decay_segments(self, lo: int, hi: int) -> list[tuple[int, int, bool]]:
@@ -187,6 +198,28 @@ class HostUnit:
         self.grad_acc = None
         for spec in self.params:
             spec.param.data = placeholder.expand(spec.shape)
+
+
+def attach_upload_copies(units: list[HostUnit], alloc: Callable[[int, torch.dtype], torch.Tensor],
+                         dtype: torch.dtype) -> int:
+    """Give each of ``units`` its upload copy (``alloc(numel, dtype)``: pinned with a pageable fallback) built
+    from its master; returns the bytes allocated."""
+    total = 0
+    for u in units:
+        if u.upload_copy is None or u.upload_copy.numel() != u.shard_len or u.upload_copy.dtype != dtype:
+            u.upload_copy = None
+            u.upload_copy = alloc(u.shard_len, dtype)
+        total += u.upload_copy.numel() * u.upload_copy.element_size()
+    refresh_upload_copies(units)
+    return total
+
+
+def refresh_upload_copies(units: list[HostUnit]) -> None:
+    """Rebuild every upload copy from its master (after a write to the masters outside the optimizer: init,
+    load, ``load_state_dict``); the cast is round-to-nearest-even, as the optimizer kernel's."""
+    for u in units:
+        if u.upload_copy is not None:
+            u.upload_copy.copy_(u.master)
 
 
 def build_units(embed_params: list[tuple[str, nn.Parameter]], layer_params: list[list[tuple[str, nn.Parameter]]],

@@ -40,6 +40,8 @@ class DeviceOps:
         """Pinned allocations that were refused and fell back to pageable memory."""
         self.pageable_fallback_bytes = 0
         """Bytes of those fallback buffers."""
+        self.exact_pinned: list[torch.Tensor] = []
+        """Buffers from ``host_empty_exact`` that are page-locked: unregister (``_unregister_all``) before freeing."""
         if self.is_cuda and device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
@@ -103,6 +105,22 @@ class DeviceOps:
             self._pinned_fallback(t.numel() * t.element_size(), exc)
             return t
         self.pinned_bytes += t.numel() * t.element_size()
+        return t
+
+    def host_empty_exact(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A large long-lived host buffer page-locked at exactly its size (a pageable tensor registered in
+        place: torch's pinned allocator rounds every size up to a power of two, up to twice the bytes).
+
+        Kept in ``exact_pinned`` until the owner unregisters it; a refused registration leaves it pageable
+        (see the module invariant).
+        """
+        t = torch.empty(numel, dtype=dtype)
+        if not self.pin:
+            return t
+        if self.register_host(t):
+            self.exact_pinned.append(t)
+        else:
+            self._pinned_fallback(t.numel() * t.element_size(), RuntimeError("cudaHostRegister failed"))
         return t
 
     def _pinned_fallback(self, nbytes: int, exc: RuntimeError) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 from slideformer.config import EngineConfig, OptimConfig
 from slideformer.errors import ConfigError, DeviceMemoryError, SlideformerError, WorkerError
 from slideformer.memory.activations import ActivationStore
-from slideformer.memory.host_state import HostUnit, build_units
+from slideformer.memory.host_state import HostUnit, attach_upload_copies, build_units, refresh_upload_copies
 from slideformer.memory.offload import OffloadedMoments, open_offload
 from slideformer.models import get_adapter
 from slideformer.optim.adamw import FlatAdamW
@@ -137,7 +137,7 @@ class Engine:
         the host buffers cannot fit in the budget (``host_memory_gib``, default the available RAM)."""
         import psutil
 
-        from slideformer.planner import check_host_memory, choose_offload, engine_host_bytes
+        from slideformer.planner import check_host_memory, choose_host_copy, choose_offload, engine_host_bytes
 
         u0, uh = self.units[0].numel, self.units[-1].numel
         vocab_slot = u0 + uh if self.parts.tied else max(u0, uh)
@@ -147,17 +147,22 @@ class Engine:
         # Data-parallel ranks of one node hold the node's share of the sharded state between them.
         params = self.num_params if self.dist is None else self.dist.node_params(self.num_params)
 
-        def need(mode: str) -> dict[str, int]:
+        def need(mode: str, copy: bool = self.cfg.host_copy == "bf16") -> dict[str, int]:
             return engine_host_bytes(params, [u.numel for u in self.units[1:-1]], vocab_slot, self.cfg,
                                      self.ops.is_cuda, elt, offload=mode,
-                                     largest_unit=max(u.numel for u in self.units))
+                                     largest_unit=max(u.numel for u in self.units), host_copy=copy)
 
         mode = choose_offload(self.cfg, need, budget)
         if mode != "none" and self.dist is not None:
             raise ConfigError("the disk tier (engine.offload) is not supported with data-parallel training yet: "
                               "set engine.offload=none (each rank already keeps only 1/N of the moments)")
+        self.host_copy, why = choose_host_copy(self.cfg, lambda c: need(mode, c), budget, self.ops.is_cuda,
+                                               self.dtype)
+        if self.cfg.host_copy == "auto":
+            logger.info("engine.host_copy=auto: %s: %s", "on" if self.host_copy else "off", why)
         if self.cfg.check_host_memory:
-            check_host_memory(need(mode), budget, f"{self.model_type} with {self.num_params / 1e6:,.1f}M params")
+            check_host_memory(need(mode, self.host_copy), budget,
+                              f"{self.model_type} with {self.num_params / 1e6:,.1f}M params")
         return mode
 
     def _init_weights(self, model: nn.Module, init: str, weights: Any) -> None:
@@ -223,6 +228,9 @@ class Engine:
         vocab_numel = max(sum(s.unit.padded for s in self.head_segments), u0.padded)
         self.vocab_slot = SlotPool(ops, 1, vocab_numel, self.dtype).slots[0]
         self.adam = FlatAdamW(self.optim_cfg)
+        if self.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
+            self._release_copies = weakref.finalize(self, _unregister_all, ops, ops.exact_pinned)
+            attach_upload_copies([s.unit for s in self.head_segments] + streamed, ops.host_empty_exact, self.dtype)
         self.layer_up = Uploader(ops, "sf-upload", chunk, self.cfg.staging_chunks, self.dtype)
         self.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, self.dtype)
         if self._register_masters():
@@ -267,8 +275,8 @@ class Engine:
             return False
         resident = {j + 1 for j in self.resident_idx}
         for u in self.units:
-            if u.index in resident:
-                continue  # never uploaded: its device copy is the truth between flushes (runtime/resident.py)
+            if u.index in resident or u.upload_copy is not None:
+                continue  # never uploaded (runtime/resident.py), or uploaded from its BF16 copy (engine.host_copy)
             if not self.ops.register_host(u.master):
                 if mode == "device":
                     raise ConfigError("could not page-lock the master weights (cudaHostRegister failed: memlock "
@@ -434,6 +442,7 @@ class Engine:
         self.flush()
         if self.dist is not None:
             self.dist.load_state_dict(self, state)
+            refresh_upload_copies(self.units)
             invalidate(self.layer_pool.slots + [self.vocab_slot])
             return
         for key in ("params",):
@@ -462,6 +471,7 @@ class Engine:
             u.version += 1
         if self.resident is not None:
             self.resident.load_from_host()
+        refresh_upload_copies(self.units)
         invalidate(self.layer_pool.slots + [self.vocab_slot])
 
     def hf_model(self) -> nn.Module:
@@ -495,7 +505,9 @@ class Engine:
             "pinned_fallbacks": self.ops.pinned_fallbacks,
             "pageable_fallback_bytes": self.ops.pageable_fallback_bytes,
             "registered_bytes": self.ops.registered_bytes,
-            "upload_cast": "device" if any(u.registered for u in self.units) else "host",
+            "upload_cast": "copy" if self.host_copy else "device" if any(u.registered for u in self.units) else "host",
+            "upload_copy_bytes": sum(u.upload_copy.numel() * u.upload_copy.element_size() for u in self.units
+                                     if u.upload_copy is not None),
             "host_updated_params": n - resident_params,
             "streamed_params": n - resident_params,
             "device_bytes": self.ops.device_bytes,
@@ -522,8 +534,10 @@ class Engine:
             if u.flat is not None:
                 u.point_params_to_master()
             u.registered = False
-        if getattr(self, "_unregister", None) is not None:
-            self._unregister()
+            u.upload_copy = None
+        for name in ("_unregister", "_release_copies"):  # page-locked memory is unregistered before it is freed
+            if getattr(self, name, None) is not None:
+                getattr(self, name)()
         for name in ("resident", "layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)

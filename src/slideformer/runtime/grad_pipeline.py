@@ -8,7 +8,8 @@ backward ends is worked off bottom-up, in the order the next forward needs the u
 When nothing has fully landed it streams the unit being downloaded, so a unit larger than the pool
 still goes through. With the moments on disk (``memory/offload.py``) it consumes in submission order
 instead (backward order, or forward order for the deferred updates), the order the disk ring prefetches
-in, and binds each chunk's moments with the ring's ``enter`` (``leave`` after the unit).
+in, and binds each chunk's moments with the ring's ``enter`` (``leave`` after the unit). A unit with an
+upload copy (``engine.host_copy``) gets it written by AdamW in the same pass, in both schedules.
 
 Ordering rules (the invariant):
   * items of the same unit are consumed in submission order (accumulation adds in micro-batch order);
@@ -35,6 +36,11 @@ from slideformer.memory.offload import OffloadedMoments
 from slideformer.optim.adamw import FlatAdamW, UpdateSpec
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.transfer import Accumulate, Update, _Worker
+
+
+def _copy_of(unit: HostUnit, lo: int, hi: int) -> torch.Tensor | None:
+    """Elements ``[lo, hi)`` of the unit's upload copy (``engine.host_copy``), None without one."""
+    return None if unit.upload_copy is None else unit.upload_copy[lo:hi]
 
 
 @dataclass
@@ -244,9 +250,10 @@ class GradPipeline:
         unit, action = it.unit, it.action
         self.last_progress = f"{unit.name}[{lo}:{hi}]"
         if isinstance(action, Update):
-            # AdamW reads the compute-dtype gradient as it landed (the kernel upcasts in registers).
+            # AdamW reads the compute-dtype gradient as it landed (the kernel upcasts in registers) and writes
+            # the upload copy, if the unit has one, in the same pass.
             with record_function("sf/cpu_adamw"):
-                self.adam.update(unit, lo, hi, grad, action.specs[unit.index])
+                self.adam.update(unit, lo, hi, grad, action.specs[unit.index], out=_copy_of(unit, lo, hi))
             return
         acc = unit.grad_acc[lo:hi]
         if action.first:
@@ -270,7 +277,7 @@ class GradPipeline:
                     self.last_progress = f"disk read of {unit.name}[{lo}:{hi}] moments"
                     self.offload.enter(unit, lo, hi, +1)  # moments from disk; then the units above
                 with record_function("sf/cpu_adamw"):
-                    self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec)
+                    self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec, out=_copy_of(unit, lo, hi))
         finally:
             if self.offload is not None:
                 self.offload.leave()  # the last piece is written back asynchronously

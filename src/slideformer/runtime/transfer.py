@@ -1,8 +1,9 @@
 """Upload workers (FP32 master -> compute dtype -> device slot) and the drain actions.
 
 Each worker is a single thread with its own stream and its own small ring of staging chunks, and runs
-its tasks in submission order. An upload either DMAs a page-locked FP32 master and casts on the device,
-or casts on the CPU one chunk while the previous chunk's copy is in flight. Tasks return futures; an
+its tasks in submission order. An upload DMAs the unit's pinned compute-dtype copy as is when it has
+one (``engine.host_copy``, written by the optimizer), else DMAs a page-locked FP32 master and casts on
+the device, or casts on the CPU one chunk while the previous chunk's copy is in flight. Tasks return futures; an
 exception in a worker reaches the main thread through the future it is waiting on. The gradient side
 lives in ``grad_pipeline``.
 
@@ -94,7 +95,11 @@ class Uploader(_Worker):
                 # This rank's part of the unit (all of it unless data-parallel sharding is on).
                 u, src = seg.unit, seg.unit.master
                 dst = slot.weight[seg.offset + u.shard_lo:seg.offset + u.shard_lo + u.shard_len]
-                if u.registered and self.device_ring:
+                if u.upload_copy is not None:
+                    # The optimizer's compute-dtype copy (same pass as the update): one DMA, no cast. It is
+                    # rewritten only by the unit's next update, which follows this slot use's compute.
+                    self.ops.copy(dst, u.upload_copy)
+                elif u.registered and self.device_ring:
                     for i, lo in enumerate(range(0, u.shard_len, self.chunk)):
                         hi = min(lo + self.chunk, u.shard_len)
                         ring = self.device_ring[i % 2][:hi - lo]
