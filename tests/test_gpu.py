@@ -32,7 +32,7 @@ def _updates(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> torch.Ten
 @pytest.mark.parametrize("family,window,accumulate,max_norm,resident", [
     ("llama", 1, 1, None, 0), ("llama", 2, 1, None, 0), ("llama", 3, 1, None, 0),
     ("llama_tied", 2, 2, 1.0, 0), ("qwen2", 2, 1, None, 0), ("qwen3", 3, 2, 1.0, 0), ("mistral", 1, 1, 0.5, 0),
-    ("llama", 2, 1, None, 2), ("qwen3", 1, 1, None, 4),
+    ("llama", 2, 1, None, 2), ("qwen3", 1, 1, None, 4), ("llama_tied", 2, 2, 1.0, 2), ("mistral", 1, 1, 0.5, 3),
 ])
 def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float | None, resident: int) -> None:
     tol = TOLERANCES["gpu_bf16"]
@@ -65,7 +65,8 @@ def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float 
         engine.close()
 
 
-@pytest.mark.parametrize("window,accumulate,resident", [(1, 1, 0), (2, 1, 0), (3, 1, 0), (2, 3, 0), (2, 1, 2)])
+@pytest.mark.parametrize("window,accumulate,resident", [(1, 1, 0), (2, 1, 0), (3, 1, 0), (2, 3, 0), (2, 1, 2),
+                                                       (2, 3, 2)])
 def test_race_amplifier(window: int, accumulate: int, resident: int) -> None:
     """Long transfers, tiny compute: every missing wait shows up as a bitwise difference."""
     cfg = tiny_config("llama", layers=5, hidden=1024, vocab=4096)
