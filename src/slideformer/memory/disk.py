@@ -47,6 +47,27 @@ class DiskError(SlideformerError, OSError):
     """A read or write of the offload store failed (the chained OSError says why)."""
 
 
+def all_done(futures: list[Future]) -> Future:
+    """A future that completes when every one of ``futures`` has (with the first error, if any)."""
+    out: Future = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one(_: Future) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:  # every one of them finished
+            err = next((f.exception() for f in futures if f.exception() is not None), None)
+            out.set_exception(err) if err is not None else out.set_result(None)
+
+    if not futures:
+        out.set_result(None)
+    for f in futures:
+        f.add_done_callback(one)
+    return out
+
+
 def round_up(n: int, align: int = ALIGN) -> int:
     return -(-n // align) * align
 
@@ -259,18 +280,9 @@ class DiskStore:
         if not pending:
             self._launch(*args)
             return done
-        left = [len(pending)]
-        lock = threading.Lock()
-
-        def ready(_: Future) -> None:
-            with lock:
-                left[0] -= 1
-                go = left[0] == 0
-            if go:  # the last prerequisite finished (a write-back that still read this buffer, or this key)
-                self._launch(*args)
-
-        for f in pending:
-            f.add_done_callback(ready)
+        # Launched once the last prerequisite finished (a write-back that still read this buffer, or this
+        # key); _launch passes a prerequisite's error on instead of transferring.
+        all_done(pending).add_done_callback(lambda _: self._launch(*args))
         return done
 
     def _launch(self, write: bool, key: str, buf: AlignedBuffer, n: int, offset: int, buf_offset: int,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from slideformer.errors import ConfigError, SlideformerError
-from slideformer.memory.disk import ALIGN, AlignedBuffer, DiskStore, round_up
+from slideformer.memory.disk import ALIGN, AlignedBuffer, DiskStore, all_done, round_up
 from slideformer.memory.host_state import HostUnit
 
 Key = tuple[int, int]
@@ -52,25 +52,6 @@ def key_of(unit: HostUnit) -> str:
 
 def file_bytes(unit: HostUnit) -> int:
     return 2 * round_up(4 * unit.numel)
-
-
-def _all(futures: list[Future]) -> Future:
-    """A future that completes when every one of ``futures`` has (with the first error, if any)."""
-    out: Future = Future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def one(_: Future) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:  # every transfer of the piece finished
-            err = next((f.exception() for f in futures if f.exception() is not None), None)
-            out.set_exception(err) if err is not None else out.set_result(None)
-
-    for f in futures:
-        f.add_done_callback(one)
-    return out
 
 
 class OffloadedMoments:
@@ -117,7 +98,7 @@ class OffloadedMoments:
                 raise SlideformerError(f"offload: piece {p} of {bound.name} is not bound")
             slot.bound = False
             at, v_at = 4 * p * self.piece, round_up(4 * bound.numel) + 4 * p * self.piece
-            slot.write = _all([self.store.write(key_of(bound), slot.buf, 4 * n, offset=at),
+            slot.write = all_done([self.store.write(key_of(bound), slot.buf, 4 * n, offset=at),
                                self.store.write(key_of(bound), slot.buf, 4 * n, offset=v_at, buf_offset=4 * voff)])
             self._last_write[(bound.index, p)] = slot.write
             slot.write.add_done_callback(self._note_error)
@@ -180,7 +161,7 @@ class OffloadedMoments:
         n, voff = self._span(unit, key[1])
         at, v_at = 4 * key[1] * self.piece, round_up(4 * unit.numel) + 4 * key[1] * self.piece
         slot.key = key
-        slot.ready = _all([self.store.read(key_of(unit), slot.buf, 4 * n, after, offset=at),
+        slot.ready = all_done([self.store.read(key_of(unit), slot.buf, 4 * n, after, offset=at),
                            self.store.read(key_of(unit), slot.buf, 4 * n, after, offset=v_at, buf_offset=4 * voff)])
         slot.ready.add_done_callback(self._note_error)
         return slot
