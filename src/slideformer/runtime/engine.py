@@ -29,10 +29,11 @@ from torch import nn
 from slideformer.config import EngineConfig, OptimConfig
 from slideformer.errors import ConfigError, DeviceMemoryError, SlideformerError, WorkerError
 from slideformer.memory.activations import ActivationStore
-from slideformer.memory.host_state import HostUnit, attach_upload_copies, build_units, refresh_upload_copies
+from slideformer.memory.host_state import attach_upload_copies, refresh_upload_copies
 from slideformer.memory.offload import OffloadedMoments, open_offload
 from slideformer.models import get_adapter
 from slideformer.optim.adamw import FlatAdamW
+from slideformer.runtime import build
 from slideformer.runtime.batch import prepare_batch
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.grad_pipeline import GradPipeline
@@ -41,12 +42,6 @@ from slideformer.runtime.transfer import Uploader
 from slideformer.runtime.window import Segment, SlotPool, invalidate
 
 logger = logging.getLogger(__name__)
-
-def _unregister_all(ops: DeviceOps, tensors: list[torch.Tensor]) -> None:
-    for t in tensors:
-        ops.unregister_host(t)
-    tensors.clear()
-
 
 @dataclass
 class StepResult:
@@ -93,11 +88,11 @@ class Engine:
         self._closed = False
         self.dist = dist
         self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
-        self.units = self._make_units(model)
+        self.units = build.make_units(self, model)
         self.offload: OffloadedMoments | None = None
-        self.offload_mode = self._check_host_memory()
+        self.offload_mode = build.check_host_memory(self)
         try:
-            self._init_weights(model, init, weights)
+            build.init_weights(self, model, init, weights)
             self._setup_device()
         except BaseException:
             self.close()
@@ -122,90 +117,6 @@ class Engine:
         torch.manual_seed(seed)
         return cls(meta_model(config), engine, optim, init="random", dist=dist)
 
-    def _make_units(self, model: nn.Module) -> list[HostUnit]:
-        names = {id(p): n for n, p in model.named_parameters()}
-        p = self.parts
-
-        def named(mod: nn.Module) -> list[tuple[str, nn.Parameter]]:
-            return [(names[id(q)], q) for q in mod.parameters()]
-
-        head = named(p.norm) + ([] if p.tied else named(p.lm_head))
-        return build_units(named(p.embed), [named(layer) for layer in p.layers], head)
-
-    def _check_host_memory(self) -> str:
-        """Pick where the moments live ('auto': disk only when RAM is short) and fail before allocating when
-        the host buffers cannot fit in the budget (``host_memory_gib``, default the available RAM)."""
-        import psutil
-
-        from slideformer.planner import check_host_memory, choose_host_copy, choose_offload, engine_host_bytes
-
-        u0, uh = self.units[0].numel, self.units[-1].numel
-        vocab_slot = u0 + uh if self.parts.tied else max(u0, uh)
-        elt = torch.tensor([], dtype=self.dtype).element_size()
-        budget = (int(self.cfg.host_memory_gib * 2**30) if self.cfg.host_memory_gib
-                  else int(psutil.virtual_memory().available))
-        # Data-parallel ranks of one node hold the node's share of the sharded state between them.
-        params = self.num_params if self.dist is None else self.dist.node_params(self.num_params)
-
-        def need(mode: str, copy: bool = self.cfg.host_copy == "bf16") -> dict[str, int]:
-            return engine_host_bytes(params, [u.numel for u in self.units[1:-1]], vocab_slot, self.cfg,
-                                     self.ops.is_cuda, elt, offload=mode,
-                                     largest_unit=max(u.numel for u in self.units), host_copy=copy)
-
-        mode = choose_offload(self.cfg, need, budget)
-        if mode != "none" and self.dist is not None:
-            raise ConfigError("the disk tier (engine.offload) is not supported with data-parallel training yet: "
-                              "set engine.offload=none (each rank already keeps only 1/N of the moments)")
-        self.host_copy, why = choose_host_copy(self.cfg, lambda c: need(mode, c), budget, self.ops.is_cuda,
-                                               self.dtype)
-        if self.cfg.host_copy == "auto":
-            logger.info("engine.host_copy=auto: %s: %s", "on" if self.host_copy else "off", why)
-        if self.cfg.check_host_memory:
-            check_host_memory(need(mode, self.host_copy), budget,
-                              f"{self.model_type} with {self.num_params / 1e6:,.1f}M params")
-        return mode
-
-    def _init_weights(self, model: nn.Module, init: str, weights: Any) -> None:
-        for u in self.units:
-            if self.dist is None:
-                u.allocate(with_grad_acc=False, moments_on_disk=self.offload_mode == "moments")
-            else:  # data-parallel: the full FP32 master only (4 B/param) while initialising, sharded below
-                u.allocate(with_grad_acc=False, master_only=True)
-        self._materialize_meta(model)
-        for u in self.units:
-            if init == "copy":
-                for spec in u.params:
-                    if spec.param.device.type == "meta":
-                        raise ConfigError("the model is on the meta device: use Engine.from_pretrained / from_config")
-                    u.view(u.master, spec).copy_(spec.param.data)
-            u.point_params_to_master()
-        if init == "load":
-            weights.load_into(self.units)
-        elif init == "random":
-            from slideformer.models.loading import random_init
-
-            random_init(model, self.units)
-        elif init != "copy":
-            raise ConfigError(f"unknown init {init!r}")
-        if self.dist is not None:
-            self.dist.shard_units(self.units, self.cfg)
-
-    def _materialize_meta(self, model: nn.Module) -> None:
-        """Replace meta parameters by real ones that alias the host master buffers (ties preserved)."""
-        fresh: dict[int, nn.Parameter] = {}
-        for u in self.units:
-            for spec in u.params:
-                if spec.param.device.type == "meta":
-                    new = nn.Parameter(u.view(u.master, spec), requires_grad=spec.param.requires_grad)
-                    fresh[id(spec.param)] = new
-                    spec.param = new
-        if not fresh:
-            return
-        for module in model.modules():
-            for name, q in list(module._parameters.items()):
-                if q is not None and id(q) in fresh:
-                    module._parameters[name] = fresh[id(q)]
-
     def _setup_device(self) -> None:
         p, ops = self.parts, self.ops
         from slideformer.models.loading import buffers_on
@@ -215,7 +126,7 @@ class Engine:
         self.hidden = int(p.embed.weight.shape[1])
         self.vocab = int(p.embed.weight.shape[0])
         chunk = max(1, int(self.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=self.dtype).element_size())
-        count = self.cfg.resident_layers if self.cfg.resident_layers >= 0 else self._resident_auto()
+        count = self.cfg.resident_layers if self.cfg.resident_layers >= 0 else build.resident_auto(self)
         self.resident_idx = pick_resident(self.num_layers, count, self.cfg.resident_placement)
         streamed = [u for j, u in enumerate(self.units[1:-1]) if j not in set(self.resident_idx)]
         self.resident = (ResidentLayers(ops, [self.units[j + 1] for j in self.resident_idx], self.dtype,
@@ -229,11 +140,11 @@ class Engine:
         self.vocab_slot = SlotPool(ops, 1, vocab_numel, self.dtype).slots[0]
         self.adam = FlatAdamW(self.optim_cfg)
         if self.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
-            self._release_copies = weakref.finalize(self, _unregister_all, ops, ops.exact_pinned)
+            self._release_copies = weakref.finalize(self, build.unregister_all, ops, ops.exact_pinned)
             attach_upload_copies([s.unit for s in self.head_segments] + streamed, ops.host_empty_exact, self.dtype)
         self.layer_up = Uploader(ops, "sf-upload", chunk, self.cfg.staging_chunks, self.dtype)
         self.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, self.dtype)
-        if self._register_masters():
+        if build.register_masters(self):
             self.layer_up.enable_device_cast()
             self.vocab_up.enable_device_cast()
         elem = torch.tensor([], dtype=self.dtype).element_size()
@@ -255,42 +166,6 @@ class Engine:
         from slideformer.runtime.step import StepRunner
 
         self.runner = StepRunner(self)
-
-    def _resident_auto(self) -> int:
-        """``resident_layers=-1``: as many layers as the GPU budget holds next to the streaming buffers."""
-        from slideformer.placement import engine_resident_count
-
-        count, self.resident_reason = engine_resident_count(
-            self.hf_config, self.cfg, self.device if self.ops.is_cuda else None,
-            clipping=self.optim_cfg.max_grad_norm is not None, data_parallel=self.dist is not None)
-        logger.info("engine.resident_layers=-1: %s", self.resident_reason)
-        return count
-
-    def _register_masters(self) -> bool:
-        """Page-lock the FP32 master weights in place when uploads are to be cast on the device."""
-        mode = self.cfg.upload_cast
-        if mode == "host" or not self.ops.is_cuda:
-            if mode == "device" and not self.ops.is_cuda:
-                raise ConfigError("engine.upload_cast='device' needs a CUDA device")
-            return False
-        resident = {j + 1 for j in self.resident_idx}
-        for u in self.units:
-            if u.index in resident or u.upload_copy is not None:
-                continue  # never uploaded (runtime/resident.py), or uploaded from its BF16 copy (engine.host_copy)
-            if not self.ops.register_host(u.master):
-                if mode == "device":
-                    raise ConfigError("could not page-lock the master weights (cudaHostRegister failed: memlock "
-                                      "limit?); use engine.upload_cast='host'")
-                warnings.warn("slideformer: page-locking the FP32 master weights failed (memlock limit?); the "
-                              "remaining layers are cast on the CPU, which costs host memory bandwidth that "
-                              "AdamW needs", RuntimeWarning, stacklevel=3)
-                break
-            u.registered = True
-        registered = [u.master for u in self.units if u.registered]
-        # Page-locked memory must be unregistered before it is freed: close() does it, and so does this
-        # finalizer if an engine is dropped without close().
-        self._unregister = weakref.finalize(self, _unregister_all, self.ops, registered)
-        return bool(registered)
 
     def ensure_capacity(self, tokens: int) -> None:
         """Size activation and embedding buffers for micro-batches of ``tokens`` tokens."""

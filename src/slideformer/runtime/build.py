@@ -1,0 +1,161 @@
+"""Engine construction: the host units, the host-memory decision, the initial weights, page-locking.
+
+Owns what ``Engine.__init__`` does before the device window exists: splitting the model's parameters
+into units, choosing where the moments live and checking the host-RAM budget (planner terms), filling the
+FP32 masters (copy, streamed load or random init; sharded afterwards for data-parallel runs), the
+resident-layer count for ``resident_layers=-1``, and page-locking the masters that uploads read.
+Invariant: nothing here allocates on the device; every host buffer it page-locks is unregistered by
+``unregister_all`` (a finalizer set here, or ``Engine.close``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from slideformer.errors import ConfigError
+from slideformer.memory.host_state import HostUnit, build_units
+from slideformer.runtime.device import DeviceOps
+
+if TYPE_CHECKING:
+    from slideformer.runtime.engine import Engine
+
+logger = logging.getLogger("slideformer.runtime.engine")
+
+
+def unregister_all(ops: DeviceOps, tensors: list[torch.Tensor]) -> None:
+    """Undo the page-locking of ``tensors`` (before their memory is freed)."""
+    for t in tensors:
+        ops.unregister_host(t)
+    tensors.clear()
+
+
+def make_units(e: Engine, model: nn.Module) -> list[HostUnit]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    p = e.parts
+
+    def named(mod: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(names[id(q)], q) for q in mod.parameters()]
+
+    head = named(p.norm) + ([] if p.tied else named(p.lm_head))
+    return build_units(named(p.embed), [named(layer) for layer in p.layers], head)
+
+
+def check_host_memory(e: Engine) -> str:
+    """Pick where the moments live ('auto': disk only when RAM is short) and fail before allocating when
+    the host buffers cannot fit in the budget (``host_memory_gib``, default the available RAM)."""
+    import psutil
+
+    from slideformer.planner import check_host_memory, choose_host_copy, choose_offload, engine_host_bytes
+
+    u0, uh = e.units[0].numel, e.units[-1].numel
+    vocab_slot = u0 + uh if e.parts.tied else max(u0, uh)
+    elt = torch.tensor([], dtype=e.dtype).element_size()
+    budget = (int(e.cfg.host_memory_gib * 2**30) if e.cfg.host_memory_gib
+              else int(psutil.virtual_memory().available))
+    # Data-parallel ranks of one node hold the node's share of the sharded state between them.
+    params = e.num_params if e.dist is None else e.dist.node_params(e.num_params)
+
+    def need(mode: str, copy: bool = e.cfg.host_copy == "bf16") -> dict[str, int]:
+        return engine_host_bytes(params, [u.numel for u in e.units[1:-1]], vocab_slot, e.cfg,
+                                 e.ops.is_cuda, elt, offload=mode,
+                                 largest_unit=max(u.numel for u in e.units), host_copy=copy)
+
+    mode = choose_offload(e.cfg, need, budget)
+    if mode != "none" and e.dist is not None:
+        raise ConfigError("the disk tier (engine.offload) is not supported with data-parallel training yet: "
+                          "set engine.offload=none (each rank already keeps only 1/N of the moments)")
+    e.host_copy, why = choose_host_copy(e.cfg, lambda c: need(mode, c), budget, e.ops.is_cuda,
+                                           e.dtype)
+    if e.cfg.host_copy == "auto":
+        logger.info("engine.host_copy=auto: %s: %s", "on" if e.host_copy else "off", why)
+    if e.cfg.check_host_memory:
+        check_host_memory(need(mode, e.host_copy), budget,
+                          f"{e.model_type} with {e.num_params / 1e6:,.1f}M params")
+    return mode
+
+
+def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
+    for u in e.units:
+        if e.dist is None:
+            u.allocate(with_grad_acc=False, moments_on_disk=e.offload_mode == "moments")
+        else:  # data-parallel: the full FP32 master only (4 B/param) while initialising, sharded below
+            u.allocate(with_grad_acc=False, master_only=True)
+    materialize_meta(e, model)
+    for u in e.units:
+        if init == "copy":
+            for spec in u.params:
+                if spec.param.device.type == "meta":
+                    raise ConfigError("the model is on the meta device: use Engine.from_pretrained / from_config")
+                u.view(u.master, spec).copy_(spec.param.data)
+        u.point_params_to_master()
+    if init == "load":
+        weights.load_into(e.units)
+    elif init == "random":
+        from slideformer.models.loading import random_init
+
+        random_init(model, e.units)
+    elif init != "copy":
+        raise ConfigError(f"unknown init {init!r}")
+    if e.dist is not None:
+        e.dist.shard_units(e.units, e.cfg)
+
+
+def materialize_meta(e: Engine, model: nn.Module) -> None:
+    """Replace meta parameters by real ones that alias the host master buffers (ties preserved)."""
+    fresh: dict[int, nn.Parameter] = {}
+    for u in e.units:
+        for spec in u.params:
+            if spec.param.device.type == "meta":
+                new = nn.Parameter(u.view(u.master, spec), requires_grad=spec.param.requires_grad)
+                fresh[id(spec.param)] = new
+                spec.param = new
+    if not fresh:
+        return
+    for module in model.modules():
+        for name, q in list(module._parameters.items()):
+            if q is not None and id(q) in fresh:
+                module._parameters[name] = fresh[id(q)]
+
+
+def resident_auto(e: Engine) -> int:
+    """``resident_layers=-1``: as many layers as the GPU budget holds next to the streaming buffers."""
+    from slideformer.placement import engine_resident_count
+
+    count, e.resident_reason = engine_resident_count(
+        e.hf_config, e.cfg, e.device if e.ops.is_cuda else None,
+        clipping=e.optim_cfg.max_grad_norm is not None, data_parallel=e.dist is not None)
+    logger.info("engine.resident_layers=-1: %s", e.resident_reason)
+    return count
+
+
+def register_masters(e: Engine) -> bool:
+    """Page-lock the FP32 master weights in place when uploads are to be cast on the device."""
+    mode = e.cfg.upload_cast
+    if mode == "host" or not e.ops.is_cuda:
+        if mode == "device" and not e.ops.is_cuda:
+            raise ConfigError("engine.upload_cast='device' needs a CUDA device")
+        return False
+    resident = {j + 1 for j in e.resident_idx}
+    for u in e.units:
+        if u.index in resident or u.upload_copy is not None:
+            continue  # never uploaded (runtime/resident.py), or uploaded from its BF16 copy (engine.host_copy)
+        if not e.ops.register_host(u.master):
+            if mode == "device":
+                raise ConfigError("could not page-lock the master weights (cudaHostRegister failed: memlock "
+                                  "limit?); use engine.upload_cast='host'")
+            warnings.warn("slideformer: page-locking the FP32 master weights failed (memlock limit?); the "
+                          "remaining layers are cast on the CPU, which costs host memory bandwidth that "
+                          "AdamW needs", RuntimeWarning, stacklevel=3)
+            break
+        u.registered = True
+    registered = [u.master for u in e.units if u.registered]
+    # Page-locked memory must be unregistered before it is freed: close() does it, and so does this
+    # finalizer if an engine is dropped without close().
+    e._unregister = weakref.finalize(e, unregister_all, e.ops, registered)
+    return bool(registered)
