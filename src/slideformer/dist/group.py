@@ -96,7 +96,27 @@ def init_from_env(device_type: str, timeout_s: float) -> tuple[Topology, Groups]
                     dist.new_group(backend=backend, timeout=timeout),
                     dist.new_group(backend="gloo", timeout=timeout),
                     dist.new_group(backend="gloo", timeout=timeout))
+    warm_up(groups, device_type)
     return topo, groups
+
+
+def warm_up(groups: Groups, device_type: str) -> None:
+    """One tiny collective per group, from this (main) thread, in the same order on every rank.
+
+    NCCL creates a communicator on its first collective, and that creation is itself a blocking collective:
+    left to the worker threads, several communicators of one GPU would be created concurrently, in an
+    order that differs between ranks, which can deadlock. Creating them here, one after the other, leaves
+    the threads only ordinary collectives.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    for g in (groups.grads, groups.layer_up, groups.vocab_up):
+        with collective("creating the device communicators"):
+            dist.all_reduce(torch.zeros(1, device=device), group=g)  # creates g's communicator on every rank
+    if device_type == "cuda":
+        torch.cuda.synchronize()  # start-up only: the communicators exist before any worker thread uses one
+    for g in (groups.main, groups.optim):
+        with collective("creating the host groups"):
+            dist.all_reduce(torch.zeros(1), group=g)
 
 
 @contextlib.contextmanager

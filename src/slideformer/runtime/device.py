@@ -41,7 +41,8 @@ class DeviceOps:
         self.pageable_fallback_bytes = 0
         """Bytes of those fallback buffers."""
         self.exact_pinned: list[torch.Tensor] = []
-        """Buffers from ``host_empty_exact`` that are page-locked: unregister (``runtime.build.unregister_all``) before freeing."""
+        """Buffers from ``host_empty_exact`` that are page-locked: unregister them
+        (``runtime.build.unregister_all``) before freeing."""
         if self.is_cuda and device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
