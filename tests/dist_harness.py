@@ -57,7 +57,12 @@ def run(scenario: str, args: dict[str, Any]) -> DistContext:
     cfg = tiny_config(args["family"], layers=args.get("layers", 3))
     ecfg, ocfg = engine_configs(args)
     ctx, ecfg = DistContext.from_env(ecfg)
-    engine = Engine(make_model(cfg), ecfg, ocfg, dist=ctx)
+    if args.get("init") == "random":  # streamed, sharded initialisation (runtime/build.py)
+        engine = Engine.from_config(cfg, ecfg, ocfg, seed=3, dist=ctx)
+    elif args.get("init") == "load":
+        engine = Engine.from_pretrained(args["model_dir"], ecfg, ocfg, dist=ctx)
+    else:
+        engine = Engine(make_model(cfg), ecfg, ocfg, dist=ctx)
     steps, acc = args["steps"], args["accumulate"]
     batches = global_batches(cfg.vocab_size, steps, ctx.world, acc)
     losses, norms = [], []

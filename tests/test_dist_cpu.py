@@ -80,6 +80,12 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
              for c in ("none", "bf16")]
     runs.append(dict(family="qwen3", schedule="overlap", accumulate=1, steps=2, scenario="checkpoint",
                      ckpt=str(d / "ckpt"), out=str(d / "checkpoint.pt")))
+    # Streamed initialisation: random (a tied head, whose initialiser runs last) and from sharded files.
+    make_model(tiny_config("qwen3"), seed=9).save_pretrained(str(d / "model"), max_shard_size="100KB")
+    runs += [dict(family="llama_tied", schedule="overlap", accumulate=1, steps=0, scenario="parity",
+                  init="random", out=str(d / "init_random.pt")),
+             dict(family="qwen3", schedule="overlap", accumulate=1, steps=0, scenario="parity", init="load",
+                  model_dir=str(d / "model"), out=str(d / "init_load.pt"))]
     for rc, err in _finish(launch("suite", {"runs": runs})):
         assert rc == 0, err[-4000:]
     return d
@@ -102,6 +108,23 @@ def test_two_ranks_equal_one_big_batch(suite: Path, name: str) -> None:
     emb = cfg.vocab_size * cfg.hidden_size
     expect = per_param * (emb + (mem["num_params"] - emb) / 2)
     assert expect <= mem["host_state_bytes"] <= expect + per_param * 2 * len(ref.state_dict()), mem
+
+
+@pytest.mark.parametrize("init", ["random", "load"])
+def test_streamed_sharded_initialisation_equals_one_process(suite: Path, init: str) -> None:
+    """Each rank fills and shards one unit at a time; gathered, the weights equal a single process's."""
+    got = torch.load(suite / f"init_{init}.pt")
+    family = "llama_tied" if init == "random" else "qwen3"
+    ecfg, ocfg = engine_configs({"schedule": "overlap"})
+    engine = (Engine.from_config(tiny_config(family), ecfg, ocfg, seed=3) if init == "random"
+              else Engine.from_pretrained(str(suite / "model"), ecfg, ocfg))
+    try:
+        params = engine.state_dict()["params"]
+        assert set(got["params"]) == set(params)
+        for name, t in params.items():
+            assert torch.equal(got["params"][name], t), name
+    finally:
+        engine.close()
 
 
 def test_host_copy_is_bitwise_on_two_ranks(suite: Path) -> None:

@@ -54,6 +54,17 @@ class DistContext:
         """Parameters whose 12 B of state this rank's node holds (its ranks' shards)."""
         return -(-num_params * self.topo.local_world // self.world)
 
+    def shard_unit(self, unit: HostUnit) -> None:
+        """Shard one initialised unit (streamed initialisation; ``sharding_done`` ends it)."""
+        shard.shard_units([unit], self.rank, self.world, {EMBED_UNIT})
+
+    def sharding_done(self, units: list[HostUnit], cfg: EngineConfig) -> None:
+        """After ``shard_unit`` on every unit: the checks and sizes ``shard_units`` would set."""
+        if cfg.resident_layers > 0:
+            raise ConfigError("engine.resident_layers keeps whole layers and their optimizer on one GPU; it is "
+                              "not supported with data-parallel training yet (set it to 0)")
+        self._max_shard = max(u.shard_len for u in units if u.sharded)
+
     def shard_units(self, units: list[HostUnit], cfg: EngineConfig) -> None:
         """Shard the initialised units (called by the engine before the device is set up)."""
         if cfg.resident_layers > 0:

@@ -13,6 +13,7 @@ corrupted file: HF shards carry no checksum) is an error, never a model that tra
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,17 @@ class WeightSource:
     config: Any
     files: list[Path]
 
-    def load_into(self, units: list[HostUnit]) -> None:
-        """Copy every parameter from the shards into the units' master buffers, one tensor at a time."""
+    def load_into(self, units: list[HostUnit], prepare: Callable[[HostUnit], None] | None = None,
+                  done: Callable[[HostUnit], None] | None = None) -> None:
+        """Copy every parameter from the shards into the units' master buffers, one tensor at a time.
+
+        ``prepare(unit)`` runs before a unit's first tensor is written, ``done(unit)`` after its last
+        (data-parallel runs allocate and shard units as the files stream by).
+        """
         from safetensors import SafetensorError, safe_open
 
         wanted = {spec.name: (u, spec) for u in units for spec in u.params}
+        left = {u.index: len(u.params) for u in units}
         seen: set[str] = set()
         for file in self.files:
             try:
@@ -64,8 +71,14 @@ class WeightSource:
                             what = f"dtype {t.dtype}" if not t.is_floating_point() else "NaN or inf values"
                             raise ModelPathError(f"{file.name}: {key} holds {what}; the shard is corrupted "
                                                  "(or was saved from a diverged model)")
+                        if prepare is not None and left[u.index] == len(u.params):
+                            prepare(u)
                         u.view(u.master, spec).copy_(t)
-                        seen.add(key)
+                        if key not in seen:
+                            seen.add(key)
+                            left[u.index] -= 1
+                            if done is not None and left[u.index] == 0:
+                                done(u)
             except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
                 if isinstance(exc, ModelPathError):
                     raise
@@ -100,17 +113,21 @@ def weight_source(path: str | Path) -> WeightSource:
     return WeightSource(p, config, files)
 
 
+def init_modules(model: nn.Module, params: set[int]) -> list[nn.Module]:
+    """The modules ``random_init`` initialises, in its order: those whose own parameters are all in
+    ``params`` (ids)."""
+    if getattr(model, "_init_weights", None) is None:
+        raise ConfigError(f"{type(model).__name__} has no _init_weights; build it on the CPU and pass it")
+    return [m for m in model.modules()
+            if (own := list(m.parameters(recurse=False))) and all(id(p) in params for p in own)]
+
+
 def random_init(model: nn.Module, units: list[HostUnit]) -> None:
     """Apply the model's own initialiser to parameters that already alias the host buffers."""
-    init = getattr(model, "_init_weights", None)
-    if init is None:
-        raise ConfigError(f"{type(model).__name__} has no _init_weights; build it on the CPU and pass it")
-    params = {id(spec.param) for u in units for spec in u.params}
+    mods = init_modules(model, {id(spec.param) for u in units for spec in u.params})
     with torch.no_grad():
-        for module in model.modules():
-            own = list(module.parameters(recurse=False))
-            if own and all(id(p) in params for p in own):
-                init(module)
+        for module in mods:
+            model._init_weights(module)
 
 
 def buffers_on(parts: ModelParts, device: torch.device) -> None:

@@ -81,6 +81,9 @@ def check_host_memory(e: Engine) -> str:
 
 
 def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
+    if e.dist is not None and init in ("random", "load"):
+        _init_sharded(e, model, init, weights)
+        return
     for u in e.units:
         if e.dist is None:
             u.allocate(with_grad_acc=False, moments_on_disk=e.offload_mode == "moments")
@@ -106,10 +109,55 @@ def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
         e.dist.shard_units(e.units, e.cfg)
 
 
-def materialize_meta(e: Engine, model: nn.Module) -> None:
+def _init_sharded(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
+    """Data-parallel: fill and shard one unit at a time, so a rank never holds the whole FP32 model.
+
+    A unit's full master (4 B/param) exists from its first write to its last; then this rank keeps its
+    shard. Random init visits the model's modules in the single-process order (the same RNG draws, so
+    N ranks start from the same weights as one process); loading shards a unit once all its tensors are
+    in, whatever the shard order.
+    """
+    dist = e.dist
+
+    def open_unit(u: HostUnit) -> None:
+        if u.flat is None:
+            u.allocate(with_grad_acc=False, master_only=True)
+            materialize_meta(e, model, [u])
+            u.point_params_to_master()
+
+    if init == "load":
+        weights.load_into(e.units, prepare=open_unit, done=dist.shard_unit)
+    else:
+        from slideformer.models.loading import init_modules
+
+        owner = {id(spec.param): u for u in e.units for spec in u.params}
+        mods = init_modules(model, set(owner))
+        # The units each module writes, fixed now: opening a unit replaces its meta parameters (new ids).
+        touches = [list({owner[id(q)].index: owner[id(q)] for q in m.parameters(recurse=False)}.values())
+                   for m in mods]
+        closes_at: dict[int, list[HostUnit]] = {}
+        for u in e.units:
+            k = max((k for k, us in enumerate(touches) if u in us), default=-1)
+            closes_at.setdefault(k, []).append(u)
+        for u in closes_at.pop(-1, []):  # no initialiser touches it: zero-filled
+            open_unit(u)
+            u.master.zero_()
+            dist.shard_unit(u)
+        init_fn = model._init_weights
+        with torch.no_grad():
+            for k, m in enumerate(mods):
+                for u in touches[k]:
+                    open_unit(u)
+                init_fn(m)
+                for u in closes_at.get(k, []):
+                    dist.shard_unit(u)
+    dist.sharding_done(e.units, e.cfg)
+
+
+def materialize_meta(e: Engine, model: nn.Module, units: list[HostUnit] | None = None) -> None:
     """Replace meta parameters by real ones that alias the host master buffers (ties preserved)."""
     fresh: dict[int, nn.Parameter] = {}
-    for u in e.units:
+    for u in e.units if units is None else units:
         for spec in u.params:
             if spec.param.device.type == "meta":
                 new = nn.Parameter(u.view(u.master, spec), requires_grad=spec.param.requires_grad)
