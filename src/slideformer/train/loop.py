@@ -332,7 +332,15 @@ def train(
             + f" | output {out}"
             + (f" | resumed from {resume_from.name}" if resume_from else "")
         )
-        disk = engine.memory_report().get("disk")
+        report = engine.memory_report()
+        if engine.device.type == "cuda":  # what the engine decided: resident layers, upload path, host memory
+            why = getattr(engine, "resident_reason", "")
+            logger.write(
+                f"placement: {report['resident_layers']} of {engine.num_layers} layers resident on the GPU"
+                + (f" ({why})" if why else "") + f" | uploads: {report['upload_cast']} | host state "
+                f"{report['host_state_bytes'] / 2**30:,.2f} GiB, pinned {report['pinned_bytes'] / 2**30:,.2f} GiB"
+            )
+        disk = report.get("disk")
         if disk:
             logger.write(
                 f"disk tier: AdamW moments in {disk['directory']} ({disk['file_bytes'] / 2**30:,.2f} GiB, "
