@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,23 @@ def _assert_equal(a: dict, b: dict) -> None:
         assert set(a[part]) == set(b[part])
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), (part, name)
+
+
+def _off_and_on(make: Callable[[str], Engine], run: Callable[[Engine], list[float]],
+                check: Callable[[Engine], object]) -> None:
+    """``run`` on an engine without the copy and on one with it (then ``check`` it): bitwise the same."""
+    results = []
+    for host_copy in ("none", "bf16"):
+        engine = make(host_copy)
+        try:
+            losses = run(engine)
+            if host_copy == "bf16":
+                check(engine)
+            results.append((losses, _state(engine)))
+        finally:
+            engine.close()
+    assert results[0][0] == results[1][0]
+    _assert_equal(results[0][1], results[1][1])
 
 
 def _check_copies(engine: Engine) -> int:
@@ -123,38 +141,27 @@ def test_load_state_dict_rebuilds_the_copy() -> None:
     state = _state(src)
     state["unit_steps"] = [u.step for u in src.units]
     src.close()
-    results = []
-    for host_copy in ("none", "bf16"):
-        engine = _engine(model, host_copy, window=1)
-        try:
-            _train(engine, cfg.vocab_size, 1, 1)  # the copy now holds this engine's own trained weights
-            engine.load_state_dict(state)
-            if host_copy == "bf16":
-                _check_copies(engine)
-            results.append((_train(engine, cfg.vocab_size, 2, 1), _state(engine)))
-        finally:
-            engine.close()
-    assert results[0][0] == results[1][0]
-    _assert_equal(results[0][1], results[1][1])
+
+    def run(engine: Engine) -> list[float]:
+        _train(engine, cfg.vocab_size, 1, 1)  # the copy now holds this engine's own trained weights
+        engine.load_state_dict(state)
+        _check_copies(engine)  # rebuilt from the loaded masters (none without the copy)
+        return _train(engine, cfg.vocab_size, 2, 1)
+
+    _off_and_on(lambda c: _engine(model, c, window=1), run, _check_copies)
 
 
 def test_resident_layers_have_no_copy() -> None:
     cfg = tiny_config("llama", layers=4)
     model = make_model(cfg)
-    results = []
-    for host_copy in ("none", "bf16"):
-        engine = _engine(model, host_copy, resident_layers=2, window=1)
-        try:
-            losses = _train(engine, cfg.vocab_size, 3, 1)
-            if host_copy == "bf16":
-                resident = {j + 1 for j in engine.resident_idx}
-                assert all((u.upload_copy is None) == (u.index in resident or u.index == 0) for u in engine.units)
-                _check_copies(engine)
-            results.append((losses, _state(engine)))
-        finally:
-            engine.close()
-    assert results[0][0] == results[1][0]
-    _assert_equal(results[0][1], results[1][1])
+
+    def check(engine: Engine) -> None:
+        resident = {j + 1 for j in engine.resident_idx}
+        assert all((u.upload_copy is None) == (u.index in resident or u.index == 0) for u in engine.units)
+        _check_copies(engine)
+
+    _off_and_on(lambda c: _engine(model, c, resident_layers=2, window=1),
+                lambda engine: _train(engine, cfg.vocab_size, 3, 1), check)
 
 
 @pytest.mark.parametrize("accumulate,max_norm", [(1, None), (2, 0.5)])
@@ -162,19 +169,12 @@ def test_with_the_disk_tier(tmp_path: Path, accumulate: int, max_norm: float | N
     """The disk tier's optimizer path writes the copy too (same ``_apply`` / ``apply_accumulated``)."""
     cfg = tiny_config("llama_tied", layers=3)
     model = make_model(cfg)
-    results = []
-    for host_copy in ("none", "bf16"):
-        engine = _engine(model, host_copy, max_norm=max_norm, offload="moments",
-                         offload_dir=str(tmp_path / host_copy))
-        try:
-            losses = _train(engine, cfg.vocab_size, 3, accumulate)
-            if host_copy == "bf16":
-                assert _check_copies(engine) > 0
-            results.append((losses, _state(engine)))
-        finally:
-            engine.close()
-    assert results[0][0] == results[1][0]
-    _assert_equal(results[0][1], results[1][1])
+
+    def check(engine: Engine) -> None:
+        assert _check_copies(engine) > 0
+
+    _off_and_on(lambda c: _engine(model, c, max_norm=max_norm, offload="moments", offload_dir=str(tmp_path / c)),
+                lambda engine: _train(engine, cfg.vocab_size, 3, accumulate), check)
 
 
 def test_fp32_compute_refuses_bf16_and_auto_is_off() -> None:
