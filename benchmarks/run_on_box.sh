@@ -4,6 +4,8 @@
 #   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
+# Next session, in this order (see the closing notes): `tests bench3b_copy` (H100), `disk bench8b_auto`
+# (H100), then on nvidia-h100-x2: `dist_tests multi_sf`, then `multi_zero3`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -17,7 +19,8 @@ export PYTHONPATH=$PWD/src:$PWD:${PYTHONPATH:-}
 for stage in "$@"; do
   case "$stage" in
     tests)
-      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" \
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py 2>&1 \
+        | tee "$OUT/gpu_tests.log" \
         | grep -E "rel|bytes|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests.log" && exit 1 ;;
     bench3b)
@@ -58,6 +61,11 @@ for stage in "$@"; do
         --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 290 \
         --out "$OUT/llama3.1-8b_h100_bench.json" > "$OUT/bench8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_h100_bench.md ;;
+    disk)
+      # Issue 5: moments on disk vs in RAM, 3B shape, plus the raw disk speed (needs ~30 GB free under /tmp).
+      timeout 560 python3 benchmarks/bench_disk.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --dir /tmp/sf_offload --out "$OUT/disk_llama3.2-3b_h100.json" > "$OUT/disk.log" 2>&1
+      tail -30 "$OUT/disk.log" ;;
     soak)
       timeout 400 python3 benchmarks/soak.py --steps 1000 --out "$OUT/soak_h100.json" 2>&1 | tail -8 ;;
     dist_tests)
@@ -83,6 +91,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench8b_auto)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench8b_auto, disk)"; exit 2 ;;
   esac
 done
