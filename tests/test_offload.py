@@ -30,11 +30,11 @@ from tests.run_config import tiny_run
 
 from slideformer import ConfigError, Engine, EngineConfig, OptimConfig
 from slideformer.memory import disk
+from slideformer.memory.budget import choose_offload
 from slideformer.memory.disk import DiskStore
 from slideformer.memory.disk_owner import OWNER_FILE, SUFFIX
 from slideformer.memory.host_state import HostUnit
 from slideformer.memory.offload import OffloadedMoments, file_bytes, key_of
-from slideformer.planner import choose_offload
 from slideformer.train import checkpoint, tensor_io
 from slideformer.train.loop import train
 

@@ -14,8 +14,8 @@ import torch
 from tests.reference import make_model, random_batch, tiny_config
 
 from slideformer import Engine, EngineConfig, HostMemoryError, OptimConfig, SlideformerError
+from slideformer.memory.budget import HOST_MARGIN_MIN_BYTES, engine_host_bytes
 from slideformer.memory.host_state import HostUnit
-from slideformer.planner import HOST_MARGIN_MIN_BYTES, engine_host_bytes
 from slideformer.runtime.device import DeviceOps
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ import psutil
 import torch
 
 from slideformer.config import EngineConfig
-from slideformer.errors import ConfigError, HostMemoryError, ModelPathError
+from slideformer.errors import ConfigError, ModelPathError
+from slideformer.memory.budget import offload_ring_bytes
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + allocator slack on the GPU (measured order of magnitude)
@@ -355,107 +355,6 @@ def make_plan(
         "host_copy": "bf16" if host_copy else "none",
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes)
-
-
-HOST_MARGIN_FRACTION = 0.05
-HOST_MARGIN_MIN_BYTES = 256 * 2**20  # headroom for what the plan does not count (Python objects, data)
-
-
-def engine_host_bytes(
-    num_params: int, layer_numels: list[int], vocab_slot_numel: int, engine: EngineConfig, on_cuda: bool, elt: int,
-    offload: str = "none", largest_unit: int = 0, host_copy: bool = False,
-) -> dict[str, int]:
-    """Host bytes an ``Engine`` allocates at construction, by kind (the engine's own layout).
-
-    12 B/param of FP32 master weights and Adam moments (+4 B/param of gradient accumulator when
-    ``engine.schedule`` is 'deferred'; 'auto' decides per step and is counted at 12), the upload staging
-    rings and the gradient pool, and on a CPU 'device' the layer and vocabulary slots. With ``offload`` =
-    'moments' the moments are on disk: 4 B/param plus the ring of ``offload_prefetch + 2`` pieces (a chunk
-    of both moments, at most the largest unit's, ``largest_unit`` params). Activation buffers grow with the
-    first batches and are not counted. ``host_copy``: the pinned BF16 upload copies, 2 B/param (resident
-    layers, decided later, are counted too). ``vocab_slot_numel`` is the embedding + head numel
-    when tied, else the larger of the two (one slot serves both).
-    """
-    chunk_bytes = int(engine.chunk_mib * 2**20)
-    pool = (max(engine.staging_chunks, engine.grad_park_mib * 2**20 // chunk_bytes) if on_cuda
-            else 2 * engine.staging_chunks)
-    if offload == "moments":
-        need = {"master weights (4 B/param; moments on disk)": 4 * num_params,
-                "disk ring buffers (pieces of moments)": offload_ring_bytes(engine, largest_unit, elt)}
-    else:
-        need = {"master weights + Adam moments (12 B/param)": 12 * num_params}
-    if engine.schedule == "deferred":
-        acc = elt if engine.grad_accumulator == "compute" else 4
-        need[f"gradient accumulator ({acc} B/param)"] = acc * num_params
-    if host_copy:
-        need["BF16 upload copies (2 B/param, pinned)"] = 2 * num_params
-    need["upload staging rings"] = (engine.staging_chunks + 2) * chunk_bytes
-    need["gradient pool"] = pool * chunk_bytes
-    if not on_cuda:
-        depth = min(engine.window, len(layer_numels))
-        need["device slots on the cpu (weights + grads)"] = (
-            depth * max(layer_numels, default=0) + vocab_slot_numel) * 2 * elt
-    return need
-
-
-def offload_ring_bytes(engine: EngineConfig, largest_unit: int, elt: int) -> int:
-    """Host bytes of the disk tier's ring: ``offload_prefetch + 2`` buffers of one piece's two moments (a piece
-    is the optimizer chunk, ``chunk_mib`` of the compute dtype, or the largest unit if smaller)."""
-    piece = min(int(engine.chunk_mib * 2**20) // elt, -(-largest_unit // 1024) * 1024)
-    return (engine.offload_prefetch + 2) * 2 * (-(-4 * piece // 4096) * 4096)
-
-
-def choose_offload(engine: EngineConfig, need: Callable[[str], dict[str, int]], budget: int) -> str:
-    """Where the moments live: the configured mode, or for 'auto' the disk only when the all-in-RAM layout
-    (``need('none')``, plus the margin) does not fit ``budget`` bytes and an offload directory is set."""
-    if engine.offload != "auto":
-        return engine.offload
-    total = sum(need("none").values())
-    fits = total + max(int(HOST_MARGIN_FRACTION * total), HOST_MARGIN_MIN_BYTES) <= budget
-    return "none" if fits or not engine.offload_dir else "moments"
-
-
-def choose_host_copy(engine: EngineConfig, need: Callable[[bool], dict[str, int]], budget: int, on_cuda: bool,
-                     dtype: torch.dtype) -> tuple[bool, str]:
-    """(on, why) for ``engine.host_copy``: 'bf16' is on (a ConfigError unless the compute dtype is BF16);
-    'auto' is on when the device is CUDA, the compute dtype BF16, and ``need(True)`` plus the margin fits
-    ``budget`` bytes (``need(copy)``: the engine's host bytes with or without the copy)."""
-    mode = engine.host_copy
-    if mode == "none":
-        return False, "engine.host_copy=none"
-    if dtype != torch.bfloat16:
-        if mode == "bf16":
-            raise ConfigError(f"engine.host_copy='bf16' keeps a BF16 upload copy, but the compute dtype is {dtype}; "
-                              "set engine.compute_dtype=bfloat16 or engine.host_copy=none")
-        return False, f"the compute dtype is {dtype}, not bfloat16"
-    if mode == "bf16":
-        return True, "engine.host_copy=bf16"
-    if not on_cuda:
-        return False, "the device is not CUDA (nothing crosses PCIe)"
-    total = sum(need(True).values())
-    if total + max(int(HOST_MARGIN_FRACTION * total), HOST_MARGIN_MIN_BYTES) > budget:
-        return False, (f"the host state with the copy ({total / GIB:.1f} GiB + margin) does not fit the "
-                       f"{budget / GIB:.1f} GiB budget")
-    return True, f"the host state with the copy ({total / GIB:.1f} GiB) fits the {budget / GIB:.1f} GiB budget"
-
-
-def check_host_memory(need: dict[str, int], available: int, what: str = "the engine") -> None:
-    """Raise HostMemoryError, printing the plan, when ``need`` plus a margin exceeds ``available``."""
-    total = sum(need.values())
-    margin = max(int(HOST_MARGIN_FRACTION * total), HOST_MARGIN_MIN_BYTES)
-    if total + margin <= available:
-        return
-    lines = "\n".join(f"  {k:<48} {v / GIB:10.3f} GiB" for k, v in need.items())
-    raise HostMemoryError(
-        f"{what} needs {total / GIB:.2f} GiB of host RAM (+{margin / GIB:.2f} GiB margin) but only "
-        f"{available / GIB:.2f} GiB is available; nothing was allocated. Plan:\n{lines}\n"
-        "Free host memory (other processes, page cache held by them), use a machine with more RAM, or train "
-        "a smaller model, or put the AdamW moments on disk (engine.offload=moments or auto with "
-        "engine.offload_dir=/nvme/dir: 4 instead of 12 B/param); `slideformer plan` shows the whole plan. Host "
-        "state is 12 B/param whatever the batch size or window. If this machine grants RAM on demand and "
-        "under-reports it at start, set "
-        "engine.check_host_memory=false."
-    )
 
 
 def _free_bytes(directory: str) -> int:

@@ -51,7 +51,7 @@ def check_host_memory(e: Engine) -> str:
     the host buffers cannot fit in the budget (``host_memory_gib``, default the available RAM)."""
     import psutil
 
-    from slideformer.planner import check_host_memory, choose_host_copy, choose_offload, engine_host_bytes
+    from slideformer.memory.budget import check_host_memory, choose_host_copy, choose_offload, engine_host_bytes
 
     u0, uh = e.units[0].numel, e.units[-1].numel
     vocab_slot = u0 + uh if e.parts.tied else max(u0, uh)
