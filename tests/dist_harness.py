@@ -74,6 +74,8 @@ def run(scenario: str, args: dict[str, Any]) -> DistContext:
         losses.append(res.loss)
         norms.append(res.grad_norm)
     out: dict[str, Any] = {"losses": losses, "norms": norms}
+    if steps:  # forward-only through the sharded window (every rank evaluates its own first batch)
+        out["eval"] = engine.eval_loss(batches[0][ctx.rank][0])
     if scenario == "checkpoint":
         sd = engine.state_dict()
         if ctx.is_main:

@@ -21,6 +21,7 @@ from tests.tolerances import TOLERANCES
 
 from slideformer import Engine
 from slideformer.train import checkpoint
+from slideformer.train.evaluate import eval_loss
 
 TOL = TOLERANCES["cpu_fp32"]
 
@@ -60,7 +61,7 @@ def _compare_state(got: dict, ref: torch.nn.Module, opt: torch.optim.Optimizer) 
 
 
 PARITY = {
-    # update in backward, tied head (sharded head + replicated embedding)
+    # update in backward, tied head (the sharded embedding serves as the head)
     "overlap": dict(family="llama_tied", schedule="overlap", accumulate=1, max_norm=None),
     # 2 micro-batches per rank, global-norm clipping active at every step
     "deferred": dict(family="qwen3", schedule="deferred", accumulate=2, max_norm=0.5),
@@ -102,11 +103,15 @@ def test_two_ranks_equal_one_big_batch(suite: Path, name: str) -> None:
     if args["max_norm"] is not None:
         assert min(got["norms"]) > args["max_norm"]  # clipping was active, so the global norm mattered
     _compare_state(got, ref, opt)
-    # Each rank keeps half of every sharded unit's state and all of the (replicated) embedding's.
-    mem, cfg = got["memory"], tiny_config(args["family"])
+    # Evaluation through the sharded window: rank 0's first micro-batch under the trained weights.
+    first = global_batches(tiny_config(args["family"]).vocab_size, STEPS, 2, args["accumulate"])[0][0][0]
+    want, _ = eval_loss(ref, [first])
+    assert abs(got["eval"][0] - want) <= TOL["loss_rel"] * abs(want), (got["eval"], want)
+    # Each rank keeps half of every unit's state, the embedding's included (plus at most one padding element
+    # per unit).
+    mem = got["memory"]
     per_param = 16 if args["schedule"] == "deferred" else 12
-    emb = cfg.vocab_size * cfg.hidden_size
-    expect = per_param * (emb + (mem["num_params"] - emb) / 2)
+    expect = per_param * mem["num_params"] / 2
     assert expect <= mem["host_state_bytes"] <= expect + per_param * 2 * len(ref.state_dict()), mem
 
 

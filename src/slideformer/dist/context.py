@@ -1,6 +1,6 @@
 """The data-parallel context an ``Engine`` is built with: the only object the engine talks to.
 
-Owns the decisions of a data-parallel run: which units are sharded (all but the embedding), which
+Owns the decisions of a data-parallel run: which units are sharded (all of them), which
 gradient pipeline and weight gather the engine uses, the host scalars the step agrees on (global token
 count, loss, non-finite flag), and how its state is saved and loaded. Invariant: every method that
 runs a collective is called by every rank in the same order (the engine's schedule is deterministic
@@ -22,9 +22,6 @@ from slideformer.errors import ConfigError
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime.device import DeviceOps
-
-EMBED_UNIT = 0
-"""The embedding unit stays replicated (its forward gathers rows from the host master)."""
 
 
 class DistContext:
@@ -56,7 +53,7 @@ class DistContext:
 
     def shard_unit(self, unit: HostUnit) -> None:
         """Shard one initialised unit (streamed initialisation; ``sharding_done`` ends it)."""
-        shard.shard_units([unit], self.rank, self.world, {EMBED_UNIT})
+        shard.shard_units([unit], self.rank, self.world, set())
 
     def sharding_done(self, units: list[HostUnit], cfg: EngineConfig) -> None:
         """After ``shard_unit`` on every unit: the checks and sizes ``shard_units`` would set."""
@@ -70,7 +67,7 @@ class DistContext:
         if cfg.resident_layers > 0:
             raise ConfigError("engine.resident_layers keeps whole layers and their optimizer on one GPU; it is "
                               "not supported with data-parallel training yet (set it to 0)")
-        shard.shard_units(units, self.rank, self.world, {EMBED_UNIT})
+        shard.shard_units(units, self.rank, self.world, set())
         self._max_shard = max(u.shard_len for u in units if u.sharded)
 
     def grad_pipeline(self, ops: DeviceOps, chunk: int, pool: int, dtype: torch.dtype,

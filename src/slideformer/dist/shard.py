@@ -7,8 +7,10 @@ torch versions we support, does ``all_reduce`` + slice: same sum, ``world`` time
 and downloads only this rank's shard. Weights: the upload thread copies this rank's shard into the slot
 and ``all_gather_into_tensor`` fills in the rest (gloo: same call, run on the host).
 
-The embedding unit stays replicated (``sharded`` false): its forward gathers the batch's rows from the
-host master, which needs every row. Its gradient is all-reduced and every rank applies the same update.
+Every unit is sharded, the embedding too: its forward selects the batch's rows on the device from the
+whole matrix, uploaded and all-gathered into the vocabulary slot like any unit (``runtime/step.py``), so
+no rank keeps more than 1/N of the vocabulary's state or repeats its AdamW. (``shard_units`` can still
+keep units whole on every rank: their gradient is then all-reduced and every rank applies the same update.)
 
 Invariant: the padding of a sharded unit is zero in the slot gradient before every reduction (so it adds
 nothing to the norm and its master stays zero); the shard buffer on the device is reused only in the

@@ -45,6 +45,7 @@ class StepRunner:
         self.ops = engine.ops
         self.layer_segments = [[Segment(u, 0)] for u in engine.units[1:-1]]
         self.x0_releases: list[Future] = []
+        self.x0_waits: list[Future] = []
         # Views of each layer's slot, computed once: layer j always lives in slot j % window.
         # Streamed layers take the slots round-robin; resident layers (runtime/resident.py) have none.
         slots = engine.layer_pool.slots
@@ -195,26 +196,48 @@ class StepRunner:
             for u in units:
                 u.update_future = futures[u.index]
 
-    def _plan_forward(self, mb: MicroBatch) -> tuple[Future, Future, dict[int, Use], Use]:
-        """Queue the embedding gather and plan the forward's slot uses and the head (queues uploads)."""
+    def _plan_forward(self, mb: MicroBatch) -> tuple[Future | Use, Future, dict[int, Use], Use]:
+        """Queue the embedding gather and plan the forward's slot uses and the head (queues uploads).
+
+        The embedding rows come from the host master (a gather of this batch's rows), or, when the
+        embedding unit is sharded (data-parallel), from the whole matrix uploaded and all-gathered into the
+        vocabulary slot (a use of that slot planned ahead of the head's).
+        """
         e = self.e
         u0 = e.units[0]
         x0_waits, self.x0_releases = self.x0_releases, []
-        x0_fut = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
-                                   e.x0_stage, u0.update_future, x0_waits)
+        up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
+        x0_src: Future | Use
+        if u0.sharded:
+            self.x0_waits = x0_waits
+            x0_src = plan_use(e.vocab_slot, [Segment(u0, 0)], True, up_vocab)
+        else:
+            x0_src = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
+                                       e.x0_stage, u0.update_future, x0_waits)
         x0_release: Future = Future()
         self.x0_releases.append(x0_release)
-        up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
         fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
                for j in range(e.num_layers) if j in self.layer_slot}
         head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
-        return x0_fut, x0_release, fwd, head
+        return x0_src, x0_release, fwd, head
 
-    def _embed(self, mb: MicroBatch, x0_fut: Future, grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+    def _embed(self, mb: MicroBatch, x0_src: Future | Use, grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
         """The gathered embedding rows on the device, and the preamble: (x0, first layer input, layer calls)."""
         e, p = self.e, self.e.parts
         shape = torch.Size((*mb.shape, e.hidden))
-        self.ops.wait(self.ops.compute_stream(), self.wait(x0_fut, "embedding gather"))  # x0's copy landed
+        cs = self.ops.compute_stream()
+        if isinstance(x0_src, Use):  # sharded embedding: select the rows from the all-gathered matrix
+            self._begin(x0_src, False, "embedding forward")
+            for fut in self.x0_waits:
+                done = fut.result()  # set when the previous micro-batch finished with x0 (already resolved)
+                for ev in done if isinstance(done, list) else [done]:
+                    self.ops.wait(cs, ev)  # its compute and checkpoint copies read x0_dev: they come first
+            u0 = e.units[0]
+            weight = e.vocab_slot.weight[:u0.numel].view(e.vocab, e.hidden)
+            torch.index_select(weight, 0, mb.ids.view(-1), out=e.x0_dev[:shape.numel()].view(-1, e.hidden))
+            x0_src.release.set_result(self.ops.record(cs))  # the slot may take the head once the rows are out
+        else:
+            self.ops.wait(cs, self.wait(x0_src, "embedding gather"))  # x0's copy landed
         x0 = e.x0_dev[:shape.numel()].view(shape).detach().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             emb = x0 if p.embed_scale is None else x0 * torch.tensor(p.embed_scale, dtype=x0.dtype,
@@ -253,12 +276,12 @@ class StepRunner:
         shape = torch.Size((bsz, seq, hidden))
 
         # Plan every slot use in program order (this queues the uploads), then run them.
-        x0_fut, x0_release, fwd, head = self._plan_forward(mb)
+        x0_src, x0_release, fwd, head = self._plan_forward(mb)
         up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
         bwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
                for j in reversed(range(L)) if j in self.layer_slot}
         emb_use = plan_use(e.vocab_slot, [Segment(u0, 0)], False, up_vocab)
-        x0, h0, calls = self._embed(mb, x0_fut, grad=True)
+        x0, h0, calls = self._embed(mb, x0_src, grad=True)
         h = self._forward_layers(fwd, h0.detach(), calls, save=True)
 
         # Head: final norm + chunked linear cross-entropy, gradients in the same pass.
@@ -353,8 +376,8 @@ class StepRunner:
         no checkpoints, no backward and no gradients; uploads still wait for pending updates.
         """
         e, ops = self.e, self.ops
-        x0_fut, x0_release, fwd, head = self._plan_forward(mb)
-        _, h0, calls = self._embed(mb, x0_fut, grad=False)
+        x0_src, x0_release, fwd, head = self._plan_forward(mb)
+        _, h0, calls = self._embed(mb, x0_src, grad=False)
         h = self._forward_layers(fwd, h0, calls, save=False)
         with torch.no_grad():
             self._begin(head, False, "head (eval)")
