@@ -193,3 +193,18 @@ def test_predicted_step_follows_the_measured_h100_steps(layers, hidden, inter, h
                      engine=EngineConfig(device="cuda", resident_layers=resident),
                      hardware=Hardware(gpu_memory_bytes=cap * GIB, host_memory_bytes=125 * GIB))
     assert 0.95 <= measured / plan.step_seconds["step"] <= 1.20
+
+
+def test_plan_suggests_faster_settings_that_fit(tmp_path, capsys):
+    """A 3B model on a 24 GiB GPU with the defaults: `plan` names resident layers and the BF16 copy."""
+    LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True).save_pretrained(str(tmp_path))
+    args = ["plan", "--model", str(tmp_path), "--seq-len", "1024", "--batch-size", "8", "--gpu-memory-gib", "24",
+            "--host-memory-gib", "125"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "suggestion: engine.resident_layers=-1" in out and "suggestion: engine.host_copy=bf16" in out
+    # 44 GiB holds the 41.4 GiB plan but not the copy's 6 GiB more: only the resident layers are suggested.
+    assert main([*args[:-1], "44"]) == 0
+    out = capsys.readouterr().out
+    assert "suggestion: engine.resident_layers=-1" in out and "host_copy=bf16" not in out
