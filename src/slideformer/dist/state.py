@@ -68,9 +68,9 @@ class ShardedTensor:
             return torch.zeros(()).expand(self.shape)  # not written anywhere: no bytes
         return full[self.spec.offset:self.spec.offset + self.spec.numel].view(self.shape)
 
-    def spec_for(self, name: str) -> TensorSpec:
-        """The ``tensor_io`` spec that writes this parameter (its values gathered when due)."""
-        return TensorSpec(name, tuple(self.shape), torch.float32, self.value)
+    def spec_for(self, name: str, dtype: torch.dtype | None = None) -> TensorSpec:
+        """The ``tensor_io`` spec that writes this parameter as ``dtype`` (default FP32; values gathered when due)."""
+        return TensorSpec(name, tuple(self.shape), dtype or torch.float32, self.value)
 
     def copy_(self, src: torch.Tensor) -> ShardedTensor:
         """Keep this rank's slice of the full tensor ``src`` (loading: no collective)."""

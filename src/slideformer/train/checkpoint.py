@@ -48,14 +48,6 @@ def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _discard(path: Path) -> None:
     """Delete a checkpoint directory: rename it out of the ``step-*`` namespace first, then remove it."""
     aside = path.with_name(f"{_TMP_PREFIX}{path.name[len(_PREFIX):]}-{os.getpid()}.old")
@@ -63,7 +55,8 @@ def _discard(path: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Make a file's data, or a directory's entries, durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,15 +71,16 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _spec(name: str, t: Any) -> tensor_io.TensorSpec:
-    # A data-parallel engine's values are handles that gather the tensor when it is due (dist/state.py).
-    return tensor_io.spec_of(name, t) if isinstance(t, torch.Tensor) else t.spec_for(name)
+def value_spec(name: str, t: Any, dtype: torch.dtype | None = None) -> tensor_io.TensorSpec:
+    """The spec writing an engine state value as ``dtype`` (default its own): a tensor, or a data-parallel
+    engine's handle that gathers the tensor when it is due (``dist/state.py``)."""
+    return tensor_io.spec_of(name, t, dtype) if isinstance(t, torch.Tensor) else t.spec_for(name, dtype)
 
 
 def _engine_specs(state: dict[str, Any]) -> tuple[list[tensor_io.TensorSpec], list[tensor_io.TensorSpec]]:
-    params = [_spec(n, t) for n, t in state["params"].items()]
-    moments = [_spec(f"exp_avg.{n}", t) for n, t in state["exp_avg"].items()]
-    moments += [_spec(f"exp_avg_sq.{n}", t) for n, t in state["exp_avg_sq"].items()]
+    params = [value_spec(n, t) for n, t in state["params"].items()]
+    moments = [value_spec(f"exp_avg.{n}", t) for n, t in state["exp_avg"].items()]
+    moments += [value_spec(f"exp_avg_sq.{n}", t) for n, t in state["exp_avg_sq"].items()]
     return params, moments
 
 
@@ -129,14 +123,14 @@ def save(
             write_extra(tmp)
         for path in sorted(tmp.iterdir()):
             if path.name not in files and path.is_file():
-                _fsync_file(path)  # files from write_extra (config, tokenizer) are durable before the manifest
+                _fsync(path)  # files from write_extra (config, tokenizer) are durable before the manifest
                 files[path.name] = {"bytes": path.stat().st_size, "sha256": tensor_io.sha256_file(path)}
         _write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
-        _fsync_dir(tmp)
+        _fsync(tmp)
         if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save): replace it
             _discard(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        _fsync(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest(root)

@@ -124,13 +124,6 @@ def export(ckpt: Path, out_dir: Path, dtype: str = "auto", max_shard_bytes: int 
     return out_dir
 
 
-def _value_spec(name: str, t: Any, dtype: torch.dtype) -> tensor_io.TensorSpec:
-    # A data-parallel engine's values are handles that gather the tensor when it is due (dist/state.py).
-    if isinstance(t, torch.Tensor):
-        return tensor_io.spec_of(name, t, dtype)
-    return tensor_io.TensorSpec(name, tuple(t.shape), dtype, t.value)
-
-
 def exported_values(params: dict[str, Any], config: dict[str, Any]) -> list[Any]:
     """The values ``export_engine`` reads, in its order (data-parallel ranks other than 0 read the same)."""
     return [params[n] for n in _exported_names(list(params), config)]
@@ -149,6 +142,6 @@ def export_engine(params: dict[str, Any], out_dir: Path, config: dict[str, Any],
     out_dtype = _export_dtype(dtype, config)
     if write_extra is not None:
         write_extra(out_dir)
-    specs = [_value_spec(n, params[n], out_dtype) for n in _exported_names(list(params), config)]
+    specs = [checkpoint.value_spec(n, params[n], out_dtype) for n in _exported_names(list(params), config)]
     _write_model(out_dir, specs, config, out_dtype, max_shard_bytes)
     return out_dir
