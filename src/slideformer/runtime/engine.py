@@ -21,7 +21,7 @@ import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -87,6 +87,8 @@ class Engine:
         self._failed: BaseException | None = None
         self._closed = False
         self.dist = dist
+        self.resident_reason = ""
+        """Why ``resident_layers=-1`` chose its count (empty when the count was given)."""
         self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = build.make_units(self, model)
         self.offload: OffloadedMoments | None = None
@@ -199,11 +201,7 @@ class Engine:
         try:
             loss, norm_fut, skipped = self.runner.step(mbs, deferred, lr_now)
         except BaseException as exc:
-            self._failed = exc
-            self._raise_device_oom(exc, max(m.shape.numel() for m in mbs), deferred)
-            if isinstance(exc, SlideformerError):
-                raise
-            raise WorkerError(f"training step failed: {type(exc).__name__}: {exc}") from exc
+            self._fail("training step", exc, mbs, deferred)
         if skipped:
             warnings.warn(f"slideformer: non-finite loss at step {self.step_count + 1}; the update was skipped",
                           RuntimeWarning, stacklevel=2)
@@ -219,11 +217,7 @@ class Engine:
         try:
             total = torch.stack([self.runner.eval_micro(m) for m in mbs]).sum()
         except BaseException as exc:
-            self._failed = exc
-            self._raise_device_oom(exc, max(m.shape.numel() for m in mbs), False)
-            if isinstance(exc, SlideformerError):
-                raise
-            raise WorkerError(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
+            self._fail("evaluation", exc, mbs, False)
         tokens = sum(m.tokens for m in mbs)
         return (float(total.item()) / tokens if tokens else math.nan), tokens
 
@@ -255,6 +249,15 @@ class Engine:
             return {u.index: (u.exp_avg, u.exp_avg_sq) for u in self.units}
         self.offload.sync(self.cfg.watchdog_s)
         return self.offload.mapped()
+
+    def _fail(self, what: str, exc: BaseException, mbs: list[Any], deferred: bool) -> NoReturn:
+        """Mark the engine failed and re-raise ``exc``: as a DeviceMemoryError with advice when a CUDA
+        out-of-memory is anywhere in its chain, as is when it is ours, else as a WorkerError."""
+        self._failed = exc
+        self._raise_device_oom(exc, max(m.shape.numel() for m in mbs), deferred)
+        if isinstance(exc, SlideformerError):
+            raise exc
+        raise WorkerError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
     def _raise_device_oom(self, exc: BaseException, tokens: int, deferred: bool) -> None:
         """Turn a CUDA out-of-memory anywhere in ``exc``'s chain into a DeviceMemoryError with advice."""

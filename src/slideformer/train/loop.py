@@ -334,7 +334,7 @@ def train(
         )
         report = engine.memory_report()
         if engine.device.type == "cuda":  # what the engine decided: resident layers, upload path, host memory
-            why = getattr(engine, "resident_reason", "")
+            why = engine.resident_reason
             logger.write(
                 f"placement: {report['resident_layers']} of {engine.num_layers} layers resident on the GPU"
                 + (f" ({why})" if why else "") + f" | uploads: {report['upload_cast']} | host state "
