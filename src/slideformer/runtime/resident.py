@@ -45,6 +45,9 @@ class ResidentLayers:
         self.step_t = {u.index: torch.zeros((), dtype=torch.float32, device=ops.device) for u in units}
         self.views = {u.index: [self.weight[u.index][s.offset:s.offset + s.numel].view(s.shape) for s in u.params]
                       for u in units}
+        # The FP32 gradient scratch laid out as each unit's parameters, built once (not per backward).
+        self.grad_views = {u.index: [self.grad32[s.offset:s.offset + s.numel].view(s.shape) for s in u.params]
+                           for u in units}
         self.acc: dict[int, torch.Tensor] = {}
         self.acc_views: dict[int, list[torch.Tensor]] = {}
         self.load_from_host()
@@ -72,7 +75,7 @@ class ResidentLayers:
         """AdamW for ``unit`` from its fresh gradients, on the compute stream, then refresh its weights."""
         n = unit.numel
         g = self.grad32[:n]
-        torch._foreach_copy_([g[s.offset:s.offset + s.numel].view(s.shape) for s in unit.params], grads)
+        torch._foreach_copy_(self.grad_views[unit.index], grads)
         sq_norm += torch.linalg.vector_norm(g).square()
         unit.step += 1
         self.step_t[unit.index] += 1

@@ -45,7 +45,6 @@ class StepRunner:
         self.ops = engine.ops
         self.layer_segments = [[Segment(u, 0)] for u in engine.units[1:-1]]
         self.x0_releases: list[Future] = []
-        self.x0_waits: list[Future] = []
         # Views of each layer's slot, computed once: layer j always lives in slot j % window.
         # Streamed layers take the slots round-robin; resident layers (runtime/resident.py) have none.
         slots = engine.layer_pool.slots
@@ -209,7 +208,12 @@ class StepRunner:
         up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
         x0_src: Future | Use
         if u0.sharded:
-            self.x0_waits = x0_waits
+            cs = self.ops.compute_stream()
+            for fut in x0_waits:
+                # Set when the previous micro-batch finished with x0 (already resolved by now).
+                done = self.wait(fut, "the previous micro-batch's use of the embedding rows")
+                for ev in done if isinstance(done, list) else [done]:
+                    self.ops.wait(cs, ev)  # its compute and checkpoint copies read x0_dev: they come first
             x0_src = plan_use(e.vocab_slot, [Segment(u0, 0)], True, up_vocab)
         else:
             x0_src = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
@@ -228,10 +232,6 @@ class StepRunner:
         cs = self.ops.compute_stream()
         if isinstance(x0_src, Use):  # sharded embedding: select the rows from the all-gathered matrix
             self._begin(x0_src, False, "embedding forward")
-            for fut in self.x0_waits:
-                done = fut.result()  # set when the previous micro-batch finished with x0 (already resolved)
-                for ev in done if isinstance(done, list) else [done]:
-                    self.ops.wait(cs, ev)  # its compute and checkpoint copies read x0_dev: they come first
             u0 = e.units[0]
             weight = e.vocab_slot.weight[:u0.numel].view(e.vocab, e.hidden)
             torch.index_select(weight, 0, mb.ids.view(-1), out=e.x0_dev[:shape.numel()].view(-1, e.hidden))
