@@ -57,17 +57,14 @@ def test_component_params_match_the_real_model(cfg):
     assert tied == cfg.tie_word_embeddings and params["embedding"] == cfg.vocab_size * cfg.hidden_size
 
 
+def _plan8b(grad_accum: int = 1, clipping: bool = False, hw: Hardware | None = None):
+    return make_plan(_llama8b(), seq_len=2048, batch_size=8, grad_accum=grad_accum, clipping=clipping,
+                     engine=EngineConfig(device="cuda"),
+                     hardware=hw or Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB))
+
+
 def test_llama8b_numbers_follow_the_layout():
-    hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB)
-    plan = make_plan(
-        _llama8b(),
-        seq_len=2048,
-        batch_size=8,
-        grad_accum=1,
-        clipping=False,
-        engine=EngineConfig(device="cuda"),
-        hardware=hw,
-    )
+    plan = _plan8b()
     n = plan.params["total"]
     assert 8.0e9 < n < 8.1e9  # Llama-3.1-8B has 8.03 B parameters
     assert (
@@ -81,27 +78,11 @@ def test_llama8b_numbers_follow_the_layout():
     assert plan.settings["schedule"] == "overlap" and plan.fits
     assert plan.step_seconds["step"] >= max(v for k, v in plan.step_seconds.items() if k != "step")
 
-    clipped = make_plan(
-        _llama8b(),
-        seq_len=2048,
-        batch_size=8,
-        grad_accum=4,
-        clipping=True,
-        engine=EngineConfig(device="cuda"),
-        hardware=hw,
-    )
+    clipped = _plan8b(grad_accum=4, clipping=True)
     assert clipped.host["gradient accumulator (fp32)"] == 4 * n and clipped.settings["schedule"] == "deferred"
     assert clipped.host_total - plan.host_total == 4 * n
 
-    small = make_plan(
-        _llama8b(),
-        seq_len=2048,
-        batch_size=8,
-        grad_accum=1,
-        clipping=False,
-        engine=EngineConfig(device="cuda"),
-        hardware=Hardware(8 * GIB, 64 * GIB),
-    )
+    small = _plan8b(hw=Hardware(8 * GIB, 64 * GIB))
     assert not small.fits and "DOES NOT FIT" in small.render()
 
 
