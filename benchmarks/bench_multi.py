@@ -86,7 +86,8 @@ def _worker(args: argparse.Namespace) -> None:
         def finish() -> None:
             system.sync()
     setup_s = time.perf_counter() - t0
-    progress(f"set up in {setup_s:.1f} s")
+    progress(f"set up in {setup_s:.1f} s; {torch.get_num_threads()} CPU threads, "
+             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
 
     def sync_all() -> None:
         if device.startswith("cuda"):
@@ -124,6 +125,7 @@ def _worker(args: argparse.Namespace) -> None:
         common.emit({"system": args.system, "gpus": world, "model": args.model, "seq_len": args.seq_len,
                      "batch_per_gpu": args.batch_size, "step_s": median, "times_s": times,
                      "tokens_per_s": args.batch_size * args.seq_len * world / median, "setup_s": setup_s,
+                     "cpu_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                      "host_rss_node_gib": node_rss / common.GIB, "gpu_peak_gib": gpu_peak / common.GIB,
                      "status": "ok"})
     if ctx is not None:
@@ -137,6 +139,9 @@ def _launch(args: argparse.Namespace, system: str, gpus: int) -> dict[str, Any]:
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE),
                                                         os.environ.get("PYTHONPATH", "")]))
+    # torchrun gives every rank OMP_NUM_THREADS=1 unless it is set, which starves any CPU optimizer
+    # (DeepSpeed's CPU Adam is OpenMP); every system gets the node's cores split evenly over its ranks.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // gpus)))
     print(f"[bench_multi] {system} on {gpus} {'GPU' if args.device == 'cuda' else 'process'}(s) ...", flush=True)
     # Own process group: on a timeout the workers die with torchrun instead of holding the GPUs.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -182,3 +182,17 @@ def test_reference_helper_is_deterministic() -> None:
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for s, t in zip(a, b) for r, q in zip(s, t)
                for x, y in zip(r, q))
     assert not torch.equal(a[0][0][0]["input_ids"], a[0][1][0]["input_ids"])  # ranks see different rows
+
+
+def test_ranks_split_the_node_cores_for_the_cpu_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's OMP_NUM_THREADS=1 must not leave each rank's AdamW on one core: threads = cores / ranks."""
+    import os
+
+    from slideformer.dist.context import DistContext
+    from slideformer.dist.group import Topology
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(32)), raising=False)
+    assert DistContext(Topology(rank=1, world=4, local_rank=1, local_world=2), None).cpu_threads() == 16
+    assert DistContext(Topology(rank=0, world=8, local_rank=0, local_world=8), None).cpu_threads() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert DistContext(Topology(rank=0, world=2, local_rank=0, local_world=2), None).cpu_threads() == 1

@@ -89,7 +89,9 @@ class EngineConfig:
     loss_chunk_tokens: int = 2048
     """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once."""
     optimizer_threads: int = 0
-    """Intra-op threads for the CPU optimizer and conversions; 0 keeps torch's default."""
+    """Intra-op threads for the CPU optimizer and conversions. 0: torch's default in one process; under
+    torchrun, this node's cores divided by its ranks (torchrun sets OMP_NUM_THREADS=1 in every rank, which
+    would leave the CPU AdamW on one core)."""
     upload_cast: Literal["auto", "device", "host"] = "auto"
     """Where FP32 master weights become the compute dtype on their way up. 'device': the FP32 master is
     page-locked in place and copied as is, and the GPU casts it (twice the PCIe bytes, no CPU work: the

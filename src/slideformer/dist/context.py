@@ -10,6 +10,7 @@ and identical on all ranks, given the same number of micro-batches per step).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -47,6 +48,15 @@ class DistContext:
         return self.rank == 0
 
     # -- engine construction -------------------------------------------------------------------------
+    def cpu_threads(self) -> int:
+        """This rank's share of the node's cores: the CPU AdamW's threads when the config leaves them at 0.
+
+        torchrun exports OMP_NUM_THREADS=1 to every rank (unless the user set it), which would run each
+        rank's AdamW on one core: measured 15.2 s/step for Llama-3.1-8B on 2 GPUs against 2.4 s on one.
+        """
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, self.topo.local_world))
+
     def node_params(self, num_params: int) -> int:
         """Parameters whose 12 B of state this rank's node holds (its ranks' shards)."""
         return -(-num_params * self.topo.local_world // self.world)

@@ -161,8 +161,9 @@ class Engine:
             self.dist.attach_uploaders(self.layer_up, self.vocab_up)
         self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
         self.x0_capacity = 0
-        if self.cfg.optimizer_threads > 0:
-            torch.set_num_threads(self.cfg.optimizer_threads)
+        threads = self.cfg.optimizer_threads or (self.dist.cpu_threads() if self.dist is not None else 0)
+        if threads > 0:
+            torch.set_num_threads(threads)  # the C++ AdamW and the torch fallback both size to this pool
         if self.cfg.max_tokens_per_micro_batch:
             self.ensure_capacity(self.cfg.max_tokens_per_micro_batch)
         from slideformer.runtime.step import StepRunner
