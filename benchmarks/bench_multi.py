@@ -109,6 +109,8 @@ def _worker(args: argparse.Namespace) -> None:
         sync_all()
         times.append(time.perf_counter() - t)
         progress(f"step {len(times)}: {times[-1]:.3f} s")
+    if args.profile:
+        _profiled_step(step, sync_all, args.profile)
     finish()
     peak = rss.peak_bytes
     node_rss = peak
@@ -132,11 +134,32 @@ def _worker(args: argparse.Namespace) -> None:
         ctx.shutdown()
 
 
+def _profiled_step(step: Any, sync_all: Any, path: str) -> None:
+    """One more step, every rank; rank 0 under the torch profiler, its op table written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        step()
+        sync_all()
+        return
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step()
+        sync_all()
+        wall = time.perf_counter() - t
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
+    cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60)
+    Path(path).write_text(f"profiled step: {wall:.3f} s (world {os.environ.get('WORLD_SIZE', '1')})\n\n"
+                          f"{table}\n\n{cpu}\n")
+
+
 def _launch(args: argparse.Namespace, system: str, gpus: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            str(Path(__file__).resolve()), "--worker", "--system", system, "--device", args.device,
            "--model", args.model, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    if args.profile:
+        cmd += ["--profile", f"{args.profile}_{system}{gpus}.txt"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE),
                                                         os.environ.get("PYTHONPATH", "")]))
     # torchrun gives every rank OMP_NUM_THREADS=1 unless it is set, which starves any CPU optimizer
@@ -195,6 +218,8 @@ def main() -> None:
     ap.add_argument("--systems", default="slideformer1,slideformerN,zero3N",
                     help="comma list of slideformer1, slideformerN, zero3N")
     ap.add_argument("--out", default="benchmarks/results/multi")
+    ap.add_argument("--profile", default=None,
+                    help="rank 0 profiles one extra step (torch profiler) and writes its op table to this path")
     args = ap.parse_args()
     if args.worker:
         _worker(args)

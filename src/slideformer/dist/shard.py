@@ -19,6 +19,8 @@ downloader stream's order after the previous shard's copies.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -80,8 +82,15 @@ class ShardedGradPipeline(GradPipeline):
         self.grad_group, self.optim_group = grad_group, optim_group
         # Reduce-scatter output, allocated once; reused in downloader-stream order.
         self.shard_buf = ops.empty(max_shard, dtype) if backend == "nccl" else None
+        # The overlap schedule's squared norm of this rank's reduced shards, summed on the device in the
+        # downloader's stream (a host pass over every gradient would cost the optimizer thread as much
+        # memory bandwidth as a third of AdamW), and a ring of pinned host slots it is copied out to.
+        self.sq_acc = ops.empty(1, torch.float32).zero_()
+        self.sq_host = ops.host_empty(4, torch.float32)
+        self._sq_next = 0
+        self._sq_ready: deque[Future] = deque()
 
-    def reduce(self, unit: HostUnit, grad: torch.Tensor) -> torch.Tensor:
+    def reduce(self, unit: HostUnit, grad: torch.Tensor, measure: bool) -> torch.Tensor:
         """Sum ``grad`` (the unit's padded slot gradient) over the ranks; return this rank's shard of it.
 
         Runs on the downloader thread inside its stream: the collective waits for the compute event the
@@ -92,26 +101,43 @@ class ShardedGradPipeline(GradPipeline):
         with collective(f"reducing the gradient of {unit.name}"):
             if not unit.sharded:
                 dist.all_reduce(grad, group=self.grad_group)  # replicated unit: every rank needs the whole sum
-                return grad[:unit.numel]
-            if self.shard_buf is None:
+                out = grad[:unit.numel]
+            elif self.shard_buf is None:
                 # gloo: all_reduce + slice (the sum of reduce-scatter at `world` times the bytes; CPU only).
                 dist.all_reduce(grad, group=self.grad_group)
-                return grad[unit.shard_lo:unit.shard_lo + unit.shard_len]
-            out = self.shard_buf[:unit.shard_len]
-            _reduce_scatter(out, grad, group=self.grad_group)  # downloader stream, after the compute event
-            return out
+                out = grad[unit.shard_lo:unit.shard_lo + unit.shard_len]
+            else:
+                out = self.shard_buf[:unit.shard_len]
+                _reduce_scatter(out, grad, group=self.grad_group)  # downloader stream, after the compute event
+        if measure and (unit.sharded or self.rank == 0):  # a replicated unit counts once, on rank 0
+            self.sq_acc += torch.linalg.vector_norm(out, dtype=torch.float32).square()  # downloader stream
+        return out
+
+    def end_step(self) -> None:
+        # Queued behind the step's downloads on the downloader thread, so the copy follows every addition
+        # of this step and the reset precedes every addition of the next.
+        self._sq_ready.append(self.down.submit(self._close_norm))
+
+    def _close_norm(self) -> tuple[int, Any]:
+        k = self._sq_next
+        self._sq_next = (k + 1) % self.sq_host.numel()  # a step is read before the next but one is closed
+        with self.ops.on(self.down.stream):
+            self.ops.copy(self.sq_host[k:k + 1], self.sq_acc)
+            event = self.ops.record(self.down.stream)
+            self.sq_acc.zero_()  # stream order: after the copy above read it
+        return k, event
 
     def _apply(self, it: _Parked, lo: int, hi: int, grad: torch.Tensor) -> None:
-        if isinstance(it.action, Update):
-            # The overlap schedule never accumulates: measure the shard's norm as it is consumed.
-            if lo == 0:
-                it.unit.sq_norm = 0.0
-            it.unit.sq_norm += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
+        if isinstance(it.action, Update) and lo == 0:
+            it.unit.sq_norm = 0.0  # measured on the device (reduce); the host part is the deferred schedule's
         super()._apply(it, lo, hi, grad)
 
     def global_sq(self, units: list[HostUnit]) -> float:
-        """Sum over ranks of the shards' squared norms; a replicated unit counts on rank 0 only."""
-        local = sum(u.sq_norm for u in units if u.sharded or self.rank == 0)
+        """Sum over ranks of the step's squared norm: the device-measured shards of the overlap schedule plus
+        the host-measured accumulations of the deferred one; a replicated unit counts on rank 0 only."""
+        k, event = self._sq_ready.popleft().result()  # end_step queued it before this task was submitted
+        self.ops.host_wait(event)  # the copy of the device-side sum has landed
+        local = float(self.sq_host[k]) + sum(u.sq_norm for u in units if u.sharded or self.rank == 0)
         t = torch.tensor([local], dtype=torch.float64)
         with collective("summing the gradient norm"):
             dist.all_reduce(t, group=self.optim_group)  # the optimizer thread's own group: same order everywhere

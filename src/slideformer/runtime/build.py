@@ -189,10 +189,13 @@ def register_masters(e: Engine) -> bool:
         if mode == "device" and not e.ops.is_cuda:
             raise ConfigError("engine.upload_cast='device' needs a CUDA device")
         return False
-    resident = {j + 1 for j in e.resident_idx}
+    not_uploaded = {j + 1 for j in e.resident_idx}  # resident layers live on the GPU (runtime/resident.py)
+    u0 = e.units[0]
+    if not u0.sharded and all(s.unit is not u0 for s in e.head_segments):
+        not_uploaded.add(u0.index)  # an untied, unsharded embedding: its rows are gathered on the host
     for u in e.units:
-        if u.index in resident or u.upload_copy is not None:
-            continue  # never uploaded (runtime/resident.py), or uploaded from its BF16 copy (engine.host_copy)
+        if u.index in not_uploaded or u.upload_copy is not None:
+            continue  # never uploaded, or uploaded from its BF16 copy (engine.host_copy)
         if not e.ops.register_host(u.master):
             if mode == "device":
                 raise ConfigError("could not page-lock the master weights (cudaHostRegister failed: memlock "

@@ -122,7 +122,7 @@ class GradPipeline:
             self.ops.wait(self.down.stream, compute_event)
             with self.ops.on(self.down.stream), record_function("sf/grad_download"):
                 for it, src in zip(items, sources):
-                    src = self.reduce(it.unit, src)
+                    src = self.reduce(it.unit, src, isinstance(it.action, Update))
                     with self._cv:
                         it.started = True
                     for lo in range(0, it.unit.shard_len, self.chunk):
@@ -150,13 +150,18 @@ class GradPipeline:
                 self._cv.notify_all()
             raise
 
-    def reduce(self, unit: HostUnit, grad: torch.Tensor) -> torch.Tensor:
+    def reduce(self, unit: HostUnit, grad: torch.Tensor, measure: bool) -> torch.Tensor:
         """The part of ``grad`` (the unit's flat gradient in its slot) this rank's optimizer consumes.
 
         Single process: all of it. Data-parallel runs (``slideformer.dist``) override this with the
-        cross-rank reduction, issued on the downloader's stream.
+        cross-rank reduction, issued on the downloader's stream, and measure the reduced part's norm
+        there when ``measure`` (the overlap schedule's gradients, consumed as they land).
         """
         return grad
+
+    def end_step(self) -> None:
+        """Main thread, after a step's last drain: the step's gradients are all queued (data-parallel runs
+        close the step's device-side norm here)."""
 
     # -- optimizer thread ------------------------------------------------------------------------
     def global_sq(self, units: list[HostUnit]) -> float:

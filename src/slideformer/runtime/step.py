@@ -146,6 +146,7 @@ class StepRunner:
         sq_host = torch.empty(2, dtype=torch.float32, pin_memory=self.ops.pin)
         self.ops.copy(sq_host, torch.stack([self.sq_dev, self.sq_res]))
         sq_ready = self.ops.record(self.ops.compute_stream())
+        drain.end_step()
         norm = drain.submit_task(self._clip_coefficient, host_norm, sq_host, sq_ready)
         if deferred:
             for u in e.units:
