@@ -29,8 +29,8 @@ from shapes import hf_config
 from slideformer.train.args import RunConfig, builtin_asset_dir
 from slideformer.train.config_io import from_dict, load_yaml
 from slideformer.train.data import eval_batches
+from slideformer.train.dataset import load_data
 from slideformer.train.evaluate import eval_loss
-from slideformer.train.loop import load_data
 from slideformer.train.model_loading import load_tokenizer
 
 

@@ -182,7 +182,7 @@ def test_checkpoints_read_and_write_through_the_files(tmp_path: Path) -> None:
     path = checkpoint.save(tmp_path / "ckpt", 2, ram.state_dict(), {})
     sd = off2.state_dict()
     checkpoint.load(path, sd)  # writes into the mapped files
-    sd["step"], sd["unit_steps"] = 2, None  # as train.loop.restore does (steps live in the trainer state)
+    sd["step"], sd["unit_steps"] = 2, None  # as train.resume.restore does (steps live in the trainer state)
     off2.load_state_dict(sd)
     try:
         _assert_equal_states(_state(off2), _state(off))

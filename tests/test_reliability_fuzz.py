@@ -22,7 +22,7 @@ import torch
 from tests.reference import make_model, tiny_config
 
 from slideformer import Engine, EngineConfig, SlideformerError
-from slideformer.train import checkpoint, loop
+from slideformer.train import checkpoint, loop, resume
 from slideformer.train.args import DataArgs, RunConfig, builtin_asset_dir
 from slideformer.train.config_io import apply_override, from_dict
 from slideformer.train.data import BatchStream, build_sequences, detect_format
@@ -70,7 +70,7 @@ def tokenizer():
 
 
 def _ingest(path: Path, tokenizer) -> int:
-    """What a run does with a dataset file before training (loop.load_data): rows -> sequences."""
+    """What a run does with a dataset file before training (dataset.load_data): rows -> sequences."""
     rows = read_rows(path)
     if not rows:
         return 0
@@ -262,7 +262,7 @@ def resume_target(run_dir: Path):
 def test_damaged_checkpoints_end_in_a_checkpoint_error(tmp_path, run_dir, resume_target, verify):
     eng, stream = resume_target
     good = checkpoint.latest(run_dir / "checkpoints")
-    step, _ = loop.restore(good, eng, stream, verify)
+    step, _ = resume.restore(good, eng, stream, verify)
     want = {k: v.clone() for k, v in eng.state_dict()["params"].items()}
     rng = random.Random(f"ckpt-{verify}")
     outcomes: dict[str, int] = {}
@@ -271,7 +271,7 @@ def test_damaged_checkpoints_end_in_a_checkpoint_error(tmp_path, run_dir, resume
         shutil.copytree(good, ckpt)
         what = _damage_checkpoint(ckpt, rng, verify)
         try:
-            got_step, _ = loop.restore(checkpoint.resolve(ckpt), eng, stream, verify)
+            got_step, _ = resume.restore(checkpoint.resolve(ckpt), eng, stream, verify)
             got = eng.state_dict()["params"]
             diff = [k for k in want if not torch.equal(want[k], got[k])]
             # Only damage the manifest does not cover may pass: nothing that changes the model.

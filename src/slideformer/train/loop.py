@@ -16,44 +16,37 @@ draws the same global batch of ``batch_size x world`` rows per micro-batch and t
 times the batch. Only rank 0 writes files (metrics, run info, checkpoints, with a barrier after each
 save); the stop decision (end, Ctrl-C, divergence) is the same on every rank. The output and checkpoint
 directories must be on a file system every rank sees (resume reads the checkpoint on every rank).
+
+Helpers each own one part: ``dataset`` reads the training and validation sequences, ``resume`` picks the
+checkpoint to continue from and captures and restores the trainer state, ``interrupt`` turns Ctrl-C into
+a stop request every rank agrees on.
 """
 
 from __future__ import annotations
 
-import ast
-import base64
 import dataclasses
 import datetime as dt
 import errno
 import json
 import math
 import random
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from slideformer.dist.group import env_topology
 from slideformer.errors import ConfigError, SlideformerError
-from slideformer.train import checkpoint, run_info
+from slideformer.train import checkpoint, resume, run_info
 from slideformer.train.args import RunConfig
 from slideformer.train.config_io import dump_yaml
-from slideformer.train.data import (
-    BatchStream,
-    Encoded,
-    build_sequences,
-    detect_format,
-    eval_batches,
-    split_rows,
-)
+from slideformer.train.data import BatchStream, eval_batches
+from slideformer.train.dataset import load_data
 from slideformer.train.export import export_engine, exported_values
+from slideformer.train.interrupt import agree, sigint_to_flag
 from slideformer.train.lr_schedule import LRSchedule
 from slideformer.train.metrics import MetricsLogger, StepMetrics, Throughput, gpu_peak_gib, host_rss_gib
 from slideformer.train.model_loading import (
@@ -63,7 +56,6 @@ from slideformer.train.model_loading import (
     load_hf_config,
     load_tokenizer,
 )
-from slideformer.train.sources import DataError, read_rows
 
 
 class DivergenceError(SlideformerError, RuntimeError):
@@ -90,13 +82,6 @@ class TrainResult:
     """Wall time of this invocation."""
 
 
-@dataclass
-class _Data:
-    train: list[Encoded]
-    val: list[Encoded]
-    summary: dict[str, Any]
-
-
 def resolve_output_dir(cfg: RunConfig) -> Path:
     """The run directory: train.output_dir, or runs/<model>-<date>-<time>; created and checked writable."""
     if cfg.train.output_dir:
@@ -113,117 +98,6 @@ def resolve_output_dir(cfg: RunConfig) -> Path:
             f"output directory {out} is not writable ({e.strerror or e}); set train.output_dir"
         ) from None
     return out
-
-
-def load_data(cfg: RunConfig, tokenizer: Any) -> _Data:
-    """The run's training and validation sequences, exactly as `train` builds them (tools reuse it)."""
-    from slideformer.train.args import builtin_asset_dir
-
-    train_path = (
-        Path(cfg.data.train_path).expanduser() if cfg.data.train_path else builtin_asset_dir() / "data.jsonl"
-    )
-    rows = read_rows(train_path, cfg.data.max_rows)
-    if not rows:
-        raise DataError(f"dataset {train_path} has no rows")
-    # The format is decided once, from the file's first row, so both splits are read the same way.
-    args = dataclasses.replace(cfg.data, format=detect_format(rows[0], cfg.data))
-    if cfg.data.val_path:
-        val_rows = read_rows(cfg.data.val_path, cfg.data.max_rows)
-    else:
-        rows, val_rows = split_rows(rows, cfg.data.val_fraction, cfg.train.seed)
-    train, tstats = build_sequences(rows, tokenizer, args, str(train_path))
-    val: list[Encoded] = []
-    vstats = None
-    if val_rows:
-        val, vstats = build_sequences(
-            val_rows, tokenizer, args, cfg.data.val_path or f"{train_path} (val split)"
-        )
-    summary = {"train_path": str(train_path), "train": vars(tstats), "val": vars(vstats) if vstats else None}
-    return _Data(train, val, summary)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "python": repr(random.getstate()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [
-            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
-        ]
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    random.setstate(ast.literal_eval(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(
-            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
-        )
-
-
-@contextmanager
-def _sigint_to_flag() -> Iterator[threading.Event]:
-    """While active, the first Ctrl-C sets the returned event (the loop saves and stops); a second one
-    raises KeyboardInterrupt as usual. Outside the main thread signals cannot be caught: no-op."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
-    if cfg.train.resume == "":
-        if checkpoint.latest(ckpt_root) is not None:
-            raise ConfigError(
-                f"{ckpt_root} already holds checkpoints; pass --resume to continue that run, or choose "
-                "another "
-                "train.output_dir"
-            )
-        return None
-    if cfg.train.resume == "auto":
-        return checkpoint.latest(ckpt_root)
-    return checkpoint.resolve(Path(cfg.train.resume).expanduser())
-
-
-def restore(path: Path, engine: Any, stream: BatchStream, verify: bool = True) -> tuple[int, int]:
-    """Load checkpoint ``path`` into ``engine``, ``stream`` and the RNGs; return (step, non-finite streak).
-
-    Raises:
-        CheckpointError: the checkpoint is damaged or does not belong to this model and data (anything
-            malformed that got past the manifest, e.g. with ``verify`` off, is reported the same way).
-    """
-    sd = engine.state_dict()
-    state = checkpoint.load(path, sd, verify)
-    try:
-        sd["step"], sd["unit_steps"] = int(state["engine_step"]), state.get("unit_steps")
-        engine.load_state_dict(sd)
-        stream.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
-        return int(state["step"]), int(state.get("nonfinite_streak", 0))
-    except (KeyError, TypeError, ValueError, SyntaxError, RuntimeError, AttributeError) as e:
-        if isinstance(e, SlideformerError) and not isinstance(e, ConfigError):
-            raise
-        raise checkpoint.CheckpointError(
-            f"{path}: trainer_state.json is damaged or belongs to another run ({type(e).__name__}: {e})"
-        ) from e
-
-
-def _agree(ctx: Any, stop: bool) -> bool:
-    """Whether to stop: with data parallelism, every rank stops when any rank was asked to (Ctrl-C)."""
-    return stop if ctx is None else ctx.any(stop)
 
 
 def train(
@@ -276,7 +150,7 @@ def train(
     if ctx is not None:
         out = Path(ctx.broadcast_from_main(str(out)))  # a timestamped default name must be rank 0's
     ckpt_root = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else out / "checkpoints"
-    resume_from = _resume_source(cfg, ckpt_root)
+    resume_from = resume.resume_source(cfg, ckpt_root)
     export_dir = Path(cfg.checkpoint.export_dir).expanduser() if cfg.checkpoint.export_dir else None
     if export_dir is not None and export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
         raise ConfigError(f"checkpoint.export_dir {export_dir} exists and is not empty; point it at a new "
@@ -299,7 +173,7 @@ def train(
         step = 0
         streak = 0
         if resume_from is not None:
-            step, streak = restore(resume_from, engine, stream, cfg.checkpoint.verify)
+            step, streak = resume.restore(resume_from, engine, stream, cfg.checkpoint.verify)
         n_params = int(engine.num_params)
         run_info_write = run_info.write if main else (lambda *a: None)
         run_info_write(
@@ -356,16 +230,13 @@ def train(
             saved = (step, resume_from)
 
         def save() -> Path:
-            st = dict(
-                data=stream.state_dict(),
-                rng=_rng_state(),
+            sd, st = resume.capture(
+                engine,
+                stream,
                 total_steps=total,
-                nonfinite_streak=streak,
-                unit_steps=None,
+                streak=streak,
                 last_loss=result.losses[-1] if result.losses else None,
             )
-            sd = engine.state_dict()
-            st["unit_steps"] = [int(s) for s in sd.get("unit_steps", [])] or None
             if ctx is None:
                 return checkpoint.save(ckpt_root, step, sd, st, write_extra, cfg.checkpoint.keep_last)
             from slideformer.dist import state as dist_state
@@ -412,8 +283,8 @@ def train(
         end = min(total, stop_at) if stop_at is not None else total
         timer = Throughput(n_params)
         try:
-            with _sigint_to_flag() as interrupted:
-                while step < end and not _agree(ctx, interrupted.is_set()):
+            with sigint_to_flag() as interrupted:
+                while step < end and not agree(ctx, interrupted.is_set()):
                     batches = stream.next_step()
                     if ctx is not None:
                         bs = cfg.train.batch_size
