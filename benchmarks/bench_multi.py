@@ -60,7 +60,7 @@ def _worker(args: argparse.Namespace) -> None:
     if args.system == "slideformer":
         from slideformer import Engine, EngineConfig, OptimConfig
 
-        ecfg = EngineConfig(device=device, check_host_memory=False)
+        ecfg = EngineConfig(device=device, check_host_memory=False, **common.engine_options(args.engine_opt))
         if world > 1:
             from slideformer.dist import DistContext
 
@@ -160,6 +160,8 @@ def _launch(args: argparse.Namespace, system: str, gpus: int) -> dict[str, Any]:
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
     if args.profile:
         cmd += ["--profile", f"{args.profile}_{system}{gpus}.txt"]
+    for opt in args.engine_opt:
+        cmd += ["--engine-opt", opt]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE),
                                                         os.environ.get("PYTHONPATH", "")]))
     # torchrun gives every rank OMP_NUM_THREADS=1 unless it is set, which starves any CPU optimizer
@@ -218,6 +220,8 @@ def main() -> None:
     ap.add_argument("--systems", default="slideformer1,slideformerN,zero3N",
                     help="comma list of slideformer1, slideformerN, zero3N")
     ap.add_argument("--out", default="benchmarks/results/multi")
+    ap.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="engine option for the slideformer systems (repeatable)")
     ap.add_argument("--profile", default=None,
                     help="rank 0 profiles one extra step (torch profiler) and writes its op table to this path")
     args = ap.parse_args()

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import importlib
-import json
 import os
 import shlex
 import signal
@@ -115,17 +114,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _engine_options(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def make_spec(args: argparse.Namespace) -> BenchSpec:
     return BenchSpec(
         model=args.model,
@@ -138,7 +126,7 @@ def make_spec(args: argparse.Namespace) -> BenchSpec:
         seed=args.seed,
         lr=args.lr,
         window=args.window,
-        engine_options=_engine_options(args.engine_opt),
+        engine_options=common.engine_options(args.engine_opt),
     )
 
 
@@ -156,7 +144,7 @@ def child_main(name: str, spec: BenchSpec, cpu_threads: int) -> int:
 
     base, *variant = name.split("+")
     if variant:
-        spec = dataclasses.replace(spec, engine_options={**spec.engine_options, **_engine_options(variant)})
+        spec = dataclasses.replace(spec, engine_options={**spec.engine_options, **common.engine_options(variant)})
     module_name, _, func = FACTORIES[base].partition(":")
     try:
         make = getattr(importlib.import_module(module_name), func)

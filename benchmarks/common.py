@@ -27,6 +27,19 @@ RESULT_PREFIX = "@@SLIDEFORMER_BENCH@@ "
 GIB = 1 << 30
 
 
+def engine_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--engine-opt``) as EngineConfig keyword arguments; values parsed as JSON when
+    they are JSON (numbers, booleans, null), else kept as strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def emit(record: dict[str, Any]) -> None:
     """Print one result record for the parent process (one line of JSON)."""
     sys.stdout.write(RESULT_PREFIX + json.dumps(record, default=str) + "\n")

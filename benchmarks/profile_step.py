@@ -221,13 +221,7 @@ def main(argv: list[str]) -> int:
 
     device = common.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     common.cap_gpu_memory(device, args.gpu_memory_gib)
-    opts: dict[str, Any] = {}
-    for pair in args.engine_opt:
-        key, _, value = pair.partition("=")
-        try:
-            opts[key] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key] = value
+    opts = common.engine_options(args.engine_opt)
     engine = Engine.from_config(
         shapes.hf_config(args.model),
         EngineConfig(device=str(device), window=args.window, **opts),

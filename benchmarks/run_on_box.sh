@@ -4,8 +4,8 @@
 #   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
-# Next session, in this order (see the closing notes): `tests bench3b_copy` (H100), `disk bench8b_auto`
-# (H100), then on nvidia-h100-x2: `dist_tests multi_sf`, then `multi_zero3`.
+# Next session (see the closing notes): `tests e2e8b` (H100: the GPU tests, then the 8B preset with its
+# resident layers and BF16 copy through the CLI), then on nvidia-h100-x2: `dist_tests multi_diag`, `multi_all`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -87,6 +87,16 @@ for stage in "$@"; do
       (cd benchmarks && timeout 560 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
         --gpus 2 --systems "$systems" --timeout 270 --out "$OUT/${stage}_llama3.1-8b_2gpu" > "$OUT/$stage.log" 2>&1)
       cat "$OUT/${stage}_llama3.1-8b_2gpu.md" ;;
+    multi_diag)
+      # 2 GPUs: why 2 ranks run no faster than 1 (docs/distributed.md): slideformer x2 with the default
+      # threads (rank 0 profiled), then with 12 optimizer threads per rank, in one call.
+      (cd benchmarks && timeout 280 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
+        --gpus 2 --systems slideformerN --steps 3 --timeout 250 --profile "$OUT/diag_prof" \
+        --out "$OUT/multi_diag_llama3.1-8b_2gpu" > "$OUT/multi_diag.log" 2>&1
+       timeout 250 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 --gpus 2 \
+        --systems slideformerN --steps 3 --timeout 230 --engine-opt optimizer_threads=12 \
+        --out "$OUT/multi_diag_t12_llama3.1-8b_2gpu" >> "$OUT/multi_diag.log" 2>&1)
+      cat "$OUT"/multi_diag*_2gpu.md; head -30 "$OUT"/diag_prof_slideformer2.txt ;;
     profile_resident)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --gpu-memory-gib 24 --engine-opt resident_layers=8 --name timeline_llama3.2-3b_b8_resident8 \
@@ -99,6 +109,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench8b_auto, disk)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag)"; exit 2 ;;
   esac
 done
