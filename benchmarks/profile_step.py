@@ -8,6 +8,9 @@ Writes ``DIR/<name>.json.gz`` (open it in https://ui.perfetto.dev or chrome://tr
 ``DIR/<name>_summary.json`` with each lane's busy fraction and how much of the step the copies
 and the optimizer overlap with compute.
 
+Under ``torchrun --nproc-per-node N`` every rank runs one data-parallel engine and writes its own
+``<name>_rank<r>.*`` files.
+
 The engine's worker threads are profiled with ``profile_all_threads``. Host-side work is made
 visible by wrapping, on this engine instance only, its optimizer and transfer entry points in
 ``record_function`` ranges (``sf/cpu_adamw``, ``sf/upload_host``, ``sf/grad_host``); ranges of the
@@ -20,6 +23,7 @@ import argparse
 import functools
 import gzip
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -220,16 +224,20 @@ def main(argv: list[str]) -> int:
     from slideformer import Engine, EngineConfig, OptimConfig
 
     device = common.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    common.cap_gpu_memory(device, args.gpu_memory_gib)
     opts = common.engine_options(args.engine_opt)
-    engine = Engine.from_config(
-        shapes.hf_config(args.model),
-        EngineConfig(device=str(device), window=args.window, **opts),
-        OptimConfig(lr=1e-5),
-        seed=0,
-    )
+    ecfg = EngineConfig(device=str(device), window=args.window, **opts)
+    ctx, rank = None, 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun: one engine per GPU, every rank profiled, each writing <name>_rank<r>.*
+        from slideformer.dist import DistContext
+
+        ctx, ecfg = DistContext.from_env(ecfg)
+        device, rank = torch.device(ecfg.device), ctx.rank
+    common.cap_gpu_memory(device, args.gpu_memory_gib)
+    engine = Engine.from_config(shapes.hf_config(args.model), ecfg, OptimConfig(lr=1e-5), seed=0, dist=ctx)
     wrapped = instrument(engine)
-    batch = shapes.random_batch(args.batch_size, args.seq_len, shapes.hf_config(args.model).vocab_size, device="cpu")
+    batch = shapes.random_batch(args.batch_size, args.seq_len, shapes.hf_config(args.model).vocab_size, device="cpu",
+                                seed=rank)
     for _ in range(args.warmup):
         engine.train_step(batch)
     engine.flush()
@@ -243,6 +251,8 @@ def main(argv: list[str]) -> int:
             common.synchronize(device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"timeline_{args.model}_b{args.batch_size}"
+    if ctx is not None:
+        stem += f"_rank{rank}"
     raw = args.out_dir / f"{stem}.json"
     prof.export_chrome_trace(str(raw))
     trace = json.loads(raw.read_text())
@@ -267,6 +277,8 @@ def main(argv: list[str]) -> int:
     drew = plot(t0, t1, lanes, title, args.out_dir / f"{stem}.png")
     (args.out_dir / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     engine.close()
+    if ctx is not None:
+        ctx.shutdown()
     print(json.dumps({k: summary[k] for k in ("window_ms", "busy_fraction", "overlap_with_compute")}, indent=1))
     print(f"wrote {args.out_dir / stem}.json.gz, {stem}_summary.json" + (f", {stem}.png" if drew else ""))
     return 0

@@ -88,15 +88,16 @@ for stage in "$@"; do
         --gpus 2 --systems "$systems" --timeout 270 --out "$OUT/${stage}_llama3.1-8b_2gpu" > "$OUT/$stage.log" 2>&1)
       cat "$OUT/${stage}_llama3.1-8b_2gpu.md" ;;
     multi_diag)
-      # 2 GPUs: why 2 ranks run no faster than 1 (docs/distributed.md): slideformer x2 with the default
-      # threads (rank 0 profiled), then with 12 optimizer threads per rank, in one call.
-      (cd benchmarks && timeout 280 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
-        --gpus 2 --systems slideformerN --steps 3 --timeout 250 --profile "$OUT/diag_prof" \
-        --out "$OUT/multi_diag_llama3.1-8b_2gpu" > "$OUT/multi_diag.log" 2>&1
-       timeout 250 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 --gpus 2 \
-        --systems slideformerN --steps 3 --timeout 230 --engine-opt optimizer_threads=12 \
+      # 2 GPUs: why 2 ranks run no faster than 1 (docs/distributed.md). One step of each rank under the
+      # profiler (per-thread timelines, tarred into one file), then slideformer x2 with 12 optimizer threads.
+      mkdir -p /tmp/diag && timeout 200 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py \
+        --model llama3.1-8b --batch-size 16 --seq-len 1024 --warmup 2 --name timeline_llama3.1-8b_b16_2gpu \
+        --out-dir /tmp/diag > "$OUT/multi_diag.log" 2>&1
+      tar -C /tmp/diag -czf "$OUT/diag_timelines.tgz" . ; grep -A12 '"busy_fraction"' /tmp/diag/*_summary.json | head -40
+      (cd benchmarks && timeout 250 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
+        --gpus 2 --systems slideformerN --steps 3 --timeout 230 --engine-opt optimizer_threads=12 \
         --out "$OUT/multi_diag_t12_llama3.1-8b_2gpu" >> "$OUT/multi_diag.log" 2>&1)
-      cat "$OUT"/multi_diag*_2gpu.md; head -30 "$OUT"/diag_prof_slideformer2.txt ;;
+      cat "$OUT"/multi_diag_t12_llama3.1-8b_2gpu.md ;;
     profile_resident)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --gpu-memory-gib 24 --engine-opt resident_layers=8 --name timeline_llama3.2-3b_b8_resident8 \
