@@ -47,6 +47,9 @@ class Hardware:
     adam_gparams: float = 4.5
     """CPU AdamW Gparam/s over FP32 master weights and moments (DRAM-bandwidth bound; 4.7-5.1 measured on
     the H100 box, benchmarks/results/cpu_adam_h100host_202611.json)."""
+    gpu_hbm_gbs: float = 2800.0
+    """Effective GPU memory GB/s of the resident layers' fused AdamW (~40 B/param moved: FP32 master, grad and
+    moments in and out, the BF16 weights refreshed; H100 SXM HBM3 peaks at 3,350)."""
     disk_free_bytes: int | None = None
     """Free space where ``engine.offload_dir`` lives (None: unknown, not checked)."""
     disk_read_gbs: float = 1.5
@@ -304,14 +307,20 @@ def make_plan(
     adam = streamed / adam_rate
     # The step as two phases per micro-batch (forward: compute | uploads; backward: compute | re-uploads
     # and downloads | the CPU AdamW of the units whose gradients landed) plus the optimizer's tail: the
-    # embedding's gradient lands last, so its AdamW follows the backward. The deferred schedule runs every
-    # update during the next forward instead. Checked against the H100 box's measured steps (overlap: 1B/3B/8B,
-    # batch 8-32, with and without resident layers, within -1%..+17%, where the max-of-terms bound was 34-59%
-    # low; deferred: 8B b8 +3%, 1B b8 +38%, the host-side accumulation pass is not modelled).
+    # embedding's gradient lands last, so its AdamW follows the backward. Resident layers are one block
+    # (the lowest by default) that needs no transfers: their compute does not hide the streamed layers'
+    # uploads (the window prefetches only `window` layers ahead), so only the streamed share of the compute
+    # overlaps PCIe, and their AdamW runs on the GPU in backward. The deferred schedule runs every update
+    # during the next forward instead. Checked against the H100 box's measured steps (overlap: 1B/3B/8B,
+    # batch 8-32, 0-18 resident layers, with and without the BF16 copy, within -3%..+17%; deferred: 8B b8
+    # +3%, 1B b8 +38%, the host-side accumulation pass is not modelled).
     pcie_s = hardware.pcie_gbs * 1e9
     c_mb = compute / grad_accum
-    fwd = max(c_mb / 4, streamed * up_bytes / pcie_s)
-    bwd = max(3 * c_mb / 4, streamed * max(up_bytes, elt) / pcie_s)
+    res_share = n_res / n
+    res_adam = n_res * 40 / (hardware.gpu_hbm_gbs * 1e9)
+    fwd = res_share * c_mb / 4 + max((1 - res_share) * c_mb / 4, streamed * up_bytes / pcie_s)
+    bwd = (res_share * 3 * c_mb / 4 + res_adam
+           + max((1 - res_share) * 3 * c_mb / 4, streamed * max(up_bytes, elt) / pcie_s))
     tail = min(params["embedding"], streamed) / adam_rate
     if deferred:
         phases = max(fwd, adam) + bwd + (grad_accum - 1) * (fwd + bwd)
