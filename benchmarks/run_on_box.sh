@@ -63,6 +63,21 @@ for stage in "$@"; do
         --systems zero2,zero3 --steps 3 --warmup 1 --no-roofline --time-budget-s 540 \
         --out "$OUT/llama3.1-8b_deepspeed_h100_bench.json" > "$OUT/ds8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_deepspeed_h100_bench.md ;;
+    sweep3b)
+      # Issue 3's plot: tokens/s vs batch size per system (3B, 24 GiB cap), placement + BF16 copy for slideformer.
+      timeout 590 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 4,8,16 --seq-len 1024 \
+        --systems slideformer,zero2,zero3 --gpu-memory-gib 24 --steps 4 --warmup 2 --time-budget-s 570 \
+        --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
+        --out "$OUT/llama3.2-3b_cap24g_sweep_h100_bench.json" > "$OUT/sweep3b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_sweep_h100_bench.md ;;
+    families)
+      # The other families of issue 3 (7-8B shapes, b8, whole card): slideformer with placement vs the peak.
+      for m in qwen2.5-7b qwen3-8b mistral-7b-v0.3; do
+        timeout 190 python3 benchmarks/bench_step.py --model $m --batch-size 8 --seq-len 1024 \
+          --systems slideformer,resident --steps 3 --warmup 2 --no-roofline --time-budget-s 180 \
+          --engine-opt resident_layers=-1 --out "$OUT/${m}_auto_h100_bench.json" > "$OUT/families_$m.log" 2>&1
+        sed -n '/## Results/,/## Roofline/p' "$OUT/${m}_auto_h100_bench.md"
+      done ;;
     bench8b)
       timeout 300 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
         --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 290 \
@@ -110,6 +125,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done
