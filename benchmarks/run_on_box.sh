@@ -72,12 +72,15 @@ for stage in "$@"; do
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_sweep_h100_bench.md ;;
     families)
       # The other families of issue 3 (7-8B shapes, b8, whole card): slideformer with placement vs the peak.
+      # 5 files per model: written under /tmp/fam and returned as one tarball (the device returns 8 files).
+      mkdir -p /tmp/fam
       for m in qwen2.5-7b qwen3-8b mistral-7b-v0.3; do
         timeout 190 python3 benchmarks/bench_step.py --model $m --batch-size 8 --seq-len 1024 \
           --systems slideformer,resident --steps 3 --warmup 2 --no-roofline --time-budget-s 180 \
-          --engine-opt resident_layers=-1 --out "$OUT/${m}_auto_h100_bench.json" > "$OUT/families_$m.log" 2>&1
-        sed -n '/## Results/,/## Roofline/p' "$OUT/${m}_auto_h100_bench.md"
-      done ;;
+          --engine-opt resident_layers=-1 --out "/tmp/fam/${m}_auto_h100_bench.json" > "/tmp/fam/families_$m.log" 2>&1
+        sed -n '/## Results/,/## Roofline/p' "/tmp/fam/${m}_auto_h100_bench.md"
+      done
+      tar -C /tmp/fam -czf "$OUT/families.tgz" . ;;
     bench8b)
       timeout 300 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
         --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 290 \
