@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _engine(model: torch.nn.Module, directory: Path | None, device: str = "cpu", **kw: object) -> Engine:
     max_norm = kw.pop("max_norm", None)
-    extra = dict(offload="moments", offload_dir=str(directory)) if directory is not None else {}
+    mode = kw.pop("offload", "moments") if directory is not None else None
+    extra = dict(offload=mode, offload_dir=str(directory)) if directory is not None else {}
     cfg = EngineConfig(device=device, loss_chunk_tokens=16, **{"chunk_mib": 1 / 64, **kw, **extra})
     return Engine(copy.deepcopy(model), cfg, OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=max_norm))
 

@@ -3,8 +3,10 @@
 ``Engine`` owns the model split (adapter), the host units, the device slots, the worker threads and
 the activation store; ``runtime.step.StepRunner`` runs one training step over them.
 
-Invariant: after construction the HF parameters alias host FP32 master weights or device slot views;
-``flush()`` makes every scheduled update land, after which ``hf_model()`` is the trained FP32 model.
+Invariant: after construction the HF parameters alias host FP32 master weights or device slot views (or,
+for the layers whose masters are on disk, ``engine.offload='all'``, a zero-byte placeholder); ``flush()``
+makes every scheduled update land, after which ``hf_model()`` is the trained FP32 model (those layers' params
+then alias views of their offload files).
 Any worker failure marks the engine failed: later calls raise instead of training on broken state.
 
 Data-parallel (``dist``, a ``slideformer.dist.DistContext``): every rank runs this engine on its own
@@ -129,6 +131,10 @@ class Engine:
         self.vocab = int(p.embed.weight.shape[0])
         chunk = max(1, int(self.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=self.dtype).element_size())
         count = self.cfg.resident_layers if self.cfg.resident_layers >= 0 else build.resident_auto(self)
+        if self.offload_mode != "none" and count > 0:  # -1 with the disk tier: resident layers cannot be used
+            logger.info("engine.resident_layers=-1: 0 (the disk tier, engine.offload=%s, keeps no state on the "
+                        "device)", self.offload_mode)
+            count = 0
         self.resident_idx = pick_resident(self.num_layers, count, self.cfg.resident_placement)
         streamed = [u for j, u in enumerate(self.units[1:-1]) if j not in set(self.resident_idx)]
         self.resident = (ResidentLayers(ops, [self.units[j + 1] for j in self.resident_idx], self.dtype,
@@ -152,8 +158,11 @@ class Engine:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         pool = (max(self.cfg.staging_chunks, self.cfg.grad_park_mib * 2**20 // (chunk * elem)) if ops.is_cuda
                 else 2 * self.cfg.staging_chunks)
-        if self.offload_mode == "moments":
-            self.offload = open_offload(self.cfg, self.units, self.device, chunk)
+        if self.offload_mode in ("moments", "all"):
+            # 'all': the streamed decoder layers' masters go to disk (their upload copies are built above).
+            masters = frozenset(u.index for u in streamed) if self.offload_mode == "all" else frozenset()
+            self.offload = open_offload(self.cfg, self.units, self.device, chunk, masters, len(self.resident_idx))
+            self.offload.store_masters(torch.zeros(1), self.cfg.watchdog_s)
         if self.dist is None:
             self.drain = GradPipeline(ops, chunk, pool, self.dtype, self.adam, self.offload)
         else:
@@ -244,12 +253,15 @@ class Engine:
         if self.offload is not None:
             self.offload.wait_writes(self.cfg.watchdog_s)
 
-    def _moments(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """(exp_avg, exp_avg_sq) per unit index: host views, or views of the offload files (read through)."""
+    def _host_state(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(master, exp_avg, exp_avg_sq) per unit index: host views, or views of the offload files (read
+        through; every update has landed: after ``flush``)."""
         if self.offload is None:
-            return {u.index: (u.exp_avg, u.exp_avg_sq) for u in self.units}
+            return {u.index: (u.master, u.exp_avg, u.exp_avg_sq) for u in self.units}
         self.offload.sync(self.cfg.watchdog_s)
-        return self.offload.mapped()
+        on_disk = self.offload.mapped_masters()
+        return {i: (on_disk[i] if i in on_disk else self.units[i].master, m, v)
+                for i, (m, v) in self.offload.mapped().items()}
 
     def _fail(self, what: str, exc: BaseException, mbs: list[Any], deferred: bool) -> NoReturn:
         """Mark the engine failed and re-raise ``exc``: as a DeviceMemoryError with advice when a CUDA
@@ -307,11 +319,11 @@ class Engine:
             return self.dist.state_dict(self)
         out: dict[str, Any] = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": self.step_count,
                                "unit_steps": [u.step for u in self.units]}
-        moments = self._moments()
+        state = self._host_state()
         for u in self.units:
-            exp_avg, exp_avg_sq = moments[u.index]
+            master, exp_avg, exp_avg_sq = state[u.index]
             for spec in u.params:
-                out["params"][spec.name] = u.view(u.master, spec)
+                out["params"][spec.name] = u.view(master, spec)
                 out["exp_avg"][spec.name] = u.view(exp_avg, spec)
                 out["exp_avg_sq"][spec.name] = u.view(exp_avg_sq, spec)
         return out
@@ -327,11 +339,11 @@ class Engine:
         for key in ("params",):
             if key not in state:
                 raise ConfigError(f"state dict has no {key!r} entry")
-        moments = self._moments()
+        host_state = self._host_state()
         for u in self.units:
-            exp_avg, exp_avg_sq = moments[u.index]
+            master, exp_avg, exp_avg_sq = host_state[u.index]
             for spec in u.params:
-                for part, buf in (("params", u.master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                for part, buf in (("params", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
                     src = state.get(part, {}).get(spec.name)
                     if src is None:
                         if part == "params":
@@ -350,17 +362,25 @@ class Engine:
             u.version += 1
         if self.resident is not None:
             self.resident.load_from_host()
-        refresh_upload_copies(self.units)
+        refresh_upload_copies(self.units, {i: m for i, (m, _, _) in host_state.items()})
         invalidate(self.layer_pool.slots + [self.vocab_slot])
 
     def hf_model(self) -> nn.Module:
-        """The HF model whose parameters are the FP32 master weights (all updates applied)."""
+        """The HF model whose parameters are the FP32 master weights (all updates applied).
+
+        Masters on disk (``engine.offload='all'``): those parameters are views of the offload files, read
+        through the page cache, valid until the next ``train_step`` (which rebinds them); do not write them.
+        """
         self.flush()
         if self.dist is not None:
             raise SlideformerError("a data-parallel engine holds only this rank's shard of the weights: save a "
                                    "checkpoint (gathered to rank 0) and export it")
+        on_disk: dict[int, torch.Tensor] = {}
+        if self.offload is not None and self.offload.masters:
+            self.offload.sync(self.cfg.watchdog_s)  # every write-back is in the files before they are mapped
+            on_disk = self.offload.mapped_masters()
         for u in self.units:
-            u.point_params_to_master()
+            u.point_params_to_master(on_disk.get(u.index))
         return self.parts.model
 
     def memory_report(self) -> dict[str, Any]:
@@ -395,6 +415,7 @@ class Engine:
             "slot_numel": self.layer_pool.numel,
             "vocab_slot_numel": self.vocab_slot.weight.numel(),
             "offload": self.offload_mode,
+            "masters_on_disk_params": sum(u.numel for u in self.units if u.master_on_disk),
             "offload_ring_bytes": ring,
             "disk": self.offload.stats() if self.offload is not None else None,
         }
