@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--host-memory-gib", type=float, help="host RAM to plan for (default: this machine's)")
     pl.add_argument("--offload", choices=["none", "moments", "all", "auto"],
-                    help="the disk tier: AdamW moments on disk; auto: only when host RAM is short "
+                    help="the disk tier: AdamW moments on disk; all: the decoder layers' FP32 masters too "
+                    "(uploads read the BF16 copy); auto: only as much as host RAM needs "
                     "(default: engine.offload)")
     pl.add_argument("--host-copy", choices=["none", "bf16", "auto"],
                     help="pinned BF16 upload copy written by the CPU AdamW (default: engine.host_copy)")
