@@ -9,7 +9,8 @@
 * Ownership and crash safety: files removed on close and at interpreter exit without close; a crashed
   run's directory (dead owner PID) is cleared with a log line; a live owner, an unwritable directory and a
   full disk give a ConfigError; a file system that refuses O_DIRECT falls back to buffered I/O with a warning.
-* The GPU test (``-m gpu``) checks the same bitwise parity on CUDA in BF16.
+* The GPU tests (``-m gpu``) check the same bitwise parity on CUDA in BF16, moments on disk and, with
+  ``offload='all'``, the decoder layers' masters too (``tests/test_offload_all.py`` has the CPU tests of that tier).
 """
 
 from __future__ import annotations
@@ -350,3 +351,14 @@ def test_choose_offload_follows_the_budget() -> None:
 @pytest.mark.parametrize("window,accumulate,max_norm", [(1, 1, None), (2, 1, None), (1, 2, 0.5), (2, 2, 0.5)])
 def test_gpu_offload_is_bitwise_equal(tmp_path: Path, window: int, accumulate: int, max_norm: float | None) -> None:
     _parity(tmp_path, "llama_tied", window, accumulate, max_norm, device="cuda", steps=5, chunk_mib=1 / 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window,accumulate,max_norm", [(1, 1, None), (2, 1, None), (1, 2, 0.5), (2, 2, 0.5)])
+def test_gpu_masters_on_disk_are_bitwise_equal(tmp_path: Path, window: int, accumulate: int,
+                                               max_norm: float | None) -> None:
+    """``engine.offload='all'`` on CUDA in BF16 (uploads from the BF16 copy) against all-in-RAM without a copy."""
+    from tests.test_offload_all import _parity as parity_all
+
+    parity_all(tmp_path, "llama_tied", window, accumulate, max_norm, device="cuda", steps=5, chunk_mib=1 / 16)

@@ -26,6 +26,7 @@ rebound only after its previous write-back finished (no buffer is written to dis
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -235,9 +236,11 @@ class OffloadedMoments:
     def commit_mapped(self) -> None:
         self.store.sync_maps()
 
-    def store_masters(self, placeholder: torch.Tensor, timeout: float | None = None) -> None:
+    def store_masters(self, placeholder: torch.Tensor, timeout: float | None = None,
+                      before: Callable[[HostUnit], object] | None = None) -> None:
         """Write the host master of every unit in ``masters`` to its file, piece by piece through a ring buffer,
-        then free it (``HostUnit.release_master``). Runs once, before the first update (the ring is idle)."""
+        then free it (``HostUnit.release_master``), after ``before(unit)`` (which builds its upload copy from
+        it). Runs once, before the first update (the ring is idle)."""
         with self._lock:
             if any(s.bound or s.key is not None for s in self.slots):
                 raise SlideformerError("offload: store_masters() after the ring was used")
@@ -245,6 +248,8 @@ class OffloadedMoments:
         for u in self.units:
             if u.index not in self.masters:
                 continue
+            if before is not None:
+                before(u)
             master = u.master
             for p in range(-(-u.numel // self.piece)):
                 lo = p * self.piece

@@ -147,9 +147,18 @@ class Engine:
         vocab_numel = max(sum(s.unit.padded for s in self.head_segments), u0.padded)
         self.vocab_slot = SlotPool(ops, 1, vocab_numel, self.dtype).slots[0]
         self.adam = FlatAdamW(self.optim_cfg)
+        to_disk = streamed if self.offload_mode == "all" else []
         if self.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
             self._release_copies = weakref.finalize(self, build.unregister_all, ops, ops.exact_pinned)
-            attach_upload_copies([s.unit for s in self.head_segments] + streamed, ops.host_empty_exact, self.dtype)
+            attach_upload_copies([s.unit for s in self.head_segments] + [u for u in streamed if u not in to_disk],
+                                 ops.host_empty_exact, self.dtype)
+        if self.offload_mode in ("moments", "all"):
+            self.offload = open_offload(self.cfg, self.units, self.device, chunk,
+                                        frozenset(u.index for u in to_disk), len(self.resident_idx))
+            # 'all': each streamed layer gets its upload copy, then its master goes to disk and its RAM is freed,
+            # one layer after the other (the copies grow as the masters shrink), all before page-locking.
+            self.offload.store_masters(torch.zeros(1), self.cfg.watchdog_s,
+                                       lambda u: attach_upload_copies([u], ops.host_empty_exact, self.dtype))
         self.layer_up = Uploader(ops, "sf-upload", chunk, self.cfg.staging_chunks, self.dtype)
         self.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, self.dtype)
         if build.register_masters(self):
@@ -158,11 +167,6 @@ class Engine:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         pool = (max(self.cfg.staging_chunks, self.cfg.grad_park_mib * 2**20 // (chunk * elem)) if ops.is_cuda
                 else 2 * self.cfg.staging_chunks)
-        if self.offload_mode in ("moments", "all"):
-            # 'all': the streamed decoder layers' masters go to disk (their upload copies are built above).
-            masters = frozenset(u.index for u in streamed) if self.offload_mode == "all" else frozenset()
-            self.offload = open_offload(self.cfg, self.units, self.device, chunk, masters, len(self.resident_idx))
-            self.offload.store_masters(torch.zeros(1), self.cfg.watchdog_s)
         if self.dist is None:
             self.drain = GradPipeline(ops, chunk, pool, self.dtype, self.adam, self.offload)
         else:
@@ -308,8 +312,8 @@ class Engine:
 
     def state_dict(self) -> dict[str, Any]:
         """Master weights and moments keyed by HF parameter name (views of host buffers, no copy; moments on
-        disk are views of their files, read through the page cache, and writes into them count once
-        ``load_state_dict`` runs).
+        disk, and masters with ``engine.offload='all'``, are views of their files, read through the page cache,
+        and writes into them count once ``load_state_dict`` runs).
 
         Data-parallel: the values are ``slideformer.dist.state.ShardedTensor`` handles (collective: every
         rank must read or load them in the same order).
