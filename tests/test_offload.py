@@ -9,7 +9,8 @@
 * Ownership and crash safety: files removed on close and at interpreter exit without close; a crashed
   run's directory (dead owner PID) is cleared with a log line; a live owner, an unwritable directory and a
   full disk give a ConfigError; a file system that refuses O_DIRECT falls back to buffered I/O with a warning.
-* The GPU test (``-m gpu``) checks the same bitwise parity on CUDA in BF16.
+* The GPU tests (``-m gpu``) check the same bitwise parity on CUDA in BF16, moments on disk and, with
+  ``offload='all'``, the decoder layers' masters too (``tests/test_offload_all.py`` has the CPU tests of that tier).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _engine(model: torch.nn.Module, directory: Path | None, device: str = "cpu", **kw: object) -> Engine:
     max_norm = kw.pop("max_norm", None)
-    extra = dict(offload="moments", offload_dir=str(directory)) if directory is not None else {}
+    mode = kw.pop("offload", "moments") if directory is not None else None
+    extra = dict(offload=mode, offload_dir=str(directory)) if directory is not None else {}
     cfg = EngineConfig(device=device, loss_chunk_tokens=16, **{"chunk_mib": 1 / 64, **kw, **extra})
     return Engine(copy.deepcopy(model), cfg, OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=max_norm))
 
@@ -349,3 +351,14 @@ def test_choose_offload_follows_the_budget() -> None:
 @pytest.mark.parametrize("window,accumulate,max_norm", [(1, 1, None), (2, 1, None), (1, 2, 0.5), (2, 2, 0.5)])
 def test_gpu_offload_is_bitwise_equal(tmp_path: Path, window: int, accumulate: int, max_norm: float | None) -> None:
     _parity(tmp_path, "llama_tied", window, accumulate, max_norm, device="cuda", steps=5, chunk_mib=1 / 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window,accumulate,max_norm", [(1, 1, None), (2, 1, None), (1, 2, 0.5), (2, 2, 0.5)])
+def test_gpu_masters_on_disk_are_bitwise_equal(tmp_path: Path, window: int, accumulate: int,
+                                               max_norm: float | None) -> None:
+    """``engine.offload='all'`` on CUDA in BF16 (uploads from the BF16 copy) against all-in-RAM without a copy."""
+    from tests.test_offload_all import _parity as parity_all
+
+    parity_all(tmp_path, "llama_tied", window, accumulate, max_norm, device="cuda", steps=5, chunk_mib=1 / 16)

@@ -193,3 +193,28 @@ def test_plan_suggests_faster_settings_that_fit(tmp_path, capsys):
     assert main([*args[:-1], "44"]) == 0
     out = capsys.readouterr().out
     assert "suggestion: engine.resident_layers=-1" in out and "host_copy=bf16" not in out
+
+
+def test_masters_on_disk_are_planned_when_even_the_moments_layout_does_not_fit():
+    def plan(host_gib: float, offload: str = "auto", host_copy: str = "auto"):
+        hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=int(host_gib * GIB), disk_free_bytes=500 * GIB)
+        eng = EngineConfig(device="cuda", offload=offload, offload_dir="/nvme/sf", host_copy=host_copy)
+        return make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False, engine=eng,
+                         hardware=hw)
+
+    moments = plan(64)
+    assert moments.settings["offload"] == "moments"
+    tight = plan(32)
+    n, layers = tight.params["total"], tight.params["decoder_layers"]
+    assert tight.settings["offload"] == "all" and tight.settings["host_copy"] == "bf16" and tight.fits
+    assert tight.host["embedding + head masters (rest on disk)"] == 4 * (n - layers)
+    assert tight.host["disk ring (6 pieces of masters + moments)"] == 6 * 3 * 4 * (32 << 20) // 2
+    assert tight.pinned["BF16 upload copies of the masters (2 B/param)"] == 2 * (n - tight.params["embedding"])
+    assert tight.offload_bytes == 8 * n + 4 * layers
+    hw = tight.hardware
+    moved = 8 * n + 4 * layers
+    disk_s = moved / (hw.disk_read_gbs * 1e9) + moved / (hw.disk_write_gbs * 1e9)
+    assert tight.step_seconds["disk"] == pytest.approx(disk_s)
+    assert "disk tier (all, /nvme/sf)" in tight.render()
+    assert plan(32, host_copy="none").settings["offload"] == "moments"  # no BF16 copy: the masters stay in RAM
+    assert plan(128, offload="all", host_copy="bf16").settings["offload"] == "all"

@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-gib", type=float, help="GPU memory to plan for (default: the visible GPU, else 80)"
     )
     pl.add_argument("--host-memory-gib", type=float, help="host RAM to plan for (default: this machine's)")
-    pl.add_argument("--offload", choices=["none", "moments", "auto"],
-                    help="the disk tier: AdamW moments on disk; auto: only when host RAM is short "
+    pl.add_argument("--offload", choices=["none", "moments", "all", "auto"],
+                    help="the disk tier: AdamW moments on disk; all: the decoder layers' FP32 masters too "
+                    "(uploads read the BF16 copy); auto: only as much as host RAM needs "
                     "(default: engine.offload)")
     pl.add_argument("--host-copy", choices=["none", "bf16", "auto"],
                     help="pinned BF16 upload copy written by the CPU AdamW (default: engine.host_copy)")

@@ -119,11 +119,16 @@ class EngineConfig:
     sync_copies: bool = False
     """Debugging aid: make every host<->device copy synchronous (serialises the pipeline; results must
     not change, which is how the race tests use it)."""
-    offload: Literal["none", "moments", "auto"] = "none"
+    offload: Literal["none", "moments", "all", "auto"] = "none"
     """The disk tier. 'moments': the AdamW moments (8 of the 12 B/param of host state) live in one file per
     unit under ``offload_dir``, read ahead of each unit's update into a small ring of host buffers and
     written back after it, piece by piece, overlapped with the GPU (results are bitwise those of the all-in-RAM run).
-    'auto': offload them only when the host state would not fit ``host_memory_gib``. 'none': all in RAM."""
+    'all': the FP32 master weights of the streamed decoder layers go to disk too, next to their moments, through
+    the same ring (the embedding and head masters stay in RAM): host state is then ~2 B/param for those layers,
+    the pinned BF16 upload copy, which is what uploads read, so 'all' needs ``host_copy`` 'bf16' or 'auto' (which
+    it turns on; 'none' is a ConfigError) and compute_dtype bfloat16; the disk traffic is 12 B/param each way
+    per step. 'auto': 'none' when the host state fits ``host_memory_gib``, else 'moments', else (host_copy not
+    'none', BF16 compute) 'all'. 'none': all in RAM. Not combined with data-parallel runs or resident layers."""
     offload_dir: str | None = None
     """Directory (on a local NVMe disk) for the offloaded state; owned by one engine at a time, emptied on
     exit; a crashed run's leftovers are cleared at the next start."""
@@ -167,10 +172,18 @@ class EngineConfig:
             raise ConfigError(f"engine.host_copy must be none, bf16 or auto, got {self.host_copy!r}")
         if self.watchdog_s <= 0:
             raise ConfigError(f"engine.watchdog_s must be > 0, got {self.watchdog_s}")
-        if self.offload not in ("none", "moments", "auto"):
-            raise ConfigError(f"engine.offload must be none, moments or auto, got {self.offload!r}")
-        if self.offload == "moments" and not self.offload_dir:
-            raise ConfigError("engine.offload='moments' needs engine.offload_dir (a directory on a local NVMe disk)")
+        if self.offload not in ("none", "moments", "all", "auto"):
+            raise ConfigError(f"engine.offload must be none, moments, all or auto, got {self.offload!r}")
+        if self.offload in ("moments", "all") and not self.offload_dir:
+            raise ConfigError(f"engine.offload={self.offload!r} needs engine.offload_dir (a directory on a local "
+                              "NVMe disk)")
+        if self.offload == "all" and self.host_copy == "none":
+            raise ConfigError("engine.offload='all' puts the FP32 masters of the streamed layers on disk, so uploads "
+                              "must read the pinned BF16 copy: set engine.host_copy='bf16' (or 'auto'), or use "
+                              "engine.offload='moments'")
+        if self.offload == "all" and self.compute_dtype in ("float32", "float16"):
+            raise ConfigError(f"engine.offload='all' uploads the BF16 copy of the masters, but compute_dtype is "
+                              f"{self.compute_dtype}; set engine.compute_dtype=bfloat16 or engine.offload='moments'")
         if self.offload_io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"engine.offload_io must be auto, posix or kvikio, got {self.offload_io!r}")
         if self.offload_prefetch < 1 or self.offload_io_threads < 1:

@@ -5,7 +5,8 @@ meta device (no weights are read), split by the engine's adapter into embedding 
 norm / head, and the byte counts follow the engine's layout: 12 B/param of FP32 master weights and Adam
 moments on the host (+4 B/param of gradient accumulator under the deferred schedule), activation
 checkpoints of layers x tokens x hidden x 2 B in pinned memory (+2 B/param of pinned BF16 upload copies
-with ``engine.host_copy``, which also halves the upload bytes of a device-cast run), and on the GPU
+with ``engine.host_copy``, which also halves the upload bytes of a device-cast run; the disk tier moves the
+moments, 8 B/param, or with ``offload='all'`` the decoder layers' masters too, to the offload disk), and on the GPU
 ``window`` slots sized for the largest decoder layer (BF16 weights + grads), one vocabulary slot for
 embedding/head, and the working activations of one layer. Invariant: every number is derived from the
 config and the stated assumptions, which the output prints; the performance planner refines it with
@@ -209,20 +210,29 @@ def make_plan(
 
     largest_unit = max(params["embedding"] + (params["norm"] if tied else 0), params["largest_layer"],
                        params["lm_head"] + params["norm"])
-    # The disk tier: 'auto' moves the moments to disk only when the all-in-RAM host total exceeds the budget.
+    # The disk tier: 'auto' moves the moments to disk only when the all-in-RAM host total exceeds the budget,
+    # and the decoder layers' masters too ('all', uploads then read the BF16 copy) when even that does not fit.
     offload = engine.offload
+    bf16 = engine.compute_dtype in ("auto", "bfloat16")
     if offload == "auto":
         # An 'auto' BF16 copy yields to the moments: the offload decision is made without it.
         copy_first = "none" if engine.host_copy == "auto" else engine.host_copy
-        ram_plan = make_plan(hf_config, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+
+        def host_total(mode: str) -> int:
+            return make_plan(hf_config, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
                              clipping=clipping,
-                             engine=EngineConfig(**{**asdict(engine), "offload": "none", "host_copy": copy_first}),
-                             hardware=hardware, keep_checkpoints=keep_checkpoints)
-        offload = "moments" if ram_plan.host_total > hardware.host_memory_bytes else "none"
-    # The pinned BF16 upload copy (engine.host_copy): 'auto' only on a GPU, in BF16, when the host RAM holds it.
-    bf16 = engine.compute_dtype in ("auto", "bfloat16")
-    host_copy = engine.host_copy == "bf16" and bf16
-    if engine.host_copy == "auto" and on_gpu and bf16:
+                             engine=EngineConfig(**{**asdict(engine), "offload": mode, "host_copy": copy_first}),
+                             hardware=hardware, keep_checkpoints=keep_checkpoints).host_total
+
+        offload = "none"
+        if host_total("none") > hardware.host_memory_bytes:
+            offload = "moments"
+            if engine.host_copy != "none" and bf16 and host_total("moments") > hardware.host_memory_bytes:
+                offload = "all"
+    # The pinned BF16 upload copy (engine.host_copy): 'auto' only on a GPU, in BF16, when the host RAM holds it;
+    # always with 'all' (what uploads read).
+    host_copy = (engine.host_copy == "bf16" or offload == "all") and bf16
+    if engine.host_copy == "auto" and on_gpu and bf16 and offload != "all":
         with_copy = make_plan(hf_config, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
                               clipping=clipping,
                               engine=EngineConfig(**{**asdict(engine), "offload": offload, "host_copy": "bf16"}),
@@ -232,6 +242,10 @@ def make_plan(
         host = {"master weights (moments on disk)": 4 * n,
                 f"disk ring ({engine.offload_prefetch + 2} pieces of moments)":
                     offload_ring_bytes(engine, largest_unit, elt)}
+    elif offload == "all":
+        host = {"embedding + head masters (rest on disk)": 4 * (n - params["decoder_layers"]),
+                f"disk ring ({engine.offload_prefetch + 2} pieces of masters + moments)":
+                    offload_ring_bytes(engine, largest_unit, elt, parts=3)}
     else:
         host = {"master weights + Adam moments": 12 * n}
     if deferred:
@@ -290,8 +304,10 @@ def make_plan(
         f"checkpoints ({keep_checkpoints} x 12 B/param)": keep_checkpoints * 12 * n,
         "export (bf16)": 2 * n,
     }
-    if offload == "moments":
+    if offload in ("moments", "all"):
         disk["offload: AdamW moments (8 B/param)"] = 8 * n
+    if offload == "all":
+        disk["offload: decoder layers' FP32 masters (4 B/param)"] = 4 * params["decoder_layers"]
 
     step_tokens = tokens * grad_accum
     compute = (
@@ -327,9 +343,11 @@ def make_plan(
     else:
         phases = fwd + max(bwd, adam - tail) + tail
     times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
-    if offload == "moments":
-        # Every step reads and writes every unit's moments once (one disk: the two directions add up).
-        times["disk"] = 8 * n / (hardware.disk_read_gbs * 1e9) + 8 * n / (hardware.disk_write_gbs * 1e9)
+    if offload in ("moments", "all"):
+        # Every step reads and writes every unit's moments (and, 'all', the layers' masters) once (one disk:
+        # the two directions add up).
+        moved = 8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)
+        times["disk"] = moved / (hardware.disk_read_gbs * 1e9) + moved / (hardware.disk_write_gbs * 1e9)
     times["step"] = max(phases, *times.values())
     notes = [auto_note] if auto_note else []
     limit = getattr(hf_config, "max_position_embeddings", None)
@@ -339,8 +357,13 @@ def make_plan(
         notes.append(
             "engine.device is cpu: the 'device' tensors live in host RAM and the times are GPU estimates"
         )
-    if offload == "moments" and not engine.offload_dir:
+    if offload in ("moments", "all") and not engine.offload_dir:
         notes.append("the moments go to disk: set engine.offload_dir (a directory on a local NVMe disk)")
+    if offload == "all":
+        notes.append("engine.offload=all: the decoder layers' FP32 masters live on disk with their moments; "
+                     "uploads read the pinned BF16 copy" + ("" if bf16 else
+                                                            " (needs compute_dtype bfloat16: the engine refuses "
+                                                            "this config)"))
     if device_cast:
         notes.append(f"the FP32 master weights ({4 * n / 2**30:.1f} GiB of the host total) are page-locked "
                      "in place so uploads DMA them directly (engine.upload_cast)")

@@ -145,6 +145,7 @@ class DiskStore:
         self._fd: dict[str, int] = {}
         self._cufile: dict[str, Any] = {}
         self._maps: list[mmap.mmap] = []
+        self._mapped: dict[str, torch.Tensor] = {}
         self.paths = [claim_directory(self.directory)]
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="sf-disk")
         self._finalizer = weakref.finalize(self, _cleanup, self.directory, self.paths, self.fds, self.pool, created)
@@ -353,11 +354,13 @@ class DiskStore:
     def map(self, key: str) -> torch.Tensor:
         """The file of ``key`` as a writable uint8 tensor over a shared mapping (reads and writes go through
         the page cache to the file; call ``sync_maps`` before the next ``read``)."""
-        path = self.directory / f"{key}{SUFFIX}"
-        with open(path, "r+b") as f:
-            m = mmap.mmap(f.fileno(), self.sizes[key])
-        self._maps.append(m)
-        return torch.frombuffer(m, dtype=torch.uint8)
+        if key not in self._mapped:  # one mapping per file, however often it is asked for
+            path = self.directory / f"{key}{SUFFIX}"
+            with open(path, "r+b") as f:
+                m = mmap.mmap(f.fileno(), self.sizes[key])
+            self._maps.append(m)
+            self._mapped[key] = torch.frombuffer(m, dtype=torch.uint8)
+        return self._mapped[key]
 
     def sync_maps(self) -> None:
         """Flush writes made through ``map`` tensors to the files."""

@@ -8,16 +8,20 @@ the master third, so the HF model *is* the FP32 master model whenever it is on t
 
 With the moments offloaded to disk (``memory/offload.py``) the buffer is only ``[params]``, and one
 piece of the moments at a time is reachable through ``moment_slices`` while the optimizer has it bound
-to a ring buffer.
+to a ring buffer. With the masters offloaded too (``engine.offload='all'``, streamed decoder layers only)
+there is no buffer at all once the master is on disk (``release_master``): the HF parameters point at a
+zero-byte placeholder between slot bindings, and ``master_slice`` reaches the bound piece of the master in
+the same ring buffer; everything else reads the master through the offload files.
 
 With ``engine.host_copy`` a streamed unit also keeps ``upload_copy``: its master (this rank's shard) in
 the compute dtype, in pinned memory, allocated once. The CPU AdamW writes it in the same pass as the
 update; anything else that writes the master calls ``refresh_upload_copies``.
 
-Invariant: 12 bytes per parameter (4 with the moments on disk; plus 4, or 2 in BF16, for the gradient
-buffer of the deferred schedule; plus 2 for the upload copy); no BF16 copy of a unit's weights lives on
-the host outside the shared staging pools and the upload copies. Whenever a unit's update future is
-done, its ``upload_copy`` is bitwise ``master.to(copy dtype)`` (round to nearest even).
+Invariant: 12 bytes per parameter (4 with the moments on disk, 0 with the master on disk too; plus 4,
+or 2 in BF16, for the gradient buffer of the deferred schedule; plus 2 for the upload copy); no BF16 copy
+of a unit's weights lives on the host outside the shared staging pools and the upload copies. Whenever a
+unit's update future is done, its ``upload_copy`` is bitwise ``master.to(copy dtype)`` (round to nearest
+even).
 
 Data-parallel runs (``slideformer.dist``) *shard* a unit: its flat layout is padded to a multiple of
 the world size and this rank keeps only ``[shard_lo, shard_lo + shard_len)`` of it, so the thirds and
@@ -96,6 +100,10 @@ class HostUnit:
         self.moments_lo = 0
         self.moments_n = 0
         self.moments_voff = 0
+        self.master_on_disk = False
+        """``engine.offload='all'``: the FP32 master lives in the offload file; while a piece is bound, its
+        master is in ``moments`` at ``master_off`` (``master_slice``)."""
+        self.master_off = 0
 
     @property
     def sharded(self) -> bool:
@@ -123,6 +131,9 @@ class HostUnit:
 
     @property
     def master(self) -> torch.Tensor:
+        if self.master_on_disk:
+            raise SlideformerError(f"the master weights of {self.name} are on disk: use master_slice (bound pieces), "
+                                   "Engine.state_dict or Engine.hf_model (the files)")
         return self._third(0)
 
     @property
@@ -151,16 +162,37 @@ class HostUnit:
         v = self.moments_voff
         return self.moments[a:b], self.moments[v + a:v + b]
 
+    def master_slice(self, lo: int, hi: int) -> torch.Tensor:
+        """Master elements ``[lo, hi)``: a view of the flat buffer, or of the bound ring piece (master on disk)."""
+        if not self.master_on_disk:
+            return self.master[lo:hi]
+        a, b = lo - self.moments_lo, hi - self.moments_lo
+        if self.moments is None or a < 0 or b > self.moments_n:
+            raise SlideformerError(f"{self.name}[{lo}:{hi}]: its master is on disk and not bound")
+        return self.moments[self.master_off + a:self.master_off + b]
+
+    def release_master(self, placeholder: torch.Tensor) -> None:
+        """The master is in its offload file now (``memory/offload.py``): free the host buffer and point the
+        HF parameters at ``placeholder`` (expanded, no bytes) until a slot or a file view is bound to them."""
+        if not self.moments_on_disk or self.sharded:
+            raise SlideformerError(f"{self.name}: only an unsharded unit with its moments on disk can put its "
+                                   "master on disk")
+        self.master_on_disk = True
+        self.flat = None
+        for spec in self.params:
+            spec.param.data = placeholder.expand(spec.shape)
+
     def view(self, flat: torch.Tensor, spec: ParamSpec) -> torch.Tensor:
         """The view of ``spec`` inside a flat tensor laid out like this unit."""
         return flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
 
-    def point_params_to_master(self) -> None:
-        """Make the HF parameters alias this unit's FP32 master weights (a shard has no full view: no-op)."""
-        if self.sharded:
+    def point_params_to_master(self, master: torch.Tensor | None = None) -> None:
+        """Make the HF parameters alias this unit's FP32 master weights (a shard has no full view: no-op);
+        ``master``: the master's flat tensor when it is not the host buffer (a view of its offload file)."""
+        if self.sharded or (master is None and self.master_on_disk):
             return
         for spec in self.params:
-            spec.param.data = self.view(self.master, spec)
+            spec.param.data = self.view(self.master if master is None else master, spec)
 
     def host_bytes(self) -> int:
         extra = self.grad_acc.numel() * self.grad_acc.element_size() if self.grad_acc is not None else 0
@@ -214,12 +246,13 @@ def attach_upload_copies(units: list[HostUnit], alloc: Callable[[int, torch.dtyp
     return total
 
 
-def refresh_upload_copies(units: list[HostUnit]) -> None:
+def refresh_upload_copies(units: list[HostUnit], masters: dict[int, torch.Tensor] | None = None) -> None:
     """Rebuild every upload copy from its master (after a write to the masters outside the optimizer: init,
-    load, ``load_state_dict``); the cast is round-to-nearest-even, as the optimizer kernel's."""
+    load, ``load_state_dict``); the cast is round-to-nearest-even, as the optimizer kernel's. ``masters``:
+    the flat master per unit index where it is not the host buffer (a view of its offload file)."""
     for u in units:
         if u.upload_copy is not None:
-            u.upload_copy.copy_(u.master)
+            u.upload_copy.copy_(masters[u.index] if masters is not None and u.index in masters else u.master)
 
 
 def build_units(embed_params: list[tuple[str, nn.Parameter]], layer_params: list[list[tuple[str, nn.Parameter]]],

@@ -1,9 +1,15 @@
-"""Optimizer moments on disk: a small ring of aligned host buffers, prefetched piece by piece ahead of the optimizer.
+"""Optimizer state on disk: a small ring of aligned host buffers, prefetched piece by piece ahead of the optimizer.
 
-Owns *where a unit's AdamW moments are* while they live on disk: one file per unit in a ``DiskStore``
-laid out ``[exp_avg | pad | exp_avg_sq | pad]`` (each third ALIGN-padded), cut into *pieces* of ``piece``
-elements, the optimizer's chunk (so every chunk it updates lies in one piece), and a fixed ring of
-``prefetch + 2`` page-aligned buffers of one piece's two moments each, allocated once. The optimizer
+Owns *where a unit's AdamW moments (and, with ``engine.offload='all'``, its FP32 master) are* while they live
+on disk: one file per unit in a ``DiskStore`` laid out ``[exp_avg | pad | exp_avg_sq | pad]``, or
+``[exp_avg | pad | exp_avg_sq | pad | master | pad]`` for a unit whose master is on disk too (each part
+ALIGN-padded; the moments sit at the same offsets either way), cut into *pieces* of ``piece`` elements, the
+optimizer's chunk (so every chunk it updates lies in one piece), and a fixed ring of ``prefetch + 2``
+page-aligned buffers of one piece's two moments (and master: three parts when any unit has its master on
+disk) each, allocated once, holding a piece's parts in the file's order (exp_avg at 0, exp_avg_sq at
+``voff``, master at ``2 * voff``, ``voff`` being the piece's length ALIGN-padded). The master of a unit
+enters its file once, from the host buffer (``store_masters``), which is then freed; from then on the
+optimizer reads and writes it through the ring with the moments, and checkpoints through mapped views. The optimizer
 thread calls ``enter(unit, lo, hi, direction)`` before each chunk and ``leave(unit)`` after the unit:
 ``enter`` binds the piece holding ``[lo, hi)`` (writing back the piece bound before it), waiting for its
 read if still in flight, and queues reads of the next ``prefetch`` pieces in the order the optimizer
@@ -11,8 +17,8 @@ consumes them (ascending within a unit; units in backward order, ``direction=-1`
 schedule, forward order, ``+1``, for the deferred one, wrapping into the next step). A buffer keeps its
 piece after the write-back, so a piece wanted again soon is not re-read.
 
-Invariant: a piece's newest moments are in exactly one place every reader respects: the ring buffer that
-holds it (bound, being written back, or cached), else its file. A read of a piece waits for that piece's
+Invariant: a piece's newest moments (and master) are in exactly one place every reader respects: the ring
+buffer that holds it (bound, being written back, or cached), else its file. A read of a piece waits for that piece's
 last write-back; a buffer is refilled only after its own write-back and read finished; a buffer is
 rebound only after its previous write-back finished (no buffer is written to disk while it changes).
 """
@@ -20,6 +26,7 @@ rebound only after its previous write-back finished (no buffer is written to dis
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +57,16 @@ def key_of(unit: HostUnit) -> str:
     return f"unit{unit.index:04d}-moments"
 
 
-def file_bytes(unit: HostUnit) -> int:
-    return 2 * round_up(4 * unit.numel)
+def file_bytes(unit: HostUnit, with_master: bool = False) -> int:
+    return (3 if with_master else 2) * round_up(4 * unit.numel)
 
 
 class OffloadedMoments:
-    """Per-unit AdamW moments in a ``DiskStore``, staged piece by piece through a prefetching ring."""
+    """Per-unit AdamW moments (and chosen units' masters) in a ``DiskStore``, staged piece by piece through a
+    prefetching ring. ``masters``: indices of the units whose master goes to disk (``store_masters``)."""
 
-    def __init__(self, units: list[HostUnit], store: DiskStore, prefetch: int, piece: int) -> None:
+    def __init__(self, units: list[HostUnit], store: DiskStore, prefetch: int, piece: int,
+                 masters: frozenset[int] = frozenset()) -> None:
         if piece % (ALIGN // 4):
             raise ConfigError(f"the disk tier needs the optimizer chunk ({piece} elements, engine.chunk_mib) to be a "
                               f"multiple of {ALIGN // 4} elements (4 KiB of FP32): use a power-of-two chunk_mib")
@@ -65,7 +74,9 @@ class OffloadedMoments:
         self.store = store
         self.prefetch = prefetch
         self.piece = min(piece, round_up(max(u.numel for u in units), ALIGN // 4))
-        self.slots = [_Slot(AlignedBuffer(2 * 4 * self.piece)) for _ in range(prefetch + 2)]
+        self.masters = masters
+        self.parts = 3 if masters else 2
+        self.slots = [_Slot(AlignedBuffer(self.parts * 4 * self.piece)) for _ in range(prefetch + 2)]
         self._last_write: dict[Key, Future] = {}
         self._lock = threading.Lock()
         self._bound: tuple[HostUnit, int] | None = None
@@ -91,15 +102,14 @@ class OffloadedMoments:
         bound, p = self._bound
         self._bound = None
         bound.moments = None
-        n, voff = self._span(bound, p)
+        n, _ = self._span(bound, p)
         with self._lock:
             slot = self._holding((bound.index, p))
             if slot is None or not slot.bound:
                 raise SlideformerError(f"offload: piece {p} of {bound.name} is not bound")
             slot.bound = False
-            at, v_at = 4 * p * self.piece, round_up(4 * bound.numel) + 4 * p * self.piece
-            slot.write = all_done([self.store.write(key_of(bound), slot.buf, 4 * n, offset=at),
-                               self.store.write(key_of(bound), slot.buf, 4 * n, offset=v_at, buf_offset=4 * voff)])
+            slot.write = all_done([self.store.write(key_of(bound), slot.buf, 4 * n, offset=at, buf_offset=b_at)
+                                   for at, b_at in self._parts(bound, p)])
             self._last_write[(bound.index, p)] = slot.write
             slot.write.add_done_callback(self._note_error)
 
@@ -107,6 +117,13 @@ class OffloadedMoments:
         """(elements in piece ``p`` of ``unit``, element offset of its exp_avg_sq in the buffer)."""
         n = min(self.piece, unit.numel - p * self.piece)
         return n, round_up(4 * n) // 4
+
+    def _parts(self, unit: HostUnit, p: int) -> list[tuple[int, int]]:
+        """(file byte offset, buffer byte offset) of each part of piece ``p``: exp_avg, exp_avg_sq[, master]."""
+        _, voff = self._span(unit, p)
+        third, at = round_up(4 * unit.numel), 4 * p * self.piece
+        k = 3 if unit.index in self.masters else 2
+        return [(j * third + at, j * 4 * voff) for j in range(k)]
 
     def _upcoming(self, unit: HostUnit, p: int, direction: int) -> list[Key]:
         out: list[Key] = []
@@ -139,8 +156,8 @@ class OffloadedMoments:
         if write is not None:
             write.result(timeout)  # its last write-back still reads this buffer: do not change it under it
         n, voff = self._span(unit, p)
-        unit.moments = slot.buf.view(torch.float32, 2 * self.piece)
-        unit.moments_lo, unit.moments_n, unit.moments_voff = p * self.piece, n, voff
+        unit.moments = slot.buf.view(torch.float32, self.parts * self.piece)
+        unit.moments_lo, unit.moments_n, unit.moments_voff, unit.master_off = p * self.piece, n, voff, 2 * voff
         self._bound = (unit, p)
 
     # -- ring management (under the lock) -------------------------------------------------------------
@@ -158,11 +175,10 @@ class OffloadedMoments:
         # the piece's newest moments must be on disk before they are read.
         after = [f for f in (slot.ready, slot.write, self._last_write.get(key)) if f is not None]
         unit = self.units[key[0]]
-        n, voff = self._span(unit, key[1])
-        at, v_at = 4 * key[1] * self.piece, round_up(4 * unit.numel) + 4 * key[1] * self.piece
+        n, _ = self._span(unit, key[1])
         slot.key = key
-        slot.ready = all_done([self.store.read(key_of(unit), slot.buf, 4 * n, after, offset=at),
-                           self.store.read(key_of(unit), slot.buf, 4 * n, after, offset=v_at, buf_offset=4 * voff)])
+        slot.ready = all_done([self.store.read(key_of(unit), slot.buf, 4 * n, after, offset=at, buf_offset=b_at)
+                               for at, b_at in self._parts(unit, key[1])])
         slot.ready.add_done_callback(self._note_error)
         return slot
 
@@ -206,8 +222,43 @@ class OffloadedMoments:
             out[u.index] = (raw[:4 * u.numel].view(torch.float32), raw[v_at:v_at + 4 * u.numel].view(torch.float32))
         return out
 
+    def mapped_masters(self) -> dict[int, torch.Tensor]:
+        """The FP32 master of every unit whose master is on disk, as a tensor over its file (after ``sync``);
+        writes into it reach the file once ``commit_mapped`` runs."""
+        out = {}
+        for u in self.units:
+            if u.index in self.masters:
+                raw = self.store.map(key_of(u))
+                at = 2 * round_up(4 * u.numel)
+                out[u.index] = raw[at:at + 4 * u.numel].view(torch.float32)
+        return out
+
     def commit_mapped(self) -> None:
         self.store.sync_maps()
+
+    def store_masters(self, placeholder: torch.Tensor, timeout: float | None = None,
+                      before: Callable[[HostUnit], object] | None = None) -> None:
+        """Write the host master of every unit in ``masters`` to its file, piece by piece through a ring buffer,
+        then free it (``HostUnit.release_master``), after ``before(unit)`` (which builds its upload copy from
+        it). Runs once, before the first update (the ring is idle)."""
+        with self._lock:
+            if any(s.bound or s.key is not None for s in self.slots):
+                raise SlideformerError("offload: store_masters() after the ring was used")
+        buf = self.slots[0].buf
+        for u in self.units:
+            if u.index not in self.masters:
+                continue
+            if before is not None:
+                before(u)
+            master = u.master
+            for p in range(-(-u.numel // self.piece)):
+                lo = p * self.piece
+                n = min(self.piece, u.numel - lo)
+                buf.view(torch.float32, n).copy_(master[lo:lo + n])
+                at = 2 * round_up(4 * u.numel) + 4 * lo
+                # The buffer is refilled for the next piece: this write must have read it first.
+                self.store.write(key_of(u), buf, 4 * n, offset=at).result(timeout)
+            u.release_master(placeholder)
 
     def host_bytes(self) -> int:
         return sum(s.buf.nbytes for s in self.slots)
@@ -220,19 +271,21 @@ class OffloadedMoments:
         self.store.close()
 
 
-def open_offload(cfg: Any, units: list[HostUnit], device: torch.device, piece: int) -> OffloadedMoments:
-    """The disk store and ring for ``EngineConfig`` ``cfg`` (directory claimed, space checked, speed probed)."""
+def open_offload(cfg: Any, units: list[HostUnit], device: torch.device, piece: int,
+                 masters: frozenset[int] = frozenset(), resident: int = 0) -> OffloadedMoments:
+    """The disk store and ring for ``EngineConfig`` ``cfg`` (directory claimed, space checked, speed probed);
+    ``masters``: the units whose master goes to disk too; ``resident``: the resolved resident-layer count."""
     from slideformer.memory.disk import resolve_backend
 
     if not cfg.offload_dir:
         raise ConfigError("engine.offload needs engine.offload_dir (a directory on a local NVMe disk)")
-    if cfg.resident_layers > 0:
+    if cfg.resident_layers > 0 or resident > 0:
         raise ConfigError("engine.resident_layers keeps those layers' moments on the device; it cannot be combined "
                           "with engine.offload (set one of them to 0/'none')")
-    store = DiskStore(cfg.offload_dir, {key_of(u): file_bytes(u) for u in units},
+    store = DiskStore(cfg.offload_dir, {key_of(u): file_bytes(u, u.index in masters) for u in units},
                       resolve_backend(cfg.offload_io, device), cfg.offload_io_threads)
     try:
-        return OffloadedMoments(units, store, cfg.offload_prefetch, piece)
+        return OffloadedMoments(units, store, cfg.offload_prefetch, piece, masters)
     except BaseException:
         store.close()
         raise

@@ -44,7 +44,7 @@ class FlatAdamW:
         for s_lo, s_hi, decay in unit.decay_segments(lo, hi):
             a, b = s_lo - lo, s_hi - lo
             exp_avg, exp_avg_sq = unit.moment_slices(s_lo, s_hi)
-            adamw_step(unit.master[s_lo:s_hi], grad[a:b], exp_avg, exp_avg_sq,
+            adamw_step(unit.master_slice(s_lo, s_hi), grad[a:b], exp_avg, exp_avg_sq,
                        step=spec.step, lr=spec.lr, beta1=b1, beta2=b2, eps=self.cfg.eps,
                        weight_decay=self.cfg.weight_decay if decay else 0.0, grad_scale=spec.grad_scale,
                        out=None if out is None else out[a:b])

@@ -47,7 +47,7 @@ def make_units(e: Engine, model: nn.Module) -> list[HostUnit]:
 
 
 def check_host_memory(e: Engine) -> str:
-    """Pick where the moments live ('auto': disk only when RAM is short) and fail before allocating when
+    """Pick where the optimizer state lives ('auto': disk only when RAM is short) and fail before allocating when
     the host buffers cannot fit in the budget (``host_memory_gib``, default the available RAM)."""
     import psutil
 
@@ -66,14 +66,19 @@ def check_host_memory(e: Engine) -> str:
                                  e.ops.is_cuda, elt, offload=mode,
                                  largest_unit=max(u.numel for u in e.units), host_copy=copy)
 
-    mode = choose_offload(e.cfg, need, budget)
+    # 'auto' may put the masters on disk too only where uploads can read a BF16 copy instead.
+    allow_all = e.cfg.host_copy != "none" and e.dtype == torch.bfloat16 and e.dist is None
+    mode = choose_offload(e.cfg, need, budget, allow_all)
     if mode != "none" and e.dist is not None:
         raise ConfigError("the disk tier (engine.offload) is not supported with data-parallel training yet: "
                           "set engine.offload=none (each rank already keeps only 1/N of the moments)")
+    if mode != "none" and e.cfg.resident_layers > 0:
+        raise ConfigError("engine.resident_layers keeps those layers' state on the device; it cannot be combined "
+                          f"with the disk tier (engine.offload={mode}): set one of them to 0/'none'")
     e.host_copy, why = choose_host_copy(e.cfg, lambda c: need(mode, c), budget, e.ops.is_cuda,
-                                           e.dtype)
-    if e.cfg.host_copy == "auto":
-        logger.info("engine.host_copy=auto: %s: %s", "on" if e.host_copy else "off", why)
+                                        e.dtype, mode)
+    if e.cfg.host_copy == "auto" or mode == "all":
+        logger.info("engine.host_copy=%s: %s: %s", e.cfg.host_copy, "on" if e.host_copy else "off", why)
     if e.cfg.check_host_memory:
         check_host_memory(need(mode, e.host_copy), budget,
                           f"{e.model_type} with {e.num_params / 1e6:,.1f}M params")
@@ -85,8 +90,8 @@ def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
         _init_sharded(e, model, init, weights)
         return
     for u in e.units:
-        if e.dist is None:
-            u.allocate(with_grad_acc=False, moments_on_disk=e.offload_mode == "moments")
+        if e.dist is None:  # (offload 'all': the masters go to disk once initialised, Engine._setup_device)
+            u.allocate(with_grad_acc=False, moments_on_disk=e.offload_mode in ("moments", "all"))
         else:  # data-parallel: the full FP32 master only (4 B/param) while initialising, sharded below
             u.allocate(with_grad_acc=False, master_only=True)
     materialize_meta(e, model)

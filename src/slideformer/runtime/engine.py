@@ -3,8 +3,10 @@
 ``Engine`` owns the model split (adapter), the host units, the device slots, the worker threads and
 the activation store; ``runtime.step.StepRunner`` runs one training step over them.
 
-Invariant: after construction the HF parameters alias host FP32 master weights or device slot views;
-``flush()`` makes every scheduled update land, after which ``hf_model()`` is the trained FP32 model.
+Invariant: after construction the HF parameters alias host FP32 master weights or device slot views (or,
+for the layers whose masters are on disk, ``engine.offload='all'``, a zero-byte placeholder); ``flush()``
+makes every scheduled update land, after which ``hf_model()`` is the trained FP32 model (those layers' params
+then alias views of their offload files).
 Any worker failure marks the engine failed: later calls raise instead of training on broken state.
 
 Data-parallel (``dist``, a ``slideformer.dist.DistContext``): every rank runs this engine on its own
@@ -129,6 +131,10 @@ class Engine:
         self.vocab = int(p.embed.weight.shape[0])
         chunk = max(1, int(self.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=self.dtype).element_size())
         count = self.cfg.resident_layers if self.cfg.resident_layers >= 0 else build.resident_auto(self)
+        if self.offload_mode != "none" and count > 0:  # -1 with the disk tier: resident layers cannot be used
+            logger.info("engine.resident_layers=-1: 0 (the disk tier, engine.offload=%s, keeps no state on the "
+                        "device)", self.offload_mode)
+            count = 0
         self.resident_idx = pick_resident(self.num_layers, count, self.cfg.resident_placement)
         streamed = [u for j, u in enumerate(self.units[1:-1]) if j not in set(self.resident_idx)]
         self.resident = (ResidentLayers(ops, [self.units[j + 1] for j in self.resident_idx], self.dtype,
@@ -141,9 +147,18 @@ class Engine:
         vocab_numel = max(sum(s.unit.padded for s in self.head_segments), u0.padded)
         self.vocab_slot = SlotPool(ops, 1, vocab_numel, self.dtype).slots[0]
         self.adam = FlatAdamW(self.optim_cfg)
+        to_disk = streamed if self.offload_mode == "all" else []
         if self.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
             self._release_copies = weakref.finalize(self, build.unregister_all, ops, ops.exact_pinned)
-            attach_upload_copies([s.unit for s in self.head_segments] + streamed, ops.host_empty_exact, self.dtype)
+            attach_upload_copies([s.unit for s in self.head_segments] + [u for u in streamed if u not in to_disk],
+                                 ops.host_empty_exact, self.dtype)
+        if self.offload_mode in ("moments", "all"):
+            self.offload = open_offload(self.cfg, self.units, self.device, chunk,
+                                        frozenset(u.index for u in to_disk), len(self.resident_idx))
+            # 'all': each streamed layer gets its upload copy, then its master goes to disk and its RAM is freed,
+            # one layer after the other (the copies grow as the masters shrink), all before page-locking.
+            self.offload.store_masters(torch.zeros(1), self.cfg.watchdog_s,
+                                       lambda u: attach_upload_copies([u], ops.host_empty_exact, self.dtype))
         self.layer_up = Uploader(ops, "sf-upload", chunk, self.cfg.staging_chunks, self.dtype)
         self.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, self.dtype)
         if build.register_masters(self):
@@ -152,8 +167,6 @@ class Engine:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         pool = (max(self.cfg.staging_chunks, self.cfg.grad_park_mib * 2**20 // (chunk * elem)) if ops.is_cuda
                 else 2 * self.cfg.staging_chunks)
-        if self.offload_mode == "moments":
-            self.offload = open_offload(self.cfg, self.units, self.device, chunk)
         if self.dist is None:
             self.drain = GradPipeline(ops, chunk, pool, self.dtype, self.adam, self.offload)
         else:
@@ -244,12 +257,15 @@ class Engine:
         if self.offload is not None:
             self.offload.wait_writes(self.cfg.watchdog_s)
 
-    def _moments(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """(exp_avg, exp_avg_sq) per unit index: host views, or views of the offload files (read through)."""
+    def _host_state(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(master, exp_avg, exp_avg_sq) per unit index: host views, or views of the offload files (read
+        through; every update has landed: after ``flush``)."""
         if self.offload is None:
-            return {u.index: (u.exp_avg, u.exp_avg_sq) for u in self.units}
+            return {u.index: (u.master, u.exp_avg, u.exp_avg_sq) for u in self.units}
         self.offload.sync(self.cfg.watchdog_s)
-        return self.offload.mapped()
+        on_disk = self.offload.mapped_masters()
+        return {i: (on_disk[i] if i in on_disk else self.units[i].master, m, v)
+                for i, (m, v) in self.offload.mapped().items()}
 
     def _fail(self, what: str, exc: BaseException, mbs: list[Any], deferred: bool) -> NoReturn:
         """Mark the engine failed and re-raise ``exc``: as a DeviceMemoryError with advice when a CUDA
@@ -296,8 +312,8 @@ class Engine:
 
     def state_dict(self) -> dict[str, Any]:
         """Master weights and moments keyed by HF parameter name (views of host buffers, no copy; moments on
-        disk are views of their files, read through the page cache, and writes into them count once
-        ``load_state_dict`` runs).
+        disk, and masters with ``engine.offload='all'``, are views of their files, read through the page cache,
+        and writes into them count once ``load_state_dict`` runs).
 
         Data-parallel: the values are ``slideformer.dist.state.ShardedTensor`` handles (collective: every
         rank must read or load them in the same order).
@@ -307,11 +323,11 @@ class Engine:
             return self.dist.state_dict(self)
         out: dict[str, Any] = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": self.step_count,
                                "unit_steps": [u.step for u in self.units]}
-        moments = self._moments()
+        state = self._host_state()
         for u in self.units:
-            exp_avg, exp_avg_sq = moments[u.index]
+            master, exp_avg, exp_avg_sq = state[u.index]
             for spec in u.params:
-                out["params"][spec.name] = u.view(u.master, spec)
+                out["params"][spec.name] = u.view(master, spec)
                 out["exp_avg"][spec.name] = u.view(exp_avg, spec)
                 out["exp_avg_sq"][spec.name] = u.view(exp_avg_sq, spec)
         return out
@@ -327,11 +343,11 @@ class Engine:
         for key in ("params",):
             if key not in state:
                 raise ConfigError(f"state dict has no {key!r} entry")
-        moments = self._moments()
+        host_state = self._host_state()
         for u in self.units:
-            exp_avg, exp_avg_sq = moments[u.index]
+            master, exp_avg, exp_avg_sq = host_state[u.index]
             for spec in u.params:
-                for part, buf in (("params", u.master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                for part, buf in (("params", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
                     src = state.get(part, {}).get(spec.name)
                     if src is None:
                         if part == "params":
@@ -350,17 +366,25 @@ class Engine:
             u.version += 1
         if self.resident is not None:
             self.resident.load_from_host()
-        refresh_upload_copies(self.units)
+        refresh_upload_copies(self.units, {i: m for i, (m, _, _) in host_state.items()})
         invalidate(self.layer_pool.slots + [self.vocab_slot])
 
     def hf_model(self) -> nn.Module:
-        """The HF model whose parameters are the FP32 master weights (all updates applied)."""
+        """The HF model whose parameters are the FP32 master weights (all updates applied).
+
+        Masters on disk (``engine.offload='all'``): those parameters are views of the offload files, read
+        through the page cache, valid until the next ``train_step`` (which rebinds them); do not write them.
+        """
         self.flush()
         if self.dist is not None:
             raise SlideformerError("a data-parallel engine holds only this rank's shard of the weights: save a "
                                    "checkpoint (gathered to rank 0) and export it")
+        on_disk: dict[int, torch.Tensor] = {}
+        if self.offload is not None and self.offload.masters:
+            self.offload.sync(self.cfg.watchdog_s)  # every write-back is in the files before they are mapped
+            on_disk = self.offload.mapped_masters()
         for u in self.units:
-            u.point_params_to_master()
+            u.point_params_to_master(on_disk.get(u.index))
         return self.parts.model
 
     def memory_report(self) -> dict[str, Any]:
@@ -395,6 +419,7 @@ class Engine:
             "slot_numel": self.layer_pool.numel,
             "vocab_slot_numel": self.vocab_slot.weight.numel(),
             "offload": self.offload_mode,
+            "masters_on_disk_params": sum(u.numel for u in self.units if u.master_on_disk),
             "offload_ring_bytes": ring,
             "disk": self.offload.stats() if self.offload is not None else None,
         }

@@ -8,7 +8,8 @@ backward ends is worked off bottom-up, in the order the next forward needs the u
 When nothing has fully landed it streams the unit being downloaded, so a unit larger than the pool
 still goes through. With the moments on disk (``memory/offload.py``) it consumes in submission order
 instead (backward order, or forward order for the deferred updates), the order the disk ring prefetches
-in, and binds each chunk's moments with the ring's ``enter`` (``leave`` after the unit). A unit with an
+in, and binds each chunk's moments (and master, ``engine.offload='all'``) with the ring's ``enter`` (``leave``
+after the unit). A unit with an
 upload copy (``engine.host_copy``) gets it written by AdamW in the same pass, in both schedules.
 
 Ordering rules (the invariant):
@@ -231,8 +232,8 @@ class GradPipeline:
                 if self._error is None and it.error is None:
                     self.ops.host_wait(event)  # this chunk's device-to-host copy has landed
                     if on_disk:
-                        self.last_progress = f"disk read of {it.unit.name}[{lo}:{hi}] moments"
-                        self.offload.enter(it.unit, lo, hi, -1)  # moments from disk; then the units below
+                        self.last_progress = f"disk read of {it.unit.name}[{lo}:{hi}] state"
+                        self.offload.enter(it.unit, lo, hi, -1)  # moments (+ master) from disk; then units below
                     self._apply(it, lo, hi, self.pool[k][:hi - lo])
             except BaseException as exc:
                 self._error = exc
@@ -279,8 +280,8 @@ class GradPipeline:
                 hi = min(lo + self.chunk, unit.shard_len)
                 self.last_progress = f"update {unit.name}[{lo}:{hi}]"
                 if self.offload is not None:
-                    self.last_progress = f"disk read of {unit.name}[{lo}:{hi}] moments"
-                    self.offload.enter(unit, lo, hi, +1)  # moments from disk; then the units above
+                    self.last_progress = f"disk read of {unit.name}[{lo}:{hi}] state"
+                    self.offload.enter(unit, lo, hi, +1)  # moments (+ master) from disk; then units above
                 with record_function("sf/cpu_adamw"):
                     self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec, out=_copy_of(unit, lo, hi))
         finally:

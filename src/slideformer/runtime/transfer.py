@@ -93,19 +93,21 @@ class Uploader(_Worker):
         with self.ops.on(self.stream), record_function("sf/upload_host"):
             for seg in segments:
                 # This rank's part of the unit (all of it unless data-parallel sharding is on).
-                u, src = seg.unit, seg.unit.master
+                u = seg.unit
                 dst = slot.weight[seg.offset + u.shard_lo:seg.offset + u.shard_lo + u.shard_len]
                 if u.upload_copy is not None:
                     # The optimizer's compute-dtype copy (same pass as the update): one DMA, no cast. It is
                     # rewritten only by the unit's next update, which follows this slot use's compute.
                     self.ops.copy(dst, u.upload_copy)
                 elif u.registered and self.device_ring:
+                    src = u.master
                     for i, lo in enumerate(range(0, u.shard_len, self.chunk)):
                         hi = min(lo + self.chunk, u.shard_len)
                         ring = self.device_ring[i % 2][:hi - lo]
                         self.ops.copy(ring, src[lo:hi])  # FP32 DMA straight from the page-locked master
                         dst[lo:hi].copy_(ring)  # cast on the device, in stream order after the copy
                 else:
+                    src = u.master  # (a master on disk, engine.offload='all', always has an upload copy)
                     for lo in range(0, u.shard_len, self.chunk):
                         hi = min(lo + self.chunk, u.shard_len)
                         k, stage = self.take_chunk()

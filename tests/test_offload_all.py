@@ -1,0 +1,189 @@
+"""``engine.offload='all'``: the streamed decoder layers' FP32 masters on disk too train bitwise like all-in-RAM.
+
+* Parity: losses, every parameter and every moment after several steps are *equal* with the masters and
+  moments on disk and with everything in RAM (BF16 compute on the CPU, the reference without an upload copy),
+  for the overlap schedule and the deferred one (clipping + 2 micro-batches), units spanning many pieces; the
+  disk path really ran (no master in RAM for the decoder layers, 12 B/param of them moved each way per step)
+  and the files are gone after close.
+* Readers of the masters outside the optimizer: ``state_dict``/``load_state_dict`` and ``train.checkpoint``
+  between an 'all' engine and an in-RAM one (both ways) continue bitwise; the train loop resumed through the
+  files matches a straight run in RAM; ``hf_model`` is the trained model; the upload copies are the masters.
+* Accounting and configuration: ``memory_report`` drops the layers' masters; 'auto' picks 'all' only when the
+  moments-only layout does not fit and a BF16 copy is possible; invalid combinations are ConfigErrors; the
+  planner shows the tier.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tests.reference import make_model, tiny_config
+from tests.run_config import tiny_run
+from tests.test_offload import _assert_equal_states, _engine, _state, _train
+
+from slideformer import ConfigError, EngineConfig
+from slideformer.memory.budget import choose_offload, engine_host_bytes
+from slideformer.memory.disk_owner import SUFFIX
+from slideformer.train import checkpoint, tensor_io
+from slideformer.train.loop import train
+
+BF16 = dict(compute_dtype="bfloat16")
+
+
+def _all(model: torch.nn.Module, directory: Path, **kw: object):
+    return _engine(model, directory, offload="all", host_copy="bf16", **BF16, **kw)
+
+
+def _check_layout(e) -> None:
+    """Decoder layers: no master and no moments in RAM; embedding and head: the master in RAM."""
+    for u in e.units[1:-1]:
+        assert u.master_on_disk and u.flat is None and u.upload_copy is not None, u.name
+        assert all(s.param.data.untyped_storage().nbytes() <= 4 for s in u.params), u.name  # the placeholder
+        with pytest.raises(Exception, match="on disk"):
+            u.master  # noqa: B018
+    for u in (e.units[0], e.units[-1]):
+        assert not u.master_on_disk and u.flat.numel() == u.numel, u.name
+
+
+def _parity(tmp_path: Path, family: str, window: int, accumulate: int, max_norm: float | None,
+            steps: int = 3, device: str = "cpu", **kw: object) -> None:
+    cfg = tiny_config(family, layers=3)
+    model = make_model(cfg)
+    ram = _engine(model, None, device, window=window, max_norm=max_norm, **BF16, **kw)
+    ram_losses = _train(ram, cfg.vocab_size, steps, accumulate, device)
+    ram_state = _state(ram)
+    ram.close()
+    d = tmp_path / "off"
+    off = _all(model, d, device=device, window=window, max_norm=max_norm, offload_prefetch=2, **kw)
+    try:
+        _check_layout(off)
+        assert off.offload.piece < max(u.numel for u in off.units[1:-1])  # a layer spans several pieces
+        off_losses = _train(off, cfg.vocab_size, steps, accumulate, device)
+        assert off_losses == ram_losses
+        _assert_equal_states(_state(off), ram_state)
+        for u in off.units:  # what uploads read is the master, bitwise (round to nearest even)
+            if u.upload_copy is not None:
+                master = off.offload.mapped_masters().get(u.index, None)
+                assert torch.equal(u.upload_copy, (u.master if master is None else master).to(torch.bfloat16))
+        stats = off.memory_report()["disk"]
+        layers = sum(u.numel for u in off.units[1:-1])
+        total = sum(8 * u.numel for u in off.units) + 4 * layers
+        assert stats["bytes_written"] >= steps * total + 4 * layers  # + the masters' first write
+        assert stats["bytes_read"] >= (steps - 1) * total
+    finally:
+        off.close()
+    assert not d.exists()
+
+
+@pytest.mark.parametrize("family,window", [("llama", 1), ("llama", 2), ("llama_tied", 2)])
+def test_overlap_schedule_is_bitwise_equal(tmp_path: Path, family: str, window: int) -> None:
+    _parity(tmp_path, family, window, accumulate=1, max_norm=None)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_deferred_schedule_with_clipping_and_accumulation_is_bitwise_equal(tmp_path: Path, family: str) -> None:
+    _parity(tmp_path, family, 2, accumulate=2, max_norm=0.5)
+
+
+def test_checkpoints_between_all_on_disk_and_ram_continue_bitwise(tmp_path: Path) -> None:
+    cfg = tiny_config("llama", layers=2)
+    model = make_model(cfg)
+    off = _all(model, tmp_path / "a")
+    _train(off, cfg.vocab_size, 2, 1)
+    ram = _engine(model, None, **BF16)
+    ram.load_state_dict(off.state_dict())  # masters + moments on disk -> RAM
+    off2 = _all(model, tmp_path / "b")
+    path = checkpoint.save(tmp_path / "ckpt", 2, ram.state_dict(), {})
+    sd = off2.state_dict()
+    checkpoint.load(path, sd)  # RAM -> the files of an 'all' engine (written through the mapped views)
+    sd["step"], sd["unit_steps"] = 2, None  # as train.loop.restore does (steps live in the trainer state)
+    off2.load_state_dict(sd)
+    try:
+        _check_layout(off2)
+        _assert_equal_states(_state(off2), _state(off))
+        runs = [_train(e, cfg.vocab_size, 2, 1, seed=9) for e in (off, ram, off2)]
+        assert runs[0] == runs[1] == runs[2]
+        states = [_state(e) for e in (off, ram, off2)]
+        _assert_equal_states(states[0], states[1])
+        _assert_equal_states(states[0], states[2])
+        # hf_model: the trained FP32 model (the layers' parameters are views of the files).
+        ref = dict(ram.hf_model().named_parameters())
+        for name, p in off.hf_model().named_parameters():
+            assert torch.equal(p, ref[name]), name
+    finally:
+        for e in (off, ram, off2):
+            e.close()
+
+
+@pytest.mark.parametrize("extra", [{}, {"train__grad_accum": 2, "optim__max_grad_norm": 0.5}],
+                         ids=["overlap", "deferred-accum-clip"])
+def test_training_run_resumed_with_all_on_disk_matches_a_straight_run_in_ram(tmp_path: Path, extra: dict) -> None:
+    """The train loop end to end: checkpoint save and resume through the offload files, bitwise."""
+    base = {"train__max_steps": 5, "engine__compute_dtype": "bfloat16", **extra}
+    disk_opts = {"engine__offload": "all", "engine__host_copy": "bf16", "engine__offload_dir": str(tmp_path / "off")}
+    straight = train(tiny_run(tmp_path / "ram", **base))
+    first = train(tiny_run(tmp_path / "disk", **base, **disk_opts), stop_at=2)
+    second = train(tiny_run(tmp_path / "disk", **base, **disk_opts, train__resume="auto"))
+    assert first.losses + second.losses == straight.losses
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = (tensor_io.read_all(r.checkpoint / name) for r in (straight, second))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not (tmp_path / "off").exists()
+
+
+def test_memory_report_drops_the_layers_masters(tmp_path: Path) -> None:
+    cfg = tiny_config("llama", layers=3)
+    model = make_model(cfg)
+    moments = _engine(model, tmp_path / "m", host_copy="bf16", **BF16)
+    off = _all(model, tmp_path / "a")
+    try:
+        a, m = off.memory_report(), moments.memory_report()
+        layers = sum(u.numel for u in off.units[1:-1])
+        outer = off.units[0].numel + off.units[-1].numel
+        assert a["offload"] == "all" and a["masters_on_disk_params"] == layers
+        assert a["host_state_bytes"] == 4 * outer + a["upload_copy_bytes"]
+        assert m["host_state_bytes"] - a["host_state_bytes"] == 4 * layers
+        assert a["offload_ring_bytes"] == 3 * m["offload_ring_bytes"] // 2  # a third part per piece
+        assert len(list((tmp_path / "a").glob(f"*{SUFFIX}"))) == len(off.units)
+    finally:
+        off.close()
+        moments.close()
+
+
+def test_invalid_combinations_are_config_errors(tmp_path: Path) -> None:
+    d = str(tmp_path / "x")
+    with pytest.raises(ConfigError, match="host_copy"):
+        EngineConfig(offload="all", offload_dir=d)  # host_copy defaults to 'none'
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        EngineConfig(offload="all", offload_dir=d, host_copy="bf16", compute_dtype="float32")
+    with pytest.raises(ConfigError, match="offload_dir"):
+        EngineConfig(offload="all", host_copy="bf16")
+    model = make_model(tiny_config("llama", layers=2))
+    with pytest.raises(ConfigError, match="compute dtype"):  # 'auto' compute dtype is float32 on the CPU
+        _engine(model, tmp_path / "y", offload="all", host_copy="auto")
+    with pytest.raises(ConfigError, match="resident_layers"):
+        _all(model, tmp_path / "z", resident_layers=1)
+    assert not (tmp_path / "z").exists()
+    e = _engine(model, tmp_path / "w", offload="all", host_copy="auto", **BF16)  # 'auto' copy: turned on
+    try:
+        assert e.host_copy and e.offload_mode == "all"
+    finally:
+        e.close()
+
+
+def test_auto_picks_all_only_when_the_moments_layout_does_not_fit() -> None:
+    def need(mode: str) -> dict[str, int]:
+        return {"state": {"none": 12, "moments": 6, "all": 3}[mode] << 30}
+
+    cfg = EngineConfig(offload="auto", offload_dir="/nvme", host_copy="auto")
+    assert choose_offload(cfg, need, 20 << 30, allow_all=True) == "none"
+    assert choose_offload(cfg, need, 8 << 30, allow_all=True) == "moments"
+    assert choose_offload(cfg, need, 4 << 30, allow_all=True) == "all"
+    assert choose_offload(cfg, need, 4 << 30, allow_all=False) == "moments"  # no BF16 copy possible
+    # The engine's own byte counts: 'all' keeps 4 B/param of the embedding and head, 2 B/param of copies.
+    eng = EngineConfig(device="cpu", offload="all", offload_dir="/nvme", host_copy="bf16", compute_dtype="bfloat16")
+    got = engine_host_bytes(1000, [300, 300], 400, eng, False, 2, offload="all", largest_unit=400)
+    assert got["embedding + head masters (4 B/param; the rest on disk)"] == 4 * 400
+    assert got["BF16 upload copies (2 B/param, pinned)"] == 2 * 1000
