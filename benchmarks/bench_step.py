@@ -75,6 +75,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="slideformer: extra EngineConfig field (repeatable; VALUE parsed as JSON if it can be)",
     )
+    p.add_argument(
+        "--kernels",
+        choices=("torch", "liger"),
+        default="torch",
+        help="decoder-layer kernels of every system alike: HF's torch modules or Liger-Kernel's Triton "
+        "RMSNorm/SwiGLU/RoPE (slideformer: engine.kernels; resident, zero2/3 and the roofline: the same "
+        "instance patch on their HF model)",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-roofline", action="store_true", help="skip the roofline child")
@@ -127,6 +135,7 @@ def make_spec(args: argparse.Namespace) -> BenchSpec:
         lr=args.lr,
         window=args.window,
         engine_options=common.engine_options(args.engine_opt),
+        kernels=args.kernels,
     )
 
 
@@ -303,6 +312,7 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
             "device": args.device,
             "window": args.window,
             "engine_options": spec.engine_options,
+            "kernels": spec.kernels,
             "cpu_threads": args.cpu_threads,
         },
         "shape": stats.as_dict(),

@@ -40,6 +40,26 @@ def engine_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def apply_kernels(kernels: str, device: torch.device, model_type: str, model: Any = None,
+                  layers: list[Any] | None = None, norms: list[Any] | None = None, config: Any = None) -> list[str]:
+    """The step benchmark's ``--kernels`` on a baseline's HF modules: the same Liger patch as the engine's
+    (``slideformer.kernels.liger``), on a whole causal LM (``model``) or on loose ``layers`` / ``norms``
+    (the per-layer peak). 'torch' patches nothing; 'liger' where it cannot run raises its ConfigError."""
+    if kernels == "torch":
+        return []
+    from slideformer.kernels import liger
+
+    liger.resolve("liger", device, model_type)
+    if model is not None:
+        return liger.apply(model, model_type)
+    done: list[str] = []
+    for i, layer in enumerate(layers or []):
+        done += liger.apply_to_layer(layer, model_type, config, f"layers.{i}.")
+    for i, norm in enumerate(norms or []):
+        done += liger.apply_to_norm(norm, f"norm.{i}")
+    return done
+
+
 def emit(record: dict[str, Any]) -> None:
     """Print one result record for the parent process (one line of JSON)."""
     sys.stdout.write(RESULT_PREFIX + json.dumps(record, default=str) + "\n")

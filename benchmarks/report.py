@@ -322,6 +322,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"{'tied' if shape['tied'] else 'untied'} head)",
         f"- Steps: {args['warmup']} warm-up + {args['steps']} measured per batch size; step time = median; "
         "random tokens, full-length sequences; tokens/step = batch x seq.",
+        f"- Kernels: {args.get('kernels', 'torch')} (every system alike: "
+        + ("Liger-Kernel's Triton RMSNorm, SwiGLU and RoPE on each model instance; "
+           if args.get("kernels") == "liger" else "HF's torch modules; ")
+        + "SDPA attention; slideformer's LM head is its chunked linear cross-entropy).",
         "",
         "## Results",
         "",

@@ -31,7 +31,7 @@ def measure_gpu_compute(spec: BenchSpec) -> dict[str, Any]:
     """Median seconds of the per-layer peak step at each batch size."""
     device = spec.torch_device
     stats = shapes.shape_stats(spec.model)
-    peak = PeakModel(spec.model, device)
+    peak = PeakModel(spec.model, device, kernels=spec.kernels)
     out: dict[str, Any] = {}
     for b in spec.batch_sizes:
         try:

@@ -19,7 +19,7 @@ export PYTHONPATH=$PWD/src:$PWD:${PYTHONPATH:-}
 for stage in "$@"; do
   case "$stage" in
     tests)
-      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py 2>&1 \
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py tests/test_liger.py 2>&1 \
         | tee "$OUT/gpu_tests.log" \
         | grep -E "rel|bytes|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests.log" && exit 1 ;;
@@ -50,6 +50,14 @@ for stage in "$@"; do
         --time-budget-s 540 --engine-opt resident_layers=-1 \
         --out "$OUT/llama3.2-3b_cap24g_copy_h100_bench.json" > "$OUT/bench3b_copy.log" 2>&1
       sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_copy_h100_bench.md ;;
+    bench3b_liger)
+      # engine.kernels=liger (issue 3 "Means"): Liger-Kernel's Triton RMSNorm/SwiGLU/RoPE in every system alike
+      # (slideformer via the engine option, zero2/zero3 via the same instance patch); otherwise bench3b_copy.
+      timeout 560 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,zero2,zero3 --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 540 \
+        --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
+        --out "$OUT/llama3.2-3b_cap24g_liger_h100_bench.json" > "$OUT/bench3b_liger.log" 2>&1
+      sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_liger_h100_bench.md ;;
     bench8b_auto)
       # 8B on the whole 80 GB card with the placement planner's resident layers (overlap schedule).
       timeout 400 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
@@ -128,6 +136,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench3b_liger, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done

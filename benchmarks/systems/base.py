@@ -42,6 +42,9 @@ class BenchSpec:
     """slideformer: decoder-layer slots on the GPU."""
     engine_options: dict[str, Any] = field(default_factory=dict)
     """slideformer: extra ``EngineConfig`` fields (``--engine-opt key=value``)."""
+    kernels: str = "torch"
+    """Decoder-layer kernels of EVERY system alike: 'torch' (HF's modules) or 'liger' (Liger-Kernel's
+    RMSNorm / SwiGLU / RoPE on the model instance, ``slideformer.kernels.liger``; ``common.apply_kernels``)."""
 
     @property
     def torch_device(self) -> torch.device:
@@ -123,7 +126,8 @@ def drive(system_name: str, spec: BenchSpec, make: Callable[[BenchSpec], BenchSy
     cap = common.cap_gpu_memory(device, spec.gpu_memory_gib)
     stats = shapes.shape_stats(spec.model)
     rss = common.RssSampler().start()
-    base = {"system": system_name, "model": spec.model, "seq_len": spec.seq_len, "gpu_cap_bytes": cap}
+    base = {"system": system_name, "model": spec.model, "seq_len": spec.seq_len, "gpu_cap_bytes": cap,
+            "kernels": spec.kernels}
 
     def record(batch_size: int, **fields: Any) -> dict[str, Any]:
         return {**base, "batch_size": batch_size, "tokens_per_step": batch_size * spec.seq_len, **fields}

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+import common
 import shapes
 from systems.base import BenchSpec, BenchSystem, StepFn
 
@@ -109,6 +110,8 @@ class DeepSpeedZero(BenchSystem):
         else:
             model = shapes.build_model(spec.model, device=self.device, dtype=torch.bfloat16)
         model.config.use_cache = False
+        # --kernels: the engine's Liger patch, on this model's instances, before DeepSpeed wraps it.
+        self.kernels_patched = common.apply_kernels(spec.kernels, self.device, str(model.config.model_type), model)
         _enable_checkpointing(model)
         model.train()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -137,6 +140,7 @@ class DeepSpeedZero(BenchSystem):
             "pinned_bytes_source": "pinned CPU tensors reachable from the DeepSpeed optimizer and "
             "ZeRO-3 partitions (a lower bound)",
             "deepspeed_version": deepspeed.__version__,
+            "kernels_patched": len(self.kernels_patched),
             "config": self.config,
         }
 

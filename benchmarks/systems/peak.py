@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import common
 import shapes
 
 LOSS_CHUNK_TOKENS = 2048
@@ -55,7 +56,8 @@ def chunked_linear_cross_entropy(
 class PeakModel:
     """Embedding, one decoder layer, final norm and LM head of shape ``model_name``, in BF16 on ``device``."""
 
-    def __init__(self, model_name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, model_name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                 kernels: str = "torch") -> None:
         cfg = shapes.hf_config(model_name)
         meta = shapes.build_model(model_name, device="meta", dtype=dtype)
         layer_cls = type(meta.model.layers[0])
@@ -72,6 +74,8 @@ class PeakModel:
             self.embedding = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02)
             self.head = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02)
         self.layer.train()
+        self.kernels_patched = common.apply_kernels(kernels, device, str(cfg.model_type), layers=[self.layer],
+                                                    norms=[self.norm], config=cfg)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [*self.layer.parameters(), *self.norm.parameters(), self.embedding, self.head]

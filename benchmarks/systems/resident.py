@@ -47,6 +47,7 @@ class Resident(BenchSystem):
         self.optimizer: torch.optim.Optimizer | None = None
         self.peak: PeakModel | None = None
         self.fallback_reason: str | None = None
+        self.kernels_patched: list[str] = []
         self.mode = "resident"
         smallest = min(spec.batch_sizes)
         self.estimate_bytes = resident_estimate_bytes(self.stats, smallest, spec.seq_len)
@@ -60,6 +61,7 @@ class Resident(BenchSystem):
 
     def _build_resident(self) -> None:
         model = shapes.build_model(self.spec.model, device=self.device, dtype=torch.float32)
+        self.kernels_patched = common.apply_kernels(self.spec.kernels, self.device, str(model.config.model_type), model)
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:  # transformers >= 5.2x names it so; the old name warns there
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -91,7 +93,7 @@ class Resident(BenchSystem):
             torch.cuda.empty_cache()
         self.fallback_reason = reason
         self.mode = "peak"
-        self.peak = PeakModel(self.spec.model, self.device)
+        self.peak = PeakModel(self.spec.model, self.device, kernels=self.spec.kernels)
 
     def prepare(self, batch_size: int) -> StepFn:
         batch = shapes.random_batch(
@@ -133,6 +135,7 @@ class Resident(BenchSystem):
             "pinned_bytes": 0,
             "resident_estimate_bytes": self.estimate_bytes,
             "gpu_capacity_bytes": self.capacity,
+            "kernels_patched": len(self.peak.kernels_patched if self.peak is not None else self.kernels_patched),
         }
         if self.mode == "resident":
             out["config"] = (

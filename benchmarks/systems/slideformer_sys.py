@@ -31,6 +31,9 @@ class Slideformer(BenchSystem):
 
         self.hf_config = shapes.hf_config(spec.model)
         options = dict(spec.engine_options)
+        if options.setdefault("kernels", spec.kernels) != spec.kernels:  # one kernel choice for every system
+            raise ValueError(f"engine option kernels={options['kernels']!r} differs from --kernels {spec.kernels}: "
+                             "the step benchmark runs every system with the same kernels; use --kernels")
         if options.get("resident_layers") == -1:  # as many as fit: sized for the largest batch and the cap
             options.setdefault("max_tokens_per_micro_batch", max(spec.batch_sizes) * spec.seq_len)
             if spec.gpu_memory_gib:
@@ -71,6 +74,7 @@ class Slideformer(BenchSystem):
             "pinned_bytes": report.get("pinned_bytes"),
             "engine_memory_report": report,
             "built_with": self.built_with,
+            "kernels_patched": len(self.engine.kernels_patched),
             "config": {"engine": _plain(self.engine_config), "optim": _plain(self.optim_config)},
         }
 

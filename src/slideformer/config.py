@@ -88,6 +88,12 @@ class EngineConfig:
     On the CPU the pool is twice ``staging_chunks``."""
     loss_chunk_tokens: int = 2048
     """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once."""
+    kernels: Literal["torch", "liger", "auto"] = "torch"
+    """Kernels of the decoder layers. 'torch': HF's own modules. 'liger': Liger-Kernel's Triton RMSNorm,
+    SwiGLU MLP and RoPE, patched onto this model's instances (kernels/liger.py; llama, mistral, qwen2,
+    qwen3); a ConfigError names what is missing without a CUDA device, triton or liger_kernel. 'auto':
+    'liger' where it can run, else 'torch'. Attention is SDPA either way, and the LM head always stays on
+    the exact chunked linear cross-entropy (not Liger's fused one)."""
     optimizer_threads: int = 0
     """Intra-op threads for the CPU optimizer and conversions. 0: torch's default in one process; under
     torchrun, this node's cores divided by its ranks (torchrun sets OMP_NUM_THREADS=1 in every rank, which
@@ -192,6 +198,8 @@ class EngineConfig:
             raise ConfigError(f"engine.host_memory_gib must be >= 0, got {self.host_memory_gib}")
         if self.loss_chunk_tokens < 1:
             raise ConfigError("engine.loss_chunk_tokens must be >= 1")
+        if self.kernels not in ("torch", "liger", "auto"):
+            raise ConfigError(f"engine.kernels must be torch, liger or auto, got {self.kernels!r}")
 
     def resolve_device(self) -> torch.device:
         """The torch device this config names ('auto' picks CUDA when available)."""

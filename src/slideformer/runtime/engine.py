@@ -86,6 +86,8 @@ class Engine:
         self.parts = self.adapter.split(model)
         self.device = self.cfg.resolve_device()
         self.dtype = self.cfg.resolve_dtype(self.device)
+        self.kernels_patched = self._apply_kernels(model)
+        """Modules running Liger's kernels (``engine.kernels``); empty on the torch path."""
         self._failed: BaseException | None = None
         self._closed = False
         self.dist = dist
@@ -120,6 +122,16 @@ class Engine:
 
         torch.manual_seed(seed)
         return cls(meta_model(config), engine, optim, init="random", dist=dist)
+
+    def _apply_kernels(self, model: nn.Module) -> list[str]:
+        """``engine.kernels``: patch the layers' instances with Liger's kernels before any slot is bound."""
+        from slideformer.kernels import liger
+
+        if not liger.resolve(self.cfg.kernels, self.device, self.model_type):
+            return []
+        patched = liger.apply(model, self.model_type)
+        logger.info("engine.kernels=%s: Liger kernels on %d modules", self.cfg.kernels, len(patched))
+        return patched
 
     def _setup_device(self) -> None:
         p, ops = self.parts, self.ops
