@@ -217,7 +217,7 @@ def _run_train(ns: argparse.Namespace) -> int:
 
 
 def _run_plan(ns: argparse.Namespace) -> int:
-    from slideformer.planner import plan_from_args
+    from slideformer.plan_args import plan_from_args
 
     plan = plan_from_args(ns)
     print(plan.to_json() if ns.json else plan.render())

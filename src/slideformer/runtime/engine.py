@@ -31,17 +31,17 @@ from torch import nn
 from slideformer.config import EngineConfig, OptimConfig
 from slideformer.errors import ConfigError, DeviceMemoryError, SlideformerError, WorkerError
 from slideformer.memory.activations import ActivationStore
-from slideformer.memory.host_state import attach_upload_copies, refresh_upload_copies
+from slideformer.memory.host_state import attach_upload_copies
 from slideformer.memory.offload import OffloadedMoments, open_offload
 from slideformer.models import get_adapter
 from slideformer.optim.adamw import FlatAdamW
-from slideformer.runtime import build
+from slideformer.runtime import build, engine_state
 from slideformer.runtime.batch import prepare_batch
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.grad_pipeline import GradPipeline
 from slideformer.runtime.resident import ResidentLayers, pick_resident
 from slideformer.runtime.transfer import Uploader
-from slideformer.runtime.window import Segment, SlotPool, invalidate
+from slideformer.runtime.window import Segment, SlotPool
 
 logger = logging.getLogger(__name__)
 
@@ -269,16 +269,6 @@ class Engine:
         if self.offload is not None:
             self.offload.wait_writes(self.cfg.watchdog_s)
 
-    def _host_state(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(master, exp_avg, exp_avg_sq) per unit index: host views, or views of the offload files (read
-        through; every update has landed: after ``flush``)."""
-        if self.offload is None:
-            return {u.index: (u.master, u.exp_avg, u.exp_avg_sq) for u in self.units}
-        self.offload.sync(self.cfg.watchdog_s)
-        on_disk = self.offload.mapped_masters()
-        return {i: (on_disk[i] if i in on_disk else self.units[i].master, m, v)
-                for i, (m, v) in self.offload.mapped().items()}
-
     def _fail(self, what: str, exc: BaseException, mbs: list[Any], deferred: bool) -> NoReturn:
         """Mark the engine failed and re-raise ``exc``: as a DeviceMemoryError with advice when a CUDA
         out-of-memory is anywhere in its chain, as is when it is ours, else as a WorkerError."""
@@ -330,56 +320,11 @@ class Engine:
         Data-parallel: the values are ``slideformer.dist.state.ShardedTensor`` handles (collective: every
         rank must read or load them in the same order).
         """
-        self.flush()
-        if self.dist is not None:
-            return self.dist.state_dict(self)
-        out: dict[str, Any] = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": self.step_count,
-                               "unit_steps": [u.step for u in self.units]}
-        state = self._host_state()
-        for u in self.units:
-            master, exp_avg, exp_avg_sq = state[u.index]
-            for spec in u.params:
-                out["params"][spec.name] = u.view(master, spec)
-                out["exp_avg"][spec.name] = u.view(exp_avg, spec)
-                out["exp_avg_sq"][spec.name] = u.view(exp_avg_sq, spec)
-        return out
+        return engine_state.state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load master weights and (if present) moments and step counts; missing params are an error."""
-        self.flush()
-        if self.dist is not None:
-            self.dist.load_state_dict(self, state)
-            refresh_upload_copies(self.units)
-            invalidate(self.layer_pool.slots + [self.vocab_slot])
-            return
-        for key in ("params",):
-            if key not in state:
-                raise ConfigError(f"state dict has no {key!r} entry")
-        host_state = self._host_state()
-        for u in self.units:
-            master, exp_avg, exp_avg_sq = host_state[u.index]
-            for spec in u.params:
-                for part, buf in (("params", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-                    src = state.get(part, {}).get(spec.name)
-                    if src is None:
-                        if part == "params":
-                            raise ConfigError(f"state dict is missing parameter {spec.name}")
-                        u.view(buf, spec).zero_()
-                        continue
-                    if tuple(src.shape) != tuple(spec.shape):
-                        raise ConfigError(f"{part}[{spec.name}] has shape {tuple(src.shape)}, "
-                                          f"expected {tuple(spec.shape)}")
-                    u.view(buf, spec).copy_(src)
-        if self.offload is not None:
-            self.offload.commit_mapped()
-        steps = state.get("unit_steps") or [int(state.get("step", 0))] * len(self.units)
-        for u, s in zip(self.units, steps):
-            u.step = int(s)
-            u.version += 1
-        if self.resident is not None:
-            self.resident.load_from_host()
-        refresh_upload_copies(self.units, {i: m for i, (m, _, _) in host_state.items()})
-        invalidate(self.layer_pool.slots + [self.vocab_slot])
+        engine_state.load_state_dict(self, state)
 
     def hf_model(self) -> nn.Module:
         """The HF model whose parameters are the FP32 master weights (all updates applied).
