@@ -172,3 +172,11 @@ def test_gpu_disk_checkpoints_are_bitwise_equal(tmp_path: Path, window: int, acc
     stats = _parity(tmp_path, "llama", window, accumulate, max_norm, device="cuda", steps=5, layers=8,
                     compute_dtype="bfloat16", chunk_mib=1 / 16)
     assert stats["cache_hits"] > 0
+
+
+def test_the_plan_counts_only_the_ring() -> None:
+    from slideformer.planner import checkpoint_layers
+
+    assert checkpoint_layers(EngineConfig(), 32) == 31
+    assert checkpoint_layers(EngineConfig(offload_activations=True, offload_dir="/nvme"), 32) == RING
+    assert checkpoint_layers(EngineConfig(offload_activations=True, offload_dir="/nvme"), 3) == 2

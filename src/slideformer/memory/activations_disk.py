@@ -93,7 +93,13 @@ class DiskActivationStore:
         self._read: dict[int, Future] = {}
         self._locked: list[torch.Tensor] = []
         self._lock = threading.Lock()
-        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sf-acts")
+        device = ops.device
+
+        def _init() -> None:
+            if ops.is_cuda:
+                torch.cuda.set_device(device)
+
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sf-acts", initializer=_init)
         self._closed = False
 
     # -- sizing ------------------------------------------------------------------------------------------
