@@ -19,7 +19,7 @@ export PYTHONPATH=$PWD/src:$PWD:${PYTHONPATH:-}
 for stage in "$@"; do
   case "$stage" in
     tests)
-      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py tests/test_liger.py 2>&1 \
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py tests/test_liger.py tests/test_activations_disk.py 2>&1 \
         | tee "$OUT/gpu_tests.log" \
         | grep -E "rel|bytes|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests.log" && exit 1 ;;

@@ -147,6 +147,13 @@ class EngineConfig:
     of the compute dtype: 16 Mi elements, 128 MiB of moments, by default); the ring holds prefetch + 2."""
     offload_io_threads: int = 4
     """Threads issuing the posix backend's reads and writes (8 MiB pieces in parallel)."""
+    offload_activations: bool = False
+    """Put the activation checkpoints (each decoder layer's input, kept from forward to backward) on disk too:
+    one file under ``offload_dir`` (shared with the moments' files and owner when ``offload`` is on, removed on
+    close), written from a ring of 4 page-aligned host buffers of one layer input each as forward produces
+    them, and read back ahead of backward (3 layers in backward order) into that ring and then the two-deep
+    device ring. Host RAM for checkpoints drops from (layers - 1) layer inputs to 4; results are bitwise
+    those of the in-RAM store. Needs ``offload_dir``; not with data-parallel training yet."""
     host_memory_gib: float = 0.0
     """Host RAM budget (GiB) for ``offload='auto'`` and the start-up check; 0: the RAM available now."""
     max_tokens_per_micro_batch: int = 0
@@ -192,6 +199,8 @@ class EngineConfig:
                               f"{self.compute_dtype}; set engine.compute_dtype=bfloat16 or engine.offload='moments'")
         if self.offload_io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"engine.offload_io must be auto, posix or kvikio, got {self.offload_io!r}")
+        if self.offload_activations and not self.offload_dir:
+            raise ConfigError("engine.offload_activations needs engine.offload_dir (a directory on a local NVMe disk)")
         if self.offload_prefetch < 1 or self.offload_io_threads < 1:
             raise ConfigError("engine.offload_prefetch and engine.offload_io_threads must be >= 1")
         if self.host_memory_gib < 0:

@@ -181,6 +181,14 @@ def component_params(hf_config: Any) -> tuple[dict[str, int], list[int], bool]:
     return params, layers, bool(parts.tied)
 
 
+def checkpoint_layers(engine: EngineConfig, num_layers: int) -> int:
+    """Layer inputs the activation store keeps on the host: all but the last, or its ring when they go to disk."""
+    from slideformer.memory.activations_disk import RING
+
+    saved = max(num_layers - 1, 0)
+    return min(RING, saved) if engine.offload_activations else saved
+
+
 def make_plan(
     hf_config: Any,
     *,
@@ -257,7 +265,7 @@ def make_plan(
         "upload staging rings": (engine.staging_chunks + 2) * chunk_bytes,
         "gradient parking pool": park * chunk_bytes,
         "embedding rows of a micro-batch": tokens * hidden * elt,
-        "activation checkpoints": max(len(layers) - 1, 0) * tokens * hidden * elt,
+        "activation checkpoints": checkpoint_layers(engine, len(layers)) * tokens * hidden * elt,
     }
     vocab_numel = vocab * hidden
     gpu = {

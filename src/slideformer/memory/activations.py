@@ -95,3 +95,6 @@ class ActivationStore:
         """Layer ``j``'s backward has been queued: its ring buffer is free once that work is done."""
         if j != self.num_layers - 1:
             self.ring_free[j % 2] = self.ops.record(compute_stream)
+
+    def close(self) -> None:
+        """Nothing to stop (no threads, no files); the engine drops the buffers."""

@@ -210,6 +210,35 @@ class DiskStore:
 
             self._cufile[key] = kvikio.CuFile(path, "r+")
 
+    def reserve(self, key: str, nbytes: int) -> Path:
+        """Create the file of ``key`` after start-up, or grow it to ``nbytes`` (never shrinks); returns its path.
+
+        For state sized later than the store (activation checkpoints grow with the largest micro-batch). The
+        caller makes sure no transfer of ``key`` is in flight; free space must cover the new blocks + the margin.
+        """
+        n = round_up(nbytes)
+        old = self.sizes.get(key, 0)
+        path = self.directory / f"{key}{SUFFIX}"
+        if n <= old:
+            return path
+        free = shutil.disk_usage(self.directory).free
+        if n - old + FREE_MARGIN_BYTES > free:
+            raise ConfigError(f"engine.offload_dir {self.directory} has {free / 2**30:.2f} GiB free but {key} needs "
+                              f"{(n - old) / 2**30:.2f} GiB more (+{FREE_MARGIN_BYTES / 2**30:.0f} GiB margin); "
+                              "free disk space or point offload_dir at a larger disk")
+        if key not in self._fd:
+            self._create(key, n)
+        else:
+            try:
+                os.posix_fallocate(self._fd[key], 0, n)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise ConfigError(f"engine.offload_dir {self.directory}: the disk filled up while growing "
+                                      f"{path} to {n / 2**30:.2f} GiB; free disk space") from e
+                os.ftruncate(self._fd[key], n)
+        self.sizes[key] = n
+        return path
+
     def _probe(self) -> dict[str, float]:
         """Write then read PROBE_BYTES through this store's own path; GB/s of each."""
         key = "speed-probe"

@@ -157,6 +157,16 @@ class DeviceOps:
         self.registered_bytes += nbytes
         return True
 
+    def page_lock(self, tensor: torch.Tensor) -> bool:
+        """``register_host`` for a buffer that should be pinned: a refusal leaves it pageable and is counted
+        (and warned once) as a pinned fallback (see the module invariant). False when not pinned."""
+        if not self.pin:
+            return False
+        if self.register_host(tensor):
+            return True
+        self._pinned_fallback(tensor.numel() * tensor.element_size(), RuntimeError("cudaHostRegister failed"))
+        return False
+
     def unregister_host(self, tensor: torch.Tensor) -> None:
         """Undo ``register_host``."""
         if self.is_cuda:

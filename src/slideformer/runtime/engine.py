@@ -31,6 +31,7 @@ from torch import nn
 from slideformer.config import EngineConfig, OptimConfig
 from slideformer.errors import ConfigError, DeviceMemoryError, SlideformerError, WorkerError
 from slideformer.memory.activations import ActivationStore
+from slideformer.memory.activations_disk import DiskActivationStore, open_activation_store
 from slideformer.memory.host_state import attach_upload_copies
 from slideformer.memory.offload import OffloadedMoments, open_offload
 from slideformer.models import get_adapter
@@ -184,7 +185,12 @@ class Engine:
         else:
             self.drain = self.dist.grad_pipeline(ops, chunk, pool, self.dtype, self.adam)
             self.dist.attach_uploaders(self.layer_up, self.vocab_up)
-        self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
+        self.acts: ActivationStore | DiskActivationStore
+        if self.cfg.offload_activations:  # checkpoints on disk, in the moments' store when that tier is on
+            self.acts = open_activation_store(self.cfg, ops, self.num_layers, self.hidden, self.dtype,
+                                              self.offload.store if self.offload is not None else None, self.dist)
+        else:
+            self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
         self.x0_capacity = 0
         threads = self.cfg.optimizer_threads or (self.dist.cpu_threads() if self.dist is not None else 0)
         if threads > 0:
@@ -379,6 +385,7 @@ class Engine:
             "masters_on_disk_params": sum(u.numel for u in self.units if u.master_on_disk),
             "offload_ring_bytes": ring,
             "disk": self.offload.stats() if self.offload is not None else None,
+            "activation_disk": self.acts.stats() if isinstance(self.acts, DiskActivationStore) else None,
         }
 
     # -- lifetime ----------------------------------------------------------------------------------
@@ -387,7 +394,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for name in ("layer_up", "vocab_up", "drain", "offload"):  # the optimizer thread stops before the files go
+        # The optimizer thread and the activation transfers stop before the files go.
+        for name in ("layer_up", "vocab_up", "drain", "acts", "offload"):
             worker = getattr(self, name, None)
             if worker is not None:
                 worker.close()

@@ -17,7 +17,7 @@ never waits for the device to drain (the loss read at the end waits for the comp
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,9 @@ class StepRunner:
         self.ops = engine.ops
         self.layer_segments = [[Segment(u, 0)] for u in engine.units[1:-1]]
         self.x0_releases: list[Future] = []
+        self.open_releases: dict[int, Future] = {}
+        """Release futures of the step's planned uses that the main thread still owns (not set, not handed to
+        the gradient worker): a failed step fails them, so no upload waits for them forever."""
         # Views of each layer's slot, computed once: layer j always lives in slot j % window.
         # Streamed layers take the slots round-robin; resident layers (runtime/resident.py) have none.
         slots = engine.layer_pool.slots
@@ -119,6 +122,26 @@ class StepRunner:
                 if u.index not in self.resident_units:  # resident units accumulate on the device
                     u.ensure_grad_acc(acc_dtype)
         e.ensure_capacity(max(m.shape.numel() for m in mbs))
+        self.open_releases.clear()  # the previous step's were all set or handed on
+        try:
+            return self._step(mbs, deferred, lr)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail the release futures the failed step still owned, so the upload workers waiting for them stop
+        (the engine is marked failed; close() then finds no worker blocked)."""
+        for f in self.open_releases.values():
+            if not f.done():
+                try:
+                    f.set_exception(WorkerError(f"the step failed on the main thread: {exc}"))
+                except InvalidStateError:
+                    pass  # set meanwhile by its owner
+        self.open_releases.clear()
+
+    def _step(self, mbs: list[MicroBatch], deferred: bool, lr: float) -> tuple[float, Future, bool]:
+        e = self.e
         total = sum(m.tokens for m in mbs)
         if e.dist is not None:
             # Data-parallel: the loss is the token-weighted mean over every rank's tokens (one big batch).
@@ -185,6 +208,7 @@ class StepRunner:
 
     def _drain(self, sources: list[tuple[HostUnit, torch.Tensor]], release: Future, deferred: bool,
                first: bool, last: bool, lr: float, host_norm: bool) -> None:
+        self.open_releases.pop(id(release), None)  # the gradient worker sets it from now on
         units = [u for u, _ in sources]
         action, updates = self._action(units, deferred, first, last, lr, host_norm)
         if not host_norm:
@@ -224,6 +248,8 @@ class StepRunner:
         fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
                for j in range(e.num_layers) if j in self.layer_slot}
         head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
+        for f in (x0_release, head.release, *(u.release for u in fwd.values())):
+            self.open_releases[id(f)] = f
         return x0_src, x0_release, fwd, head
 
     def _embed(self, mb: MicroBatch, x0_src: Future | Use, grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
@@ -282,6 +308,8 @@ class StepRunner:
         bwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
                for j in reversed(range(L)) if j in self.layer_slot}
         emb_use = plan_use(e.vocab_slot, [Segment(u0, 0)], False, up_vocab)
+        for f in (emb_use.release, *(u.release for u in bwd.values())):
+            self.open_releases[id(f)] = f
         x0, h0, calls = self._embed(mb, x0_src, grad=True)
         h = self._forward_layers(fwd, h0.detach(), calls, save=True)
 
