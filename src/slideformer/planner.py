@@ -368,8 +368,8 @@ def make_plan(
                                                             " (needs compute_dtype bfloat16: the engine refuses "
                                                             "this config)"))
     if device_cast:
-        notes.append(f"the FP32 master weights ({4 * n / 2**30:.1f} GiB of the host total) are page-locked "
-                     "in place so uploads DMA them directly (engine.upload_cast)")
+        notes.append(f"the uploaded FP32 master weights ({4 * copy_params / 2**30:.1f} GiB of the host total) are "
+                     "page-locked in place so uploads DMA them directly (engine.upload_cast)")
     if host_copy:
         notes.append(f"engine.host_copy: the CPU AdamW writes a pinned BF16 copy of the streamed masters "
                      f"({2 * copy_params / 2**30:.1f} GiB) in the same pass; uploads move 2 B/param, no cast")
