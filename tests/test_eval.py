@@ -39,3 +39,31 @@ def test_eval_loss_matches_hf_and_leaves_training_untouched(family: str) -> None
     without, _ = run(False)
     for name, t in without.items():
         assert torch.equal(with_eval[name], t), name
+
+
+def test_a_failing_evaluation_raises_and_close_does_not_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward that raises mid-way through eval fails the pass's pending slot releases, so the upload
+    worker waiting on one stops and close() returns (it used to block forever)."""
+    import threading
+
+    from slideformer.errors import WorkerError
+    from slideformer.runtime import step as step_mod
+
+    cfg = tiny_config("llama", layers=4)
+    gen = torch.Generator().manual_seed(0)
+    eng = Engine(make_model(cfg), EngineConfig(device="cpu", window=1, watchdog_s=60.0), OptimConfig(lr=1e-3))
+    eng.train_step(random_batch(cfg.vocab_size, 2, 9, gen))
+    real = step_mod.run_layer
+
+    def broken(layer, h, call):
+        if layer is eng.parts.layers[1]:
+            raise RuntimeError("injected failure in layer 1's forward")
+        return real(layer, h, call)
+
+    monkeypatch.setattr(step_mod, "run_layer", broken)
+    with pytest.raises(WorkerError, match="injected failure"):
+        eng.eval_loss(random_batch(cfg.vocab_size, 2, 9, gen))
+    closer = threading.Thread(target=eng.close, daemon=True)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "engine.close() hung after a failed evaluation"

@@ -249,6 +249,7 @@ class Engine:
         try:
             total = torch.stack([self.runner.eval_micro(m) for m in mbs]).sum()
         except BaseException as exc:
+            self.runner.abort(exc)  # fail the pass's pending slot releases: no upload worker waits on them forever
             self._fail("evaluation", exc, mbs, False)
         tokens = sum(m.tokens for m in mbs)
         return (float(total.item()) / tokens if tokens else math.nan), tokens

@@ -130,8 +130,8 @@ class StepRunner:
             raise
 
     def abort(self, exc: BaseException) -> None:
-        """Fail the release futures the failed step still owned, so the upload workers waiting for them stop
-        (the engine is marked failed; close() then finds no worker blocked)."""
+        """Fail the release futures the failed step (or evaluation) still owned, so the upload workers waiting
+        for them stop (the engine is marked failed; close() then finds no worker blocked)."""
         for f in self.open_releases.values():
             if not f.done():
                 try:
