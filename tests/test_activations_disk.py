@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.reference import make_model, random_batch, tiny_config
+from tests.test_offload import _assert_equal_states, _state
 
 from slideformer import ConfigError, Engine, EngineConfig, OptimConfig
 from slideformer.memory import disk
@@ -56,18 +57,6 @@ def _train(engine: Engine, vocab: int, steps: int, accumulate: int, device: str 
         mbs = [_batch(vocab, bsz, seq - i, gen, device) for i in range(accumulate)]  # micro-batches differ too
         losses.append(engine.train_step(mbs if accumulate > 1 else mbs[0]).loss)
     return losses
-
-
-def _state(engine: Engine) -> dict[str, dict[str, torch.Tensor]]:
-    sd = engine.state_dict()
-    return {k: {n: t.detach().clone() for n, t in sd[k].items()} for k in ("params", "exp_avg", "exp_avg_sq")}
-
-
-def _assert_equal_states(a: dict, b: dict) -> None:
-    for part in ("params", "exp_avg", "exp_avg_sq"):
-        assert set(a[part]) == set(b[part])
-        for name in a[part]:
-            assert torch.equal(a[part][name], b[part][name]), (part, name)
 
 
 def _parity(tmp_path: Path, family: str, window: int, accumulate: int, max_norm: float | None,

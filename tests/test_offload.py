@@ -202,10 +202,16 @@ def test_checkpoints_read_and_write_through_the_files(tmp_path: Path) -> None:
                          ids=["overlap", "deferred-accum-clip"])
 def test_training_run_resumed_with_moments_on_disk_matches_a_straight_run_in_ram(tmp_path: Path, extra: dict) -> None:
     """The train loop end to end: checkpoint save and resume through the offload files, bitwise."""
-    base = {"train__max_steps": 6, **extra}
-    disk_opts = {"engine__offload": "moments", "engine__offload_dir": str(tmp_path / "off")}
+    _assert_resume_through_disk_is_straight(tmp_path, {"train__max_steps": 6, **extra},
+                                            {"engine__offload": "moments"}, stop_at=3)
+
+
+def _assert_resume_through_disk_is_straight(tmp_path: Path, base: dict, disk_opts: dict, stop_at: int) -> None:
+    """A run stopped at ``stop_at`` and resumed with ``disk_opts`` (offload under tmp_path/off) gives the same
+    losses and final checkpoint, bitwise, as a straight run in RAM; the offload directory is gone after."""
+    disk_opts = {**disk_opts, "engine__offload_dir": str(tmp_path / "off")}
     straight = train(tiny_run(tmp_path / "ram", **base))
-    first = train(tiny_run(tmp_path / "disk", **base, **disk_opts), stop_at=3)
+    first = train(tiny_run(tmp_path / "disk", **base, **disk_opts), stop_at=stop_at)
     second = train(tiny_run(tmp_path / "disk", **base, **disk_opts, train__resume="auto"))
     assert first.losses + second.losses == straight.losses
     for name in ("model.safetensors", "optimizer.safetensors"):

@@ -20,14 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from tests.reference import make_model, tiny_config
-from tests.run_config import tiny_run
-from tests.test_offload import _assert_equal_states, _engine, _state, _train
+from tests.test_offload import _assert_equal_states, _assert_resume_through_disk_is_straight, _engine, _state, _train
 
 from slideformer import ConfigError, EngineConfig
 from slideformer.memory.budget import choose_offload, engine_host_bytes
 from slideformer.memory.disk_owner import SUFFIX
-from slideformer.train import checkpoint, tensor_io
-from slideformer.train.loop import train
+from slideformer.train import checkpoint
 
 BF16 = dict(compute_dtype="bfloat16")
 
@@ -121,16 +119,9 @@ def test_checkpoints_between_all_on_disk_and_ram_continue_bitwise(tmp_path: Path
                          ids=["overlap", "deferred-accum-clip"])
 def test_training_run_resumed_with_all_on_disk_matches_a_straight_run_in_ram(tmp_path: Path, extra: dict) -> None:
     """The train loop end to end: checkpoint save and resume through the offload files, bitwise."""
-    base = {"train__max_steps": 5, "engine__compute_dtype": "bfloat16", **extra}
-    disk_opts = {"engine__offload": "all", "engine__host_copy": "bf16", "engine__offload_dir": str(tmp_path / "off")}
-    straight = train(tiny_run(tmp_path / "ram", **base))
-    first = train(tiny_run(tmp_path / "disk", **base, **disk_opts), stop_at=2)
-    second = train(tiny_run(tmp_path / "disk", **base, **disk_opts, train__resume="auto"))
-    assert first.losses + second.losses == straight.losses
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a, b = (tensor_io.read_all(r.checkpoint / name) for r in (straight, second))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert not (tmp_path / "off").exists()
+    _assert_resume_through_disk_is_straight(
+        tmp_path, {"train__max_steps": 5, "engine__compute_dtype": "bfloat16", **extra},
+        {"engine__offload": "all", "engine__host_copy": "bf16"}, stop_at=2)
 
 
 def test_memory_report_drops_the_layers_masters(tmp_path: Path) -> None:

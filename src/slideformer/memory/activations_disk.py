@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from slideformer.errors import ConfigError, SlideformerError, WorkerError
+from slideformer.memory.activations import DeviceRing
 from slideformer.memory.disk import AlignedBuffer, DiskError, DiskStore, resolve_backend, round_up
 from slideformer.memory.disk_owner import SUFFIX
 from slideformer.runtime.device import DeviceOps
@@ -78,16 +79,13 @@ class DiskActivationStore:
         self.capacity = 0
         self.stride = 0
         self.slots: list[_Buf] = []
-        self.ring: list[torch.Tensor] = []
-        self.ring_free: list[Any] = [None, None]
         self.stream = ops.new_stream()
+        self.dev = DeviceRing(ops, num_layers, self.stream)
         self.pinned_bytes = 0
         self.cache_hits = 0
         """Backward layer inputs found in the ring (no disk read)."""
         self.error: BaseException | None = None
         self._error_what = ""
-        self._ready: dict[int, tuple[torch.Tensor, Any]] = {}
-        self._kept: torch.Tensor | None = None
         self._version = [0] * num_layers
         self._write: dict[int, Future] = {}
         self._read: dict[int, Future] = {}
@@ -119,9 +117,7 @@ class DiskActivationStore:
             if self.ops.page_lock(s.buf.bytes):  # DMA to and from the ring runs at pinned speed
                 self._locked.append(s.buf.bytes)
         self.pinned_bytes = sum(t.numel() for t in self._locked)
-        self.ring = [self.ops.empty(tokens * self.hidden, self.dtype) for _ in range(2)]
-        self.ring_free = [None, None]
-        self._ready.clear()
+        self.dev.allocate(tokens * self.hidden, self.dtype)
         self.stride = stride
         self.capacity = tokens
 
@@ -135,7 +131,7 @@ class DiskActivationStore:
     def save(self, j: int, x: torch.Tensor, compute_stream: Any) -> None:
         """Checkpoint layer ``j``'s input ``x``: to a ring buffer on the activation stream, then to disk."""
         if j == self.num_layers - 1:
-            self._kept = x
+            self.dev.keep(x)
             return
         self._raise_if_failed()
         self._version[j] += 1
@@ -164,7 +160,7 @@ class DiskActivationStore:
     def prefetch(self, j: int, shape: torch.Size) -> None:
         """Queue the disk reads of layers ``j`` .. ``j-READ_AHEAD+1`` and, if ``j``'s has landed, its copy to
         the device."""
-        if j < 0 or j == self.num_layers - 1 or j in self._ready:
+        if j < 0 or j == self.num_layers - 1 or self.dev.has(j):
             return
         self._raise_if_failed()
         n = shape.numel()
@@ -183,28 +179,21 @@ class DiskActivationStore:
     def get(self, j: int, shape: torch.Size, compute_stream: Any) -> torch.Tensor:
         """Layer ``j``'s input on the device, ready for the compute stream."""
         if j == self.num_layers - 1:
-            if self._kept is None:
-                raise RuntimeError("the last layer's input was not kept; forward did not run")
-            x, self._kept = self._kept, None
-            return x
-        if j not in self._ready:
+            return self.dev.take_kept()
+        if not self.dev.has(j):
             self.prefetch(j, shape)
-        if j not in self._ready:
+        if not self.dev.has(j):
             slot = self._holding(j)
             if slot is None:
                 raise SlideformerError(f"activation store: layer {j}'s input is not in the ring (internal error)")
             # The device copy reads the ring buffer: the disk read into it must have landed.
             self._wait(slot.ready, f"the disk read of layer {j}'s input")
             self._upload(j, slot, shape)
-        buf, ready = self._ready.pop(j)
-        # Compute must not read the buffer before its prefetch has landed.
-        self.ops.wait(compute_stream, ready)
-        return buf
+        return self.dev.take(j, compute_stream)
 
     def release(self, j: int, compute_stream: Any) -> None:
         """Layer ``j``'s backward has been queued: its device buffer is free once that work is done."""
-        if j != self.num_layers - 1:
-            self.ring_free[j % 2] = self.ops.record(compute_stream)
+        self.dev.release(j, compute_stream)
 
     # -- the ring ----------------------------------------------------------------------------------------
     def _live(self, s: _Buf) -> bool:
@@ -235,15 +224,8 @@ class DiskActivationStore:
         self._read[k] = fut
 
     def _upload(self, j: int, slot: _Buf, shape: torch.Size) -> None:
-        n = shape.numel()
-        buf = self.ring[j % 2][:n].view(shape)
-        # The device buffer may still be read by the backward of layer j+2.
-        self.ops.wait(self.stream, self.ring_free[j % 2])
-        with self.ops.on(self.stream):
-            self.ops.copy(buf, slot.buf.view(self.dtype, n).view(shape))
-            ready = self.ops.record(self.stream)
-        slot.h2d = ready
-        self._ready[j] = (buf, ready)
+        # The ring buffer is refilled only after this copy out of it completed (``h2d``, see _fetch and save).
+        slot.h2d = self.dev.upload(j, slot.buf.view(self.dtype, shape.numel()).view(shape), shape)
 
     def _landed(self, event: Any) -> Future | None:
         """A future that completes when ``event`` has (None for None: the CPU, or nothing pending)."""
