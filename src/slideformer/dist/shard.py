@@ -29,7 +29,7 @@ import torch.distributed as dist
 from slideformer.dist.group import collective
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import FlatAdamW
-from slideformer.runtime.device import DeviceOps
+from slideformer.runtime.device import DeviceOps, add_squared_norm
 from slideformer.runtime.grad_pipeline import GradPipeline, _Parked
 from slideformer.runtime.transfer import Update
 
@@ -85,7 +85,8 @@ class ShardedGradPipeline(GradPipeline):
         # The overlap schedule's squared norm of this rank's reduced shards, summed on the device in the
         # downloader's stream (a host pass over every gradient would cost the optimizer thread as much
         # memory bandwidth as a third of AdamW), and a ring of pinned host slots it is copied out to.
-        self.sq_acc = ops.empty(1, torch.float32).zero_()
+        self.sq_acc = torch.zeros(1, dtype=torch.float32, device=ops.device)
+        self.norm_scratch = torch.zeros(2, dtype=torch.float32, device=ops.device)  # downloader-stream order
         self.sq_host = ops.host_empty(4, torch.float32)
         self._sq_next = 0
         self._sq_ready: deque[Future] = deque()
@@ -110,7 +111,7 @@ class ShardedGradPipeline(GradPipeline):
                 out = self.shard_buf[:unit.shard_len]
                 _reduce_scatter(out, grad, group=self.grad_group)  # downloader stream, after the compute event
         if measure and (unit.sharded or self.rank == 0):  # a replicated unit counts once, on rank 0
-            self.sq_acc += torch.linalg.vector_norm(out, dtype=torch.float32).square()  # downloader stream
+            add_squared_norm(self.sq_acc[0], out, self.norm_scratch)  # downloader stream
         return out
 
     def end_step(self) -> None:

@@ -25,6 +25,16 @@ PINNED_H2D_GBS = 55.0
 PAGEABLE_H2D_GBS = 5.4
 
 
+def add_squared_norm(acc: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor) -> None:
+    """``acc += ||x||^2`` in FP32 on the current stream, allocating nothing: ``scratch`` is a 2-element FP32
+    tensor on ``acc``'s device that one caller reuses in its stream's order (the same arithmetic as
+    ``acc += vector_norm(x).square()``)."""
+    norm, sq = scratch[0], scratch[1]
+    torch.linalg.vector_norm(x, dtype=torch.float32, out=norm)
+    torch.mul(norm, norm, out=sq)
+    acc.add_(sq)
+
+
 class DeviceOps:
     """Device abstraction used by the engine, the transfer workers and the activation store."""
 

@@ -21,7 +21,7 @@ import torch
 
 from slideformer.config import OptimConfig
 from slideformer.memory.host_state import HostUnit
-from slideformer.runtime.device import DeviceOps
+from slideformer.runtime.device import DeviceOps, add_squared_norm
 
 
 def pick_resident(num_layers: int, count: int, placement: str = "first") -> list[int]:
@@ -50,6 +50,8 @@ class ResidentLayers:
                            for u in units}
         self.acc: dict[int, torch.Tensor] = {}
         self.acc_views: dict[int, list[torch.Tensor]] = {}
+        # add_squared_norm's scratch, in compute-stream order (a scalar pair, like step_t outside device_bytes)
+        self.norm_scratch = torch.zeros(2, dtype=torch.float32, device=ops.device)
         self.load_from_host()
 
     def load_from_host(self) -> None:
@@ -76,7 +78,7 @@ class ResidentLayers:
         n = unit.numel
         g = self.grad32[:n]
         torch._foreach_copy_(self.grad_views[unit.index], grads)
-        sq_norm += torch.linalg.vector_norm(g).square()
+        add_squared_norm(sq_norm, g, self.norm_scratch)
         unit.step += 1
         self.step_t[unit.index] += 1
         self._adamw(unit, g, lr)
@@ -93,7 +95,7 @@ class ResidentLayers:
         else:
             torch._foreach_add_(self.acc_views[i], grads)
         if sq_norm is not None:
-            sq_norm += torch.linalg.vector_norm(self.acc[i]).square()
+            add_squared_norm(sq_norm, self.acc[i], self.norm_scratch)
 
     def apply_accumulated(self, unit: HostUnit, step: int, lr: float, grad_scale: float) -> None:
         """Deferred schedule: AdamW from the accumulated gradient times the clip coefficient (``step`` is

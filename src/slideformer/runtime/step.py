@@ -29,6 +29,7 @@ from slideformer.memory.host_state import HostUnit
 from slideformer.models import run_layer
 from slideformer.optim.adamw import UpdateSpec
 from slideformer.runtime.batch import MicroBatch
+from slideformer.runtime.device import add_squared_norm
 from slideformer.runtime.transfer import Accumulate, Update
 from slideformer.runtime.watchdog import stall_report
 from slideformer.runtime.window import Segment, Slot, Use, plan_use
@@ -45,6 +46,12 @@ class StepRunner:
         self.ops = engine.ops
         self.layer_segments = [[Segment(u, 0)] for u in engine.units[1:-1]]
         self.x0_releases: list[Future] = []
+        # The step's device-side squared norms [streamed-or-all, resident] and add_squared_norm's scratch,
+        # allocated once; zeroed per step and read in compute-stream order.
+        # (Scalars: outside DeviceOps' byte accounting, which counts the engine's buffers.)
+        self.sq = torch.zeros(2, dtype=torch.float32, device=self.ops.device)
+        self.sq_dev, self.sq_res = self.sq[0], self.sq[1]
+        self.norm_scratch = torch.zeros(2, dtype=torch.float32, device=self.ops.device)
         self.open_releases: dict[int, Future] = {}
         """Release futures of the step's planned uses that the main thread still owns (not set, not handed to
         the gradient worker): a failed step fails them, so no upload waits for them forever."""
@@ -148,11 +155,10 @@ class StepRunner:
             total = int(e.dist.all_sum(total))
         # With one micro-batch the gradient norm is measured on the device as each unit's gradient is
         # produced; with several, the host measures the accumulated sum. Data-parallel runs measure each
-        # rank's reduced shard on the host and sum over ranks.
+        # rank's reduced shard (dist/shard.py) and sum over ranks. sq_res: the resident units' accumulated
+        # squared norm when the host measures the others (several micro-batches).
         host_norm = len(mbs) > 1 or e.dist is not None
-        self.sq_dev = torch.zeros((), dtype=torch.float32, device=e.device)
-        # Resident units' accumulated squared norm when the host measures the others (several micro-batches).
-        self.sq_res = torch.zeros((), dtype=torch.float32, device=e.device)
+        self.sq.zero_()  # compute stream: after the previous step's copy of it to the host
         losses = []
         for k, mb in enumerate(mbs):
             loss_k = self._micro(mb, 1.0 / total, deferred, k == 0, k == len(mbs) - 1, lr, host_norm)
@@ -167,7 +173,7 @@ class StepRunner:
         # (Reading the device tensor from the optimizer thread would queue behind everything the main
         # thread issues meanwhile, i.e. the next forward, and stall the optimizer for that long.)
         sq_host = torch.empty(2, dtype=torch.float32, pin_memory=self.ops.pin)
-        self.ops.copy(sq_host, torch.stack([self.sq_dev, self.sq_res]))
+        self.ops.copy(sq_host, self.sq)
         sq_ready = self.ops.record(self.ops.compute_stream())
         drain.end_step()
         norm = drain.submit_task(self._clip_coefficient, host_norm, sq_host, sq_ready)
@@ -213,7 +219,7 @@ class StepRunner:
         action, updates = self._action(units, deferred, first, last, lr, host_norm)
         if not host_norm:
             for _, src in sources:
-                self.sq_dev += torch.linalg.vector_norm(src, dtype=torch.float32).square()
+                add_squared_norm(self.sq_dev, src, self.norm_scratch)
         event = self.ops.record(self.ops.compute_stream())
         futures = self.e.drain.submit_drain(sources, event, release, action)
         if updates:
