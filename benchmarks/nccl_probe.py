@@ -2,7 +2,7 @@
 ranks, alone and while every rank also uploads from pinned host memory (the slideformer pattern).
 
 Run under torchrun (one process per GPU):
-    torchrun --standalone --nproc-per-node 2 benchmarks/nccl_probe.py --out probe.json
+    PYTHONPATH=src torchrun --standalone --nproc-per-node 2 benchmarks/nccl_probe.py --out probe.json
 Rank 0 prints one JSON line and writes ``--out``. Sizes are per rank (the gathered tensor is world x size).
 Run with ``NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT`` to see which transport (P2P/NVLink, SHM, NET) NCCL chose.
 """
@@ -18,8 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from slideformer.dist.shard import all_gather, reduce_scatter  # the engine's (torch 2.11 and 2.13 names)
 
 
 def _timed(fn, reps: int) -> float:
@@ -48,8 +47,8 @@ def main() -> None:
     whole = torch.empty(n * world, device="cuda", dtype=torch.bfloat16)
     res: dict[str, float | int | str] = {"world": world, "mib_per_rank": args.mib}
 
-    ag = _timed(lambda: _all_gather(whole, own), args.reps)
-    rs = _timed(lambda: _reduce_scatter(own, whole), args.reps)
+    ag = _timed(lambda: all_gather(whole, own), args.reps)
+    rs = _timed(lambda: reduce_scatter(own, whole), args.reps)
     moved = n * 2 * (world - 1)  # bytes each rank receives (all-gather) or sends (reduce-scatter)
     res["all_gather_gbs"] = moved / ag / 1e9
     res["reduce_scatter_gbs"] = moved / rs / 1e9
@@ -80,7 +79,7 @@ def main() -> None:
     th.start()
     time.sleep(0.2)
     c0, t0 = count[0], time.perf_counter()
-    ag2 = _timed(lambda: _all_gather(whole, own), args.reps)
+    ag2 = _timed(lambda: all_gather(whole, own), args.reps)
     c1, t1 = count[0], time.perf_counter()
     stop.set()
     th.join()

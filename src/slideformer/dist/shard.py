@@ -35,8 +35,8 @@ from slideformer.runtime.transfer import Update
 
 # torch >= 2.13 renames reduce_scatter_tensor / all_gather_into_tensor (deprecated there) to
 # reduce_scatter_single / all_gather_single, same signatures; torch 2.11 has only the old names.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def shard_size(numel: int, world: int) -> int:
@@ -64,7 +64,7 @@ def make_gather(group: Any, world: int) -> Any:
             raise RuntimeError(f"all-gather of {own.numel()} x {world} into {whole.numel()} elements")
         with collective("all-gathering a unit's weights"):
             # In place (own is a view of whole): NCCL reads it before any rank's output lands there.
-            _all_gather(whole, own, group=group)
+            all_gather(whole, own, group=group)
     return gather
 
 
@@ -109,7 +109,7 @@ class ShardedGradPipeline(GradPipeline):
                 out = grad[unit.shard_lo:unit.shard_lo + unit.shard_len]
             else:
                 out = self.shard_buf[:unit.shard_len]
-                _reduce_scatter(out, grad, group=self.grad_group)  # downloader stream, after the compute event
+                reduce_scatter(out, grad, group=self.grad_group)  # downloader stream, after the compute event
         if measure and (unit.sharded or self.rank == 0):  # a replicated unit counts once, on rank 0
             add_squared_norm(self.sq_acc[0], out, self.norm_scratch)  # downloader stream
         return out
