@@ -128,6 +128,11 @@ for stage in "$@"; do
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --gpu-memory-gib 24 --engine-opt resident_layers=8 --name timeline_llama3.2-3b_b8_resident8 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
+    profile_copy)
+      # Issue 3's timeline of the headline configuration: 3B b8, 24 GiB cap, planner's resident layers + BF16 copy.
+      timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
+        --name timeline_llama3.2-3b_b8_cap24_copy --out-dir "$OUT" > "$OUT/profile_copy.log" 2>&1; tail -20 "$OUT/profile_copy.log" ;;
     e2e8b)
       # A Llama-3.1-8B-shaped checkpoint through `slideformer train` (preset YAML) -> export -> transformers.
       (cd benchmarks && timeout 420 python3 e2e_cli.py --model llama3.1-8b --config ../configs/llama3_1_8b.yaml \
@@ -136,6 +141,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench3b_liger, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench3b_liger, profile_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done
