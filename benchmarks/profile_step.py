@@ -225,6 +225,10 @@ def main(argv: list[str]) -> int:
 
     device = common.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opts = common.engine_options(args.engine_opt)
+    if opts.get("resident_layers") == -1:  # as the step benchmark: the planner sizes residents for this batch and cap
+        opts.setdefault("max_tokens_per_micro_batch", args.batch_size * args.seq_len)
+        if args.gpu_memory_gib:
+            opts.setdefault("gpu_memory_gib", args.gpu_memory_gib)
     ecfg = EngineConfig(device=str(device), window=args.window, **opts)
     ctx, rank = None, 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
