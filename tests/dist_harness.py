@@ -64,7 +64,14 @@ def run(scenario: str, args: dict[str, Any]) -> DistContext:
     else:
         engine = Engine(make_model(cfg), ecfg, ocfg, dist=ctx)
     steps, acc = args["steps"], args["accumulate"]
-    batches = global_batches(cfg.vocab_size, steps, ctx.world, acc)
+    first = 0
+    if args.get("resume"):  # continue a checkpoint saved by any number of ranks, from its step on
+        sd = engine.state_dict()
+        state = checkpoint.load(checkpoint.latest(Path(args["resume"])), sd)
+        first = int(state["engine_step"])
+        sd["step"], sd["unit_steps"] = first, None
+        engine.load_state_dict(sd)
+    batches = global_batches(cfg.vocab_size, first + steps, ctx.world, acc)[first:]
     losses, norms = [], []
     for s in range(steps):
         if scenario == "fail" and s == 1 and ctx.rank == 1:

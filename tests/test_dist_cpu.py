@@ -4,8 +4,8 @@ Each test launches two ranks as subprocesses with torchrun's environment (``test
 Compared against plain HF + ``torch.optim.AdamW`` on the union of both ranks' micro-batches (one big
 batch, token-weighted over all of them): every step's loss and grad norm, and every parameter and
 Adam moment at the end, within the ``cpu_fp32`` tolerances. Also: a checkpoint saved by 2 ranks loads
-into a single-process engine and continues as if uninterrupted, and a rank that dies makes the other
-exit with an error instead of hanging.
+into a single-process engine and continues as if uninterrupted (and one process's on two ranks), and a
+rank that dies makes the other exit with an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -72,6 +72,28 @@ STEPS = 3
 COPY = dict(family="llama_tied", schedule="deferred", accumulate=2, max_norm=0.5, dtype="bfloat16")
 
 
+RESUME_AT = 2
+
+
+def _merged(step: list[list[dict]]) -> dict:
+    """Both ranks' single micro-batches of one step as one batch."""
+    both = [rank[0] for rank in step]
+    return {k: torch.cat([b[k] for b in both]) for k in both[0]}
+
+
+def _one_process_checkpoint(ckpt: Path, family: str, steps: int) -> None:
+    """What one process saves after ``steps`` steps on both ranks' batches (the 1 -> 2 ranks resume)."""
+    cfg = tiny_config(family)
+    ecfg, ocfg = engine_configs({"schedule": "overlap"})
+    engine = Engine(make_model(cfg), ecfg, ocfg)
+    try:
+        for step in global_batches(cfg.vocab_size, steps, 2, 1):
+            engine.train_step(_merged(step))
+        checkpoint.save(ckpt, steps, engine.state_dict(), {"note": "one process"})
+    finally:
+        engine.close()
+
+
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 2-rank launch runs every data-parallel scenario in turn (process start-up dominates the time)."""
@@ -81,6 +103,10 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
              for c in ("none", "bf16")]
     runs.append(dict(family="qwen3", schedule="overlap", accumulate=1, steps=2, scenario="checkpoint",
                      ckpt=str(d / "ckpt"), out=str(d / "checkpoint.pt")))
+    # The other way: one process's checkpoint continues on two ranks (each keeps its slice of the file).
+    _one_process_checkpoint(d / "ckpt1", "qwen3", RESUME_AT)
+    runs.append(dict(family="qwen3", schedule="overlap", accumulate=1, steps=2, scenario="parity",
+                     resume=str(d / "ckpt1"), out=str(d / "resume.pt")))
     # Streamed initialisation: random (a tied head, whose initialiser runs last) and from sharded files.
     make_model(tiny_config("qwen3"), seed=9).save_pretrained(str(d / "model"), max_shard_size="100KB")
     runs += [dict(family="llama_tied", schedule="overlap", accumulate=1, steps=0, scenario="parity",
@@ -155,13 +181,20 @@ def test_checkpoint_from_two_ranks_continues_on_one(suite: Path) -> None:
         engine.load_state_dict(sd)
         batches = global_batches(cfg.vocab_size, 2 * steps, 2, 1)
         for step in batches[steps:]:
-            both = [rank[0] for rank in step]
-            engine.train_step({k: torch.cat([b[k] for b in both]) for k in both[0]})
+            engine.train_step(_merged(step))
         final = engine.state_dict()
         _compare_state({k: final[k] for k in ("params", "exp_avg", "exp_avg_sq")}, ref, opt)
         assert final["step"] == 2 * steps
     finally:
         engine.close()
+
+
+def test_checkpoint_from_one_process_continues_on_two_ranks(suite: Path) -> None:
+    got = torch.load(suite / "resume.pt")
+    ref, opt, ref_losses = _reference("qwen3", RESUME_AT + 2, 1, None)  # uninterrupted, both ranks' batches
+    for step, (a, b) in enumerate(zip(got["losses"], ref_losses[RESUME_AT:], strict=True)):
+        assert abs(a - b) <= TOL["loss_rel"] * abs(b), (step, a, b)
+    _compare_state(got, ref, opt)
 
 
 def test_a_failing_rank_ends_the_other_with_an_error(tmp_path: Path) -> None:
