@@ -58,6 +58,15 @@ for stage in "$@"; do
         --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
         --out "$OUT/llama3.2-3b_cap24g_liger_h100_bench.json" > "$OUT/bench3b_liger.log" 2>&1
       sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_liger_h100_bench.md ;;
+    threads3b)
+      # The CPU AdamW's OpenMP threads during training (default: all 16 cores, beside the engine's own
+      # upload/download/main threads) against 14 and 12, with Liger + planner residents + BF16 copy, and ZeRO-2.
+      timeout 570 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+optimizer_threads=14,slideformer+optimizer_threads=12,zero2 \
+        --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 550 --no-roofline \
+        --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
+        --out "$OUT/llama3.2-3b_cap24g_threads_h100_bench.json" > "$OUT/threads3b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_threads_h100_bench.md ;;
     bench8b_auto)
       # 8B on the whole 80 GB card with the placement planner's resident layers (overlap schedule).
       timeout 400 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
@@ -144,6 +153,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench3b_liger, profile_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done
