@@ -129,10 +129,17 @@ def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
     return total
 
 
-def timeline(trace: dict[str, Any], step_name: str) -> tuple[float, float, dict[str, list[tuple[float, float]]]]:
-    """The profiled step's window (µs) and, per lane, the merged busy intervals inside it."""
+def timeline(trace: dict[str, Any], step_name: str,
+             next_name: str | None = None) -> tuple[float, float, dict[str, list[tuple[float, float]]]]:
+    """The profiled step's window (µs) and, per lane, the merged busy intervals inside it.
+
+    With ``next_name`` (a range around the following step) the window is one steady-state period: from
+    the step's start to the next step's start, lanes clipped to it (so the previous step's optimizer tail
+    that overlaps this forward is in, and this step's tail that overlaps the next forward is not).
+    """
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     step = [e for e in events if e.get("ph") == "X" and e.get("name") == step_name]
+    nxt = [e for e in events if e.get("ph") == "X" and e.get("name") == next_name] if next_name else []
     lanes: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in LANES}
     upload_tids = {e.get("tid") for e in events if str(e.get("name", "")).startswith("sf/upload_host")}
     spans = []
@@ -151,6 +158,10 @@ def timeline(trace: dict[str, Any], step_name: str) -> tuple[float, float, dict[
     else:
         t0 = min(s for s, _ in spans) if spans else 0.0
         t1 = max(e for _, e in spans) if spans else 1.0
+    if step and nxt:  # one period: [this step's start, the next step's start)
+        t1 = float(nxt[0]["ts"])
+        clipped = {k: [(max(s, t0), min(e, t1)) for s, e in v if e > t0 and s < t1] for k, v in lanes.items()}
+        return t0, t1, {k: _union(v) for k, v in clipped.items()}
     t1 = max([t1] + [e for _, e in spans])  # GPU work may finish after the host-side range closes
     return t0, t1, {k: _union(v) for k, v in lanes.items()}
 
@@ -218,6 +229,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--name", default=None, help="file stem (default: timeline_<model>_b<batch>)")
+    p.add_argument("--drain", action="store_true",
+                   help="profile one step followed by flush() (the optimizer's tail and the resident layers' copy "
+                        "back to the host) instead of one steady-state period between two steps' starts")
     args = p.parse_args(argv)
 
     import common
@@ -247,12 +261,18 @@ def main(argv: list[str]) -> int:
     engine.flush()
     common.synchronize(device)
 
-    step_name = "sf/profiled_step"
+    step_name, next_name = "sf/profiled_step", None if args.drain else "sf/next_step"
     with torch.profiler.profile(**_profiler_kwargs(device)) as prof:
         with torch.profiler.record_function(step_name):
             engine.train_step(batch)
-            engine.flush()
-            common.synchronize(device)
+            if args.drain:
+                engine.flush()
+                common.synchronize(device)
+        if next_name is not None:  # its start closes the profiled period; its own work is cut off
+            with torch.profiler.record_function(next_name):
+                engine.train_step(batch)
+    engine.flush()  # outside the profile: wait for the last updates before the engine is read or closed
+    common.synchronize(device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"timeline_{args.model}_b{args.batch_size}"
     if ctx is not None:
@@ -263,7 +283,7 @@ def main(argv: list[str]) -> int:
     with gzip.open(args.out_dir / f"{stem}.json.gz", "wt") as f:
         json.dump(trace, f)
     raw.unlink()
-    t0, t1, lanes = timeline(trace, step_name)
+    t0, t1, lanes = timeline(trace, step_name, next_name)
     summary = summarize(t0, t1, lanes)
     summary.update(
         model=args.model,
@@ -272,11 +292,14 @@ def main(argv: list[str]) -> int:
         device=str(device),
         engine_options=opts,
         window=args.window,
+        period="step + flush" if args.drain else "start of the step to start of the next",
         instrumented=wrapped,
         memory_report=engine.memory_report(),
     )
     title = (
-        f"slideformer, {args.model}, batch {args.batch_size} x {args.seq_len}: one step ({summary['window_ms']:.0f} ms)"
+        f"slideformer, {args.model}, batch {args.batch_size} x {args.seq_len}: "
+        + (f"one step + flush ({summary['window_ms']:.0f} ms)" if args.drain
+           else f"one steady-state step, start to next start ({summary['window_ms']:.0f} ms)")
     )
     drew = plot(t0, t1, lanes, title, args.out_dir / f"{stem}.png")
     (args.out_dir / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1, default=str))

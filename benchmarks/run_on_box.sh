@@ -141,10 +141,11 @@ for stage in "$@"; do
         --gpu-memory-gib 24 --engine-opt resident_layers=8 --name timeline_llama3.2-3b_b8_resident8 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
     profile_copy)
-      # Issue 3's timeline of the headline configuration: 3B b8, 24 GiB cap, planner's resident layers + BF16 copy.
+      # Issue 3's timeline of the headline configuration: 3B b8, 24 GiB cap, planner's residents + BF16 copy + Liger;
+      # one steady-state period (start of a step to the start of the next).
       timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
-        --name timeline_llama3.2-3b_b8_cap24_copy --out-dir "$OUT" > "$OUT/profile_copy.log" 2>&1; tail -20 "$OUT/profile_copy.log" ;;
+        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt kernels=liger \
+        --name timeline_llama3.2-3b_b8_cap24_copy_liger --out-dir "$OUT" > "$OUT/profile_copy.log" 2>&1; tail -20 "$OUT/profile_copy.log" ;;
     e2e8b)
       # A Llama-3.1-8B-shaped checkpoint through `slideformer train` (preset YAML) -> export -> transformers.
       (cd benchmarks && timeout 420 python3 e2e_cli.py --model llama3.1-8b --config ../configs/llama3_1_8b.yaml \
