@@ -1,5 +1,9 @@
 """One slideformer step under ``torch.profiler``: a Chrome trace and a PNG timeline of the overlap.
 
+The step is one steady-state period: three steps run under the profiler without a drain in between, and
+the window is the middle one's start to the third one's start (the previous step's optimizer tail that
+overlaps this forward is in it). ``--drain`` profiles one step followed by ``flush()`` instead.
+
     python benchmarks/profile_step.py --model llama3.2-3b --batch-size 4 --seq-len 1024 --out-dir DIR
 
 Writes ``DIR/<name>.json.gz`` (open it in https://ui.perfetto.dev or chrome://tracing),
