@@ -218,3 +218,38 @@ def test_masters_on_disk_are_planned_when_even_the_moments_layout_does_not_fit()
     assert "disk tier (all, /nvme/sf)" in tight.render()
     assert plan(32, host_copy="none").settings["offload"] == "moments"  # no BF16 copy: the masters stay in RAM
     assert plan(128, offload="all", host_copy="bf16").settings["offload"] == "all"
+
+
+def test_activation_checkpoints_on_disk_are_counted_in_space_and_traffic(tmp_path, capsys):
+    def plan(acts: bool, offload: str = "none", grad_accum: int = 1):
+        hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB, disk_free_bytes=500 * GIB)
+        eng = EngineConfig(device="cuda", offload=offload, offload_dir="/nvme/sf", offload_activations=acts)
+        return make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=grad_accum, clipping=False,
+                         engine=eng, hardware=hw)
+
+    off, on = plan(False), plan(True)
+    act_file = 31 * 8 * 1024 * 4096 * 2  # every layer input but the last, BF16, of one micro-batch: 1.94 GiB
+    assert on.disk["offload: activation checkpoints (one micro-batch)"] == act_file
+    assert on.offload_bytes == act_file and off.offload_bytes == 0
+    # Pinned: a 4-layer ring instead of all 31 inputs.
+    assert off.pinned["activation checkpoints"] == 31 * 8 * 1024 * 4096 * 2
+    assert on.pinned["activation checkpoints"] == 4 * 8 * 1024 * 4096 * 2
+    hw = on.hardware
+    per_mb = act_file / (hw.disk_read_gbs * 1e9) + act_file / (hw.disk_write_gbs * 1e9)
+    assert "disk" not in off.step_seconds and on.step_seconds["disk"] == pytest.approx(per_mb)
+    assert plan(True, grad_accum=3).step_seconds["disk"] == pytest.approx(3 * per_mb)  # each micro-batch
+    # With the moments on disk too, the traffic adds up on the one disk.
+    both, moments = plan(True, offload="moments"), plan(False, offload="moments")
+    assert both.step_seconds["disk"] == pytest.approx(moments.step_seconds["disk"] + per_mb)
+    assert both.offload_bytes == moments.offload_bytes + act_file
+    assert "disk tier (none + activations, /nvme/sf)" in on.render()
+    assert any("offload_activations" in n for n in on.notes)
+    # The command line turns it on.
+    model = tmp_path / "m"
+    model.mkdir()
+    _llama8b().to_json_file(str(model / "config.json"))
+    assert main(["plan", "--model", str(model), "--gpu-memory-gib", "80", "--host-memory-gib", "125",
+                 "--offload-dir", str(tmp_path), "--offload-activations", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["offload_activations"] is True
+    assert out["disk"]["offload: activation checkpoints (one micro-batch)"] > 0

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--host-copy", choices=["none", "bf16", "auto"],
                     help="pinned BF16 upload copy written by the CPU AdamW (default: engine.host_copy)")
     pl.add_argument("--offload-dir", help="directory of the disk tier (default: engine.offload_dir)")
+    pl.add_argument("--offload-activations", action="store_true",
+                    help="activation checkpoints in a file under the offload directory (default: "
+                    "engine.offload_activations)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     ex = sub.add_parser(

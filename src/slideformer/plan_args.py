@@ -59,6 +59,8 @@ def plan_from_args(ns: argparse.Namespace) -> Plan:
         overrides["offload_dir"] = ns.offload_dir
     if getattr(ns, "host_copy", None) is not None:
         overrides["host_copy"] = ns.host_copy
+    if getattr(ns, "offload_activations", False):
+        overrides["offload_activations"] = True
     engine = EngineConfig(**{**asdict(engine), **overrides})
     clip = ns.max_grad_norm if ns.max_grad_norm is not None else cfg.optim.max_grad_norm
     hw = Hardware(

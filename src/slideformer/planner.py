@@ -137,7 +137,9 @@ class Plan:
         if self.offload_bytes:
             free = self.hardware.disk_free_bytes
             lines.append(
-                f"disk tier ({self.settings['offload']}, {self.settings['offload_dir']}): "
+                f"disk tier ({self.settings['offload']}"
+                f"{' + activations' if self.settings.get('offload_activations') else ''}, "
+                f"{self.settings['offload_dir']}): "
                 f"{self.offload_bytes / GIB:,.2f} GiB of "
                 + (f"{free / GIB:,.1f} GiB free -> {'fits' if self.offload_bytes <= free else 'DOES NOT FIT'}"
                    if free is not None else "unknown free space")
@@ -311,6 +313,11 @@ def make_plan(
         disk["offload: AdamW moments (8 B/param)"] = 8 * n
     if offload == "all":
         disk["offload: decoder layers' FP32 masters (4 B/param)"] = 4 * params["decoder_layers"]
+    # engine.offload_activations: every layer input but the last, of the largest micro-batch, in one file
+    # (memory/activations_disk.py), written in forward and read back in backward, per micro-batch.
+    act_file = max(len(layers) - 1, 0) * tokens * hidden * elt
+    if engine.offload_activations:
+        disk["offload: activation checkpoints (one micro-batch)"] = act_file
 
     step_tokens = tokens * grad_accum
     compute = (
@@ -346,10 +353,11 @@ def make_plan(
     else:
         phases = fwd + max(bwd, adam - tail) + tail
     times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
-    if offload in ("moments", "all"):
-        # Every step reads and writes every unit's moments (and, 'all', the layers' masters) once (one disk:
-        # the two directions add up).
-        moved = 8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)
+    # Every step reads and writes every unit's moments (and, 'all', the layers' masters) once, and each
+    # micro-batch writes its activation checkpoints and reads them back (one disk: the directions add up).
+    moved = 8 * n + (4 * params["decoder_layers"] if offload == "all" else 0) if offload in ("moments", "all") else 0
+    moved += act_file * grad_accum if engine.offload_activations else 0
+    if moved:
         times["disk"] = moved / (hardware.disk_read_gbs * 1e9) + moved / (hardware.disk_write_gbs * 1e9)
     times["step"] = max(phases, *times.values())
     notes = [auto_note] if auto_note else []
@@ -362,6 +370,10 @@ def make_plan(
         )
     if offload in ("moments", "all") and not engine.offload_dir:
         notes.append("the moments go to disk: set engine.offload_dir (a directory on a local NVMe disk)")
+    if engine.offload_activations:
+        notes.append(f"engine.offload_activations: {act_file / 2**30:.2f} GiB of layer inputs per micro-batch go "
+                     f"to a file in engine.offload_dir and come back in backward (pinned: a "
+                     f"{checkpoint_layers(engine, len(layers))}-layer ring)")
     if offload == "all":
         notes.append("engine.offload=all: the decoder layers' FP32 masters live on disk with their moments; "
                      "uploads read the pinned BF16 copy" + ("" if bf16 else
@@ -388,5 +400,6 @@ def make_plan(
         "offload": offload,
         "offload_dir": engine.offload_dir,
         "host_copy": "bf16" if host_copy else "none",
+        "offload_activations": engine.offload_activations,
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes)
