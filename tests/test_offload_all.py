@@ -8,6 +8,9 @@
 * Readers of the masters outside the optimizer: ``state_dict``/``load_state_dict`` and ``train.checkpoint``
   between an 'all' engine and an in-RAM one (both ways) continue bitwise; the train loop resumed through the
   files matches a straight run in RAM; ``hf_model`` is the trained model; the upload copies are the masters.
+* Start-up (``from_config``/``from_pretrained``) writes each layer's master to disk as soon as it is filled:
+  one layer's FP32 master in RAM at a time, the same weights as in RAM; a start-up that fails midway leaves
+  no files.
 * Accounting and configuration: ``memory_report`` drops the layers' masters; 'auto' picks 'all' only when the
   moments-only layout does not fit and a BF16 copy is possible; invalid combinations are ConfigErrors; the
   planner shows the tier.
@@ -178,3 +181,71 @@ def test_auto_picks_all_only_when_the_moments_layout_does_not_fit() -> None:
     got = engine_host_bytes(1000, [300, 300], 400, eng, False, 2, offload="all", largest_unit=400)
     assert got["embedding + head masters (4 B/param; the rest on disk)"] == 4 * 400
     assert got["BF16 upload copies (2 B/param, pinned)"] == 2 * 1000
+
+
+@pytest.mark.parametrize("init", ["random", "load"])
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_start_up_writes_each_layer_master_as_it_is_filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           init: str, family: str) -> None:
+    """``from_config`` / ``from_pretrained`` with 'all' never hold every layer's FP32 master at once: each
+    layer's master goes to disk once its initial weights are complete; the result trains bitwise like the
+    same start in RAM."""
+    from slideformer import Engine, OptimConfig
+    from slideformer.memory.offload import OffloadedMoments
+
+    cfg = tiny_config(family, layers=4)
+    model_dir = tmp_path / "model"
+    if init == "load":
+        make_model(cfg, seed=7).save_pretrained(str(model_dir), max_shard_size="100KB")  # several shards
+
+    def build(**kw: object) -> Engine:
+        ecfg = EngineConfig(device="cpu", loss_chunk_tokens=16, chunk_mib=1 / 64, **BF16, **kw)
+        ocfg = OptimConfig(lr=1e-3, weight_decay=0.1)
+        return (Engine.from_config(cfg, ecfg, ocfg, seed=3) if init == "random"
+                else Engine.from_pretrained(str(model_dir), ecfg, ocfg))
+
+    ram = build()
+    ram_state, ram_losses = _state(ram), _train(ram, cfg.vocab_size, 2, 1)
+    ram_trained = _state(ram)
+    ram.close()
+
+    live: list[int] = []  # layer masters in RAM each time one goes to disk
+    store = OffloadedMoments.store_master
+
+    def spy(self: OffloadedMoments, u, *args, **kwargs):
+        live.append(sum(1 for v in self.units[1:-1] if v.flat is not None and not v.master_on_disk))
+        return store(self, u, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadedMoments, "store_master", spy)
+    off = build(offload="all", offload_dir=str(tmp_path / "off"), host_copy="bf16")
+    try:
+        _check_layout(off)
+        assert len(live) == 4 and max(live) == 1  # one layer at a time, never the whole model
+        _assert_equal_states(_state(off), ram_state)
+        assert _train(off, cfg.vocab_size, 2, 1) == ram_losses
+        _assert_equal_states(_state(off), ram_trained)
+    finally:
+        off.close()
+    assert not (tmp_path / "off").exists()
+
+
+def test_a_start_up_that_fails_midway_leaves_no_offload_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slideformer import Engine, OptimConfig
+    from slideformer.errors import ModelPathError
+    from slideformer.memory.offload import OffloadedMoments
+
+    cfg = tiny_config("llama", layers=4)
+    model_dir = tmp_path / "model"
+    make_model(cfg, seed=7).save_pretrained(str(model_dir), max_shard_size="100KB")
+    shards = sorted(model_dir.glob("model-*.safetensors"))
+    shards[-1].write_bytes(shards[-1].read_bytes()[:100])  # the last shard is damaged
+    stored: list[str] = []
+    store = OffloadedMoments.store_master
+    monkeypatch.setattr(OffloadedMoments, "store_master",
+                        lambda self, u, *a, **k: (stored.append(u.name), store(self, u, *a, **k))[1])
+    ecfg = EngineConfig(device="cpu", loss_chunk_tokens=16, chunk_mib=1 / 64, offload="all", host_copy="bf16",
+                        offload_dir=str(tmp_path / "off"), **BF16)
+    with pytest.raises(ModelPathError, match="truncated or corrupted shard"):
+        Engine.from_pretrained(str(model_dir), ecfg, OptimConfig())
+    assert stored  # layers had gone to disk before the damaged shard was reached
+    assert not (tmp_path / "off").exists()  # and their files were removed with the directory

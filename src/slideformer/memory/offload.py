@@ -238,27 +238,33 @@ class OffloadedMoments:
 
     def store_masters(self, placeholder: torch.Tensor, timeout: float | None = None,
                       before: Callable[[HostUnit], object] | None = None) -> None:
-        """Write the host master of every unit in ``masters`` to its file, piece by piece through a ring buffer,
-        then free it (``HostUnit.release_master``), after ``before(unit)`` (which builds its upload copy from
-        it). Runs once, before the first update (the ring is idle)."""
+        """Write the host master of every unit in ``masters`` not yet on disk to its file (``store_master``)."""
+        for u in self.units:
+            if u.index in self.masters and not u.master_on_disk:
+                self.store_master(u, placeholder, timeout, before)
+
+    def store_master(self, u: HostUnit, placeholder: torch.Tensor, timeout: float | None = None,
+                     before: Callable[[HostUnit], object] | None = None) -> None:
+        """Write ``u``'s host master to its file, piece by piece through a ring buffer, then free it
+        (``HostUnit.release_master``), after ``before(u)`` (which builds its upload copy from it). Only
+        before the first update (the ring is idle): at start-up, as each unit's initial weights are complete."""
+        if u.index not in self.masters:
+            raise SlideformerError(f"offload: {u.name} keeps its master in RAM")
         with self._lock:
             if any(s.bound or s.key is not None for s in self.slots):
-                raise SlideformerError("offload: store_masters() after the ring was used")
+                raise SlideformerError("offload: store_master() after the ring was used")
         buf = self.slots[0].buf
-        for u in self.units:
-            if u.index not in self.masters:
-                continue
-            if before is not None:
-                before(u)
-            master = u.master
-            for p in range(-(-u.numel // self.piece)):
-                lo = p * self.piece
-                n = min(self.piece, u.numel - lo)
-                buf.view(torch.float32, n).copy_(master[lo:lo + n])
-                at = 2 * round_up(4 * u.numel) + 4 * lo
-                # The buffer is refilled for the next piece: this write must have read it first.
-                self.store.write(key_of(u), buf, 4 * n, offset=at).result(timeout)
-            u.release_master(placeholder)
+        if before is not None:
+            before(u)
+        master = u.master
+        for p in range(-(-u.numel // self.piece)):
+            lo = p * self.piece
+            n = min(self.piece, u.numel - lo)
+            buf.view(torch.float32, n).copy_(master[lo:lo + n])
+            at = 2 * round_up(4 * u.numel) + 4 * lo
+            # The buffer is refilled for the next piece: this write must have read it first.
+            self.store.write(key_of(u), buf, 4 * n, offset=at).result(timeout)
+        u.release_master(placeholder)
 
     def host_bytes(self) -> int:
         return sum(s.buf.nbytes for s in self.slots)

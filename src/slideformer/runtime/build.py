@@ -2,7 +2,8 @@
 
 Owns what ``Engine.__init__`` does before the device window exists: splitting the model's parameters
 into units, choosing where the moments live and checking the host-RAM budget (planner terms), filling the
-FP32 masters (copy, streamed load or random init; sharded afterwards for data-parallel runs), the
+FP32 masters (copy, streamed load or random init; one unit at a time where each is then sharded, for
+data-parallel runs, or written to the disk tier, ``offload='all'``), the
 resident-layer count for ``resident_layers=-1``, and page-locking the masters that uploads read.
 Invariant: nothing here allocates on the device; every host buffer it page-locks is unregistered by
 ``unregister_all`` (a finalizer set here, or ``Engine.close``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -85,9 +87,19 @@ def check_host_memory(e: Engine) -> str:
     return mode
 
 
+def chunk_elems(e: Engine) -> int:
+    """Elements of the compute dtype per transfer chunk (``engine.chunk_mib``)."""
+    return max(1, int(e.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=e.dtype).element_size())
+
+
 def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
     if e.dist is not None and init in ("random", "load"):
-        _init_sharded(e, model, init, weights)
+        _init_streamed(e, model, init, weights, lambda u: u.allocate(with_grad_acc=False, master_only=True),
+                       e.dist.shard_unit)
+        e.dist.sharding_done(e.units, e.cfg)
+        return
+    if e.offload_mode == "all" and init in ("random", "load"):
+        _init_masters_to_disk(e, model, init, weights)
         return
     for u in e.units:
         if e.dist is None:  # (offload 'all': the masters go to disk once initialised, Engine._setup_device)
@@ -114,24 +126,45 @@ def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
         e.dist.shard_units(e.units, e.cfg)
 
 
-def _init_sharded(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
-    """Data-parallel: fill and shard one unit at a time, so a rank never holds the whole FP32 model.
+def _init_masters_to_disk(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
+    """``engine.offload='all'``: each decoder layer's master goes to its offload file (after its BF16 upload
+    copy is built from it) as soon as its initial weights are complete, so start-up holds the embedding and
+    head masters plus the layers being filled, never the whole FP32 model (4 B/param)."""
+    from slideformer.memory.host_state import attach_upload_copies
+    from slideformer.memory.offload import open_offload
 
-    A unit's full master (4 B/param) exists from its first write to its last; then this rank keeps its
-    shard. Random init visits the model's modules in the single-process order (the same RNG draws, so
-    N ranks start from the same weights as one process); loading shards a unit once all its tensors are
-    in, whatever the shard order.
+    ops = e.ops
+    to_disk = frozenset(u.index for u in e.units[1:-1])  # the disk tier keeps no layer resident
+    e.offload = open_offload(e.cfg, e.units, e.device, chunk_elems(e), to_disk)
+    # The copies are page-locked as they are made: unregistered by close() even if start-up fails midway.
+    e._release_copies = weakref.finalize(e, unregister_all, ops, ops.exact_pinned)
+    placeholder = torch.zeros(1)
+
+    def done(u: HostUnit) -> None:
+        if u.index in to_disk:
+            e.offload.store_master(u, placeholder, e.cfg.watchdog_s,
+                                   lambda v: attach_upload_copies([v], ops.host_empty_exact, e.dtype))
+
+    _init_streamed(e, model, init, weights, lambda u: u.allocate(with_grad_acc=False, moments_on_disk=True), done)
+
+
+def _init_streamed(e: Engine, model: nn.Module, init: str, weights: Any, allocate: Callable[[HostUnit], None],
+                   done: Callable[[HostUnit], None]) -> None:
+    """Fill one unit at a time: ``allocate(unit)`` when its first tensor is due, ``done(unit)`` after its last
+    (data-parallel: keep this rank's shard; ``offload='all'``: write a layer's master to disk).
+
+    A unit's full master (4 B/param) exists from its first write to ``done``. Random init visits the model's
+    modules in the single-process order (the same RNG draws, so the result equals filling every unit first);
+    loading finishes a unit once all its tensors are in, whatever the shard order.
     """
-    dist = e.dist
-
     def open_unit(u: HostUnit) -> None:
-        if u.flat is None:
-            u.allocate(with_grad_acc=False, master_only=True)
+        if u.flat is None and not u.master_on_disk:
+            allocate(u)
             materialize_meta(e, model, [u])
             u.point_params_to_master()
 
     if init == "load":
-        weights.load_into(e.units, prepare=open_unit, done=dist.shard_unit)
+        weights.load_into(e.units, prepare=open_unit, done=done)
     else:
         from slideformer.models.loading import init_modules
 
@@ -147,7 +180,7 @@ def _init_sharded(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
         for u in closes_at.pop(-1, []):  # no initialiser touches it: zero-filled
             open_unit(u)
             u.master.zero_()
-            dist.shard_unit(u)
+            done(u)
         init_fn = model._init_weights
         with torch.no_grad():
             for k, m in enumerate(mods):
@@ -155,8 +188,7 @@ def _init_sharded(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
                     open_unit(u)
                 init_fn(m)
                 for u in closes_at.get(k, []):
-                    dist.shard_unit(u)
-    dist.sharding_done(e.units, e.cfg)
+                    done(u)
 
 
 def materialize_meta(e: Engine, model: nn.Module, units: list[HostUnit] | None = None) -> None:

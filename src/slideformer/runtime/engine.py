@@ -142,7 +142,7 @@ class Engine:
         self.num_layers = len(p.layers)
         self.hidden = int(p.embed.weight.shape[1])
         self.vocab = int(p.embed.weight.shape[0])
-        chunk = max(1, int(self.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=self.dtype).element_size())
+        chunk = build.chunk_elems(self)
         count = self.cfg.resident_layers if self.cfg.resident_layers >= 0 else build.resident_auto(self)
         if self.offload_mode != "none" and count > 0:  # -1 with the disk tier: resident layers cannot be used
             logger.info("engine.resident_layers=-1: 0 (the disk tier, engine.offload=%s, keeps no state on the "
@@ -162,12 +162,14 @@ class Engine:
         self.adam = FlatAdamW(self.optim_cfg)
         to_disk = streamed if self.offload_mode == "all" else []
         if self.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
-            self._release_copies = weakref.finalize(self, build.unregister_all, ops, ops.exact_pinned)
+            if getattr(self, "_release_copies", None) is None:  # (set already where start-up made layer copies)
+                self._release_copies = weakref.finalize(self, build.unregister_all, ops, ops.exact_pinned)
             attach_upload_copies([s.unit for s in self.head_segments] + [u for u in streamed if u not in to_disk],
                                  ops.host_empty_exact, self.dtype)
         if self.offload_mode in ("moments", "all"):
-            self.offload = open_offload(self.cfg, self.units, self.device, chunk,
-                                        frozenset(u.index for u in to_disk), len(self.resident_idx))
+            if self.offload is None:  # (opened already where start-up wrote each layer's master as it was filled)
+                self.offload = open_offload(self.cfg, self.units, self.device, chunk,
+                                            frozenset(u.index for u in to_disk), len(self.resident_idx))
             # 'all': each streamed layer gets its upload copy, then its master goes to disk and its RAM is freed,
             # one layer after the other (the copies grow as the masters shrink), all before page-locking.
             self.offload.store_masters(torch.zeros(1), self.cfg.watchdog_s,
