@@ -10,6 +10,9 @@ Per micro-batch, in program order: plan every slot use (which queues the uploads
 The deferred schedule then queues the global-norm computation and every unit's update, which run
 while the next step's forward starts (each upload waits only for its own unit's update).
 
+Planning the forward's slot uses, waiting for uploads, binding slot views and failing a failed step's
+releases are the runner's base, ``SlotUses`` (``runtime/slot_uses.py``).
+
 Invariant: the main thread only issues device work and waits on futures/events it was handed; it
 never waits for the device to drain (the loss read at the end waits for the compute stream only).
 """
@@ -17,28 +20,26 @@ never waits for the device to drain (the loss read at the end waits for the comp
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, InvalidStateError
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slideformer.errors import WorkerError
 from slideformer.kernels.reference import linear_cross_entropy
 from slideformer.memory.host_state import HostUnit
 from slideformer.models import run_layer
 from slideformer.optim.adamw import UpdateSpec
 from slideformer.runtime.batch import MicroBatch
 from slideformer.runtime.device import add_squared_norm
+from slideformer.runtime.slot_uses import SlotUses
 from slideformer.runtime.transfer import Accumulate, Update
-from slideformer.runtime.watchdog import stall_report
 from slideformer.runtime.window import Segment, Slot, Use, plan_use
 
 if TYPE_CHECKING:
     from slideformer.runtime.engine import Engine
 
 
-class StepRunner:
+class StepRunner(SlotUses):
     """Runs training steps for an ``Engine`` (holds no state of its own beyond per-step plans)."""
 
     def __init__(self, engine: Engine) -> None:
@@ -83,37 +84,6 @@ class StepRunner:
         self.head_w = engine.vocab_slot.weight[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
         self.head_gw = engine.vocab_slot.grad[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
 
-    # -- waiting -----------------------------------------------------------------------------------
-    def wait(self, fut: Future | None, what: str) -> Any:
-        """Wait for a worker's future; its exception surfaces here with the original chained.
-
-        A wait longer than ``EngineConfig.watchdog_s`` fails with a report instead of hanging.
-        """
-        if fut is None:
-            return None
-        try:
-            return fut.result(timeout=self.e.cfg.watchdog_s)
-        except FutureTimeout:
-            raise WorkerError(stall_report(what, self.e.cfg.watchdog_s, self.e.drain.last_progress)) from None
-        except BaseException as exc:
-            raise WorkerError(f"{what} failed in a worker thread: {type(exc).__name__}: {exc}") from exc
-
-    def _begin(self, use: Use, backward: bool, what: str) -> None:
-        cs = self.ops.compute_stream()
-        # Compute must not read the slot before its upload has landed.
-        self.ops.wait(cs, self.wait(use.upload, f"upload for {what}"))
-        if backward:
-            for r in use.earlier_releases:
-                # A backward writes the slot's gradient buffer: earlier downloads from it must be done.
-                self.ops.wait(cs, self.wait(r, f"gradient download before {what}"))
-
-    # -- planning ----------------------------------------------------------------------------------
-    def _submit_upload(self, worker: Any) -> Any:
-        def submit(slot: Slot, segments: list[Segment], waits: list[Future]) -> Future:
-            updates = [s.unit.update_future for s in segments]
-            return worker.submit(worker.upload, slot, segments, updates, waits)
-        return submit
-
     def _schedule_update(self, unit: HostUnit, lr: float) -> UpdateSpec:
         unit.step += 1
         unit.version += 1
@@ -135,17 +105,6 @@ class StepRunner:
         except BaseException as exc:
             self.abort(exc)
             raise
-
-    def abort(self, exc: BaseException) -> None:
-        """Fail the release futures the failed step (or evaluation) still owned, so the upload workers waiting
-        for them stop (the engine is marked failed; close() then finds no worker blocked)."""
-        for f in self.open_releases.values():
-            if not f.done():
-                try:
-                    f.set_exception(WorkerError(f"the step failed on the main thread: {exc}"))
-                except InvalidStateError:
-                    pass  # set meanwhile by its owner
-        self.open_releases.clear()
 
     def _step(self, mbs: list[MicroBatch], deferred: bool, lr: float) -> tuple[float, Future, bool]:
         e = self.e
@@ -225,38 +184,6 @@ class StepRunner:
         if updates:
             for u in units:
                 u.update_future = futures[u.index]
-
-    def _plan_forward(self, mb: MicroBatch) -> tuple[Future | Use, Future, dict[int, Use], Use]:
-        """Queue the embedding gather and plan the forward's slot uses and the head (queues uploads).
-
-        The embedding rows come from the host master (a gather of this batch's rows), or, when the
-        embedding unit is sharded (data-parallel), from the whole matrix uploaded and all-gathered into the
-        vocabulary slot (a use of that slot planned ahead of the head's).
-        """
-        e = self.e
-        u0 = e.units[0]
-        x0_waits, self.x0_releases = self.x0_releases, []
-        up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
-        x0_src: Future | Use
-        if u0.sharded:
-            cs = self.ops.compute_stream()
-            for fut in x0_waits:
-                # Set when the previous micro-batch finished with x0 (already resolved by now).
-                done = self.wait(fut, "the previous micro-batch's use of the embedding rows")
-                for ev in done if isinstance(done, list) else [done]:
-                    self.ops.wait(cs, ev)  # its compute and checkpoint copies read x0_dev: they come first
-            x0_src = plan_use(e.vocab_slot, [Segment(u0, 0)], True, up_vocab)
-        else:
-            x0_src = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
-                                       e.x0_stage, u0.update_future, x0_waits)
-        x0_release: Future = Future()
-        self.x0_releases.append(x0_release)
-        fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)
-               for j in range(e.num_layers) if j in self.layer_slot}
-        head = plan_use(e.vocab_slot, e.head_segments, True, up_vocab)
-        for f in (x0_release, head.release, *(u.release for u in fwd.values())):
-            self.open_releases[id(f)] = f
-        return x0_src, x0_release, fwd, head
 
     def _embed(self, mb: MicroBatch, x0_src: Future | Use, grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
         """The gathered embedding rows on the device, and the preamble: (x0, first layer input, layer calls)."""
@@ -430,12 +357,3 @@ class StepRunner:
                     grads: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
         by_param = {id(q): g for q, g in zip(norm_params, grads)}
         return [by_param.get(id(s.param)) for s in uh.params]
-
-    @staticmethod
-    def _bind(unit: HostUnit, views: list[torch.Tensor]) -> None:
-        for spec, view in zip(unit.params, views):
-            spec.param.data = view
-
-    def _bind_segments(self, segments: list[Segment], views: list[list[torch.Tensor]]) -> None:
-        for seg, v in zip(segments, views):
-            self._bind(seg.unit, v)
