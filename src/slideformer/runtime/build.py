@@ -102,7 +102,7 @@ def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
         _init_masters_to_disk(e, model, init, weights)
         return
     for u in e.units:
-        if e.dist is None:  # (offload 'all': the masters go to disk once initialised, Engine._setup_device)
+        if e.dist is None:  # (offload 'all': the masters go to disk once initialised, window_setup.setup_device)
             u.allocate(with_grad_acc=False, moments_on_disk=e.offload_mode in ("moments", "all"))
         else:  # data-parallel: the full FP32 master only (4 B/param) while initialising, sharded below
             u.allocate(with_grad_acc=False, master_only=True)

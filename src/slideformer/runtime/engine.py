@@ -1,7 +1,8 @@
 """The engine: public API over the host state, the device window and the step schedule.
 
 ``Engine`` owns the model split (adapter), the host units, the device slots, the worker threads and
-the activation store; ``runtime.step.StepRunner`` runs one training step over them.
+the activation store (built by ``runtime.build`` and ``runtime.window_setup``); ``runtime.step.StepRunner``
+runs one training step over them.
 
 Invariant: after construction the HF parameters alias host FP32 master weights or device slot views (or,
 for the layers whose masters are on disk, ``engine.offload='all'``, a zero-byte placeholder); ``flush()``
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +31,15 @@ from torch import nn
 from slideformer.config import EngineConfig, OptimConfig
 from slideformer.errors import ConfigError, DeviceMemoryError, SlideformerError, WorkerError
 from slideformer.memory.activations import ActivationStore
-from slideformer.memory.activations_disk import DiskActivationStore, open_activation_store
-from slideformer.memory.host_state import attach_upload_copies
-from slideformer.memory.offload import OffloadedMoments, open_offload
+from slideformer.memory.activations_disk import DiskActivationStore
+from slideformer.memory.offload import OffloadedMoments
 from slideformer.models import get_adapter
-from slideformer.optim.adamw import FlatAdamW
-from slideformer.runtime import build, engine_state
+from slideformer.runtime import build, engine_state, window_setup
 from slideformer.runtime.batch import prepare_batch
 from slideformer.runtime.device import DeviceOps
-from slideformer.runtime.grad_pipeline import GradPipeline
-from slideformer.runtime.resident import ResidentLayers, pick_resident
-from slideformer.runtime.transfer import Uploader
-from slideformer.runtime.window import Segment, SlotPool
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class StepResult:
@@ -70,6 +65,9 @@ class StepResult:
 
 class Engine:
     """Full-parameter training of an HF causal LM through a sliding window of device slots."""
+
+    acts: ActivationStore | DiskActivationStore
+    """Layer inputs kept for backward (host RAM, or a file with ``offload_activations``); ``window_setup``."""
 
     def __init__(self, model: nn.Module, engine: EngineConfig | None = None, optim: OptimConfig | None = None,
                  *, init: str = "copy", weights: Any = None, dist: Any = None) -> None:
@@ -100,7 +98,7 @@ class Engine:
         self.offload_mode = build.check_host_memory(self)
         try:
             build.init_weights(self, model, init, weights)
-            self._setup_device()
+            window_setup.setup_device(self)
         except BaseException:
             self.close()
             raise
@@ -133,75 +131,6 @@ class Engine:
         patched = liger.apply(model, self.model_type)
         logger.info("engine.kernels=%s: Liger kernels on %d modules", self.cfg.kernels, len(patched))
         return patched
-
-    def _setup_device(self) -> None:
-        p, ops = self.parts, self.ops
-        from slideformer.models.loading import buffers_on
-
-        buffers_on(p, self.device)
-        self.num_layers = len(p.layers)
-        self.hidden = int(p.embed.weight.shape[1])
-        self.vocab = int(p.embed.weight.shape[0])
-        chunk = build.chunk_elems(self)
-        count = self.cfg.resident_layers if self.cfg.resident_layers >= 0 else build.resident_auto(self)
-        if self.offload_mode != "none" and count > 0:  # -1 with the disk tier: resident layers cannot be used
-            logger.info("engine.resident_layers=-1: 0 (the disk tier, engine.offload=%s, keeps no state on the "
-                        "device)", self.offload_mode)
-            count = 0
-        self.resident_idx = pick_resident(self.num_layers, count, self.cfg.resident_placement)
-        streamed = [u for j, u in enumerate(self.units[1:-1]) if j not in set(self.resident_idx)]
-        self.resident = (ResidentLayers(ops, [self.units[j + 1] for j in self.resident_idx], self.dtype,
-                                        self.optim_cfg) if self.resident_idx else None)
-        depth = min(self.cfg.window, len(streamed))
-        # Slots hold a unit's padded layout (= numel unless data-parallel sharding pads it).
-        self.layer_pool = SlotPool(ops, depth, max((u.padded for u in streamed), default=0), self.dtype)
-        u0, uh = self.units[0], self.units[-1]
-        self.head_segments = [Segment(u0, 0), Segment(uh, u0.padded)] if p.tied else [Segment(uh, 0)]
-        vocab_numel = max(sum(s.unit.padded for s in self.head_segments), u0.padded)
-        self.vocab_slot = SlotPool(ops, 1, vocab_numel, self.dtype).slots[0]
-        self.adam = FlatAdamW(self.optim_cfg)
-        to_disk = streamed if self.offload_mode == "all" else []
-        if self.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
-            if getattr(self, "_release_copies", None) is None:  # (set already where start-up made layer copies)
-                self._release_copies = weakref.finalize(self, build.unregister_all, ops, ops.exact_pinned)
-            attach_upload_copies([s.unit for s in self.head_segments] + [u for u in streamed if u not in to_disk],
-                                 ops.host_empty_exact, self.dtype)
-        if self.offload_mode in ("moments", "all"):
-            if self.offload is None:  # (opened already where start-up wrote each layer's master as it was filled)
-                self.offload = open_offload(self.cfg, self.units, self.device, chunk,
-                                            frozenset(u.index for u in to_disk), len(self.resident_idx))
-            # 'all': each streamed layer gets its upload copy, then its master goes to disk and its RAM is freed,
-            # one layer after the other (the copies grow as the masters shrink), all before page-locking.
-            self.offload.store_masters(torch.zeros(1), self.cfg.watchdog_s,
-                                       lambda u: attach_upload_copies([u], ops.host_empty_exact, self.dtype))
-        self.layer_up = Uploader(ops, "sf-upload", chunk, self.cfg.staging_chunks, self.dtype)
-        self.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, self.dtype)
-        if build.register_masters(self):
-            self.layer_up.enable_device_cast()
-            self.vocab_up.enable_device_cast()
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        pool = (max(self.cfg.staging_chunks, self.cfg.grad_park_mib * 2**20 // (chunk * elem)) if ops.is_cuda
-                else 2 * self.cfg.staging_chunks)
-        if self.dist is None:
-            self.drain = GradPipeline(ops, chunk, pool, self.dtype, self.adam, self.offload)
-        else:
-            self.drain = self.dist.grad_pipeline(ops, chunk, pool, self.dtype, self.adam)
-            self.dist.attach_uploaders(self.layer_up, self.vocab_up)
-        self.acts: ActivationStore | DiskActivationStore
-        if self.cfg.offload_activations:  # checkpoints on disk, in the moments' store when that tier is on
-            self.acts = open_activation_store(self.cfg, ops, self.num_layers, self.hidden, self.dtype,
-                                              self.offload.store if self.offload is not None else None, self.dist)
-        else:
-            self.acts = ActivationStore(ops, self.num_layers, self.hidden, self.dtype)
-        self.x0_capacity = 0
-        threads = self.cfg.optimizer_threads or (self.dist.cpu_threads() if self.dist is not None else 0)
-        if threads > 0:
-            torch.set_num_threads(threads)  # the C++ AdamW and the torch fallback both size to this pool
-        if self.cfg.max_tokens_per_micro_batch:
-            self.ensure_capacity(self.cfg.max_tokens_per_micro_batch)
-        from slideformer.runtime.step import StepRunner
-
-        self.runner = StepRunner(self)
 
     def ensure_capacity(self, tokens: int) -> None:
         """Size activation and embedding buffers for micro-batches of ``tokens`` tokens."""

@@ -1,0 +1,101 @@
+"""The device window and the workers around an engine's initialised host units.
+
+Owns what ``Engine`` builds once its FP32 masters are filled: the resident layers (their count resolved,
+``resident_layers=-1``), the layer slots and the vocabulary slot, the BF16 upload copies and the disk tier's
+store (moments, and ``offload='all'`` masters not yet written at start-up), the upload and gradient workers,
+the activation store, the optimizer's thread count, and the step runner. Invariant: it runs once per engine,
+after ``build.init_weights`` and before the first step; every page-locked buffer it makes is released by
+``Engine.close`` (a finalizer where it is made).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+from slideformer.memory.activations import ActivationStore
+from slideformer.memory.activations_disk import open_activation_store
+from slideformer.memory.host_state import attach_upload_copies
+from slideformer.memory.offload import open_offload
+from slideformer.models.loading import buffers_on
+from slideformer.optim.adamw import FlatAdamW
+from slideformer.runtime import build
+from slideformer.runtime.grad_pipeline import GradPipeline
+from slideformer.runtime.resident import ResidentLayers, pick_resident
+from slideformer.runtime.step import StepRunner
+from slideformer.runtime.transfer import Uploader
+from slideformer.runtime.window import Segment, SlotPool
+
+if TYPE_CHECKING:
+    from slideformer.runtime.engine import Engine
+
+logger = logging.getLogger("slideformer.runtime.engine")
+
+
+def setup_device(e: Engine) -> None:
+    """Build ``e``'s device window, workers and step runner (see the module docstring)."""
+    p, ops = e.parts, e.ops
+    buffers_on(p, e.device)
+    e.num_layers = len(p.layers)
+    e.hidden = int(p.embed.weight.shape[1])
+    e.vocab = int(p.embed.weight.shape[0])
+    chunk = build.chunk_elems(e)
+    count = e.cfg.resident_layers if e.cfg.resident_layers >= 0 else build.resident_auto(e)
+    if e.offload_mode != "none" and count > 0:  # -1 with the disk tier: resident layers cannot be used
+        logger.info("engine.resident_layers=-1: 0 (the disk tier, engine.offload=%s, keeps no state on the "
+                    "device)", e.offload_mode)
+        count = 0
+    e.resident_idx = pick_resident(e.num_layers, count, e.cfg.resident_placement)
+    streamed = [u for j, u in enumerate(e.units[1:-1]) if j not in set(e.resident_idx)]
+    e.resident = (ResidentLayers(ops, [e.units[j + 1] for j in e.resident_idx], e.dtype, e.optim_cfg)
+                  if e.resident_idx else None)
+    depth = min(e.cfg.window, len(streamed))
+    # Slots hold a unit's padded layout (= numel unless data-parallel sharding pads it).
+    e.layer_pool = SlotPool(ops, depth, max((u.padded for u in streamed), default=0), e.dtype)
+    u0, uh = e.units[0], e.units[-1]
+    e.head_segments = [Segment(u0, 0), Segment(uh, u0.padded)] if p.tied else [Segment(uh, 0)]
+    vocab_numel = max(sum(s.unit.padded for s in e.head_segments), u0.padded)
+    e.vocab_slot = SlotPool(ops, 1, vocab_numel, e.dtype).slots[0]
+    e.adam = FlatAdamW(e.optim_cfg)
+    to_disk = streamed if e.offload_mode == "all" else []
+    if e.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
+        if getattr(e, "_release_copies", None) is None:  # (set already where start-up made layer copies)
+            e._release_copies = weakref.finalize(e, build.unregister_all, ops, ops.exact_pinned)
+        attach_upload_copies([s.unit for s in e.head_segments] + [u for u in streamed if u not in to_disk],
+                             ops.host_empty_exact, e.dtype)
+    if e.offload_mode in ("moments", "all"):
+        if e.offload is None:  # (opened already where start-up wrote each layer's master as it was filled)
+            e.offload = open_offload(e.cfg, e.units, e.device, chunk,
+                                     frozenset(u.index for u in to_disk), len(e.resident_idx))
+        # 'all': each streamed layer gets its upload copy, then its master goes to disk and its RAM is freed,
+        # one layer after the other (the copies grow as the masters shrink), all before page-locking.
+        e.offload.store_masters(torch.zeros(1), e.cfg.watchdog_s,
+                                lambda u: attach_upload_copies([u], ops.host_empty_exact, e.dtype))
+    e.layer_up = Uploader(ops, "sf-upload", chunk, e.cfg.staging_chunks, e.dtype)
+    e.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, e.dtype)
+    if build.register_masters(e):
+        e.layer_up.enable_device_cast()
+        e.vocab_up.enable_device_cast()
+    elem = torch.tensor([], dtype=e.dtype).element_size()
+    pool = (max(e.cfg.staging_chunks, e.cfg.grad_park_mib * 2**20 // (chunk * elem)) if ops.is_cuda
+            else 2 * e.cfg.staging_chunks)
+    if e.dist is None:
+        e.drain = GradPipeline(ops, chunk, pool, e.dtype, e.adam, e.offload)
+    else:
+        e.drain = e.dist.grad_pipeline(ops, chunk, pool, e.dtype, e.adam)
+        e.dist.attach_uploaders(e.layer_up, e.vocab_up)
+    if e.cfg.offload_activations:  # checkpoints on disk, in the moments' store when that tier is on
+        e.acts = open_activation_store(e.cfg, ops, e.num_layers, e.hidden, e.dtype,
+                                       e.offload.store if e.offload is not None else None, e.dist)
+    else:
+        e.acts = ActivationStore(ops, e.num_layers, e.hidden, e.dtype)
+    e.x0_capacity = 0
+    threads = e.cfg.optimizer_threads or (e.dist.cpu_threads() if e.dist is not None else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)  # the C++ AdamW and the torch fallback both size to this pool
+    if e.cfg.max_tokens_per_micro_batch:
+        e.ensure_capacity(e.cfg.max_tokens_per_micro_batch)
+    e.runner = StepRunner(e)
