@@ -21,6 +21,9 @@ BYTES_UP_PER_PARAM = 4
 """BF16 weights uploaded twice per step (forward, then recompute/backward)."""
 BYTES_DOWN_PER_PARAM = 2
 """BF16 gradients downloaded once per step."""
+ADAM_BYTES_PER_PARAM = 28
+"""Host memory one AdamW update moves: FP32 master and both moments read and written (24 B), the BF16
+gradient read (2 B) and the BF16 upload copy written (2 B); the roofline's kernel measure does exactly this."""
 SYSTEM_ORDER = ("slideformer", "resident", "zero2", "zero3")
 
 
@@ -163,6 +166,18 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
                     BYTES_DOWN_PER_PARAM * streamed / (d2h * 1e9),
                     (BYTES_UP_PER_PARAM + BYTES_DOWN_PER_PARAM) * streamed / (both * 1e9),
                 )
+            if opt_rate:
+                # Informational, not a term of `efficiency` (issue 3 defines that bound): the host memory the
+                # step moves - AdamW's bytes plus the DMA's reads of what is uploaded (the BF16 copy, or the FP32
+                # master cast on the device) and writes of the gradients - at the bandwidth AdamW alone reaches.
+                cast = report.get("upload_cast")
+                adam = ADAM_BYTES_PER_PARAM if cast == "copy" else ADAM_BYTES_PER_PARAM - 2  # no BF16 copy out
+                # Per upload (two per step): DMA of the BF16 copy 2 B; of the FP32 master 4 B (cast on the
+                # device); cast on the host: FP32 read 4 + BF16 staging written 2 + its DMA 2.
+                up = 2 * {"copy": 2, "host": 8}.get(str(cast), 4)
+                moved = adam * host_params + (up + BYTES_DOWN_PER_PARAM) * streamed
+                row["host_memory_s"] = moved / (opt_rate * 1e9 * ADAM_BYTES_PER_PARAM)
+                row["host_memory_efficiency"] = row["host_memory_s"] / sf["step_time_s"]
             row.update(
                 host_updated_params=host_params,
                 streamed_params=streamed,
@@ -396,6 +411,25 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_num(sf['step_time_s'] if sf else None, '{:.3f}')} "
             f"| {_num(row.get('efficiency'), '{:.2f}')} |"
         )
+    if any("host_memory_s" in (derived["per_batch"].get(str(b)) or {}) for b in args["batch_sizes"]):
+        lines += [
+            "",
+            "Host memory traffic (informational; not a term of the efficiency above): AdamW's "
+            f"{ADAM_BYTES_PER_PARAM} B per host-updated parameter ({ADAM_BYTES_PER_PARAM - 2} without the BF16 "
+            "copy) plus the transfers' bytes per streamed parameter (two uploads per step: 2 B each from the "
+            "BF16 copy, 4 B cast on the device, 8 B cast on the host; gradients written once: "
+            f"{BYTES_DOWN_PER_PARAM} B), at the bandwidth the AdamW measure above reaches alone "
+            f"(Gparam/s x {ADAM_BYTES_PER_PARAM} B).",
+            "",
+            "| batch | host memory (s) | slideformer step (s) | host-memory efficiency |",
+            "|---|---|---|---|",
+        ]
+        for b in args["batch_sizes"]:
+            row = derived["per_batch"].get(str(b)) or {}
+            sf = _ok(results.get("records", []), "slideformer", b)
+            lines.append(f"| {b} | {_num(row.get('host_memory_s'), '{:.3f}')} "
+                         f"| {_num(sf['step_time_s'] if sf else None, '{:.3f}')} "
+                         f"| {_num(row.get('host_memory_efficiency'), '{:.2f}')} |")
     checks = targets(results, derived)
     if checks:
         lines += [
