@@ -4,8 +4,8 @@
 #   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
-# Next session (see the closing notes): `tests e2e8b` (H100: the GPU tests, then the 8B preset with its
-# resident layers and BF16 copy through the CLI), then on nvidia-h100-x2: `dist_tests multi_diag`, `multi_all`.
+# Next session (see the closing notes): `tests profile_copy` (H100: the GPU tests, then the steady-state timeline
+# of the 3B headline configuration), `bench8b_auto` (now with the roofline child: the host-memory figure).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -68,9 +68,10 @@ for stage in "$@"; do
         --out "$OUT/llama3.2-3b_cap24g_threads_h100_bench.json" > "$OUT/threads3b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_threads_h100_bench.md ;;
     bench8b_auto)
-      # 8B on the whole 80 GB card with the placement planner's resident layers (overlap schedule).
-      timeout 400 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
-        --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 390 \
+      # 8B on the whole 80 GB card with the placement planner's resident layers (overlap schedule), with the
+      # roofline child (its CPU AdamW and PCIe rates give the report's host-memory figure).
+      timeout 560 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
+        --systems slideformer,resident --steps 4 --warmup 2 --time-budget-s 540 \
         --engine-opt resident_layers=-1 --out "$OUT/llama3.1-8b_auto_h100_bench.json" > "$OUT/bench8b_auto.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_auto_h100_bench.md ;;
     ds8b)
