@@ -118,8 +118,10 @@ def _cfg(out: Path, **overrides: object) -> RunConfig:
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"train__grad_accum": 2, "optim__max_grad_norm": 0.5}],
-    ids=["overlap", "deferred-accum-clip"],
+    [{}, {"train__grad_accum": 2, "optim__max_grad_norm": 0.5},
+     # Resident layers: the resumed engine's device state must come from the checkpoint, not its start-up weights.
+     {"engine__resident_layers": 1}, {"engine__resident_layers": 1, "optim__max_grad_norm": 0.5}],
+    ids=["overlap", "deferred-accum-clip", "resident", "resident-clip"],
 )
 def test_resume_is_bitwise_identical(tmp_path, extra):
     straight = train(_cfg(tmp_path / "a", **extra))

@@ -197,13 +197,18 @@ class Engine:
 
     def flush(self) -> None:
         """Wait until every scheduled optimizer update has been applied to the host state."""
-        self._check_usable(allow_failed=False)
-        for u in self.units:
-            self.runner.wait(u.update_future, f"the optimizer update of {u.name}")
+        self.settle_host()
         if self.resident is not None:
             for index in list(self.runner.resident_pending):
                 self.runner.apply_resident_update(index)  # deferred updates of resident layers, on the device
             self.resident.sync_to_host()
+
+    def settle_host(self) -> None:
+        """Wait for the host-side updates and disk writes in flight, leaving the resident layers' device state
+        alone (``flush`` then copies it to the host; ``load_state_dict`` replaces it from the host instead)."""
+        self._check_usable(allow_failed=False)
+        for u in self.units:
+            self.runner.wait(u.update_future, f"the optimizer update of {u.name}")
         if self.offload is not None:
             self.offload.wait_writes(self.cfg.watchdog_s)
 

@@ -50,10 +50,20 @@ def state_dict(e: Engine) -> dict[str, Any]:
 
 
 def load_state_dict(e: Engine, state: dict[str, Any]) -> None:
-    """``Engine.load_state_dict``: missing params are an error, missing moments are zeros."""
-    e.flush()
+    """``Engine.load_state_dict``: missing params are an error, missing moments are zeros.
+
+    ``state`` may be ``state_dict()``'s own views of the host buffers, already filled from a checkpoint
+    (``train.resume`` does that): nothing here may write the host state before reading it, so the resident
+    layers' device state is not flushed to the host first (it is replaced from the host below), and their
+    deferred updates still pending are dropped (they belong to the state being replaced).
+    """
+    e.settle_host()
+    if e.resident is not None:
+        e.runner.resident_pending.clear()
     if e.dist is not None:
         e.dist.load_state_dict(e, state)
+        if e.resident is not None:
+            e.resident.load_from_host()  # this rank's loaded shards, then the other ranks' gathered
         refresh_upload_copies(e.units)
         invalidate(e.layer_pool.slots + [e.vocab_slot])
         return
