@@ -60,7 +60,10 @@ def _worker(args: argparse.Namespace) -> None:
     if args.system == "slideformer":
         from slideformer import Engine, EngineConfig, OptimConfig
 
-        ecfg = EngineConfig(device=device, check_host_memory=False, **common.engine_options(args.engine_opt))
+        opts = common.engine_options(args.engine_opt)
+        if opts.get("resident_layers") == -1:  # as the step benchmark: residents sized for this micro-batch
+            opts.setdefault("max_tokens_per_micro_batch", args.batch_size * args.seq_len)
+        ecfg = EngineConfig(device=device, check_host_memory=False, **opts)
         if world > 1:
             from slideformer.dist import DistContext
 

@@ -123,6 +123,13 @@ for stage in "$@"; do
       (cd benchmarks && timeout 560 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
         --gpus 2 --systems "$systems" --timeout 270 --out "$OUT/${stage}_llama3.1-8b_2gpu" > "$OUT/$stage.log" 2>&1)
       cat "$OUT/${stage}_llama3.1-8b_2gpu.md" ;;
+    multi_resident)
+      # 2 GPUs: slideformer x1 and x2 with the placement planner's resident layers (data-parallel resident layers:
+      # whole on each GPU, gradients all-reduced on the compute stream), against multi_all's streamed runs.
+      (cd benchmarks && timeout 560 python3 bench_multi.py --model llama3.1-8b --seq-len 1024 --batch-size 16 \
+        --gpus 2 --systems slideformer1,slideformerN --timeout 270 --engine-opt resident_layers=-1 \
+        --out "$OUT/multi_resident_llama3.1-8b_2gpu" > "$OUT/multi_resident.log" 2>&1)
+      cat "$OUT/multi_resident_llama3.1-8b_2gpu.md" ;;
     multi_diag)
       # 2 GPUs: why 2 ranks run no faster than 1 (docs/distributed.md). One step of each rank under the
       # profiler (per-thread timelines, tarred into one file), then slideformer x2 with a deeper window (more
@@ -155,6 +162,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done

@@ -39,7 +39,7 @@ def engine_configs(args: dict[str, Any]) -> tuple[EngineConfig, OptimConfig]:
                          schedule=args["schedule"],
                          chunk_mib=args.get("chunk_mib", 1 / 16), staging_chunks=2, loss_chunk_tokens=16,
                          watchdog_s=args.get("watchdog_s", 60.0), window=args.get("window", 2),
-                         host_copy=args.get("host_copy", "none")),
+                         host_copy=args.get("host_copy", "none"), resident_layers=args.get("resident", 0)),
             OptimConfig(lr=LR, weight_decay=WD, max_grad_norm=args.get("max_norm")))
 
 

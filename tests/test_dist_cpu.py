@@ -65,6 +65,10 @@ PARITY = {
     "overlap": dict(family="llama_tied", schedule="overlap", accumulate=1, max_norm=None),
     # 2 micro-batches per rank, global-norm clipping active at every step
     "deferred": dict(family="qwen3", schedule="deferred", accumulate=2, max_norm=0.5),
+    # Resident layers (their whole state on every rank's device, gradients summed over the ranks, host state
+    # sharded): one of three layers in the overlap schedule, two under clipping + accumulation.
+    "resident_overlap": dict(family="llama", schedule="overlap", accumulate=1, max_norm=None, resident=1),
+    "resident_deferred": dict(family="qwen3", schedule="deferred", accumulate=2, max_norm=0.5, resident=2),
 }
 STEPS = 3
 # BF16 compute with the optimizer's upload copy (engine.host_copy) on and off: bitwise the same run (the
@@ -101,12 +105,13 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = [dict(args, scenario="parity", steps=STEPS, out=str(d / f"{name}.pt")) for name, args in PARITY.items()]
     runs += [dict(COPY, host_copy=c, scenario="parity", steps=STEPS, out=str(d / f"copy_{c}.pt"))
              for c in ("none", "bf16")]
+    # Saved by 2 ranks with a resident layer (its device state written back to this rank's host shard).
     runs.append(dict(family="qwen3", schedule="overlap", accumulate=1, steps=2, scenario="checkpoint",
-                     ckpt=str(d / "ckpt"), out=str(d / "checkpoint.pt")))
+                     ckpt=str(d / "ckpt"), out=str(d / "checkpoint.pt"), resident=1))
     # The other way: one process's checkpoint continues on two ranks (each keeps its slice of the file).
     _one_process_checkpoint(d / "ckpt1", "qwen3", RESUME_AT)
     runs.append(dict(family="qwen3", schedule="overlap", accumulate=1, steps=2, scenario="parity",
-                     resume=str(d / "ckpt1"), out=str(d / "resume.pt")))
+                     resume=str(d / "ckpt1"), out=str(d / "resume.pt"), resident=2))  # loaded, then gathered on device
     # Streamed initialisation: random (a tied head, whose initialiser runs last) and from sharded files.
     make_model(tiny_config("qwen3"), seed=9).save_pretrained(str(d / "model"), max_shard_size="100KB")
     runs += [dict(family="llama_tied", schedule="overlap", accumulate=1, steps=0, scenario="parity",
@@ -138,6 +143,10 @@ def test_two_ranks_equal_one_big_batch(suite: Path, name: str) -> None:
     mem = got["memory"]
     per_param = 16 if args["schedule"] == "deferred" else 12
     expect = per_param * mem["num_params"] / 2
+    if args.get("resident"):  # resident layers keep their gradients on the device: no host accumulator
+        expect -= 4 * sum(p.numel() for n, p in ref.named_parameters()
+                          if any(f"layers.{j}." in n for j in range(args["resident"]))) / 2 * (per_param == 16)
+        assert mem["resident_layers"] == args["resident"]
     assert expect <= mem["host_state_bytes"] <= expect + per_param * 2 * len(ref.state_dict()), mem
 
 

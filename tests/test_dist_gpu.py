@@ -1,4 +1,5 @@
-"""Data-parallel on 2 GPUs (NCCL, BF16): 2 ranks equal one process with the whole batch.
+"""Data-parallel on 2 GPUs (NCCL, BF16): 2 ranks equal one process with the whole batch (also with resident
+layers, whose gradients are summed on the compute stream).
 
 Launches ``tests/dist_harness.py`` on ``cuda:0`` and ``cuda:1`` and compares, as ``test_gpu.py`` does for one
 GPU, against HF + AdamW under BF16 autocast on the union of both ranks' batches: the engine's parameter
@@ -20,13 +21,17 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
 
-@pytest.mark.parametrize("schedule,accumulate,max_norm", [("overlap", 1, None), ("deferred", 2, 0.5)])
+@pytest.mark.parametrize("schedule,accumulate,max_norm,resident", [
+    ("overlap", 1, None, 0), ("deferred", 2, 0.5, 0),
+    # Resident layers: whole on both GPUs, gradients summed over NCCL on the compute stream.
+    ("overlap", 1, None, 1), ("deferred", 2, 0.5, 2)])
 def test_two_gpus_equal_one_big_batch_bf16(tmp_path: Path, schedule: str, accumulate: int,
-                                            max_norm: float | None) -> None:
+                                            max_norm: float | None, resident: int) -> None:
     tol, family, steps = TOLERANCES["gpu_bf16"], "llama", 4
     out = tmp_path / "out.pt"
     procs = launch("parity", {"family": family, "schedule": schedule, "steps": steps, "accumulate": accumulate,
-                              "max_norm": max_norm, "dtype": "bfloat16", "device": "cuda", "out": str(out)})
+                              "max_norm": max_norm, "dtype": "bfloat16", "device": "cuda", "out": str(out),
+                              "resident": resident})
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-4000:]

@@ -54,15 +54,13 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
                    f"{gpu_budget_bytes / gib:.1f} GiB")
 
 
-def engine_resident_count(hf_config: Any, cfg: EngineConfig, cuda_device: torch.device | None, *, clipping: bool,
-                          data_parallel: bool) -> tuple[int, str]:
+def engine_resident_count(hf_config: Any, cfg: EngineConfig, cuda_device: torch.device | None, *,
+                          clipping: bool) -> tuple[int, str]:
     """The engine's ``resident_layers=-1``: the budget is ``cfg.gpu_memory_gib`` or the device's free memory."""
     tokens = cfg.max_tokens_per_micro_batch
     if not tokens:
         raise ConfigError("engine.resident_layers=-1 sizes the resident layers for a micro-batch: set "
                           "engine.max_tokens_per_micro_batch (slideformer train sets it to batch_size x seq_len)")
-    if data_parallel:
-        return 0, "data-parallel training does not support resident layers yet"
     if cuda_device is None:
         return 0, "the device is the CPU"
     free, _ = torch.cuda.mem_get_info(cuda_device)

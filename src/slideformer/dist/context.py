@@ -1,6 +1,7 @@
 """The data-parallel context an ``Engine`` is built with: the only object the engine talks to.
 
-Owns the decisions of a data-parallel run: which units are sharded (all of them), which
+Owns the decisions of a data-parallel run: which units are sharded (all of them; the resident layers'
+whole state also lives on every GPU, updated from the gradient summed over the ranks), which
 gradient pipeline and weight gather the engine uses, the host scalars the step agrees on (global token
 count, loss, non-finite flag), and how its state is saved and loaded. Invariant: every method that
 runs a collective is called by every rank in the same order (the engine's schedule is deterministic
@@ -14,6 +15,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from slideformer.config import EngineConfig
 from slideformer.dist import group as grp
@@ -66,19 +68,32 @@ class DistContext:
         shard.shard_units([unit], self.rank, self.world, set())
 
     def sharding_done(self, units: list[HostUnit], cfg: EngineConfig) -> None:
-        """After ``shard_unit`` on every unit: the checks and sizes ``shard_units`` would set."""
-        if cfg.resident_layers > 0:
-            raise ConfigError("engine.resident_layers keeps whole layers and their optimizer on one GPU; it is "
-                              "not supported with data-parallel training yet (set it to 0)")
+        """After ``shard_unit`` on every unit: the sizes ``shard_units`` would set."""
         self._max_shard = max(u.shard_len for u in units if u.sharded)
 
     def shard_units(self, units: list[HostUnit], cfg: EngineConfig) -> None:
         """Shard the initialised units (called by the engine before the device is set up)."""
-        if cfg.resident_layers > 0:
-            raise ConfigError("engine.resident_layers keeps whole layers and their optimizer on one GPU; it is "
-                              "not supported with data-parallel training yet (set it to 0)")
         shard.shard_units(units, self.rank, self.world, set())
         self._max_shard = max(u.shard_len for u in units if u.sharded)
+
+    def resident_count(self, count: int) -> int:
+        """The resident-layer count every rank uses: the smallest any rank can hold (each sizes its own GPU)."""
+        t = torch.tensor([count], dtype=torch.int64)
+        with grp.collective("agreeing on the resident-layer count"):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.groups.main)  # one count on every rank
+        return int(t[0])
+
+    def resident_ops(self) -> dict[str, Any]:
+        """``ResidentLayers``' cross-rank operations, on the main thread's device group in compute-stream order:
+        ``reduce`` sums a gradient in place, ``gather(whole, own)`` fills a third from each rank's part."""
+        g = self.groups.resident
+
+        def reduce(grad: torch.Tensor) -> None:
+            with grp.collective("summing a resident layer's gradient"):
+                # The compute stream waits for the sum: the AdamW that follows reads every rank's share.
+                dist.all_reduce(grad, group=g)
+
+        return {"reduce": reduce, "gather": shard.make_gather(g, self.world)}
 
     def grad_pipeline(self, ops: DeviceOps, chunk: int, pool: int, dtype: torch.dtype,
                       adam: FlatAdamW) -> shard.ShardedGradPipeline:

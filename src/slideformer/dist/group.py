@@ -2,7 +2,8 @@
 
 Owns ``init_process_group`` and the groups the engine's threads use. Collectives of one communicator
 must be issued in the same order on every rank, and the engine issues them from several threads
-(uploaders, gradient downloader, optimizer, main thread), so each thread gets a group of its own and
+(uploaders, gradient downloader, optimizer, main thread: host scalars on gloo, the resident layers' sums
+on the device backend), so each thread gets a group of its own per backend and
 issues its collectives in its own task order, which the schedule makes identical on every rank.
 
 Invariant: the device groups (gradients, weights) use NCCL on GPUs and gloo on the CPU; the scalar
@@ -70,6 +71,9 @@ class Groups:
     """Host scalars, barriers and checkpoint gathers: the main thread (gloo)."""
     optim: Any
     """The global gradient norm: the optimizer thread (gloo)."""
+    resident: Any
+    """The resident layers' gradient sums and start-up gathers, on the compute stream: the main thread
+    (device backend)."""
 
 
 def init_from_env(device_type: str, timeout_s: float) -> tuple[Topology, Groups]:
@@ -95,7 +99,8 @@ def init_from_env(device_type: str, timeout_s: float) -> tuple[Topology, Groups]
                     dist.new_group(backend=backend, timeout=timeout),
                     dist.new_group(backend=backend, timeout=timeout),
                     dist.new_group(backend="gloo", timeout=timeout),
-                    dist.new_group(backend="gloo", timeout=timeout))
+                    dist.new_group(backend="gloo", timeout=timeout),
+                    dist.new_group(backend=backend, timeout=timeout))
     warm_up(groups, device_type)
     return topo, groups
 
@@ -109,7 +114,7 @@ def warm_up(groups: Groups, device_type: str) -> None:
     the threads only ordinary collectives.
     """
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    for g in (groups.grads, groups.layer_up, groups.vocab_up):
+    for g in (groups.grads, groups.layer_up, groups.vocab_up, groups.resident):
         with collective("creating the device communicators"):
             dist.all_reduce(torch.zeros(1, device=device), group=g)  # creates g's communicator on every rank
     if device_type == "cuda":

@@ -214,7 +214,7 @@ def resident_auto(e: Engine) -> int:
 
     count, e.resident_reason = engine_resident_count(
         e.hf_config, e.cfg, e.device if e.ops.is_cuda else None,
-        clipping=e.optim_cfg.max_grad_norm is not None, data_parallel=e.dist is not None)
+        clipping=e.optim_cfg.max_grad_norm is not None)
     logger.info("engine.resident_layers=-1: %s", e.resident_reason)
     return count
 

@@ -10,12 +10,19 @@ Under the deferred schedule (clipping, accumulation) a resident unit's gradients
 in an FP32 accumulator (4 more bytes/param, allocated on first use); the update waits for the step's clip
 coefficient and runs, in stream order, before the unit's next forward (or on ``flush``).
 
+Data-parallel: every rank keeps the whole resident unit on its GPU and updates it identically from the
+gradient summed over the ranks (``reduce``, on the compute stream); its host buffers stay this rank's shard
+like any unit's (``load_from_host`` gathers the others' parts on the device; ``sync_to_host`` writes back
+this rank's part), so host memory per node does not grow with resident layers.
+
 Invariant: a resident unit's device state is the truth between ``load_from_host`` and ``sync_to_host``;
 its update uses ``torch._fused_adamw_`` with the same arithmetic as the host kernel, so results do not
 depend on which layers are resident (CPU parity tests hold that).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -35,11 +42,18 @@ def pick_resident(num_layers: int, count: int, placement: str = "first") -> list
 class ResidentLayers:
     """Device-side weights, master weights and AdamW state of the resident units."""
 
-    def __init__(self, ops: DeviceOps, units: list[HostUnit], dtype: torch.dtype, optim: OptimConfig) -> None:
+    def __init__(self, ops: DeviceOps, units: list[HostUnit], dtype: torch.dtype, optim: OptimConfig, *,
+                 reduce: Callable[[torch.Tensor], None] | None = None,
+                 gather: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """``reduce`` / ``gather`` (data-parallel): sum a gradient over the ranks in place; fill a whole
+        third from this rank's part of it (``gather(whole, own)``, in place), both in compute-stream order."""
         self.ops = ops
         self.optim = optim
+        self.reduce, self.gather = reduce, gather
         self.units = {u.index: u for u in units}
-        self.flat = {u.index: ops.empty(3 * u.numel, torch.float32) for u in units}
+        # The whole unit on the device, data-parallel too ([master | exp_avg | exp_avg_sq], each ``padded``
+        # long; padded == numel in one process); the host keeps this rank's shard of it.
+        self.flat = {u.index: ops.empty(3 * u.padded, torch.float32).zero_() for u in units}  # padding stays 0
         self.weight = {u.index: ops.empty(u.numel, dtype) for u in units}
         self.grad32 = ops.empty(max(u.numel for u in units), torch.float32)
         self.step_t = {u.index: torch.zeros((), dtype=torch.float32, device=ops.device) for u in units}
@@ -55,16 +69,32 @@ class ResidentLayers:
         self.load_from_host()
 
     def load_from_host(self) -> None:
-        """Copy the host state (master, moments, step) of every resident unit to the device."""
+        """Copy the host state (master, moments, step) of every resident unit to the device (data-parallel:
+        this rank's shard of each third, then the other ranks' parts gathered)."""
         for i, u in self.units.items():
-            self._copy_thirds(self.flat[i], u.flat, u.numel)
+            if u.sharded:
+                for k in range(3):
+                    whole = self.flat[i][k * u.padded:(k + 1) * u.padded]
+                    own = whole[u.shard_lo:u.shard_lo + u.shard_len]
+                    own.copy_(u.flat[k * u.shard_len:(k + 1) * u.shard_len])
+                    if self.gather is None:
+                        raise RuntimeError(f"{u.name} is sharded but the resident layers have no gather")
+                    self.gather(whole, own)
+            else:
+                self._copy_thirds(self.flat[i], u.flat, u.numel)
             self.weight[i].copy_(self.flat[i][:u.numel])
             self.step_t[i].fill_(float(u.step))
 
     def sync_to_host(self) -> None:
-        """Copy the device state back into the host buffers (a blocking copy: used by ``flush``)."""
+        """Copy the device state back into the host buffers (a blocking copy: used by ``flush``); data-parallel:
+        this rank's shard of each third (every rank holds the same whole state on its device)."""
         for i, u in self.units.items():
-            self._copy_thirds(u.flat, self.flat[i], u.numel)
+            if u.sharded:
+                for k in range(3):
+                    lo = k * u.padded + u.shard_lo
+                    u.flat[k * u.shard_len:(k + 1) * u.shard_len].copy_(self.flat[i][lo:lo + u.shard_len])
+            else:
+                self._copy_thirds(u.flat, self.flat[i], u.numel)
 
     @staticmethod
     def _copy_thirds(dst: torch.Tensor, src: torch.Tensor, n: int) -> None:
@@ -78,14 +108,18 @@ class ResidentLayers:
         n = unit.numel
         g = self.grad32[:n]
         torch._foreach_copy_(self.grad_views[unit.index], grads)
+        if self.reduce is not None:
+            self.reduce(g)  # data-parallel: every rank's gradient summed before the norm and the update
         add_squared_norm(sq_norm, g, self.norm_scratch)
         unit.step += 1
         self.step_t[unit.index] += 1
         self._adamw(unit, g, lr)
 
-    def accumulate(self, unit: HostUnit, grads: list[torch.Tensor], first: bool, sq_norm: torch.Tensor | None) -> None:
+    def accumulate(self, unit: HostUnit, grads: list[torch.Tensor], first: bool, last: bool,
+                   sq_norm: torch.Tensor | None) -> None:
         """Deferred schedule: add a micro-batch's gradients into the unit's FP32 accumulator (``first``:
-        overwrite it); with ``sq_norm`` (the step's last micro-batch), add the accumulated squared norm."""
+        overwrite it); after the step's ``last`` micro-batch, sum it over the ranks (data-parallel) and add
+        its squared norm to ``sq_norm``."""
         i = unit.index
         if i not in self.acc:  # once per engine: the deferred schedule's first step
             self.acc[i] = self.ops.empty(unit.numel, torch.float32)
@@ -94,7 +128,9 @@ class ResidentLayers:
             torch._foreach_copy_(self.acc_views[i], grads)
         else:
             torch._foreach_add_(self.acc_views[i], grads)
-        if sq_norm is not None:
+        if last and self.reduce is not None:
+            self.reduce(self.acc[i])  # data-parallel: the whole step's gradient, summed once
+        if last and sq_norm is not None:
             add_squared_norm(sq_norm, self.acc[i], self.norm_scratch)
 
     def apply_accumulated(self, unit: HostUnit, step: int, lr: float, grad_scale: float) -> None:
@@ -110,7 +146,10 @@ class ResidentLayers:
         n = unit.numel
         flat = self.flat[unit.index]
         b1, b2 = self.optim.betas
-        for lo, hi, decay in unit.decay_segments(0, n):
+        # The whole unit's decay boundary (HostUnit.decay_segments is shard-local; this state is the whole unit).
+        for lo, hi, decay in ((0, min(n, unit.n_decay), True), (unit.n_decay, n, False)):
+            if hi <= lo:
+                continue
             torch._fused_adamw_([flat[lo:hi]], [g[lo:hi]], [flat[n + lo:n + hi]], [flat[2 * n + lo:2 * n + hi]], [],
                                 [self.step_t[unit.index]], lr=lr, beta1=b1, beta2=b2,
                                 weight_decay=self.optim.weight_decay if decay else 0.0, eps=self.optim.eps,

@@ -293,9 +293,10 @@ class StepRunner(SlotUses):
                 # accumulation on the device (its norm joins the step's on the last micro-batch).
                 if deferred:
                     sq = (self.sq_res if host_norm else self.sq_dev) if last else None
-                    self.resident.accumulate(unit, list(grads[1:]), first, sq)
+                    self.resident.accumulate(unit, list(grads[1:]), first, last, sq)
                 else:
-                    self.resident.update(unit, list(grads[1:]), lr, self.sq_dev)
+                    # (data-parallel, host_norm: sq_res, added after the cross-rank sum of the sharded part)
+                    self.resident.update(unit, list(grads[1:]), lr, self.sq_res if host_norm else self.sq_dev)
                 continue
             torch._foreach_copy_(self.layer_grad_views[j], list(grads[1:]))
             self._drain([(unit, use.slot.grad[:unit.padded])], use.release, deferred, first, last, lr, host_norm)
