@@ -67,6 +67,19 @@ for stage in "$@"; do
         --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
         --out "$OUT/llama3.2-3b_cap24g_threads_h100_bench.json" > "$OUT/threads3b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_threads_h100_bench.md ;;
+    park8b)
+      # 8B b8 (planner residents): a larger gradient parking pool lets backward run further ahead of the CPU
+      # AdamW, so the backlog it leaves covers the next forward (the optimizer works it off bottom-up).
+      timeout 570 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+grad_park_mib=4096,slideformer+grad_park_mib=6144 --steps 4 --warmup 2 \
+        --no-roofline --time-budget-s 550 --engine-opt resident_layers=-1 \
+        --out "$OUT/llama3.1-8b_park_h100_bench.json" > "$OUT/park8b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_park_h100_bench.md ;;
+    profile8b)
+      # The 8B b8 steady-state step (planner residents): where the 0.66 efficiency goes.
+      timeout 300 python3 benchmarks/profile_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --engine-opt resident_layers=-1 --name timeline_llama3.1-8b_b8_auto --out-dir "$OUT" \
+        > "$OUT/profile8b.log" 2>&1; tail -20 "$OUT/profile8b.log" ;;
     bench8b_auto)
       # 8B on the whole 80 GB card with the placement planner's resident layers (overlap schedule), with the
       # roofline child (its CPU AdamW and PCIe rates give the report's host-memory figure).
@@ -162,6 +175,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done
