@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--host-copy", choices=["none", "bf16", "auto"],
                     help="pinned BF16 upload copy written by the CPU AdamW (default: engine.host_copy)")
     pl.add_argument("--offload-dir", help="directory of the disk tier (default: engine.offload_dir)")
+    pl.add_argument("--nproc-per-node", type=int, help="GPUs per node of a data-parallel run (torchrun's flag; "
+                    "default 1): host RAM per node, GPU memory per rank, the collectives")
+    pl.add_argument("--nnodes", type=int, help="nodes of a data-parallel run (default 1)")
     pl.add_argument("--offload-activations", action="store_true",
                     help="activation checkpoints in a file under the offload directory (default: "
                     "engine.offload_activations)")

@@ -74,6 +74,12 @@ def plan_from_args(ns: argparse.Namespace) -> Plan:
                   grad_accum=ns.grad_accum or cfg.train.grad_accum, clipping=clip is not None and clip > 0,
                   hardware=hw, keep_checkpoints=cfg.checkpoint.keep_last)
     hf_config = load_hf_config(model)
+    nodes = getattr(ns, "nnodes", None) or 1
+    world = (getattr(ns, "nproc_per_node", None) or 1) * nodes
+    if world > 1:
+        from slideformer.plan_dist import data_parallel_plan
+
+        return data_parallel_plan(hf_config, world=world, nodes=nodes, engine=engine, **kwargs)
     plan = make_plan(hf_config, engine=engine, **kwargs)
     plan.notes.extend(_suggestions(hf_config, engine, kwargs, plan))
     return plan
