@@ -51,8 +51,9 @@ def data_parallel_plan(hf_config: Any, *, world: int, nodes: int, engine: Engine
     plan.gpu["reduce-scatter output (one shard)"] = -(-largest // world) * elt
     resident = plan.settings["resident_layers"] * plan.params["largest_layer"]
     sharded = plan.params["total"] - resident
-    # Per rank and step: the weights all-gathered for forward and backward, the gradients reduce-scattered.
-    moved = (2 * elt + elt) * sharded * (world - 1) / world
+    # Per rank and step: the weights all-gathered for forward and backward, the gradients reduce-scattered,
+    # and the resident layers' FP32 gradients all-reduced (a ring moves twice the data of one direction).
+    moved = ((2 * elt + elt) * sharded + 2 * 4 * resident) * (world - 1) / world
     times = dict(plan.step_seconds)
     times["collectives"] = moved / (collective_gbs * 1e9)
     times["step"] = max(times["step"], times["collectives"])
