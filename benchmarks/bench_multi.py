@@ -57,6 +57,7 @@ def _worker(args: argparse.Namespace) -> None:
     hf = shapes.hf_config(args.model)
     batch = shapes.random_batch(args.batch_size, args.seq_len, hf.vocab_size, device="cpu", seed=local)
     ctx = None
+    extra: dict[str, Any] = {}  # what the system reports about itself (slideformer: its resident layers)
     if args.system == "slideformer":
         from slideformer import Engine, EngineConfig, OptimConfig
 
@@ -75,6 +76,7 @@ def _worker(args: argparse.Namespace) -> None:
 
         def finish() -> None:
             engine.flush()
+            extra["resident_layers"] = engine.memory_report().get("resident_layers", 0)
     else:
         from systems.base import BenchSpec
         from systems.deepspeed_zero import DeepSpeedZero
@@ -132,7 +134,7 @@ def _worker(args: argparse.Namespace) -> None:
                      "tokens_per_s": args.batch_size * args.seq_len * world / median, "setup_s": setup_s,
                      "cpu_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                      "host_rss_node_gib": node_rss / common.GIB, "gpu_peak_gib": gpu_peak / common.GIB,
-                     "status": "ok"})
+                     "status": "ok", **extra})
     if ctx is not None:
         ctx.shutdown()
 
@@ -200,7 +202,8 @@ def _markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if r.get("status") != "ok":
             lines.append(f"| {r['system']} | {r['gpus']} | error | | | | |")
             continue
-        lines.append(f"| {r['system']} | {r['gpus']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+        name = r["system"] + (f" ({r['resident_layers']} resident)" if r.get("resident_layers") else "")
+        lines.append(f"| {name} | {r['gpus']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{r.get('scaling', float('nan')):.2f} | {r['host_rss_node_gib']:.1f} | {r['gpu_peak_gib']:.1f} |")
     errors = [r for r in records if r.get("status") != "ok"]
     for r in errors:
