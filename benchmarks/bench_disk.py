@@ -31,7 +31,8 @@ import common
 import report
 import shapes
 from bench_step import ChildRun, _collect, make_spec
-from slideformer.memory.disk import AlignedBuffer, DiskStore, kvikio_available
+from slideformer.memory.disk import DiskStore
+from slideformer.memory.disk_io import AlignedBuffer, kvikio_available
 
 HERE = Path(__file__).resolve().parent
 FILE_BYTES = 256 << 20

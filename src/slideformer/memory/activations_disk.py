@@ -34,7 +34,8 @@ import torch
 
 from slideformer.errors import ConfigError, SlideformerError, WorkerError
 from slideformer.memory.activations import DeviceRing
-from slideformer.memory.disk import AlignedBuffer, DiskError, DiskStore, resolve_backend, round_up
+from slideformer.memory.disk import DiskError, DiskStore
+from slideformer.memory.disk_io import AlignedBuffer, resolve_backend, round_up
 from slideformer.memory.disk_owner import SUFFIX
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.watchdog import thread_dump

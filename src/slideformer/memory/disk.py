@@ -4,7 +4,7 @@ Owns *where bytes live on disk*: the offload directory (claimed through ``disk_o
 crashed run's leftovers and refuses a directory a live process uses), one pre-allocated file per key, the I/O
 backend (``posix``: ``os.preadv``/``os.pwritev`` on ``O_DIRECT`` descriptors from a thread pool, falling
 back to buffered I/O with a warning where ``O_DIRECT`` is refused; ``kvikio``: ``CuFile.pread/pwrite``,
-GDS where present and its POSIX mode otherwise), the page-aligned host buffers I/O goes through, a
+GDS where present and its POSIX mode otherwise; the choice and the page-aligned buffers: ``disk_io``), a
 start-up speed probe, and removing every file it created on ``close`` (or by its finalizer).
 
 Invariant: every transfer starts at an ``ALIGN``-multiple file offset, covers an ``ALIGN``-multiple
@@ -30,12 +30,11 @@ from typing import Any
 import torch
 
 from slideformer.errors import ConfigError, SlideformerError
+from slideformer.memory.disk_io import ALIGN, AlignedBuffer, all_done, round_up
 from slideformer.memory.disk_owner import SUFFIX, claim_directory
 
 logger = logging.getLogger(__name__)
 
-ALIGN = 4096
-"""Byte alignment of file offsets, lengths and buffers (a page; covers 512 B and 4 KiB sector disks)."""
 PIECE_BYTES = 8 << 20
 """One pool task moves at most this much, so a large unit is spread over all I/O threads."""
 PROBE_BYTES = 32 << 20
@@ -45,61 +44,6 @@ FREE_MARGIN_BYTES = 1 << 30
 
 class DiskError(SlideformerError, OSError):
     """A read or write of the offload store failed (the chained OSError says why)."""
-
-
-def all_done(futures: list[Future]) -> Future:
-    """A future that completes when every one of ``futures`` has (with the first error, if any)."""
-    out: Future = Future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def one(_: Future) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:  # every one of them finished
-            err = next((f.exception() for f in futures if f.exception() is not None), None)
-            out.set_exception(err) if err is not None else out.set_result(None)
-
-    if not futures:
-        out.set_result(None)
-    for f in futures:
-        f.add_done_callback(one)
-    return out
-
-
-def round_up(n: int, align: int = ALIGN) -> int:
-    return -(-n // align) * align
-
-
-class AlignedBuffer:
-    """Page-aligned, anonymous-mmap-backed host memory viewed as a uint8 tensor (allocated once)."""
-
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = round_up(max(nbytes, 1))
-        self._map = mmap.mmap(-1, self.nbytes)  # anonymous mappings start on a page boundary
-        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-
-    def view(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        return self.bytes.view(dtype)[:numel]
-
-
-def kvikio_available() -> bool:
-    try:
-        import kvikio  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_backend(io: str, device: torch.device) -> str:
-    """'auto' picks kvikio when it imports and the device is CUDA, else posix."""
-    if io == "auto":
-        return "kvikio" if device.type == "cuda" and kvikio_available() else "posix"
-    if io == "kvikio" and not kvikio_available():
-        raise ConfigError("engine.offload_io='kvikio' but `import kvikio` fails; install kvikio "
-                          "(pip install kvikio-cu12) or use offload_io='posix'")
-    return io
 
 
 def _cleanup(directory: Path, paths: list[Path], fds: list[int], pool: ThreadPoolExecutor, created: bool) -> None:

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from slideformer.errors import ConfigError, SlideformerError
-from slideformer.memory.disk import ALIGN, AlignedBuffer, DiskStore, all_done, round_up
+from slideformer.memory.disk import DiskStore
+from slideformer.memory.disk_io import ALIGN, AlignedBuffer, all_done, round_up
 from slideformer.memory.host_state import HostUnit
 
 Key = tuple[int, int]
@@ -281,7 +282,7 @@ def open_offload(cfg: Any, units: list[HostUnit], device: torch.device, piece: i
                  masters: frozenset[int] = frozenset(), resident: int = 0) -> OffloadedMoments:
     """The disk store and ring for ``EngineConfig`` ``cfg`` (directory claimed, space checked, speed probed);
     ``masters``: the units whose master goes to disk too; ``resident``: the resolved resident-layer count."""
-    from slideformer.memory.disk import resolve_backend
+    from slideformer.memory.disk_io import resolve_backend
 
     if not cfg.offload_dir:
         raise ConfigError("engine.offload needs engine.offload_dir (a directory on a local NVMe disk)")
