@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -173,29 +174,45 @@ def test_ring_keeps_the_newest_data_in_any_order(tmp_path: Path) -> None:
         ring.close()
 
 
+def _assert_checkpoints_continue_bitwise(tmp_path: Path, vocab: int, make_off: Callable[[Path], Engine],
+                                         make_ram: Callable[[], Engine],
+                                         loaded: Callable[[Engine], None] | None = None,
+                                         check: Callable[[Engine, Engine, Engine], None] | None = None) -> None:
+    """An offloaded engine trains 2 steps; its state goes into an in-RAM engine; a checkpoint of that is loaded
+    into a second offloaded engine through its mapped files. All three then continue bitwise alike.
+    ``loaded(off2)`` runs right after the load, ``check(off, ram, off2)`` on the trained engines."""
+    engines = [make_off(tmp_path / "a")]
+    try:
+        off = engines[0]
+        _train(off, vocab, 2, 1)
+        engines.append(ram := make_ram())
+        ram.load_state_dict(off.state_dict())  # offloaded -> RAM
+        engines.append(off2 := make_off(tmp_path / "b"))
+        path = checkpoint.save(tmp_path / "ckpt", 2, ram.state_dict(), {})
+        sd = off2.state_dict()
+        checkpoint.load(path, sd)  # writes into the mapped files
+        sd["step"], sd["unit_steps"] = 2, None  # as train.resume.restore does (steps live in the trainer state)
+        off2.load_state_dict(sd)
+        if loaded is not None:
+            loaded(off2)
+        _assert_equal_states(_state(off2), _state(off))
+        runs = [_train(e, vocab, 2, 1, seed=9) for e in engines]
+        assert runs[0] == runs[1] == runs[2]
+        states = [_state(e) for e in engines]
+        _assert_equal_states(states[0], states[1])
+        _assert_equal_states(states[0], states[2])
+        if check is not None:
+            check(off, ram, off2)
+    finally:
+        for e in engines:
+            e.close()
+
+
 def test_checkpoints_read_and_write_through_the_files(tmp_path: Path) -> None:
     cfg = tiny_config("llama", layers=2)
     model = make_model(cfg)
-    off = _engine(model, tmp_path / "a")
-    _train(off, cfg.vocab_size, 2, 1)
-    ram = _engine(model, None)
-    ram.load_state_dict(off.state_dict())  # offloaded -> RAM
-    off2 = _engine(model, tmp_path / "b")
-    path = checkpoint.save(tmp_path / "ckpt", 2, ram.state_dict(), {})
-    sd = off2.state_dict()
-    checkpoint.load(path, sd)  # writes into the mapped files
-    sd["step"], sd["unit_steps"] = 2, None  # as train.resume.restore does (steps live in the trainer state)
-    off2.load_state_dict(sd)
-    try:
-        _assert_equal_states(_state(off2), _state(off))
-        runs = [_train(e, cfg.vocab_size, 2, 1, seed=9) for e in (off, ram, off2)]
-        assert runs[0] == runs[1] == runs[2]
-        states = [_state(e) for e in (off, ram, off2)]
-        _assert_equal_states(states[0], states[1])
-        _assert_equal_states(states[0], states[2])
-    finally:
-        for e in (off, ram, off2):
-            e.close()
+    _assert_checkpoints_continue_bitwise(tmp_path, cfg.vocab_size, lambda d: _engine(model, d),
+                                         lambda: _engine(model, None))
 
 
 @pytest.mark.parametrize("extra", [{}, {"train__grad_accum": 2, "optim__max_grad_norm": 0.5}],

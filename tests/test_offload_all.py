@@ -23,12 +23,18 @@ from pathlib import Path
 import pytest
 import torch
 from tests.reference import make_model, tiny_config
-from tests.test_offload import _assert_equal_states, _assert_resume_through_disk_is_straight, _engine, _state, _train
+from tests.test_offload import (
+    _assert_checkpoints_continue_bitwise,
+    _assert_equal_states,
+    _assert_resume_through_disk_is_straight,
+    _engine,
+    _state,
+    _train,
+)
 
 from slideformer import ConfigError, EngineConfig
 from slideformer.memory.budget import choose_offload, engine_host_bytes
 from slideformer.memory.disk_owner import SUFFIX
-from slideformer.train import checkpoint
 
 BF16 = dict(compute_dtype="bfloat16")
 
@@ -91,31 +97,15 @@ def test_deferred_schedule_with_clipping_and_accumulation_is_bitwise_equal(tmp_p
 def test_checkpoints_between_all_on_disk_and_ram_continue_bitwise(tmp_path: Path) -> None:
     cfg = tiny_config("llama", layers=2)
     model = make_model(cfg)
-    off = _all(model, tmp_path / "a")
-    _train(off, cfg.vocab_size, 2, 1)
-    ram = _engine(model, None, **BF16)
-    ram.load_state_dict(off.state_dict())  # masters + moments on disk -> RAM
-    off2 = _all(model, tmp_path / "b")
-    path = checkpoint.save(tmp_path / "ckpt", 2, ram.state_dict(), {})
-    sd = off2.state_dict()
-    checkpoint.load(path, sd)  # RAM -> the files of an 'all' engine (written through the mapped views)
-    sd["step"], sd["unit_steps"] = 2, None  # as train.loop.restore does (steps live in the trainer state)
-    off2.load_state_dict(sd)
-    try:
-        _check_layout(off2)
-        _assert_equal_states(_state(off2), _state(off))
-        runs = [_train(e, cfg.vocab_size, 2, 1, seed=9) for e in (off, ram, off2)]
-        assert runs[0] == runs[1] == runs[2]
-        states = [_state(e) for e in (off, ram, off2)]
-        _assert_equal_states(states[0], states[1])
-        _assert_equal_states(states[0], states[2])
+
+    def check(off, ram, off2) -> None:
         # hf_model: the trained FP32 model (the layers' parameters are views of the files).
         ref = dict(ram.hf_model().named_parameters())
         for name, p in off.hf_model().named_parameters():
             assert torch.equal(p, ref[name]), name
-    finally:
-        for e in (off, ram, off2):
-            e.close()
+
+    _assert_checkpoints_continue_bitwise(tmp_path, cfg.vocab_size, lambda d: _all(model, d),
+                                         lambda: _engine(model, None, **BF16), _check_layout, check)
 
 
 @pytest.mark.parametrize("extra", [{}, {"train__grad_accum": 2, "optim__max_grad_norm": 0.5}],
