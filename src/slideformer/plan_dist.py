@@ -22,9 +22,6 @@ from slideformer.planner import Hardware, Plan, make_plan
 COLLECTIVE_GBS = 140.0
 """GB/s per rank of an all-gather while the rank also streams host -> GPU (NVLink, measured on 2 GPUs:
 ``benchmarks/results/nccl_probe_2xh200_202611.json``; 253 alone). PCIe-only or cross-node links are slower."""
-STATE_TERMS = ("master weights", "gradient accumulator", "gradient buffer", "BF16 upload copies")
-"""Host terms of the sharded training state: a node holds 1/nodes of them; every other host or pinned term
-is a per-rank buffer, held once per rank of the node."""
 
 
 def data_parallel_plan(hf_config: Any, *, world: int, nodes: int, engine: EngineConfig, hardware: Hardware,
@@ -43,7 +40,8 @@ def data_parallel_plan(hf_config: Any, *, world: int, nodes: int, engine: Engine
     plan = make_plan(hf_config, engine=engine, hardware=per_rank, **kwargs)
 
     def per_node(terms: dict[str, int]) -> dict[str, int]:
-        return {k: (v // nodes if k.startswith(STATE_TERMS) else v * local) for k, v in terms.items()}
+        # The sharded training state: a node holds 1/nodes of it; per-process buffers: once per rank of the node.
+        return {k: (v // nodes if k in plan.state_terms else v * local) for k, v in terms.items()}
 
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
     plan.host, plan.pinned = per_node(plan.host), per_node(plan.pinned)

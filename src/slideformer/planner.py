@@ -69,6 +69,9 @@ class Plan:
     settings: dict[str, Any]
     hardware: Hardware
     notes: list[str] = field(default_factory=list)
+    state_terms: list[str] = field(default_factory=list)
+    """The host and pinned terms that are training state (sized by the parameters; sharded over data-parallel
+    ranks); every other host or pinned term is a per-process buffer."""
 
     @property
     def host_total(self) -> int:
@@ -253,11 +256,12 @@ def make_plan(
                     offload_ring_bytes(engine, largest_unit, elt, parts=3)}
     else:
         host = {"master weights + Adam moments": 12 * n}
+    state_terms = [next(iter(host))]  # the masters (and moments) term each layout above starts with
     if deferred:
-        if engine.grad_accumulator == "compute":
-            host[f"gradient buffer ({elt} B/param, one micro-batch)"] = elt * n
-        else:
-            host["gradient accumulator (fp32)"] = 4 * n
+        key = (f"gradient buffer ({elt} B/param, one micro-batch)" if engine.grad_accumulator == "compute"
+               else "gradient accumulator (fp32)")
+        host[key] = (elt if engine.grad_accumulator == "compute" else 4) * n
+        state_terms.append(key)
     host["process baseline"] = PROCESS_BASELINE_BYTES
     chunk_bytes = int(engine.chunk_mib * 2**20)
     device_cast = on_gpu and engine.upload_cast != "host" and not host_copy
@@ -302,6 +306,7 @@ def make_plan(
     copy_params = n - n_res - (0 if tied else params["embedding"])
     if host_copy:
         pinned["BF16 upload copies of the masters (2 B/param)"] = 2 * copy_params
+        state_terms.append("BF16 upload copies of the masters (2 B/param)")
     if not on_gpu:
         host.update({f"device (cpu): {k}": v for k, v in gpu.items() if "CUDA" not in k})
         gpu = {}
@@ -402,4 +407,5 @@ def make_plan(
         "host_copy": "bf16" if host_copy else "none",
         "offload_activations": engine.offload_activations,
     }
-    return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes)
+    return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes,
+                state_terms)
