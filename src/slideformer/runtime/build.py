@@ -1,7 +1,8 @@
 """Engine construction: the host units, the host-memory decision, the initial weights, page-locking.
 
 Owns what ``Engine.__init__`` does before the device window exists: splitting the model's parameters
-into units, choosing where the moments live and checking the host-RAM budget (planner terms), filling the
+into units, choosing where the moments live and checking the host-RAM budget (planner terms), opening the
+disk tier's store, filling the
 FP32 masters (copy, streamed load or random init; one unit at a time where each is then sharded, for
 data-parallel runs, or written to the disk tier, ``offload='all'``), the
 resident-layer count for ``resident_layers=-1``, and page-locking the masters that uploads read.
@@ -93,6 +94,10 @@ def chunk_elems(e: Engine) -> int:
 
 
 def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
+    if e.host_copy:  # the copies are page-locked as they are made: unregistered by close(), even mid-start-up
+        e._release_copies = weakref.finalize(e, unregister_all, e.ops, e.ops.exact_pinned)
+    if e.offload_mode != "none":
+        _open_disk_tier(e)
     if e.dist is not None and init in ("random", "load"):
         _init_streamed(e, model, init, weights, lambda u: u.allocate(with_grad_acc=False, master_only=True),
                        e.dist.shard_unit)
@@ -131,21 +136,25 @@ def _init_masters_to_disk(e: Engine, model: nn.Module, init: str, weights: Any) 
     copy is built from it) as soon as its initial weights are complete, so start-up holds the embedding and
     head masters plus the layers being filled, never the whole FP32 model (4 B/param)."""
     from slideformer.memory.host_state import attach_upload_copies
-    from slideformer.memory.offload import open_offload
 
     ops = e.ops
-    to_disk = frozenset(u.index for u in e.units[1:-1])  # the disk tier keeps no layer resident
-    e.offload = open_offload(e.cfg, e.units, e.device, chunk_elems(e), to_disk)
-    # The copies are page-locked as they are made: unregistered by close() even if start-up fails midway.
-    e._release_copies = weakref.finalize(e, unregister_all, ops, ops.exact_pinned)
     placeholder = torch.zeros(1)
 
     def done(u: HostUnit) -> None:
-        if u.index in to_disk:
+        if u.index in e.offload.masters:
             e.offload.store_master(u, placeholder, e.cfg.watchdog_s,
                                    lambda v: attach_upload_copies([v], ops.host_empty_exact, e.dtype))
 
     _init_streamed(e, model, init, weights, lambda u: u.allocate(with_grad_acc=False, moments_on_disk=True), done)
+
+
+def _open_disk_tier(e: Engine) -> None:
+    """The offload store (directory claimed, space checked, speed probed) before any weight is filled; with
+    ``offload='all'`` every decoder layer's master goes there too (the disk tier keeps no layer resident)."""
+    from slideformer.memory.offload import open_offload
+
+    masters = frozenset(u.index for u in e.units[1:-1]) if e.offload_mode == "all" else frozenset()
+    e.offload = open_offload(e.cfg, e.units, e.device, chunk_elems(e), masters)
 
 
 def _init_streamed(e: Engine, model: nn.Module, init: str, weights: Any, allocate: Callable[[HostUnit], None],

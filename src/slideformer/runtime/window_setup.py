@@ -1,17 +1,16 @@
 """The device window and the workers around an engine's initialised host units.
 
 Owns what ``Engine`` builds once its FP32 masters are filled: the resident layers (their count resolved,
-``resident_layers=-1``), the layer slots and the vocabulary slot, the BF16 upload copies and the disk tier's
-store (moments, and ``offload='all'`` masters not yet written at start-up), the upload and gradient workers,
-the activation store, the optimizer's thread count, and the step runner. Invariant: it runs once per engine,
-after ``build.init_weights`` and before the first step; every page-locked buffer it makes is released by
-``Engine.close`` (a finalizer where it is made).
+``resident_layers=-1``), the layer slots and the vocabulary slot, the BF16 upload copies, the ``offload='all'``
+masters start-up did not already write to the disk store (``build`` opens the store), the upload and gradient
+workers, the activation store, the optimizer's thread count, and the step runner. Invariant: it runs once per
+engine, after ``build.init_weights`` and before the first step; every page-locked buffer it makes is released
+by ``Engine.close``.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +18,6 @@ import torch
 from slideformer.memory.activations import ActivationStore
 from slideformer.memory.activations_disk import open_activation_store
 from slideformer.memory.host_state import attach_upload_copies
-from slideformer.memory.offload import open_offload
 from slideformer.models.loading import buffers_on
 from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime import build
@@ -63,18 +61,13 @@ def setup_device(e: Engine) -> None:
     vocab_numel = max(sum(s.unit.padded for s in e.head_segments), u0.padded)
     e.vocab_slot = SlotPool(ops, 1, vocab_numel, e.dtype).slots[0]
     e.adam = FlatAdamW(e.optim_cfg)
-    to_disk = streamed if e.offload_mode == "all" else []
     if e.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
-        if getattr(e, "_release_copies", None) is None:  # (set already where start-up made layer copies)
-            e._release_copies = weakref.finalize(e, build.unregister_all, ops, ops.exact_pinned)
-        attach_upload_copies([s.unit for s in e.head_segments] + [u for u in streamed if u not in to_disk],
+        attach_upload_copies([s.unit for s in e.head_segments]
+                             + [u for u in streamed if e.offload is None or u.index not in e.offload.masters],
                              ops.host_empty_exact, e.dtype)
-    if e.offload_mode in ("moments", "all"):
-        if e.offload is None:  # (opened already where start-up wrote each layer's master as it was filled)
-            e.offload = open_offload(e.cfg, e.units, e.device, chunk,
-                                     frozenset(u.index for u in to_disk), len(e.resident_idx))
-        # 'all': each streamed layer gets its upload copy, then its master goes to disk and its RAM is freed,
-        # one layer after the other (the copies grow as the masters shrink), all before page-locking.
+    if e.offload is not None:  # (opened by build.init_weights, before the weights were filled)
+        # 'all': each streamed layer whose master start-up did not write already (a model given in RAM) gets its
+        # upload copy, then its master goes to disk and its RAM is freed, one layer after the other.
         e.offload.store_masters(torch.zeros(1), e.cfg.watchdog_s,
                                 lambda u: attach_upload_copies([u], ops.host_empty_exact, e.dtype))
     e.layer_up = Uploader(ops, "sf-upload", chunk, e.cfg.staging_chunks, e.dtype)
