@@ -4,8 +4,8 @@
 #   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
-# Next session (see the closing notes): `tests profile_copy` (H100: the GPU tests, then the steady-state timeline
-# of the 3B headline configuration), `bench8b_auto` (now with the roofline child: the host-memory figure).
+# Session 5: `tests split3b profile_copy` (the GPU tests, the split embedding update against the whole one with
+# ZeRO-2/3 in the same run, the steady-state timeline of the 3B headline configuration), then `split8b`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -58,6 +58,24 @@ for stage in "$@"; do
         --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
         --out "$OUT/llama3.2-3b_cap24g_liger_h100_bench.json" > "$OUT/bench3b_liger.log" 2>&1
       sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_liger_h100_bench.md ;;
+    split3b)
+      # engine.embedding_update (runtime/embedding_split.py): the tied embedding's rows outside the batch updated
+      # during backward ('split', the default) vs one whole-matrix update after the embedding backward ('whole'),
+      # with ZeRO-2/3 in the same run; otherwise bench3b_liger (issue 3 target 1).
+      timeout 570 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+embedding_update=whole,zero2,zero3 --gpu-memory-gib 24 --steps 5 \
+        --warmup 2 --time-budget-s 550 --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
+        --out "$OUT/llama3.2-3b_cap24g_split_h100_bench.json" > "$OUT/split3b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_split_h100_bench.md ;;
+    split8b)
+      # 8B b8 on the whole card (planner residents): the untied embedding's zero-gradient rows updated during
+      # backward ('split') vs 'whole', and the resident layers spread over the depth (each streamed layer's
+      # upload then overlaps resident layers' compute instead of queueing behind the previous streamed one).
+      timeout 570 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+embedding_update=whole,slideformer+resident_placement=spread --steps 4 \
+        --warmup 2 --time-budget-s 550 --engine-opt resident_layers=-1 \
+        --out "$OUT/llama3.1-8b_split_h100_bench.json" > "$OUT/split8b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_split_h100_bench.md ;;
     threads3b)
       # The CPU AdamW's OpenMP threads during training (default: all 16 cores, beside the engine's own
       # upload/download/main threads) against 14 and 12, with Liger + planner residents + BF16 copy, and ZeRO-2.
@@ -175,6 +193,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, split3b, split8b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done

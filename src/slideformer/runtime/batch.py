@@ -29,6 +29,12 @@ class MicroBatch:
     """Shifted labels, flattened to ``[B*S]`` (-100 where nothing is learnt)."""
     tokens: int
     shape: torch.Size
+    rows_host: torch.Tensor
+    """The distinct token ids, sorted (host): the embedding rows this micro-batch reads and updates."""
+    rows: torch.Tensor
+    """``rows_host`` on the device."""
+    row_of: torch.Tensor
+    """For each token (flattened), its row's position in ``rows`` (device)."""
 
 
 def _tensor(batch: Mapping[str, Any], key: str, i: int) -> torch.Tensor | None:
@@ -101,6 +107,7 @@ def _prepare_one(mb: Mapping[str, Any], i: int, vocab: int, max_pos: int | None,
         raise BatchError(f"micro-batch {i}: position_ids shape {tuple(pos.shape)} must be [1 or {bsz}, {seq}]")
     targets = shift_labels(labels).reshape(-1)
     tokens = int((targets != IGNORE_INDEX).sum())
+    rows, row_of = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
     return MicroBatch(
         ids_host=ids.reshape(-1),
         ids=ids.to(device),
@@ -109,4 +116,7 @@ def _prepare_one(mb: Mapping[str, Any], i: int, vocab: int, max_pos: int | None,
         targets=targets.to(device),
         tokens=tokens,
         shape=ids.shape,
+        rows_host=rows,
+        rows=rows.to(device),
+        row_of=row_of.to(device),
     )

@@ -37,6 +37,7 @@ from slideformer.models import get_adapter
 from slideformer.runtime import build, engine_state, window_setup
 from slideformer.runtime.batch import prepare_batch
 from slideformer.runtime.device import DeviceOps
+from slideformer.runtime.embedding_split import EmbeddingSplit
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class Engine:
         self.dist = dist
         self.resident_reason = ""
         """Why ``resident_layers=-1`` chose its count (empty when the count was given)."""
+        self.embed_split: EmbeddingSplit | None = None
+        """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
         self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = build.make_units(self, model)
         self.offload: OffloadedMoments | None = None
@@ -135,6 +138,8 @@ class Engine:
     def ensure_capacity(self, tokens: int) -> None:
         """Size activation and embedding buffers for micro-batches of ``tokens`` tokens."""
         self.acts.ensure(tokens)
+        if self.embed_split is not None:
+            self.embed_split.ensure(tokens)
         if tokens > self.x0_capacity:
             n = tokens * self.hidden
             self.x0_dev = self.ops.empty(n, self.dtype)
@@ -294,6 +299,8 @@ class Engine:
         resident_params = sum(self.units[j + 1].numel for j in self.resident_idx)
         staging = sum(t.numel() * t.element_size() for w in (self.layer_up, self.vocab_up) for t in w.ring)
         staging += self.drain.staging_bytes()
+        if self.embed_split is not None:
+            staging += self.embed_split.host_bytes()  # the saved batch rows (FP32 master + moments)
         acts = self.acts.host_bytes()
         ring = self.offload.host_bytes() if self.offload is not None else 0
         staging += ring
@@ -344,6 +351,7 @@ class Engine:
         for name in ("_unregister", "_release_copies"):  # page-locked memory is unregistered before it is freed
             if getattr(self, name, None) is not None:
                 getattr(self, name)()
+        self.embed_split = None  # its device and host row buffers
         for name in ("resident", "layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)

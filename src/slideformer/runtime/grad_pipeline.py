@@ -36,6 +36,7 @@ from slideformer.memory.host_state import HostUnit
 from slideformer.memory.offload import OffloadedMoments
 from slideformer.optim.adamw import FlatAdamW, UpdateSpec
 from slideformer.runtime.device import DeviceOps
+from slideformer.runtime.embedding_split import RowUpdate
 from slideformer.runtime.transfer import Accumulate, Update, _Worker
 
 
@@ -50,7 +51,9 @@ class _Parked:
 
     seq: int
     unit: HostUnit
-    action: Accumulate | Update
+    action: Accumulate | Update | RowUpdate
+    length: int
+    """Elements to download and consume: the unit's (this rank's shard), or a ``RowUpdate``'s compact rows."""
     n_chunks: int
     future: Future = field(default_factory=Future)
     chunks: list[tuple[int, int, int, Any]] = field(default_factory=list)
@@ -90,11 +93,14 @@ class GradPipeline:
 
     # -- submission (main thread) ----------------------------------------------------------------
     def submit_drain(self, sources: list[tuple[HostUnit, torch.Tensor]], compute_event: Any,
-                     release: Future | None, action: Accumulate | Update) -> dict[int, Future]:
+                     release: Future | None, action: Accumulate | Update | RowUpdate) -> dict[int, Future]:
         """Queue the download of ``sources`` (unit, flat gradient view); returns a future per unit that
         completes when the optimizer has consumed that unit's gradient."""
         with self._cv:
-            items = [_Parked(next(self._seq), u, action, -(-u.shard_len // self.chunk)) for u, _ in sources]
+            items = []
+            for u, _ in sources:
+                n = action.numel if isinstance(action, RowUpdate) else u.shard_len
+                items.append(_Parked(next(self._seq), u, action, n, -(-n // self.chunk)))
             self._pending.extend(items)
         self.down.submit(self._download, items, [src for _, src in sources], compute_event, release)
         return {it.unit.index: it.future for it in items}
@@ -126,8 +132,8 @@ class GradPipeline:
                     src = self.reduce(it.unit, src, isinstance(it.action, Update))
                     with self._cv:
                         it.started = True
-                    for lo in range(0, it.unit.shard_len, self.chunk):
-                        hi = min(lo + self.chunk, it.unit.shard_len)
+                    for lo in range(0, it.length, self.chunk):
+                        hi = min(lo + self.chunk, it.length)
                         k = self._take_chunk()
                         self.ops.copy(self.pool[k][:hi - lo], src[lo:hi])
                         event = self.ops.record(self.down.stream)
@@ -221,6 +227,12 @@ class GradPipeline:
     def _consume(self, it: _Parked) -> None:
         """Consume ``it`` chunk by chunk as its copies land, freeing each parking chunk after use."""
         on_disk = self.offload is not None and isinstance(it.action, Update)
+        before = it.action.before.get(it.unit.index) if isinstance(it.action, Update) else None
+        if before is not None and self._error is None and it.error is None:
+            try:
+                before()  # the split embedding update saves the batch's rows before the whole matrix is updated
+            except BaseException as exc:
+                self._error = exc
         for i in range(it.n_chunks):
             with self._cv:
                 while len(it.chunks) <= i and it.error is None:
@@ -241,6 +253,11 @@ class GradPipeline:
                 with self._cv:
                     self._free.append(k)
                     self._cv.notify_all()
+        if isinstance(it.action, RowUpdate) and self._error is None and it.error is None:
+            try:
+                it.action.split.write_back(it.action.job)  # the rows' final state over the early update's
+            except BaseException as exc:
+                self._error = exc
         if on_disk:
             try:
                 self.offload.leave()  # the last piece is written back asynchronously
@@ -255,6 +272,11 @@ class GradPipeline:
     def _apply(self, it: _Parked, lo: int, hi: int, grad: torch.Tensor) -> None:
         unit, action = it.unit, it.action
         self.last_progress = f"{unit.name}[{lo}:{hi}]"
+        if isinstance(action, RowUpdate):
+            self.last_progress = f"{unit.name} batch rows [{lo}:{hi}]"
+            with record_function("sf/cpu_adamw"):
+                action.split.update_rows(action.job, lo, hi, grad)
+            return
         if isinstance(action, Update):
             # AdamW reads the compute-dtype gradient as it landed (the kernel upcasts in registers) and writes
             # the upload copy, if the unit has one, in the same pass.

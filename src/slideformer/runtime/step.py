@@ -31,6 +31,7 @@ from slideformer.models import run_layer
 from slideformer.optim.adamw import UpdateSpec
 from slideformer.runtime.batch import MicroBatch
 from slideformer.runtime.device import add_squared_norm
+from slideformer.runtime.embedding_split import RowsJob, RowUpdate
 from slideformer.runtime.slot_uses import SlotUses
 from slideformer.runtime.transfer import Accumulate, Update
 from slideformer.runtime.window import Segment, Slot, Use, plan_use
@@ -83,6 +84,8 @@ class StepRunner(SlotUses):
         w_lo = w_seg.offset + w_spec.offset
         self.head_w = engine.vocab_slot.weight[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
         self.head_gw = engine.vocab_slot.grad[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
+        # The input embedding's update in two parts (overlap schedule; runtime/embedding_split.py), or None.
+        self.split = engine.embed_split
 
     def _schedule_update(self, unit: HostUnit, lr: float) -> UpdateSpec:
         unit.step += 1
@@ -172,10 +175,15 @@ class StepRunner(SlotUses):
         return Update({u.index: self._schedule_update(u, lr) for u in units}), True
 
     def _drain(self, sources: list[tuple[HostUnit, torch.Tensor]], release: Future, deferred: bool,
-               first: bool, last: bool, lr: float, host_norm: bool) -> None:
+               first: bool, last: bool, lr: float, host_norm: bool,
+               action: Update | RowUpdate | None = None) -> None:
+        """Queue the download and consumption of ``sources``; ``action`` (overlap schedule) replaces the
+        default one, an update of every source unit with a freshly scheduled step."""
         self.open_releases.pop(id(release), None)  # the gradient worker sets it from now on
         units = [u for u, _ in sources]
-        action, updates = self._action(units, deferred, first, last, lr, host_norm)
+        updates = action is not None
+        if action is None:
+            action, updates = self._action(units, deferred, first, last, lr, host_norm)
         if not host_norm:
             for _, src in sources:
                 add_squared_norm(self.sq_dev, src, self.norm_scratch)
@@ -270,8 +278,19 @@ class StepRunner(SlotUses):
             if g is not None:
                 view.copy_(g)
         uh_seg = e.head_segments[-1]
-        self._drain([(uh, e.vocab_slot.grad[uh_seg.offset:uh_seg.offset + uh.padded])], head.release,
-                    deferred, first, last, lr, host_norm)
+        head_src = [(uh, e.vocab_slot.grad[uh_seg.offset:uh_seg.offset + uh.padded])]
+        split = not deferred and not host_norm and self.split is not None
+        job = self.split.job(mb.rows_host, self._schedule_update(u0, lr)) if split else None
+        if job is not None and p.tied:
+            # The rows outside the batch have their whole gradient now (the head's): update them during backward.
+            self.split.take_head_rows(self.head_gw, mb.rows)
+            self._drain([(u0, e.vocab_slot.grad[:u0.padded]), *head_src], head.release, deferred, first, last, lr,
+                        host_norm, Update({u0.index: job.spec, uh.index: self._schedule_update(uh, lr)},
+                                          before={u0.index: lambda: self.split.save_rows(job)}))
+        else:
+            self._drain(head_src, head.release, deferred, first, last, lr, host_norm)
+            if job is not None:  # untied: the rows outside the batch have a zero gradient; no download needed
+                e.drain.submit_task(self.split.early_zero, job, self._progress)
 
         # Backward through the layers, last to first.
         for j in reversed(range(L)):
@@ -307,18 +326,35 @@ class StepRunner(SlotUses):
             (dx0,) = torch.autograd.grad(h0, x0, dh)
         else:
             dx0 = dh
-        gw = e.vocab_slot.grad[:u0.numel].view(e.vocab, hidden)
-        if not p.tied:
-            gw.zero_()
         dx = dx0.reshape(-1, hidden)
         pad = p.embed.padding_idx
         if pad is not None:
             dx = dx.masked_fill((mb.ids.view(-1) == pad).unsqueeze(1), 0)
-        gw.index_add_(0, mb.ids.view(-1), dx)
-        self._drain([(u0, e.vocab_slot.grad[:u0.padded])], emb_use.release, deferred, first, last, lr, host_norm)
+        if job is not None:
+            self._embed_rows_backward(job, mb, dx, emb_use.release)
+        else:
+            gw = e.vocab_slot.grad[:u0.numel].view(e.vocab, hidden)
+            if not p.tied:
+                gw.zero_()
+            gw.index_add_(0, mb.ids.view(-1), dx)
+            self._drain([(u0, e.vocab_slot.grad[:u0.padded])], emb_use.release, deferred, first, last, lr,
+                        host_norm)
         # The next gather may overwrite x0 once compute and the activation copies are done with it.
         x0_release.set_result([ops.record(cs), ops.record(e.acts.stream)])
         return loss
+
+    def _embed_rows_backward(self, job: RowsJob, mb: MicroBatch, dx: torch.Tensor, release: Future) -> None:
+        """Split embedding update: the batch rows' gradient, summed into the compact buffer (which holds the
+        head's part of them when tied), goes to the rows' update; the rest of the matrix was updated early."""
+        g = self.split.grad_rows(job.rows.numel())
+        if not self.e.parts.tied:
+            g.zero_()
+        g.index_add_(0, mb.row_of, dx)
+        u0 = self.e.units[0]
+        self._drain([(u0, g.view(-1))], release, False, True, True, job.spec.lr, False, RowUpdate(job, self.split))
+
+    def _progress(self, what: str) -> None:
+        self.e.drain.last_progress = what
 
     def apply_resident_update(self, index: int) -> None:
         """Run a resident unit's deferred update (AdamW on the device, clipped) once the step's norm is known."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -165,3 +165,6 @@ class Update:
     """Drain action of the overlap schedule: run AdamW on the chunks as they land."""
 
     specs: dict[int, UpdateSpec]
+    before: dict[int, Callable[[], None]] = field(default_factory=dict)
+    """Run on the optimizer thread before a unit's first chunk is applied (the split embedding update saves
+    the batch's rows there: ``runtime/embedding_split.py``)."""

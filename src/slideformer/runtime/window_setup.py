@@ -21,6 +21,7 @@ from slideformer.memory.host_state import attach_upload_copies
 from slideformer.models.loading import buffers_on
 from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime import build
+from slideformer.runtime.embedding_split import EmbeddingSplit
 from slideformer.runtime.grad_pipeline import GradPipeline
 from slideformer.runtime.resident import ResidentLayers, pick_resident
 from slideformer.runtime.step import StepRunner
@@ -89,6 +90,10 @@ def setup_device(e: Engine) -> None:
     else:
         e.acts = ActivationStore(ops, e.num_layers, e.hidden, e.dtype)
     e.x0_capacity = 0
+    # The input embedding's update in two parts (runtime/embedding_split.py): one process, moments in RAM.
+    e.embed_split = (EmbeddingSplit(ops, u0, e.vocab, e.hidden, e.dtype, e.adam, chunk)
+                     if e.cfg.embedding_update == "split" and e.dist is None and e.offload is None
+                     and len(u0.params) == 1 else None)
     threads = e.cfg.optimizer_threads or (e.dist.cpu_threads() if e.dist is not None else 0)
     if threads > 0:
         torch.set_num_threads(threads)  # the C++ AdamW and the torch fallback both size to this pool

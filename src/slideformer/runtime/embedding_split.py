@@ -1,0 +1,149 @@
+"""The input embedding's CPU AdamW in two parts (``engine.embedding_update='split'``, overlap schedule).
+
+A micro-batch touches a few thousand of the vocabulary's rows. Every other row's gradient is known before
+backward reaches the embedding: exactly zero when the embedding is untied, the LM head's gradient when it is
+tied (complete right after the head). So the whole matrix is updated early, while backward runs, after the
+batch's rows (FP32 master and both moments) were saved aside:
+  * untied: a task on the optimizer thread, queued once the loss is known, with a zero gradient (no download);
+  * tied: the head's gradient, drained right after the head with the batch's rows zeroed on the device (their
+    head part moves into the compact ``rows_grad`` buffer first).
+The embedding backward then sums the batch rows' gradient into ``rows_grad`` (compact: one row per distinct
+token id); that is downloaded, applied to the saved rows, and the saved rows are written back over what the
+early update left in them (and into the BF16 upload copy). The step no longer ends on a whole-vocabulary
+download and update: only the batch's rows remain after the embedding backward.
+
+Invariant: the result is bitwise one whole-matrix update. AdamW is elementwise and the C++ kernel's
+arithmetic does not depend on an element's position or a call's length; every row is updated once from its
+state before the step, with the step's one step count and learning rate, and the compact gradient sums the
+same terms in the same order as the whole-matrix one. The rows' update is an item of the same unit queued
+after the early one (the optimizer consumes a unit's items in submission order, and a task before anything
+submitted later), and it is the unit's ``update_future``, so every reader (the next gather, the tied head's
+upload, ``flush``) sees both parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from slideformer.memory.host_state import HostUnit
+from slideformer.optim.adamw import FlatAdamW, UpdateSpec
+from slideformer.optim.cpu_adam import adamw_step
+from slideformer.runtime.device import DeviceOps
+
+
+@dataclass(frozen=True)
+class RowsJob:
+    """One step's split update: its rows, its spec, and the host buffers it saved them in (captured at
+    submission, so a later capacity growth cannot swap them under an update in flight)."""
+
+    rows: torch.Tensor
+    """Distinct token ids of the micro-batch, sorted (host, int64)."""
+    spec: UpdateSpec
+    saved: torch.Tensor
+    """[3, len(rows) * hidden] FP32: master, exp_avg, exp_avg_sq of the rows."""
+    out: torch.Tensor | None
+    """[len(rows) * hidden] in the upload copy's dtype, when the unit has an upload copy."""
+
+
+@dataclass
+class RowUpdate:
+    """Drain action of the rows' part: AdamW on the saved rows from the compact gradient, then write back."""
+
+    job: RowsJob
+    split: EmbeddingSplit
+
+    @property
+    def numel(self) -> int:
+        return int(self.job.saved.shape[1])
+
+
+class EmbeddingSplit:
+    """Device compact-gradient buffer (main thread) and the host side of the split update (optimizer thread)."""
+
+    def __init__(self, ops: DeviceOps, unit: HostUnit, vocab: int, hidden: int, dtype: torch.dtype,
+                 adam: FlatAdamW, chunk: int) -> None:
+        if len(unit.params) != 1 or unit.sharded or unit.numel != vocab * hidden:
+            raise RuntimeError(f"{unit.name}: the split embedding update needs one unsharded [vocab, hidden] matrix")
+        self.ops, self.unit, self.vocab, self.hidden, self.dtype = ops, unit, vocab, hidden, dtype
+        self.adam = adam
+        self.chunk = min(chunk, unit.numel)
+        self.decay = unit.n_decay == unit.numel  # one matrix: decayed or not as a whole (HostUnit.decay_segments)
+        self._zero: torch.Tensor | None = None  # the untied early update's gradient chunk, made on first use
+        self.capacity = 0
+        self.rows_grad = ops.empty(0, dtype)
+        self.saved = torch.empty(3, 0)
+        self.out: torch.Tensor | None = None
+
+    def ensure(self, tokens: int) -> None:
+        """Size the buffers for micro-batches of ``tokens`` tokens (at most that many distinct rows); called by
+        ``Engine.ensure_capacity`` between steps, as the embedding-row buffers beside it are."""
+        rows = min(tokens, self.vocab)
+        if rows <= self.capacity:
+            return
+        n = rows * self.hidden
+        self.rows_grad = self.ops.empty(n, self.dtype)
+        self.saved = torch.empty(3, n)
+        copy = self.unit.upload_copy
+        self.out = None if copy is None else torch.empty(n, dtype=copy.dtype)
+        self.capacity = rows
+
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.saved, self.out) if t is not None)
+
+    # -- main thread (device work on the compute stream) ---------------------------------------------
+    def job(self, rows: torch.Tensor, spec: UpdateSpec) -> RowsJob:
+        n = rows.numel() * self.hidden
+        return RowsJob(rows, spec, self.saved[:, :n], None if self.out is None else self.out[:n])
+
+    def grad_rows(self, n_rows: int) -> torch.Tensor:
+        """The compact gradient ``[n_rows, hidden]`` (device; compute stream)."""
+        return self.rows_grad[:n_rows * self.hidden].view(n_rows, self.hidden)
+
+    def take_head_rows(self, head_grad: torch.Tensor, rows: torch.Tensor) -> None:
+        """Tied: move the head's gradient of the batch's rows into the compact buffer and zero them in
+        ``head_grad`` (``[vocab, hidden]``), which the early update then consumes."""
+        torch.index_select(head_grad, 0, rows, out=self.grad_rows(rows.numel()))
+        head_grad.index_fill_(0, rows, 0)
+
+    # -- optimizer thread ----------------------------------------------------------------------------
+    def _rows(self, which: int) -> torch.Tensor:
+        return self.unit.flat[which * self.unit.numel:(which + 1) * self.unit.numel].view(self.vocab, self.hidden)
+
+    def save_rows(self, job: RowsJob) -> None:
+        """Before the early update: keep the rows' master and moments as they were before the step."""
+        n = job.rows.numel()
+        for k in range(3):
+            torch.index_select(self._rows(k), 0, job.rows, out=job.saved[k].view(n, self.hidden))
+
+    def early_zero(self, job: RowsJob, progress: Callable[[str], None]) -> None:
+        """Untied: save the rows, then AdamW over the whole matrix with a zero gradient (a task)."""
+        self.save_rows(job)
+        if self._zero is None:
+            self._zero = torch.zeros(self.chunk, dtype=self.dtype)
+        copy = self.unit.upload_copy
+        for lo in range(0, self.unit.numel, self.chunk):
+            hi = min(lo + self.chunk, self.unit.numel)
+            progress(f"{self.unit.name}[{lo}:{hi}] (zero-gradient rows)")
+            self.adam.update(self.unit, lo, hi, self._zero[:hi - lo], job.spec,
+                             out=None if copy is None else copy[lo:hi])
+
+    def update_rows(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:
+        """AdamW on elements ``[lo, hi)`` of the saved rows (flat, row-major) from their landed gradient."""
+        cfg = self.adam.cfg
+        b1, b2 = cfg.betas
+        adamw_step(job.saved[0, lo:hi], grad, job.saved[1, lo:hi], job.saved[2, lo:hi], step=job.spec.step,
+                   lr=job.spec.lr, beta1=b1, beta2=b2, eps=cfg.eps,
+                   weight_decay=cfg.weight_decay if self.decay else 0.0, grad_scale=job.spec.grad_scale,
+                   out=None if job.out is None else job.out[lo:hi])
+
+    def write_back(self, job: RowsJob) -> None:
+        """After the rows' last chunk: their updated master, moments (and upload copy) into the unit."""
+        n = job.rows.numel()
+        for k in range(3):
+            self._rows(k).index_copy_(0, job.rows, job.saved[k].view(n, self.hidden))
+        copy = self.unit.upload_copy
+        if copy is not None and job.out is not None:
+            copy.view(self.vocab, self.hidden).index_copy_(0, job.rows, job.out.view(n, self.hidden))
