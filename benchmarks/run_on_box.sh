@@ -68,12 +68,11 @@ for stage in "$@"; do
         --out "$OUT/llama3.2-3b_cap24g_split_h100_bench.json" > "$OUT/split3b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_split_h100_bench.md ;;
     split8b)
-      # 8B b8 on the whole card (planner residents): the untied embedding's zero-gradient rows updated during
-      # backward ('split') vs 'whole', and the resident layers spread over the depth (each streamed layer's
-      # upload then overlaps resident layers' compute instead of queueing behind the previous streamed one).
-      timeout 570 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,slideformer+embedding_update=whole,slideformer+resident_placement=spread --steps 4 \
-        --warmup 2 --time-budget-s 550 --engine-opt resident_layers=-1 \
+      # 8B b8 on the whole card (planner residents, resident_placement=auto: 21 of 32 resident -> spread), against
+      # the whole-matrix embedding update, the lowest layers resident (first), and the BF16 upload copy.
+      timeout 580 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+embedding_update=whole,slideformer+resident_placement=first,slideformer+host_copy=bf16 \
+        --steps 4 --warmup 2 --time-budget-s 560 --engine-opt resident_layers=-1 \
         --out "$OUT/llama3.1-8b_split_h100_bench.json" > "$OUT/split8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_split_h100_bench.md ;;
     threads3b)

@@ -126,3 +126,47 @@ def test_a_failure_reaches_this_and_every_later_future_without_deadlock() -> Non
     with pytest.raises(RuntimeError, match="injected"):
         later.result(10)
     p.close()
+
+
+def test_background_work_yields_to_landed_gradients_and_keeps_its_unit_order() -> None:
+    """Background work (the split embedding update's early part) runs a chunk at a time, after any landed
+    gradient of another unit; its own unit's later item and a later task wait for it to finish."""
+    adam = RecordingAdam()
+    p = _pipeline(adam)
+    emb, layers = _unit(0, 8), {i: _unit(i, 4) for i in (1, 2)}
+    log: list[str] = []
+
+    def steps():
+        for k in range(3):
+            adam.calls.append((-1, k))  # one chunk of background work
+            yield
+
+    adam.gate.clear()  # hold the optimizer inside layer 2 while the rest is queued
+    f2 = p.submit_drain([(layers[2], torch.ones(4))], None, None, _update([layers[2]]))
+    assert adam.entered.wait(10)
+    bg = p.submit_background(emb, steps)
+    f1 = p.submit_drain([(layers[1], torch.ones(4))], None, None, _update([layers[1]]))
+    f0 = p.submit_drain([(emb, torch.ones(8))], None, None, _update([emb]))  # the unit's next item
+    task = p.submit_task(lambda: log.append("task"))
+    _wait_landed(p, 2)
+    adam.gate.set()
+    for fut in (f2[2], f1[1], bg, f0[0], task):
+        fut.result(10)
+    # Layer 1 landed before the background work got a turn, so it goes first although it was queued later;
+    # the embedding's own drain waits for the background work, and the task for everything before it.
+    assert adam.calls == [(2, 0), (1, 0), (-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 4)]
+    assert log == ["task"]
+
+
+def test_background_drain_is_consumed_chunk_by_chunk_and_never_deadlocks_a_small_pool() -> None:
+    """A background drain larger than the pool streams through it, one landed chunk per turn, while a
+    later unit streams behind it: every parking chunk is freed and both finish."""
+    adam = RecordingAdam()
+    p = _pipeline(adam, pool_chunks=2, chunk=4)
+    emb, layer = _unit(0, 24), _unit(1, 16)
+    f0 = p.submit_drain([(emb, torch.ones(24))], None, None, _update([emb]), frozenset({0}))
+    f1 = p.submit_drain([(layer, torch.ones(16))], None, None, _update([layer]))
+    f0[0].result(10)
+    f1[1].result(10)
+    assert sorted(adam.calls) == [(0, lo) for lo in range(0, 24, 4)] + [(1, lo) for lo in range(0, 16, 4)]
+    assert len(p._free) == 2

@@ -62,3 +62,15 @@ def test_engine_minus_one_needs_the_micro_batch_size_and_keeps_none_on_the_cpu()
                             OptimConfig(lr=1e-3)) as engine:
         assert engine.memory_report()["resident_layers"] == 0 and "CPU" in engine.resident_reason
         engine.train_step({"input_ids": torch.randint(0, 64, (2, 16))})
+
+
+def test_auto_placement_spreads_only_when_residents_outnumber_streamed_layers() -> None:
+    from slideformer.runtime.resident import pick_resident
+
+    # 3B on 24 GiB (9 of 28 resident): the lowest layers, as measured faster there.
+    assert pick_resident(28, 9, "auto") == list(range(9))
+    # 8B on 80 GB (21 of 32 resident): spread over the depth, as measured faster there.
+    assert pick_resident(32, 21, "auto") == pick_resident(32, 21, "spread") != list(range(21))
+    assert pick_resident(32, 16, "auto") == list(range(16))  # a tie keeps the host's slack
+    assert pick_resident(32, 32, "auto") == list(range(32))
+    assert pick_resident(4, 0, "auto") == []

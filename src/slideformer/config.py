@@ -59,15 +59,18 @@ class EngineConfig:
     resident_layers: int = 0
     """Decoder layers kept on the device for good, with their FP32 master weights and AdamW moments
     (14 bytes/param of device memory each): never uploaded, their gradients never cross PCIe, their AdamW
-    runs on the device. Overlap schedule only (no clipping/accumulation). -1: as many as fit in the GPU
+    runs on the device (under the deferred schedule, after the step's clip coefficient, with 4 more bytes/param
+    for the FP32 gradient accumulator). -1: as many as fit in the GPU
     memory (``gpu_memory_gib``) next to the streaming buffers for ``max_tokens_per_micro_batch`` tokens
     (placement.py; 0 where they cannot be used)."""
     gpu_memory_gib: float = 0.0
     """GPU memory (GiB) the engine may plan for with ``resident_layers=-1``; 0: the device's free memory."""
-    resident_placement: Literal["first", "spread"] = "first"
+    resident_placement: Literal["auto", "first", "spread"] = "auto"
     """Which layers stay resident. 'first': the lowest ones, whose updates would otherwise be the CPU
     optimizer's tail at the end of backward and whose uploads would start the next forward. 'spread':
-    evenly over the depth, giving the link time to catch up between streamed layers."""
+    evenly over the depth, giving the link time to catch up between streamed layers. 'auto': spread when
+    resident layers outnumber the streamed ones (the streamed stretch would be bound by its uploads), else
+    first (the host's AdamW bounds the step and wants the slack); measured in ``runtime/resident.py``."""
     schedule: Schedule = "auto"
     """'overlap': each layer's AdamW runs during backward, as soon as its gradient lands (no clipping,
     no accumulation). 'deferred': gradients are accumulated on the host, the global norm is clipped, and
@@ -174,8 +177,9 @@ class EngineConfig:
         if self.resident_layers < -1:
             raise ConfigError("engine.resident_layers must be >= 0, or -1 for as many as fit, got "
                               f"{self.resident_layers}")
-        if self.resident_placement not in ("first", "spread"):
-            raise ConfigError(f"engine.resident_placement must be first or spread, got {self.resident_placement!r}")
+        if self.resident_placement not in ("auto", "first", "spread"):
+            raise ConfigError("engine.resident_placement must be auto, first or spread, got "
+                              f"{self.resident_placement!r}")
         if self.window < 1:
             raise ConfigError(f"engine.window must be >= 1, got {self.window}")
         if self.schedule not in ("auto", "overlap", "deferred"):

@@ -4,9 +4,12 @@ A micro-batch touches a few thousand of the vocabulary's rows. Every other row's
 backward reaches the embedding: exactly zero when the embedding is untied, the LM head's gradient when it is
 tied (complete right after the head). So the whole matrix is updated early, while backward runs, after the
 batch's rows (FP32 master and both moments) were saved aside:
-  * untied: a task on the optimizer thread, queued once the loss is known, with a zero gradient (no download);
+  * untied: background work of the optimizer thread, queued once the loss is known, with a zero gradient (no
+    download);
   * tied: the head's gradient, drained right after the head with the batch's rows zeroed on the device (their
-    head part moves into the compact ``rows_grad`` buffer first).
+    head part moves into the compact ``rows_grad`` buffer first), consumed as background work.
+Background work runs a chunk at a time when no layer's gradient is waiting (``runtime/grad_pipeline.py``), so
+it fills the optimizer's idle time instead of delaying the layers' updates.
 The embedding backward then sums the batch rows' gradient into ``rows_grad`` (compact: one row per distinct
 token id); that is downloaded, applied to the saved rows, and the saved rows are written back over what the
 early update left in them (and into the BF16 upload copy). The step no longer ends on a whole-vocabulary
@@ -23,10 +26,11 @@ upload, ``flush``) sees both parts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import FlatAdamW, UpdateSpec
@@ -118,8 +122,9 @@ class EmbeddingSplit:
         for k in range(3):
             torch.index_select(self._rows(k), 0, job.rows, out=job.saved[k].view(n, self.hidden))
 
-    def early_zero(self, job: RowsJob, progress: Callable[[str], None]) -> None:
-        """Untied: save the rows, then AdamW over the whole matrix with a zero gradient (a task)."""
+    def early_zero(self, job: RowsJob, progress: Callable[[str], None]) -> Iterator[None]:
+        """Untied: save the rows, then AdamW over the whole matrix with a zero gradient, one chunk per step
+        (background work of the optimizer thread: ``GradPipeline.submit_background``)."""
         self.save_rows(job)
         if self._zero is None:
             self._zero = torch.zeros(self.chunk, dtype=self.dtype)
@@ -127,8 +132,10 @@ class EmbeddingSplit:
         for lo in range(0, self.unit.numel, self.chunk):
             hi = min(lo + self.chunk, self.unit.numel)
             progress(f"{self.unit.name}[{lo}:{hi}] (zero-gradient rows)")
-            self.adam.update(self.unit, lo, hi, self._zero[:hi - lo], job.spec,
-                             out=None if copy is None else copy[lo:hi])
+            with record_function("sf/cpu_adamw"):
+                self.adam.update(self.unit, lo, hi, self._zero[:hi - lo], job.spec,
+                                 out=None if copy is None else copy[lo:hi])
+            yield
 
     def update_rows(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:
         """AdamW on elements ``[lo, hi)`` of the saved rows (flat, row-major) from their landed gradient."""

@@ -5,26 +5,30 @@ pinned *parking* chunks, and releases the slot as soon as the last copy is queue
 for AdamW. The optimizer thread picks what to consume: among units whose gradient has fully landed,
 the lowest unit index first. Backward produces units from the top down, so the backlog left when
 backward ends is worked off bottom-up, in the order the next forward needs the updated weights.
-When nothing has fully landed it streams the unit being downloaded, so a unit larger than the pool
-still goes through. With the moments on disk (``memory/offload.py``) it consumes in submission order
-instead (backward order, or forward order for the deferred updates), the order the disk ring prefetches
-in, and binds each chunk's moments (and master, ``engine.offload='all'``) with the ring's ``enter`` (``leave``
-after the unit). A unit with an
-upload copy (``engine.host_copy``) gets it written by AdamW in the same pass, in both schedules.
+*Background* work (the split embedding update's early part: ``runtime/embedding_split.py``) runs one
+chunk at a time, only when no other gradient has fully landed, so it fills the optimizer's idle time
+instead of delaying the layers behind it. When nothing else is ready it streams the unit being
+downloaded, so a unit larger than the pool still goes through. With the moments on disk
+(``memory/offload.py``) it consumes in submission order instead (backward order, or forward order for the
+deferred updates), the order the disk ring prefetches in, and binds each chunk's moments (and master,
+``engine.offload='all'``) with the ring's ``enter`` (``leave`` after the unit). A unit with an upload copy
+(``engine.host_copy``) gets it written by AdamW in the same pass, in both schedules.
 
 Ordering rules (the invariant):
   * items of the same unit are consumed in submission order (accumulation adds in micro-batch order);
   * a *task* (norm, deferred update) runs only after every item submitted before it, and nothing
-    submitted after it runs before it;
+    submitted after it runs before it; a *background* task or drain does not hold back later items of
+    other units, but later items of its own unit and later tasks wait for it;
   * a parking chunk is reused only after its consumer finished with it;
-  * the optimizer only waits for chunks of the unit being downloaded, so the pool cannot deadlock.
+  * the optimizer only waits for chunks of the unit being downloaded, and consumes a background drain's
+    landed chunks before it waits for a streaming one, so the pool cannot deadlock.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +64,9 @@ class _Parked:
     started: bool = False
     landed: bool = False
     error: BaseException | None = None
+    background: bool = False
+    consumed: int = 0
+    """Chunks applied so far (a background drain is consumed one chunk per turn)."""
 
 
 @dataclass
@@ -68,6 +75,10 @@ class _Task:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     future: Future = field(default_factory=Future)
+    background: bool = False
+    """``fn`` returns an iterator; each step of it is one chunk of work, run when nothing else is ready."""
+    steps: Iterator[Any] | None = None
+    unit_index: int = -1
 
 
 class GradPipeline:
@@ -93,14 +104,17 @@ class GradPipeline:
 
     # -- submission (main thread) ----------------------------------------------------------------
     def submit_drain(self, sources: list[tuple[HostUnit, torch.Tensor]], compute_event: Any,
-                     release: Future | None, action: Accumulate | Update | RowUpdate) -> dict[int, Future]:
+                     release: Future | None, action: Accumulate | Update | RowUpdate,
+                     background: frozenset[int] = frozenset()) -> dict[int, Future]:
         """Queue the download of ``sources`` (unit, flat gradient view); returns a future per unit that
-        completes when the optimizer has consumed that unit's gradient."""
+        completes when the optimizer has consumed that unit's gradient. Units in ``background`` are consumed
+        as background work (module docstring)."""
         with self._cv:
             items = []
             for u, _ in sources:
                 n = action.numel if isinstance(action, RowUpdate) else u.shard_len
-                items.append(_Parked(next(self._seq), u, action, n, -(-n // self.chunk)))
+                items.append(_Parked(next(self._seq), u, action, n, -(-n // self.chunk),
+                                     background=u.index in background))
             self._pending.extend(items)
         self.down.submit(self._download, items, [src for _, src in sources], compute_event, release)
         return {it.unit.index: it.future for it in items}
@@ -109,6 +123,15 @@ class GradPipeline:
         """Run ``fn(*args)`` on the optimizer thread after everything submitted so far."""
         with self._cv:
             task = _Task(next(self._seq), fn, args)
+            self._pending.append(task)
+            self._cv.notify_all()
+        return task.future
+
+    def submit_background(self, unit: HostUnit, fn: Callable[..., Iterator[Any]], *args: Any) -> Future:
+        """Run ``fn(*args)`` (an iterator, one chunk of work per step) as background work of ``unit``: after
+        the earlier items of that unit and tasks, one step at a time when no other gradient is ready."""
+        with self._cv:
+            task = _Task(next(self._seq), fn, args, background=True, unit_index=unit.index)
             self._pending.append(task)
             self._cv.notify_all()
         return task.future
@@ -180,8 +203,14 @@ class GradPipeline:
         seen_units: set[int] = set()
         streaming: _Parked | None = None
         best: _Parked | None = None
+        background: _Parked | _Task | None = None
         for pos, item in enumerate(self._pending):
             if isinstance(item, _Task):
+                if item.background:
+                    if item.unit_index not in seen_units and background is None:
+                        background = item
+                    seen_units.add(item.unit_index)  # later items of its unit come after it
+                    continue
                 if pos == 0:
                     return item
                 break  # nothing after a pending task may run before it
@@ -190,12 +219,15 @@ class GradPipeline:
             if item.unit.index in seen_units:
                 continue  # an earlier item of the same unit comes first
             seen_units.add(item.unit.index)
-            if item.landed:
+            if item.background:
+                if background is None and len(item.chunks) > item.consumed:
+                    background = item  # its next chunk has landed
+            elif item.landed:
                 if best is None or item.unit.index < best.unit.index:
                     best = item
             elif item.started:
                 streaming = item
-        return best or streaming
+        return best or background or streaming
 
     def _run(self) -> None:
         while True:
@@ -207,52 +239,94 @@ class GradPipeline:
                     self._cv.wait(0.1)  # new gradients or tasks arrive from the downloader / main thread
                     item = self._eligible()
             if isinstance(item, _Task):
-                self._run_task(item)
+                done = self._run_background_step(item) if item.background else self._run_task(item)
+            elif item.background:
+                done = self._consume_one(item)
             else:
-                self._consume(item)
+                done = self._consume(item)
             with self._cv:
-                self._pending.remove(item)
+                if done:
+                    self._pending.remove(item)
                 self._cv.notify_all()
 
-    def _run_task(self, task: _Task) -> None:
+    def _run_task(self, task: _Task) -> bool:
         if self._error is not None:
             task.future.set_exception(self._error)
-            return
+            return True
         try:
             task.future.set_result(task.fn(*task.args))
         except BaseException as exc:
             self._error = exc
             task.future.set_exception(exc)
+        return True
 
-    def _consume(self, it: _Parked) -> None:
+    def _run_background_step(self, task: _Task) -> bool:
+        """One step of a background task; True when it is finished (or failed)."""
+        if self._error is not None:
+            task.future.set_exception(self._error)
+            return True
+        try:
+            if task.steps is None:
+                task.steps = iter(task.fn(*task.args))
+            next(task.steps)
+            return False
+        except StopIteration:
+            task.future.set_result(None)
+        except BaseException as exc:
+            self._error = exc
+            task.future.set_exception(exc)
+        return True
+
+    def _consume(self, it: _Parked) -> bool:
         """Consume ``it`` chunk by chunk as its copies land, freeing each parking chunk after use."""
-        on_disk = self.offload is not None and isinstance(it.action, Update)
-        before = it.action.before.get(it.unit.index) if isinstance(it.action, Update) else None
-        if before is not None and self._error is None and it.error is None:
+        while it.consumed < it.n_chunks:
+            if not self._consume_chunk(it):
+                break
+        self._finish(it)
+        return True
+
+    def _consume_one(self, it: _Parked) -> bool:
+        """A background drain's next landed chunk; True when the drain is finished."""
+        if self._consume_chunk(it) and it.consumed < it.n_chunks:
+            return False
+        self._finish(it)
+        return True
+
+    def _consume_chunk(self, it: _Parked) -> bool:
+        """Apply chunk ``it.consumed`` once it landed and free its parking chunk; False if it never will."""
+        i = it.consumed
+        if i == 0 and isinstance(it.action, Update) and self._error is None and it.error is None:
+            before = it.action.before.get(it.unit.index)
             try:
-                before()  # the split embedding update saves the batch's rows before the whole matrix is updated
+                if before is not None:
+                    before()  # the split embedding update saves the batch's rows before the matrix is updated
             except BaseException as exc:
                 self._error = exc
-        for i in range(it.n_chunks):
+        with self._cv:
+            while len(it.chunks) <= i and it.error is None:
+                self._cv.wait(0.1)  # the downloader is still copying this unit
+            if len(it.chunks) <= i:
+                return False
+            k, lo, hi, event = it.chunks[i]
+        try:
+            if self._error is None and it.error is None:
+                self.ops.host_wait(event)  # this chunk's device-to-host copy has landed
+                if self.offload is not None and isinstance(it.action, Update):
+                    self.last_progress = f"disk read of {it.unit.name}[{lo}:{hi}] state"
+                    self.offload.enter(it.unit, lo, hi, -1)  # moments (+ master) from disk; then units below
+                self._apply(it, lo, hi, self.pool[k][:hi - lo])
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            it.consumed += 1
             with self._cv:
-                while len(it.chunks) <= i and it.error is None:
-                    self._cv.wait(0.1)  # the downloader is still copying this unit
-                if len(it.chunks) <= i:
-                    break
-                k, lo, hi, event = it.chunks[i]
-            try:
-                if self._error is None and it.error is None:
-                    self.ops.host_wait(event)  # this chunk's device-to-host copy has landed
-                    if on_disk:
-                        self.last_progress = f"disk read of {it.unit.name}[{lo}:{hi}] state"
-                        self.offload.enter(it.unit, lo, hi, -1)  # moments (+ master) from disk; then units below
-                    self._apply(it, lo, hi, self.pool[k][:hi - lo])
-            except BaseException as exc:
-                self._error = exc
-            finally:
-                with self._cv:
-                    self._free.append(k)
-                    self._cv.notify_all()
+                self._free.append(k)
+                self._cv.notify_all()
+        return True
+
+    def _finish(self, it: _Parked) -> None:
+        """After a drain's last chunk: the rows' write-back, the disk ring's last piece, the future."""
+        on_disk = self.offload is not None and isinstance(it.action, Update)
         if isinstance(it.action, RowUpdate) and self._error is None and it.error is None:
             try:
                 it.action.split.write_back(it.action.job)  # the rows' final state over the early update's

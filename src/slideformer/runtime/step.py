@@ -176,7 +176,7 @@ class StepRunner(SlotUses):
 
     def _drain(self, sources: list[tuple[HostUnit, torch.Tensor]], release: Future, deferred: bool,
                first: bool, last: bool, lr: float, host_norm: bool,
-               action: Update | RowUpdate | None = None) -> None:
+               action: Update | RowUpdate | None = None, background: frozenset[int] = frozenset()) -> None:
         """Queue the download and consumption of ``sources``; ``action`` (overlap schedule) replaces the
         default one, an update of every source unit with a freshly scheduled step."""
         self.open_releases.pop(id(release), None)  # the gradient worker sets it from now on
@@ -188,7 +188,7 @@ class StepRunner(SlotUses):
             for _, src in sources:
                 add_squared_norm(self.sq_dev, src, self.norm_scratch)
         event = self.ops.record(self.ops.compute_stream())
-        futures = self.e.drain.submit_drain(sources, event, release, action)
+        futures = self.e.drain.submit_drain(sources, event, release, action, background)
         if updates:
             for u in units:
                 u.update_future = futures[u.index]
@@ -286,11 +286,12 @@ class StepRunner(SlotUses):
             self.split.take_head_rows(self.head_gw, mb.rows)
             self._drain([(u0, e.vocab_slot.grad[:u0.padded]), *head_src], head.release, deferred, first, last, lr,
                         host_norm, Update({u0.index: job.spec, uh.index: self._schedule_update(uh, lr)},
-                                          before={u0.index: lambda: self.split.save_rows(job)}))
+                                          before={u0.index: lambda: self.split.save_rows(job)}),
+                        background=frozenset({u0.index}))
         else:
             self._drain(head_src, head.release, deferred, first, last, lr, host_norm)
             if job is not None:  # untied: the rows outside the batch have a zero gradient; no download needed
-                e.drain.submit_task(self.split.early_zero, job, self._progress)
+                e.drain.submit_background(u0, self.split.early_zero, job, self._progress)
 
         # Backward through the layers, last to first.
         for j in reversed(range(L)):
