@@ -134,3 +134,12 @@ def test_saved_rows_are_reported_and_sized_by_the_batch() -> None:
         assert split.capacity == 120
     finally:
         engine.close()
+
+
+def test_auto_splits_tied_embeddings_only() -> None:
+    for family, tied in (("llama", False), ("llama_tied", True)):
+        engine = _engine(make_model(tiny_config(family, vocab=512)), "auto")
+        try:
+            assert (engine.embed_split is not None) is tied, family
+        finally:
+            engine.close()

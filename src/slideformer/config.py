@@ -113,13 +113,14 @@ class EngineConfig:
     without it. 'bf16': on (needs compute_dtype bfloat16; a ConfigError otherwise). 'auto': on when the
     device is CUDA, the compute dtype is bfloat16 and the host state with the copy fits ``host_memory_gib``
     (the planner's total), else off. 'none': uploads read the FP32 master (``upload_cast``)."""
-    embedding_update: Literal["split", "whole"] = "split"
+    embedding_update: Literal["auto", "split", "whole"] = "auto"
     """How the CPU AdamW updates the input embedding in the overlap schedule (one process, no disk tier).
-    'split': the rows outside the batch are updated while backward still runs (untied: their gradient is
-    exactly zero; tied: it is the LM head's, complete at the start of backward) and only the batch's rows wait
-    for the embedding backward, so the step no longer ends on a whole-vocabulary update and download
-    (``runtime/embedding_split.py``). 'whole': one update of the whole matrix after the embedding backward.
-    Results are bitwise the same."""
+    'split': the rows outside the batch are updated during backward, as background work of the optimizer
+    thread (untied: their gradient is exactly zero; tied: it is the LM head's, complete at the start of
+    backward), and only the batch's rows wait for the embedding backward (``runtime/embedding_split.py``).
+    'whole': one update of the whole matrix after the embedding backward. 'auto': split when the embedding is
+    tied to the LM head, else whole (same-run H100 measurements: tied 3B +7%, untied 8B -5%;
+    performance_h100_202611.md). Results are bitwise the same."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
     check_host_memory: bool = True
@@ -194,8 +195,8 @@ class EngineConfig:
             raise ConfigError(f"engine.upload_cast must be auto, device or host, got {self.upload_cast!r}")
         if self.host_copy not in ("none", "bf16", "auto"):
             raise ConfigError(f"engine.host_copy must be none, bf16 or auto, got {self.host_copy!r}")
-        if self.embedding_update not in ("split", "whole"):
-            raise ConfigError(f"engine.embedding_update must be split or whole, got {self.embedding_update!r}")
+        if self.embedding_update not in ("auto", "split", "whole"):
+            raise ConfigError(f"engine.embedding_update must be auto, split or whole, got {self.embedding_update!r}")
         if self.watchdog_s <= 0:
             raise ConfigError(f"engine.watchdog_s must be > 0, got {self.watchdog_s}")
         if self.offload not in ("none", "moments", "all", "auto"):
