@@ -143,3 +143,20 @@ def test_auto_splits_tied_embeddings_only() -> None:
             assert (engine.embed_split is not None) is tied, family
         finally:
             engine.close()
+
+
+def test_planner_counts_the_saved_rows_where_the_split_runs() -> None:
+    from slideformer.planner import Hardware, make_plan
+
+    hw = Hardware(gpu_memory_bytes=80 << 30, host_memory_bytes=1 << 40)
+    key = "embedding rows saved by the split update"
+
+    def plan(family: str, clipping: bool, update: str = "auto"):
+        return make_plan(tiny_config(family, vocab=512), seq_len=16, batch_size=4, grad_accum=1, clipping=clipping,
+                         engine=EngineConfig(device="cuda", embedding_update=update), hardware=hw)
+
+    tied = plan("llama_tied", clipping=False)
+    assert tied.host[key] == 64 * 64 * 12  # 64 tokens -> at most 64 rows of 64 floats, master + 2 moments
+    assert key not in plan("llama_tied", clipping=True).host  # deferred schedule: whole update
+    assert key not in plan("llama", clipping=False).host  # untied: 'auto' keeps the whole update
+    assert key in plan("llama", clipping=False, update="split").host

@@ -263,6 +263,12 @@ def make_plan(
         host[key] = (elt if engine.grad_accumulator == "compute" else 4) * n
         state_terms.append(key)
     host["process baseline"] = PROCESS_BASELINE_BYTES
+    # The split embedding update (runtime/embedding_split.py): the batch's rows saved aside (FP32 master +
+    # moments, and their BF16 copy), and their compact gradient on the device.
+    split_rows = min(tokens, vocab) if (not deferred and offload == "none" and (
+        engine.embedding_update == "split" or (engine.embedding_update == "auto" and tied))) else 0
+    if split_rows:
+        host["embedding rows saved by the split update"] = split_rows * hidden * (12 + (2 if host_copy else 0))
     chunk_bytes = int(engine.chunk_mib * 2**20)
     device_cast = on_gpu and engine.upload_cast != "host" and not host_copy
     park = max(engine.staging_chunks, engine.grad_park_mib * 2**20 // chunk_bytes) if on_gpu else 0
@@ -287,6 +293,8 @@ def make_plan(
         "FP32 upload rings (device cast)": (2 * 2 * chunk_bytes // elt * 4) if device_cast else 0,
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }
+    if split_rows and on_gpu:
+        gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     if engine.resident_layers < 0:  # 'as many as fit': placement.py, for this run's tokens and GPU
         from slideformer.placement import resident_layers_that_fit
 

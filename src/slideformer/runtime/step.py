@@ -6,7 +6,9 @@ Per micro-batch, in program order: plan every slot use (which queues the uploads
   head: final norm + chunked linear cross-entropy, loss and head gradients in one pass,
   backward: layer j is recomputed from its prefetched input and back-propagated; its gradient is
             drained on the gradient worker (AdamW right away, or accumulation for the deferred schedule),
-  embed backward: the embedding gradient is scattered into the vocab slot and drained.
+  embed backward: the embedding gradient is scattered into the vocab slot and drained (or, with the split
+            embedding update, only the batch's rows: the rest was updated during backward;
+            ``runtime/embedding_split.py``).
 The deferred schedule then queues the global-norm computation and every unit's update, which run
 while the next step's forward starts (each upload waits only for its own unit's update).
 
