@@ -301,7 +301,10 @@ def make_plan(
         count, why = resident_layers_that_fit(hf_config, tokens=tokens, engine=engine, deferred=deferred,
                                               gpu_budget_bytes=hardware.gpu_memory_bytes - CUDA_CONTEXT_BYTES)
         engine = EngineConfig(**{**asdict(engine), "resident_layers": count})
-        auto_note = f"engine.resident_layers=-1 keeps {why}"
+        from slideformer.runtime.resident import resolve_placement
+
+        where = resolve_placement(len(layers), count, engine.resident_placement)
+        auto_note = f"engine.resident_layers=-1 keeps {why} (placed: {where})"
     else:
         auto_note = ""
     n_res = min(engine.resident_layers, len(layers)) * params["largest_layer"]

@@ -43,11 +43,16 @@ def pick_resident(num_layers: int, count: int, placement: str = "first") -> list
     spread 1.207 s (same run).
     """
     count = max(0, min(count, num_layers))
-    if placement == "auto":
-        placement = "spread" if count > num_layers - count else "first"
-    if placement == "first":
+    if resolve_placement(num_layers, count, placement) == "first":
         return list(range(count))
     return sorted({min(num_layers - 1, int((i + 0.5) * num_layers / count)) for i in range(count)})
+
+
+def resolve_placement(num_layers: int, count: int, placement: str) -> str:
+    """``first`` or ``spread``: ``auto`` spreads when resident layers outnumber the streamed ones."""
+    if placement != "auto":
+        return placement
+    return "spread" if count > num_layers - count else "first"
 
 
 class ResidentLayers:
