@@ -128,10 +128,14 @@ def test_saved_rows_are_reported_and_sized_by_the_batch() -> None:
     engine = _engine(make_model(cfg), "split", max_tokens_per_micro_batch=64)
     try:
         split = engine.embed_split
-        assert split is not None and split.capacity == 64
-        assert engine.memory_report()["staging_bytes"] >= 3 * 64 * cfg.hidden_size * 4
-        _run(engine, cfg.vocab_size, 1, seq=40)  # 120 tokens: the buffers grow between steps
-        assert split.capacity == 120
+        assert split is not None and split.capacity == 64  # the device buffer: the largest micro-batch
+        ids = torch.tensor([[5, 9, 5, 7, 9, 9]])
+        engine.train_step({"input_ids": ids, "labels": ids})
+        # The host buffers hold the distinct rows of the batches seen so far (3 here), master + 2 moments.
+        assert split.host_bytes() == 3 * 3 * cfg.hidden_size * 4
+        assert engine.memory_report()["staging_bytes"] >= split.host_bytes()
+        _run(engine, cfg.vocab_size, 1, seq=40)  # 120 tokens: the device buffer grows between steps
+        assert split.capacity == 120 and split.host_bytes() > 3 * 3 * cfg.hidden_size * 4
     finally:
         engine.close()
 

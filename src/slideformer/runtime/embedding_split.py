@@ -77,29 +77,33 @@ class EmbeddingSplit:
         self.decay = unit.n_decay == unit.numel  # one matrix: decayed or not as a whole (HostUnit.decay_segments)
         self._zero: torch.Tensor | None = None  # the untied early update's gradient chunk, made on first use
         self.capacity = 0
+        """Rows the device gradient buffer holds (sized for the largest micro-batch, between steps)."""
         self.rows_grad = ops.empty(0, dtype)
         self.saved = torch.empty(3, 0)
         self.out: torch.Tensor | None = None
 
     def ensure(self, tokens: int) -> None:
-        """Size the buffers for micro-batches of ``tokens`` tokens (at most that many distinct rows); called by
-        ``Engine.ensure_capacity`` between steps, as the embedding-row buffers beside it are."""
+        """Size the device buffer for micro-batches of ``tokens`` tokens (at most that many distinct rows); called
+        by ``Engine.ensure_capacity`` between steps, as the embedding-row buffers beside it are. The host buffers
+        grow with the distinct rows a micro-batch really has (``job``): a few thousand for text, where random
+        tokens reach ``tokens``."""
         rows = min(tokens, self.vocab)
-        if rows <= self.capacity:
-            return
-        n = rows * self.hidden
-        self.rows_grad = self.ops.empty(n, self.dtype)
-        self.saved = torch.empty(3, n)
-        copy = self.unit.upload_copy
-        self.out = None if copy is None else torch.empty(n, dtype=copy.dtype)
-        self.capacity = rows
+        if rows > self.capacity:
+            self.rows_grad = self.ops.empty(rows * self.hidden, self.dtype)
+            self.capacity = rows
 
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.saved, self.out) if t is not None)
 
     # -- main thread (device work on the compute stream) ---------------------------------------------
     def job(self, rows: torch.Tensor, spec: UpdateSpec) -> RowsJob:
+        """The step's job; grows the host buffers when this batch has more distinct rows than any before (a
+        job in flight keeps the buffers it captured, and the optimizer thread runs jobs one after another)."""
         n = rows.numel() * self.hidden
+        if n > self.saved.shape[1]:
+            self.saved = torch.empty(3, n)
+            copy = self.unit.upload_copy
+            self.out = None if copy is None else torch.empty(n, dtype=copy.dtype)
         return RowsJob(rows, spec, self.saved[:, :n], None if self.out is None else self.out[:n])
 
     def grad_rows(self, n_rows: int) -> torch.Tensor:
