@@ -23,6 +23,7 @@ import torch
 
 from slideformer.config import EngineConfig
 from slideformer.memory.budget import offload_ring_bytes
+from slideformer.plan_time import step_times
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + allocator slack on the GPU (measured order of magnitude)
@@ -335,47 +336,15 @@ def make_plan(
     if engine.offload_activations:
         disk["offload: activation checkpoints (one micro-batch)"] = act_file
 
-    step_tokens = tokens * grad_accum
-    compute = (
-        8.0 * n * step_tokens / (hardware.gpu_tflops * 1e12)
-    )  # fwd 2 + recompute 2 + bwd 4 flop/param/token
-    # FP32 masters cast on the device, or compute-dtype bytes (cast on the host, or the optimizer's BF16 copy).
-    up_bytes = 4.0 if device_cast else float(elt)
-    streamed = n - n_res  # resident layers never cross PCIe and are updated on the GPU
-    pcie = (
-        (2 * up_bytes * grad_accum + elt) * streamed / (hardware.pcie_gbs * 1e9)
-    )  # weights up twice per micro-batch, gradients down once
-    adam_rate = hardware.adam_gparams * 1e9
-    adam = streamed / adam_rate
-    # The step as two phases per micro-batch (forward: compute | uploads; backward: compute | re-uploads
-    # and downloads | the CPU AdamW of the units whose gradients landed) plus the optimizer's tail: the
-    # embedding's gradient lands last, so its AdamW follows the backward. Resident layers are one block
-    # (the lowest by default) that needs no transfers: their compute does not hide the streamed layers'
-    # uploads (the window prefetches only `window` layers ahead), so only the streamed share of the compute
-    # overlaps PCIe, and their AdamW runs on the GPU in backward. The deferred schedule runs every update
-    # during the next forward instead. Checked against the H100 box's measured steps (overlap: 1B/3B/8B,
-    # batch 8-32, 0-18 resident layers, with and without the BF16 copy, within -3%..+17%; deferred: 8B b8
-    # +3%, 1B b8 +38%, the host-side accumulation pass is not modelled).
-    pcie_s = hardware.pcie_gbs * 1e9
-    c_mb = compute / grad_accum
-    res_share = n_res / n
-    res_adam = n_res * 40 / (hardware.gpu_hbm_gbs * 1e9)
-    fwd = res_share * c_mb / 4 + max((1 - res_share) * c_mb / 4, streamed * up_bytes / pcie_s)
-    bwd = (res_share * 3 * c_mb / 4 + res_adam
-           + max((1 - res_share) * 3 * c_mb / 4, streamed * max(up_bytes, elt) / pcie_s))
-    tail = min(params["embedding"], streamed) / adam_rate
-    if deferred:
-        phases = max(fwd, adam) + bwd + (grad_accum - 1) * (fwd + bwd)
-    else:
-        phases = fwd + max(bwd, adam - tail) + tail
-    times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
-    # Every step reads and writes every unit's moments (and, 'all', the layers' masters) once, and each
-    # micro-batch writes its activation checkpoints and reads them back (one disk: the directions add up).
-    moved = 8 * n + (4 * params["decoder_layers"] if offload == "all" else 0) if offload in ("moments", "all") else 0
-    moved += act_file * grad_accum if engine.offload_activations else 0
-    if moved:
-        times["disk"] = moved / (hardware.disk_read_gbs * 1e9) + moved / (hardware.disk_write_gbs * 1e9)
-    times["step"] = max(phases, *times.values())
+    from slideformer.runtime.resident import resolve_placement
+
+    placed = resolve_placement(len(layers), engine.resident_layers, engine.resident_placement)
+    spread = bool(n_res) and placed == "spread"
+    times = step_times(hardware, n=n, embedding=params["embedding"], n_res=n_res, spread=spread,
+                       tokens=tokens, grad_accum=grad_accum, elt=elt, device_cast=device_cast, deferred=deferred,
+                       disk_bytes=(8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)
+                                   if offload in ("moments", "all") else 0)
+                       + (act_file * grad_accum if engine.offload_activations else 0))
     notes = [auto_note] if auto_note else []
     limit = getattr(hf_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
