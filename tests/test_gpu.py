@@ -8,6 +8,7 @@
   the same engine with every copy made synchronous.
 * Memory: device bytes do not grow with the number of layers.
 * Upload copy (``engine.host_copy=bf16``): bitwise equal to uploads from the FP32 master (device cast).
+* The split embedding update under the race amplifier (written in session 5 after its last device run).
 """
 
 from __future__ import annotations
@@ -69,14 +70,25 @@ def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float 
                                                        (2, 3, 2)])
 def test_race_amplifier(window: int, accumulate: int, resident: int) -> None:
     """Long transfers, tiny compute: every missing wait shows up as a bitwise difference."""
-    cfg = tiny_config("llama", layers=5, hidden=1024, vocab=4096)
+    _race("llama", window, accumulate, resident)
+
+
+@pytest.mark.parametrize("family,resident", [("llama", 0), ("llama_tied", 2)])
+def test_race_amplifier_split_embedding_update(family: str, resident: int) -> None:
+    """The split embedding update (background early part, compact rows after the embedding backward), untied and
+    tied, under the race amplifier."""
+    _race(family, 2, 1, resident, embedding_update="split")
+
+
+def _race(family: str, window: int, accumulate: int, resident: int, **engine_kw: object) -> None:
+    cfg = tiny_config(family, layers=5, hidden=1024, vocab=4096)
     cfg.intermediate_size = 8192
     base = make_model(cfg)
     results = []
     for sync in (False, True):
         engine = Engine(copy.deepcopy(base),
                         EngineConfig(device="cuda", window=window, chunk_mib=2, staging_chunks=2, sync_copies=sync,
-                                     resident_layers=resident),
+                                     resident_layers=resident, **engine_kw),
                         OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0 if accumulate > 1 else None))
         gen = torch.Generator().manual_seed(7)
         losses = []
