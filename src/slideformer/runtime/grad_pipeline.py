@@ -152,6 +152,10 @@ class GradPipeline:
             self.ops.wait(self.down.stream, compute_event)
             with self.ops.on(self.down.stream), record_function("sf/grad_download"):
                 for it, src in zip(items, sources):
+                    if self.down.stream is not None:
+                        # The copies below read src on this stream after the caller may have dropped it (a
+                        # buffer replaced by a larger one): the allocator must not reuse it before they ran.
+                        src.record_stream(self.down.stream)
                     src = self.reduce(it.unit, src, isinstance(it.action, Update))
                     with self._cv:
                         it.started = True
