@@ -4,8 +4,9 @@
 #   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
-# Next session (see the closing notes): `tests spread8b profile8b_spread` (H100: the GPU tests, then 8B b8 with
-# the residents spread: whole vs split embedding update in one run, and its steady-state timeline).
+# Next session (see the closing notes): `tests chunk3b` (H100: the GPU tests, then target 1 with smaller loss
+# chunks, i.e. more resident layers on 24 GiB), then `spread8b profile8b_spread` (8B b8 with the residents
+# spread: whole vs split embedding update in one run, and its steady-state timeline).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -75,6 +76,16 @@ for stage in "$@"; do
         --steps 4 --warmup 2 --time-budget-s 560 --engine-opt resident_layers=-1 \
         --out "$OUT/llama3.1-8b_split_h100_bench.json" > "$OUT/split8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_split_h100_bench.md ;;
+    chunk3b)
+      # Issue 3 target 1: a smaller loss chunk frees GPU memory (the planner counts 20 B per logit of a chunk:
+      # 5.25 GB at 2,048 tokens x 128,256) for more resident layers on the 24 GiB cap (planner: 9 -> 11 at 512,
+      # 12 at 256), i.e. fewer parameters for the host's AdamW, which bounds this step; ZeRO-2/3 in the same run.
+      timeout 590 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+loss_chunk_tokens=512,slideformer+loss_chunk_tokens=256,zero2,zero3 \
+        --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 570 --kernels liger \
+        --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
+        --out "$OUT/llama3.2-3b_cap24g_chunk_h100_bench.json" > "$OUT/chunk3b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_chunk_h100_bench.md ;;
     spread8b)
       # Next after session 5: the spread placement's run-to-run spread (1.207 / 1.368 s) and the untied split.
       # 8B b8, planner residents (auto -> spread), whole embedding update (auto for untied) vs split, one run.
@@ -204,6 +215,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, split3b, split8b, spread8b, profile8b_spread, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, split3b, split8b, spread8b, profile8b_spread, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done
