@@ -164,3 +164,26 @@ def test_planner_counts_the_saved_rows_where_the_split_runs() -> None:
     assert key not in plan("llama_tied", clipping=True).host  # deferred schedule: whole update
     assert key not in plan("llama", clipping=False).host  # untied: 'auto' keeps the whole update
     assert key in plan("llama", clipping=False, update="split").host
+
+
+def test_hidden_size_off_the_kernel_width_keeps_the_whole_update() -> None:
+    """A call's last n % 8 elements take torch's scalar-tail arithmetic, so with a hidden size off that width
+    the two paths would round a few elements differently: the engine keeps the whole update there."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=52, intermediate_size=104, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=26, vocab_size=509, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    model = make_model(cfg)
+    states = []
+    for update in ("whole", "split"):
+        engine = _engine(model, update)
+        try:
+            assert engine.embed_split is None
+            _run(engine, cfg.vocab_size, 3)
+            states.append(_state(engine))
+        finally:
+            engine.close()
+    for part, tensors in states[0].items():
+        for name, t in tensors.items():
+            assert torch.equal(t, states[1][part][name]), (part, name)

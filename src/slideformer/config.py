@@ -120,7 +120,8 @@ class EngineConfig:
     backward), and only the batch's rows wait for the embedding backward (``runtime/embedding_split.py``).
     'whole': one update of the whole matrix after the embedding backward. 'auto': split when the embedding is
     tied to the LM head, else whole (same-run H100 measurements: tied 3B +7%, untied 8B -5%;
-    performance_h100_202611.md). Results are bitwise the same."""
+    performance_h100_202611.md). Results are bitwise the same; a hidden size that is not a multiple of 8 (the
+    CPU kernel's tail width) keeps the whole update."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
     check_host_memory: bool = True

@@ -52,6 +52,10 @@ _CFLAGS = (
     "-DNDEBUG",
 )
 _LDFLAGS = ("-fopenmp",)
+TAIL_WIDTH = 8
+"""A call's last ``n % TAIL_WIDTH`` elements take torch's scalar-tail arithmetic (the second moment contracted
+the other way, ``cpu_adam.cpp``), so an element's result can depend on where it sits in a call; calls whose
+lengths are multiples of this give every element the same arithmetic."""
 _GRAD_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OUT_CODES = {torch.bfloat16: 1, torch.float16: 2}
 _FALLBACK_COST = (

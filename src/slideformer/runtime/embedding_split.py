@@ -15,10 +15,13 @@ token id); that is downloaded, applied to the saved rows, and the saved rows are
 early update left in them (and into the BF16 upload copy). The step no longer ends on a whole-vocabulary
 download and update: only the batch's rows remain after the embedding backward.
 
-Invariant: the result is bitwise one whole-matrix update. AdamW is elementwise and the C++ kernel's
-arithmetic does not depend on an element's position or a call's length; every row is updated once from its
-state before the step, with the step's one step count and learning rate, and the compact gradient sums the
-same terms in the same order as the whole-matrix one. The rows' update is an item of the same unit queued
+Invariant: the result is bitwise one whole-matrix update. AdamW is elementwise; the kernel gives every
+element the same arithmetic when a call's length is a multiple of ``cpu_adam.TAIL_WIDTH`` (its last
+``n % 8`` elements take torch's scalar-tail arithmetic), which holds for every call of both paths when the
+hidden size and the optimizer chunk are multiples of it (``exact_for``; every released LLM's hidden size is;
+otherwise the engine keeps the whole update). Every row is updated once from its state before the step,
+with the step's one step count and learning rate, and the compact gradient sums the same terms in the same
+order as the whole-matrix one. The rows' update is an item of the same unit queued
 after the early one (the optimizer consumes a unit's items in submission order, and a task before anything
 submitted later), and it is the unit's ``update_future``, so every reader (the next gather, the tied head's
 upload, ``flush``) sees both parts.
@@ -34,7 +37,7 @@ from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import FlatAdamW, UpdateSpec
-from slideformer.optim.cpu_adam import adamw_step
+from slideformer.optim.cpu_adam import TAIL_WIDTH, adamw_step
 from slideformer.runtime.device import DeviceOps
 
 
@@ -81,6 +84,12 @@ class EmbeddingSplit:
         self.rows_grad = ops.empty(0, dtype)
         self.saved = torch.empty(3, 0)
         self.out: torch.Tensor | None = None
+
+    @staticmethod
+    def exact_for(hidden: int, chunk: int) -> bool:
+        """Whether the split is bitwise the whole update: every call of both paths a multiple of the kernel's
+        tail width (rows of ``hidden`` elements, chunks of ``chunk``; see the module invariant)."""
+        return hidden % TAIL_WIDTH == 0 and chunk % TAIL_WIDTH == 0
 
     def ensure(self, tokens: int) -> None:
         """Size the device buffer for micro-batches of ``tokens`` tokens (at most that many distinct rows); called
