@@ -5,7 +5,7 @@
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
 # Next session (see the closing notes): `tests chunk3b` (H100: the GPU tests, then target 1 with smaller loss
-# chunks, i.e. more resident layers on 24 GiB), then `spread8b profile8b_spread` (8B b8 with the residents
+# chunks, i.e. more resident layers on 24 GiB), then `spread8b profile8b` (8B b8 with the residents
 # spread: whole vs split embedding update in one run, and its steady-state timeline).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -93,11 +93,6 @@ for stage in "$@"; do
         --systems slideformer,slideformer+embedding_update=split --steps 5 --warmup 2 --time-budget-s 380 \
         --engine-opt resident_layers=-1 --out "$OUT/llama3.1-8b_spread_h100_bench.json" > "$OUT/spread8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_spread_h100_bench.md ;;
-    profile8b_spread)
-      # The 8B b8 steady-state period with the residents spread (auto) and the whole embedding update.
-      timeout 300 python3 benchmarks/profile_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
-        --engine-opt resident_layers=-1 --name timeline_llama3.1-8b_b8_spread --out-dir "$OUT" \
-        > "$OUT/profile8b_spread.log" 2>&1; tail -20 "$OUT/profile8b_spread.log" ;;
     threads3b)
       # The CPU AdamW's OpenMP threads during training (default: all 16 cores, beside the engine's own
       # upload/download/main threads) against 14 and 12, with Liger + planner residents + BF16 copy, and ZeRO-2.
@@ -116,7 +111,8 @@ for stage in "$@"; do
         --out "$OUT/llama3.1-8b_park_h100_bench.json" > "$OUT/park8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_park_h100_bench.md ;;
     profile8b)
-      # The 8B b8 steady-state step (planner residents): where the 0.66 efficiency goes.
+      # The 8B b8 steady-state step (planner residents; since session 5 placed by resident_placement=auto, i.e.
+      # spread for the 20 of 32 that fit): where the step time goes.
       timeout 300 python3 benchmarks/profile_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
         --engine-opt resident_layers=-1 --name timeline_llama3.1-8b_b8_auto --out-dir "$OUT" \
         > "$OUT/profile8b.log" 2>&1; tail -20 "$OUT/profile8b.log" ;;
@@ -215,6 +211,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, split3b, split8b, spread8b, profile8b_spread, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, split3b, split8b, spread8b, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done

@@ -266,8 +266,12 @@ def make_plan(
     host["process baseline"] = PROCESS_BASELINE_BYTES
     # The split embedding update (runtime/embedding_split.py): the batch's rows saved aside (FP32 master +
     # moments, and their BF16 copy), and their compact gradient on the device.
-    split_rows = min(tokens, vocab) if (not deferred and offload == "none" and hidden % 8 == 0 and (
-        engine.embedding_update == "split" or (engine.embedding_update == "auto" and tied))) else 0
+    from slideformer.runtime.embedding_split import EmbeddingSplit
+
+    chunk_elems = int(engine.chunk_mib * 2**20) // elt
+    split_rows = min(tokens, vocab) if not deferred and EmbeddingSplit.used(
+        engine.embedding_update, tied=tied, hidden=hidden, chunk=chunk_elems, single_process=True,
+        in_ram=offload == "none") else 0
     if split_rows:
         host["embedding rows saved by the split update"] = split_rows * hidden * (12 + (2 if host_copy else 0))
     chunk_bytes = int(engine.chunk_mib * 2**20)

@@ -18,7 +18,7 @@ download and update: only the batch's rows remain after the embedding backward.
 Invariant: the result is bitwise one whole-matrix update. AdamW is elementwise; the kernel gives every
 element the same arithmetic when a call's length is a multiple of ``cpu_adam.TAIL_WIDTH`` (its last
 ``n % 8`` elements take torch's scalar-tail arithmetic), which holds for every call of both paths when the
-hidden size and the optimizer chunk are multiples of it (``exact_for``; every released LLM's hidden size is;
+hidden size and the optimizer chunk are multiples of it (``used``; every released LLM's hidden size is;
 otherwise the engine keeps the whole update). Every row is updated once from its state before the step,
 with the step's one step count and learning rate, and the compact gradient sums the same terms in the same
 order as the whole-matrix one. The rows' update is an item of the same unit queued
@@ -29,7 +29,7 @@ upload, ``flush``) sees both parts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,10 +86,14 @@ class EmbeddingSplit:
         self.out: torch.Tensor | None = None
 
     @staticmethod
-    def exact_for(hidden: int, chunk: int) -> bool:
-        """Whether the split is bitwise the whole update: every call of both paths a multiple of the kernel's
-        tail width (rows of ``hidden`` elements, chunks of ``chunk``; see the module invariant)."""
-        return hidden % TAIL_WIDTH == 0 and chunk % TAIL_WIDTH == 0
+    def used(update: str, *, tied: bool, hidden: int, chunk: int, single_process: bool, in_ram: bool) -> bool:
+        """Whether a run takes the split (``engine.embedding_update``; 'auto': tied embeddings only): one process,
+        moments in RAM, and bitwise the whole update, i.e. every call of both paths a multiple of the kernel's
+        tail width (rows of ``hidden`` elements, chunks of ``chunk``; see the module invariant). The engine
+        and the planner ask this one question."""
+        wanted = update == "split" or (update == "auto" and tied)
+        return (wanted and single_process and in_ram
+                and hidden % TAIL_WIDTH == 0 and chunk % TAIL_WIDTH == 0)
 
     def ensure(self, tokens: int) -> None:
         """Size the device buffer for micro-batches of ``tokens`` tokens (at most that many distinct rows); called
@@ -135,20 +139,20 @@ class EmbeddingSplit:
         for k in range(3):
             torch.index_select(self._rows(k), 0, job.rows, out=job.saved[k].view(n, self.hidden))
 
-    def early_zero(self, job: RowsJob, progress: Callable[[str], None]) -> Iterator[None]:
+    def early_zero(self, job: RowsJob) -> Iterator[str]:
         """Untied: save the rows, then AdamW over the whole matrix with a zero gradient, one chunk per step
-        (background work of the optimizer thread: ``GradPipeline.submit_background``)."""
+        (background work of the optimizer thread: ``GradPipeline.submit_background``); each step yields what it
+        did, for the watchdog's report."""
         self.save_rows(job)
         if self._zero is None:
             self._zero = torch.zeros(self.chunk, dtype=self.dtype)
         copy = self.unit.upload_copy
         for lo in range(0, self.unit.numel, self.chunk):
             hi = min(lo + self.chunk, self.unit.numel)
-            progress(f"{self.unit.name}[{lo}:{hi}] (zero-gradient rows)")
             with record_function("sf/cpu_adamw"):
                 self.adam.update(self.unit, lo, hi, self._zero[:hi - lo], job.spec,
                                  out=None if copy is None else copy[lo:hi])
-            yield
+            yield f"{self.unit.name}[{lo}:{hi}] (zero-gradient rows)"
 
     def update_rows(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:
         """AdamW on elements ``[lo, hi)`` of the saved rows (flat, row-major) from their landed gradient."""

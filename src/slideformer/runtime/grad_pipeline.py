@@ -128,7 +128,8 @@ class GradPipeline:
         return task.future
 
     def submit_background(self, unit: HostUnit, fn: Callable[..., Iterator[Any]], *args: Any) -> Future:
-        """Run ``fn(*args)`` (an iterator, one chunk of work per step) as background work of ``unit``: after
+        """Run ``fn(*args)`` (an iterator, one chunk of work per step, each yielding what it did) as background
+        work of ``unit``: after
         the earlier items of that unit and tasks, one step at a time when no other gradient is ready."""
         with self._cv:
             task = _Task(next(self._seq), fn, args, background=True, unit_index=unit.index)
@@ -272,7 +273,7 @@ class GradPipeline:
         try:
             if task.steps is None:
                 task.steps = iter(task.fn(*task.args))
-            next(task.steps)
+            self.last_progress = f"background: {next(task.steps)}"
             return False
         except StopIteration:
             task.future.set_result(None)

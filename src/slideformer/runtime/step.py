@@ -293,7 +293,7 @@ class StepRunner(SlotUses):
         else:
             self._drain(head_src, head.release, deferred, first, last, lr, host_norm)
             if job is not None:  # untied: the rows outside the batch have a zero gradient; no download needed
-                e.drain.submit_background(u0, self.split.early_zero, job, self._progress)
+                e.drain.submit_background(u0, self.split.early_zero, job)
 
         # Backward through the layers, last to first.
         for j in reversed(range(L)):
@@ -355,9 +355,6 @@ class StepRunner(SlotUses):
         g.index_add_(0, mb.row_of, dx)
         u0 = self.e.units[0]
         self._drain([(u0, g.view(-1))], release, False, True, True, job.spec.lr, False, RowUpdate(job, self.split))
-
-    def _progress(self, what: str) -> None:
-        self.e.drain.last_progress = what
 
     def apply_resident_update(self, index: int) -> None:
         """Run a resident unit's deferred update (AdamW on the device, clipped) once the step's norm is known."""

@@ -91,10 +91,10 @@ def setup_device(e: Engine) -> None:
         e.acts = ActivationStore(ops, e.num_layers, e.hidden, e.dtype)
     e.x0_capacity = 0
     # The input embedding's update in two parts (runtime/embedding_split.py): one process, moments in RAM.
-    split = e.cfg.embedding_update == "split" or (e.cfg.embedding_update == "auto" and p.tied)
-    e.embed_split = (EmbeddingSplit(ops, u0, e.vocab, e.hidden, e.dtype, e.adam, chunk)
-                     if split and e.dist is None and e.offload is None and len(u0.params) == 1
-                     and EmbeddingSplit.exact_for(e.hidden, chunk) else None)
+    split = len(u0.params) == 1 and EmbeddingSplit.used(
+        e.cfg.embedding_update, tied=p.tied, hidden=e.hidden, chunk=chunk, single_process=e.dist is None,
+        in_ram=e.offload is None)
+    e.embed_split = EmbeddingSplit(ops, u0, e.vocab, e.hidden, e.dtype, e.adam, chunk) if split else None
     threads = e.cfg.optimizer_threads or (e.dist.cpu_threads() if e.dist is not None else 0)
     if threads > 0:
         torch.set_num_threads(threads)  # the C++ AdamW and the torch fallback both size to this pool
