@@ -93,6 +93,14 @@ for stage in "$@"; do
         --systems slideformer,slideformer+embedding_update=split --steps 5 --warmup 2 --time-budget-s 380 \
         --engine-opt resident_layers=-1 --out "$OUT/llama3.1-8b_spread_h100_bench.json" > "$OUT/spread8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_spread_h100_bench.md ;;
+    rss3b)
+      # Issue 3 target 4 for the default engine (nothing resident, no BF16 copy, torch kernels) now that tied models
+      # default to the split embedding update (its saved batch rows: 12 B per element of the distinct rows), against
+      # the whole update, one run (no DeepSpeed, no roofline: host RSS is the figure).
+      timeout 300 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+embedding_update=whole --gpu-memory-gib 24 --steps 5 --warmup 2 \
+        --no-roofline --time-budget-s 280 --out "$OUT/llama3.2-3b_cap24g_rss_h100_bench.json" > "$OUT/rss3b.log" 2>&1
+      sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_rss_h100_bench.md ;;
     threads3b)
       # The CPU AdamW's OpenMP threads during training (default: all 16 cores, beside the engine's own
       # upload/download/main threads) against 14 and 12, with Liger + planner residents + BF16 copy, and ZeRO-2.
@@ -211,6 +219,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, split3b, split8b, spread8b, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, rss3b, split3b, split8b, spread8b, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done
