@@ -211,6 +211,13 @@ for stage in "$@"; do
       timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt kernels=liger \
         --name timeline_llama3.2-3b_b8_cap24_copy_liger --out-dir "$OUT" > "$OUT/profile_copy.log" 2>&1; tail -20 "$OUT/profile_copy.log" ;;
+    profile_chunk3b)
+      # Issue 3's headline configuration as chunk3b left it: 3B b8, 24 GiB cap, Liger, planner residents, BF16 copy,
+      # loss chunks of 512 tokens (split embedding update by default); one steady-state period.
+      timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt kernels=liger \
+        --engine-opt loss_chunk_tokens=512 --name timeline_llama3.2-3b_b8_cap24_chunk512 --out-dir "$OUT" \
+        > "$OUT/profile_chunk3b.log" 2>&1; tail -20 "$OUT/profile_chunk3b.log" ;;
     e2e8b)
       # A Llama-3.1-8B-shaped checkpoint through `slideformer train` (preset YAML) -> export -> transformers.
       (cd benchmarks && timeout 420 python3 e2e_cli.py --model llama3.1-8b --config ../configs/llama3_1_8b.yaml \
@@ -219,6 +226,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, rss3b, split3b, split8b, spread8b, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, rss3b, profile_chunk3b, split3b, split8b, spread8b, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done
