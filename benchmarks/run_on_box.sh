@@ -4,9 +4,7 @@
 #   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
-# Next session (see the closing notes): `tests chunk3b` (H100: the GPU tests, then target 1 with smaller loss
-# chunks, i.e. more resident layers on 24 GiB), then `spread8b profile8b` (8B b8 with the residents
-# spread: whole vs split embedding update in one run, and its steady-state timeline).
+# Session 6: `edf3b profile_chunk3b`, then `tests spread8b` (the pipeline order and the 512-token loss chunk).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -86,6 +84,16 @@ for stage in "$@"; do
         --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
         --out "$OUT/llama3.2-3b_cap24g_chunk_h100_bench.json" > "$OUT/chunk3b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_chunk_h100_bench.md ;;
+    edf3b)
+      # Issue 3 target 1 after session 6's pipeline order (background work by unit index: the embedding's early
+      # update before the layers, the top layers' updates left to overlap the next forward) and the 512-token
+      # loss chunk default: split vs whole embedding update, and a 4 GiB parking pool, with ZeRO-2/3, one run.
+      timeout 560 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+embedding_update=whole,slideformer+grad_park_mib=4096,zero2,zero3 \
+        --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 540 --kernels liger \
+        --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
+        --out "$OUT/llama3.2-3b_cap24g_edf_h100_bench.json" > "$OUT/edf3b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_edf_h100_bench.md ;;
     spread8b)
       # Next after session 5: the spread placement's run-to-run spread (1.207 / 1.368 s) and the untied split.
       # 8B b8, planner residents (auto -> spread), whole embedding update (auto for untied) vs split, one run.
@@ -226,6 +234,6 @@ for stage in "$@"; do
     profile)
       timeout 150 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --out-dir "$OUT" > "$OUT/profile.log" 2>&1; tail -20 "$OUT/profile.log" ;;
-    *) echo "unknown stage $stage (tests, rss3b, profile_chunk3b, split3b, split8b, spread8b, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, edf3b, rss3b, profile_chunk3b, split3b, split8b, spread8b, chunk3b, bench3b, bench3b_resident, bench8b, soak, profile, profile_resident, e2e8b, dist_tests, multi_sf, multi_zero3, multi_resident, bench3b_auto, bench3b_copy, bench3b_liger, threads3b, profile_copy, park8b, profile8b, bench8b_auto, disk, ds8b, multi_all, multi_diag, sweep3b, families)"; exit 2 ;;
   esac
 done

@@ -1,7 +1,7 @@
 """The gradient pipeline's ordering rules, driven directly (CPU: downloads land as they are issued).
 
-Rules (runtime/grad_pipeline.py): among fully landed units the lowest index is consumed first; items of
-one unit keep their order; a task runs after everything before it and before everything after it; a
+Rules (runtime/grad_pipeline.py): among fully landed units and background work the lowest index is
+consumed first (landed units first when the parking pool runs short); items of one unit keep their order; a task runs after everything before it and before everything after it; a
 unit larger than the parking pool streams through it; a failure reaches every later future.
 """
 
@@ -128,12 +128,13 @@ def test_a_failure_reaches_this_and_every_later_future_without_deadlock() -> Non
     p.close()
 
 
-def test_background_work_yields_to_landed_gradients_and_keeps_its_unit_order() -> None:
-    """Background work (the split embedding update's early part) runs a chunk at a time, after any landed
-    gradient of another unit; its own unit's later item and a later task wait for it to finish."""
+def test_background_work_of_a_lower_unit_goes_first_and_keeps_its_unit_order() -> None:
+    """Background work (the split embedding update's early part, unit 0) is consumed by unit index like a
+    landed gradient: the next forward reads the embedding first, so it goes before the layers; its own unit's
+    later item and a later task wait for it to finish."""
     adam = RecordingAdam()
     p = _pipeline(adam)
-    emb, layers = _unit(0, 8), {i: _unit(i, 4) for i in (1, 2)}
+    emb, layers = _unit(0, 8), {i: _unit(i, 4) for i in (1, 2, 3)}
     log: list[str] = []
 
     def steps():
@@ -141,21 +142,52 @@ def test_background_work_yields_to_landed_gradients_and_keeps_its_unit_order() -
             adam.calls.append((-1, k))  # one chunk of background work
             yield
 
-    adam.gate.clear()  # hold the optimizer inside layer 2 while the rest is queued
-    f2 = p.submit_drain([(layers[2], torch.ones(4))], None, None, _update([layers[2]]))
+    adam.gate.clear()  # hold the optimizer inside layer 3 while the rest is queued
+    f3 = p.submit_drain([(layers[3], torch.ones(4))], None, None, _update([layers[3]]))
     assert adam.entered.wait(10)
     bg = p.submit_background(emb, steps)
+    f2 = p.submit_drain([(layers[2], torch.ones(4))], None, None, _update([layers[2]]))
     f1 = p.submit_drain([(layers[1], torch.ones(4))], None, None, _update([layers[1]]))
     f0 = p.submit_drain([(emb, torch.ones(8))], None, None, _update([emb]))  # the unit's next item
     task = p.submit_task(lambda: log.append("task"))
-    _wait_landed(p, 2)
+    _wait_landed(p, 3)
     adam.gate.set()
-    for fut in (f2[2], f1[1], bg, f0[0], task):
+    for fut in (f3[3], f2[2], f1[1], bg, f0[0], task):
         fut.result(10)
-    # Layer 1 landed before the background work got a turn, so it goes first although it was queued later;
-    # the embedding's own drain waits for the background work, and the task for everything before it.
-    assert adam.calls == [(2, 0), (1, 0), (-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 4)]
+    # The background work (unit 0) before the layers that landed while it waited; the embedding's own drain
+    # right after it (still the lowest unit), then the layers bottom-up, and the task after everything.
+    assert adam.calls == [(3, 0), (-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 4), (1, 0), (2, 0)]
     assert log == ["task"]
+
+
+def test_landed_units_go_before_background_work_when_the_pool_runs_short() -> None:
+    """With fewer than a quarter of the parking chunks free, a landed unit is consumed (freeing its chunks for
+    the downloader, which the GPU's slot release waits on) before background work of a lower unit."""
+    adam = RecordingAdam()
+    p = _pipeline(adam, pool_chunks=4, chunk=4)  # reserve: 1 free chunk
+    emb, layers = _unit(0, 8), {i: _unit(i, 8) for i in (1, 2)}
+    gate, entered = threading.Event(), threading.Event()
+
+    def steps():
+        for k in range(2):
+            entered.set()
+            gate.wait(10)  # the first step holds the optimizer while both layers land
+            adam.calls.append((-1, k))
+            yield
+
+    bg = p.submit_background(emb, steps)
+    assert entered.wait(10)
+    f2 = p.submit_drain([(layers[2], torch.ones(8))], None, None, _update([layers[2]]))
+    f1 = p.submit_drain([(layers[1], torch.ones(8))], None, None, _update([layers[1]]))
+    _wait_landed(p, 2)
+    assert len(p._free) == 0  # 2 + 2 chunks parked
+    gate.set()
+    for fut in (f2[2], f1[1], bg):
+        fut.result(10)
+    # No chunk free: layer 1 (the lowest landed) before the background's next step; then 2 chunks are free
+    # again and the background work (unit 0) goes before layer 2.
+    assert adam.calls == [(-1, 0), (1, 0), (1, 4), (-1, 1), (2, 0), (2, 4)]
+    p.close()
 
 
 def test_background_drain_is_consumed_chunk_by_chunk_and_never_deadlocks_a_small_pool() -> None:

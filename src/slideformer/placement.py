@@ -87,8 +87,8 @@ def device_memory_advice(hf_config: Any, cfg: EngineConfig, *, tokens: int, resi
     if resident:
         each = plan.gpu.get("resident layers (weights + FP32 master + moments)", 0) / resident / gib
         advice.insert(0, f"fewer resident layers (engine.resident_layers={resident} now, ~{each:.2f} GiB each)")
-    if cfg.loss_chunk_tokens > 1024:
-        advice.append(f"engine.loss_chunk_tokens=1024 (now {cfg.loss_chunk_tokens})")
+    if cfg.loss_chunk_tokens > 256:
+        advice.append(f"engine.loss_chunk_tokens=256 (now {cfg.loss_chunk_tokens})")
     if cfg.window > 1:
         advice.append(f"engine.window=1 (now {cfg.window})")
     return (f"CUDA ran out of memory inside a training step ({detail.splitlines()[0] if detail else 'no detail'}). "

@@ -8,8 +8,10 @@ batch's rows (FP32 master and both moments) were saved aside:
     download);
   * tied: the head's gradient, drained right after the head with the batch's rows zeroed on the device (their
     head part moves into the compact ``rows_grad`` buffer first), consumed as background work.
-Background work runs a chunk at a time when no layer's gradient is waiting (``runtime/grad_pipeline.py``), so
-it fills the optimizer's idle time instead of delaying the layers' updates.
+Background work runs a chunk at a time, ordered with the landed layer gradients by unit index
+(``runtime/grad_pipeline.py``): the embedding is what the next forward reads first, so it goes before the
+layers unless the parking pool runs short, and what backward leaves behind is the top layers' updates, which
+overlap the next forward.
 The embedding backward then sums the batch rows' gradient into ``rows_grad`` (compact: one row per distinct
 token id); that is downloaded, applied to the saved rows, and the saved rows are written back over what the
 early update left in them (and into the BF16 upload copy). The step no longer ends on a whole-vocabulary

@@ -2,12 +2,14 @@
 
 The downloader copies each unit's gradient out of its device slot, chunk by chunk, into a fixed pool of
 pinned *parking* chunks, and releases the slot as soon as the last copy is queued: the GPU never waits
-for AdamW. The optimizer thread picks what to consume: among units whose gradient has fully landed,
-the lowest unit index first. Backward produces units from the top down, so the backlog left when
-backward ends is worked off bottom-up, in the order the next forward needs the updated weights.
-*Background* work (the split embedding update's early part: ``runtime/embedding_split.py``) runs one
-chunk at a time, only when no other gradient has fully landed, so it fills the optimizer's idle time
-instead of delaying the layers behind it. When nothing else is ready it streams the unit being
+for AdamW. The optimizer thread picks what to consume by when the next forward needs it: the lowest unit
+index first, among units whose gradient has fully landed and *background* work (the split embedding
+update's early part, ``runtime/embedding_split.py``, a chunk per turn: the embedding is the first thing
+the next forward reads). Backward produces units from the top down, so what is left when backward ends
+is the top layers, which the next forward reaches last: their updates overlap it instead of holding its
+start. Only when the pool runs short (fewer than a quarter of its chunks free) do fully landed units go
+before background work, since consuming them frees their parking chunks and the downloader (and so the
+GPU's slot release) waits for free ones. When nothing else is ready it streams the unit being
 downloaded, so a unit larger than the pool still goes through. With the moments on disk
 (``memory/offload.py``) it consumes in submission order instead (backward order, or forward order for the
 deferred updates), the order the disk ring prefetches in, and binds each chunk's moments (and master,
@@ -93,6 +95,8 @@ class GradPipeline:
         self.down = _Worker(ops, "sf-grad-down", chunk, 0, dtype)
         self.pool = [ops.host_empty(chunk, dtype) for _ in range(pool_chunks)]
         self._free = list(range(pool_chunks))
+        self.reserve = max(1, pool_chunks // 4)
+        """Free parking chunks below which fully landed units go before background work (module docstring)."""
         self._cv = threading.Condition()
         self._pending: list[_Parked | _Task] = []
         self._seq = itertools.count()
@@ -207,13 +211,13 @@ class GradPipeline:
         """The next item to consume, by the rules in the module docstring (called under the lock)."""
         seen_units: set[int] = set()
         streaming: _Parked | None = None
-        best: _Parked | None = None
-        background: _Parked | _Task | None = None
+        best: _Parked | None = None  # the lowest fully landed unit
+        background: tuple[int, _Parked | _Task] | None = None  # the lowest background work with a chunk ready
         for pos, item in enumerate(self._pending):
             if isinstance(item, _Task):
                 if item.background:
-                    if item.unit_index not in seen_units and background is None:
-                        background = item
+                    if item.unit_index not in seen_units and (background is None or item.unit_index < background[0]):
+                        background = (item.unit_index, item)
                     seen_units.add(item.unit_index)  # later items of its unit come after it
                     continue
                 if pos == 0:
@@ -225,14 +229,17 @@ class GradPipeline:
                 continue  # an earlier item of the same unit comes first
             seen_units.add(item.unit.index)
             if item.background:
-                if background is None and len(item.chunks) > item.consumed:
-                    background = item  # its next chunk has landed
+                if len(item.chunks) > item.consumed and (background is None or item.unit.index < background[0]):
+                    background = (item.unit.index, item)  # its next chunk has landed
             elif item.landed:
                 if best is None or item.unit.index < best.unit.index:
                     best = item
             elif item.started:
                 streaming = item
-        return best or background or streaming
+        if background is not None and (best is None or (background[0] < best.unit.index
+                                                         and len(self._free) >= self.reserve)):
+            return background[1]
+        return best or streaming
 
     def _run(self) -> None:
         while True:
