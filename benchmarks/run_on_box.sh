@@ -4,7 +4,7 @@
 #   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
-# Session 6: `edf3b profile_chunk3b`, then `tests spread8b` (the pipeline order and the 512-token loss chunk).
+# Session 6: `edf3b profile_chunk3b`, then `tests spread8b profile8b` (the pipeline order, 512-token loss chunks).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -95,8 +95,8 @@ for stage in "$@"; do
         --out "$OUT/llama3.2-3b_cap24g_edf_h100_bench.json" > "$OUT/edf3b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_edf_h100_bench.md ;;
     spread8b)
-      # Next after session 5: the spread placement's run-to-run spread (1.207 / 1.368 s) and the untied split.
-      # 8B b8, planner residents (auto -> spread), whole embedding update (auto for untied) vs split, one run.
+      # 8B b8, planner residents (auto -> spread), whole embedding update (auto) vs split, one run (session 6: with
+      # the optimizer's order by unit index and 512-token loss chunks).
       timeout 400 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
         --systems slideformer,slideformer+embedding_update=split --steps 5 --warmup 2 --time-budget-s 380 \
         --engine-opt resident_layers=-1 --out "$OUT/llama3.1-8b_spread_h100_bench.json" > "$OUT/spread8b.log" 2>&1

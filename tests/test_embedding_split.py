@@ -140,13 +140,14 @@ def test_saved_rows_are_reported_and_sized_by_the_batch() -> None:
         engine.close()
 
 
-def test_auto_splits_tied_embeddings_only() -> None:
-    for family, tied in (("llama", False), ("llama_tied", True)):
-        engine = _engine(make_model(tiny_config(family, vocab=512)), "auto")
-        try:
-            assert (engine.embed_split is not None) is tied, family
-        finally:
-            engine.close()
+def test_auto_keeps_the_whole_update_and_split_takes_both_kinds() -> None:
+    for family in ("llama", "llama_tied"):
+        for update, split in (("auto", False), ("whole", False), ("split", True)):
+            engine = _engine(make_model(tiny_config(family, vocab=512)), update)
+            try:
+                assert (engine.embed_split is not None) is split, (family, update)
+            finally:
+                engine.close()
 
 
 def test_planner_counts_the_saved_rows_where_the_split_runs() -> None:
@@ -159,10 +160,10 @@ def test_planner_counts_the_saved_rows_where_the_split_runs() -> None:
         return make_plan(tiny_config(family, vocab=512), seq_len=16, batch_size=4, grad_accum=1, clipping=clipping,
                          engine=EngineConfig(device="cuda", embedding_update=update), hardware=hw)
 
-    tied = plan("llama_tied", clipping=False)
+    tied = plan("llama_tied", clipping=False, update="split")
     assert tied.host[key] == 64 * 64 * 12  # 64 tokens -> at most 64 rows of 64 floats, master + 2 moments
-    assert key not in plan("llama_tied", clipping=True).host  # deferred schedule: whole update
-    assert key not in plan("llama", clipping=False).host  # untied: 'auto' keeps the whole update
+    assert key not in plan("llama_tied", clipping=True, update="split").host  # deferred schedule: whole update
+    assert key not in plan("llama_tied", clipping=False).host  # 'auto' keeps the whole update
     assert key in plan("llama", clipping=False, update="split").host
 
 

@@ -1,8 +1,9 @@
 """The gradient pipeline's ordering rules, driven directly (CPU: downloads land as they are issued).
 
 Rules (runtime/grad_pipeline.py): among fully landed units and background work the lowest index is
-consumed first (landed units first when the parking pool runs short); items of one unit keep their order; a task runs after everything before it and before everything after it; a
-unit larger than the parking pool streams through it; a failure reaches every later future.
+consumed first (landed units first when the parking pool runs short); items of one unit keep their
+order; a task runs after everything before it and before everything after it; a unit larger than the
+parking pool streams through it; a failure reaches every later future.
 """
 
 from __future__ import annotations

@@ -121,10 +121,12 @@ class EngineConfig:
     'split': the rows outside the batch are updated during backward, as background work of the optimizer
     thread (untied: their gradient is exactly zero; tied: it is the LM head's, complete at the start of
     backward), and only the batch's rows wait for the embedding backward (``runtime/embedding_split.py``).
-    'whole': one update of the whole matrix after the embedding backward. 'auto': split when the embedding is
-    tied to the LM head, else whole (same-run H100 measurements: tied 3B +7%, untied 8B -5%;
-    performance_h100_202611.md). Results are bitwise the same; a hidden size that is not a multiple of 8 (the
-    CPU kernel's tail width) keeps the whole update."""
+    'whole': one update of the whole matrix after the embedding backward. 'auto' (default): whole. Results are
+    bitwise the same. Same-run H100 measurements (performance_h100_202611.md): with the optimizer's order by
+    unit index (session 6) the tied 3B on a 24 GiB cap ran whole 0.567 vs split 0.601 s/step: in a step bound
+    by the host's AdamW the early part leaves the CPU idle while the head's gradient is awaited, where the whole
+    update keeps it busy and the GPU waits instead. (Before that order: tied 3B split +7%, untied 8B -5%.) A
+    hidden size that is not a multiple of 8 (the CPU kernel's tail width) keeps the whole update."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
     check_host_memory: bool = True

@@ -270,7 +270,7 @@ def make_plan(
 
     chunk_elems = int(engine.chunk_mib * 2**20) // elt
     split_rows = min(tokens, vocab) if not deferred and EmbeddingSplit.used(
-        engine.embedding_update, tied=tied, hidden=hidden, chunk=chunk_elems, single_process=True,
+        engine.embedding_update, hidden=hidden, chunk=chunk_elems, single_process=True,
         in_ram=offload == "none") else 0
     if split_rows:
         host["embedding rows saved by the split update"] = split_rows * hidden * (12 + (2 if host_copy else 0))

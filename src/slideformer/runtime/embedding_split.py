@@ -88,13 +88,12 @@ class EmbeddingSplit:
         self.out: torch.Tensor | None = None
 
     @staticmethod
-    def used(update: str, *, tied: bool, hidden: int, chunk: int, single_process: bool, in_ram: bool) -> bool:
-        """Whether a run takes the split (``engine.embedding_update``; 'auto': tied embeddings only): one process,
-        moments in RAM, and bitwise the whole update, i.e. every call of both paths a multiple of the kernel's
+    def used(update: str, *, hidden: int, chunk: int, single_process: bool, in_ram: bool) -> bool:
+        """Whether a run takes the split (``engine.embedding_update='split'``; 'auto' keeps the whole update): one
+        process, moments in RAM, and bitwise the whole update, i.e. every call of both paths a multiple of the kernel's
         tail width (rows of ``hidden`` elements, chunks of ``chunk``; see the module invariant). The engine
         and the planner ask this one question."""
-        wanted = update == "split" or (update == "auto" and tied)
-        return (wanted and single_process and in_ram
+        return (update == "split" and single_process and in_ram
                 and hidden % TAIL_WIDTH == 0 and chunk % TAIL_WIDTH == 0)
 
     def ensure(self, tokens: int) -> None:
