@@ -258,3 +258,25 @@ def test_activation_checkpoints_on_disk_are_counted_in_space_and_traffic(tmp_pat
     out = json.loads(capsys.readouterr().out)
     assert out["settings"]["offload_activations"] is True
     assert out["disk"]["offload: activation checkpoints (one micro-batch)"] > 0
+
+
+def test_plan_suggests_the_embedding_update_that_measured_faster_for_the_bound() -> None:
+    """Same-run H100 measurements: the split embedding update was faster where the step is bound by GPU compute
+    (8B b8, residents) and slower where the host's AdamW bounds it (tied 3B on a 24 GiB cap)."""
+    llama3b = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                          num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+    def notes(cfg, gib: int, update: str, **engine: object) -> list[str]:
+        plan = make_plan(cfg, seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                         engine=EngineConfig(device="cuda", resident_layers=-1, embedding_update=update, **engine),
+                         hardware=Hardware(gpu_memory_bytes=gib * GIB, host_memory_bytes=125 * GIB))
+        t = plan.step_seconds
+        bound = "gpu" if t["gpu compute"] > t["cpu adamw"] else "cpu"
+        return [bound] + [n for n in plan.notes if "embedding_update=split" in n]
+
+    gpu_bound = notes(_llama8b(), 80, "auto")
+    assert gpu_bound[0] == "gpu" and "bound by GPU compute" in gpu_bound[1]
+    assert notes(_llama8b(), 80, "split") == ["gpu"]  # already split: nothing to suggest
+    assert notes(llama3b, 24, "auto", host_copy="bf16") == ["cpu"]  # auto (whole) is the measured choice there
+    cpu_bound = notes(llama3b, 24, "split", host_copy="bf16")
+    assert cpu_bound[0] == "cpu" and "bound by the host's AdamW" in cpu_bound[1]
