@@ -4,7 +4,8 @@
 #   bash benchmarks/run_on_box.sh tests            # GPU tests (~1.5 min)
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
-# Session 6: `edf3b profile_chunk3b`, then `tests spread8b profile8b` (the pipeline order, 512-token loss chunks).
+# Session 6 ran `tests chunk3b rss3b profile_chunk3b`, `edf3b profile_chunk3b`, `tests spread8b profile8b`.
+# Next: `tests spread8b rss3b` (the split update's row-skipping kernel, written after the last device run).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -102,9 +103,9 @@ for stage in "$@"; do
         --engine-opt resident_layers=-1 --out "$OUT/llama3.1-8b_spread_h100_bench.json" > "$OUT/spread8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_spread_h100_bench.md ;;
     rss3b)
-      # Issue 3 target 4 for the default engine (nothing resident, no BF16 copy, torch kernels) now that tied models
-      # default to the split embedding update (its saved batch rows: 12 B per element of the distinct rows), against
-      # the whole update, one run (no DeepSpeed, no roofline: host RSS is the figure).
+      # Issue 3 target 4 for the default engine (nothing resident, no BF16 copy, torch kernels): the whole embedding
+      # update (auto) against the split one (session 6 first measured it keeping the batch rows aside, 12 B per
+      # element; since then it updates them in place), one run (no DeepSpeed, no roofline: host RSS is the figure).
       timeout 300 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
         --systems slideformer,slideformer+embedding_update=whole --gpu-memory-gib 24 --steps 5 --warmup 2 \
         --no-roofline --time-budget-s 280 --out "$OUT/llama3.2-3b_cap24g_rss_h100_bench.json" > "$OUT/rss3b.log" 2>&1

@@ -6,7 +6,7 @@ plays the device) losses, every parameter and both moments must be *equal* to ``
 tied and untied heads, a padding row (phi3), an embedding scale (gemma2), FP32 and BF16 compute with the BF16
 upload copy, optimizer chunks smaller than the matrix, resident layers, and with evaluation and a checkpoint
 round trip between steps. The deferred schedule (clipping) keeps the whole update, and the split is really
-taken (its buffers exist, the engine reports the saved rows).
+taken (its device buffer exists) without keeping anything aside on the host.
 """
 
 from __future__ import annotations
@@ -123,21 +123,23 @@ def test_deferred_schedule_keeps_the_whole_update() -> None:
     _compare("llama", max_norm=0.5)
 
 
-def test_saved_rows_are_reported_and_sized_by_the_batch() -> None:
+def test_rows_buffer_is_sized_by_the_batch_and_nothing_is_kept_aside_on_the_host() -> None:
     cfg = tiny_config("llama", vocab=512)
-    engine = _engine(make_model(cfg), "split", max_tokens_per_micro_batch=64)
+    engines = {u: _engine(make_model(cfg), u, max_tokens_per_micro_batch=64) for u in ("whole", "split")}
     try:
-        split = engine.embed_split
+        split = engines["split"].embed_split
         assert split is not None and split.capacity == 64  # the device buffer: the largest micro-batch
         ids = torch.tensor([[5, 9, 5, 7, 9, 9]])
-        engine.train_step({"input_ids": ids, "labels": ids})
-        # The host buffers hold the distinct rows of the batches seen so far (3 here), master + 2 moments.
-        assert split.host_bytes() == 3 * 3 * cfg.hidden_size * 4
-        assert engine.memory_report()["staging_bytes"] >= split.host_bytes()
-        _run(engine, cfg.vocab_size, 1, seq=40)  # 120 tokens: the device buffer grows between steps
-        assert split.capacity == 120 and split.host_bytes() > 3 * 3 * cfg.hidden_size * 4
+        for engine in engines.values():
+            engine.train_step({"input_ids": ids, "labels": ids})
+            _run(engine, cfg.vocab_size, 1, seq=40)  # 120 tokens: the device buffer grows between steps
+        assert split.capacity == 120
+        # The batch's rows are updated in place: the split holds no host buffers beyond the whole update's.
+        reports = {u: e.memory_report() for u, e in engines.items()}
+        assert reports["split"]["staging_bytes"] == reports["whole"]["staging_bytes"]
     finally:
-        engine.close()
+        for engine in engines.values():
+            engine.close()
 
 
 def test_auto_keeps_the_whole_update_and_split_takes_both_kinds() -> None:
@@ -150,21 +152,22 @@ def test_auto_keeps_the_whole_update_and_split_takes_both_kinds() -> None:
                 engine.close()
 
 
-def test_planner_counts_the_saved_rows_where_the_split_runs() -> None:
+def test_planner_counts_the_rows_gradient_where_the_split_runs() -> None:
     from slideformer.planner import Hardware, make_plan
 
     hw = Hardware(gpu_memory_bytes=80 << 30, host_memory_bytes=1 << 40)
-    key = "embedding rows saved by the split update"
+    key = "embedding rows' gradient (split update)"
 
     def plan(family: str, clipping: bool, update: str = "auto"):
         return make_plan(tiny_config(family, vocab=512), seq_len=16, batch_size=4, grad_accum=1, clipping=clipping,
                          engine=EngineConfig(device="cuda", embedding_update=update), hardware=hw)
 
     tied = plan("llama_tied", clipping=False, update="split")
-    assert tied.host[key] == 64 * 64 * 12  # 64 tokens -> at most 64 rows of 64 floats, master + 2 moments
-    assert key not in plan("llama_tied", clipping=True, update="split").host  # deferred schedule: whole update
-    assert key not in plan("llama_tied", clipping=False).host  # 'auto' keeps the whole update
-    assert key in plan("llama", clipping=False, update="split").host
+    assert tied.gpu[key] == 64 * 64 * 2  # 64 tokens -> at most 64 rows of 64 BF16 gradients
+    assert not any("split" in k for k in tied.host)  # the rows are updated in place: nothing kept aside
+    assert key not in plan("llama_tied", clipping=True, update="split").gpu  # deferred schedule: whole update
+    assert key not in plan("llama_tied", clipping=False).gpu  # 'auto' keeps the whole update
+    assert key in plan("llama", clipping=False, update="split").gpu
 
 
 def test_hidden_size_off_the_kernel_width_keeps_the_whole_update() -> None:

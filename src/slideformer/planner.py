@@ -264,16 +264,13 @@ def make_plan(
         host[key] = (elt if engine.grad_accumulator == "compute" else 4) * n
         state_terms.append(key)
     host["process baseline"] = PROCESS_BASELINE_BYTES
-    # The split embedding update (runtime/embedding_split.py): the batch's rows saved aside (FP32 master +
-    # moments, and their BF16 copy), and their compact gradient on the device.
+    # The split embedding update (runtime/embedding_split.py): the batch rows' compact gradient on the device.
     from slideformer.runtime.embedding_split import EmbeddingSplit
 
     chunk_elems = int(engine.chunk_mib * 2**20) // elt
     split_rows = min(tokens, vocab) if not deferred and EmbeddingSplit.used(
         engine.embedding_update, hidden=hidden, chunk=chunk_elems, single_process=True,
         in_ram=offload == "none") else 0
-    if split_rows:
-        host["embedding rows saved by the split update"] = split_rows * hidden * (12 + (2 if host_copy else 0))
     chunk_bytes = int(engine.chunk_mib * 2**20)
     device_cast = on_gpu and engine.upload_cast != "host" and not host_copy
     park = max(engine.staging_chunks, engine.grad_park_mib * 2**20 // chunk_bytes) if on_gpu else 0

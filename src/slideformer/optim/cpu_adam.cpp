@@ -1,6 +1,8 @@
 // slideformer CPU AdamW kernel: one pass over a layer's flat FP32 buffers that reads the gradient
 // (FP32, BF16 or FP16), updates param / exp_avg / exp_avg_sq in place and writes the BF16/FP16
-// upload copy of the updated param, with OpenMP threads over 256 KiB chunks.
+// upload copy of the updated param, with OpenMP threads over 256 KiB chunks. Two row-wise variants
+// serve the split embedding update (runtime/embedding_split.py): a range of a [rows, row_len] matrix
+// with some rows skipped, and a list of rows updated from a compact gradient.
 //
 // Invariants:
 //  * Semantics and FP32 rounding are those of torch's CPU `_fused_adamw_` (AVX2/AVX-512 build):
@@ -8,7 +10,9 @@
 //    p += (f32(-lr/bc1) * m) / (sqrt(v) / f32(sqrt(bc2)) + f32(eps)). Every contraction is an
 //    explicit std::fma and the file is compiled with -ffp-contract=off, so the compiler cannot add
 //    or drop one: results do not depend on the vector width the compiler picks. The last n % 8
-//    elements follow torch's scalar tail (see adam_tail), so every size matches bitwise.
+//    elements follow torch's scalar tail (see adam_tail), so every size matches bitwise. The row-wise
+//    variants give every element the body's arithmetic (the Python side requires lengths that are
+//    multiples of 8), so they match a whole-range call element for element.
 //  * A plain C ABI over raw pointers, called through ctypes (which releases the GIL for the call):
 //    no Python or torch headers, so it builds in about a second. The Python loader validates
 //    dtypes, sizes, devices and contiguity before calling and keeps the tensors alive meanwhile.
@@ -228,31 +232,113 @@ int run(float* p, const void* g, float* m, float* v, void* out, int64_t n, const
   return used;
 }
 
-template <typename G>
-int dispatch_out(int out_dtype, float* p, const void* g, float* m, float* v, void* out, int64_t n,
-                 const Coeffs& c, int threads) {
+// Calls op.template call<G, O>() for the gradient and copy dtype codes; -1 for an unsupported code.
+template <typename G, typename Op>
+int dispatch_out(int out_dtype, const Op& op) {
   switch (out_dtype) {
-    case kNone: return run<G, NoOut>(p, g, m, v, nullptr, n, c, threads);
-    case kBF16: return run<G, uint16_t>(p, g, m, v, out, n, c, threads);
+    case kNone: return op.template call<G, NoOut>();
+    case kBF16: return op.template call<G, uint16_t>();
 #if defined(__FLT16_MAX__)
-    case kF16: return run<G, half_t>(p, g, m, v, out, n, c, threads);
+    case kF16: return op.template call<G, half_t>();
 #endif
     default: return -1;
   }
 }
 
-}  // namespace
+template <typename Op>
+int dispatch(int grad_dtype, int out_dtype, const Op& op) {
+  switch (grad_dtype) {
+    case kF32: return dispatch_out<float>(out_dtype, op);
+    case kBF16: return dispatch_out<uint16_t>(out_dtype, op);
+#if defined(__FLT16_MAX__)
+    case kF16: return dispatch_out<half_t>(out_dtype, op);
+#endif
+    default: return -1;
+  }
+}
 
-extern "C" {
+inline int threads_for(int64_t n, int threads) {
+  return static_cast<int>(std::min<int64_t>(std::max(threads, 1), std::max<int64_t>(1, n / kMinPerThread)));
+}
 
-// One AdamW step over n elements, in place. Returns the number of threads that ran it, or -1 for
-// an unsupported dtype code (nothing is written then).
-int slideformer_adamw_step(float* p, const void* g, int grad_dtype, float* m, float* v, void* o,
-                           int out_dtype, int64_t n, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, double step, double grad_scale,
-                           int threads, int stream_out) {
-  if (n <= 0) return 0;
-  // Hyperparameters in double, then rounded to float, exactly as torch's fused CPU kernel.
+template <typename O>
+inline O* offset(void* out, int64_t i) {
+  return out == nullptr ? nullptr : static_cast<O*>(out) + i;
+}
+
+// The buffers of one call: param, gradient, moments and the optional copy.
+struct Buffers {
+  float* p;
+  const void* g;
+  float* m;
+  float* v;
+  void* o;
+};
+
+struct StepOp {
+  Buffers b;
+  int64_t n;
+  const Coeffs& c;
+  int threads;
+  template <typename G, typename O> int call() const { return run<G, O>(b.p, b.g, b.m, b.v, b.o, n, c, threads); }
+};
+
+// Elements [0, n) of a row-major matrix whose element 0 is element `base` of the whole matrix, every row in
+// `skip` (sorted, distinct, whole-matrix row ids) left untouched.
+struct SkipRowsOp {
+  Buffers b;
+  int64_t n, base, row_len;
+  const int64_t* skip;
+  int64_t n_skip;
+  const Coeffs& c;
+  int threads;
+  template <typename G, typename O> int call() const {
+    const G* g = static_cast<const G*>(b.g);
+    const int64_t* end = skip + n_skip;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    const int nt = threads_for(n, threads);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t ci = 0; ci < chunks; ++ci) {
+      int64_t pos = ci * kChunk;
+      const int64_t stop = std::min(n, pos + kChunk);
+      const int64_t* it = std::lower_bound(skip, end, (base + pos) / row_len);  // the first row not before pos
+      while (pos < stop) {
+        const int64_t next = it == end ? stop : std::min(stop, std::max(pos, *it * row_len - base));
+        if (next > pos) adam_range<G, O>(b.p + pos, g + pos, b.m + pos, b.v + pos, offset<O>(b.o, pos), next - pos, c);
+        if (it == end) break;
+        pos = std::max(next, (*it + 1) * row_len - base);  // past the skipped row
+        ++it;
+      }
+    }
+    return nt;
+  }
+};
+
+// Elements [lo, lo + n) of a compact row-major gradient whose row i belongs to row rows[i] of the matrices
+// p, m, v (and o): each piece of a row updated in place there.
+struct RowsOp {
+  Buffers b;
+  int64_t lo, n, row_len;
+  const int64_t* rows;
+  const Coeffs& c;
+  int threads;
+  template <typename G, typename O> int call() const {
+    const G* g = static_cast<const G*>(b.g);
+    const int64_t first = lo / row_len, last = (lo + n - 1) / row_len;
+    const int nt = threads_for(n, threads);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+    for (int64_t i = first; i <= last; ++i) {
+      const int64_t s = std::max(lo, i * row_len), e = std::min(lo + n, (i + 1) * row_len);
+      const int64_t dst = rows[i] * row_len + (s - i * row_len);
+      adam_range<G, O>(b.p + dst, g + (s - lo), b.m + dst, b.v + dst, offset<O>(b.o, dst), e - s, c);
+    }
+    return nt;
+  }
+};
+
+// Hyperparameters in double, then rounded to float, exactly as torch's fused CPU kernel.
+Coeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, double step,
+                   double grad_scale, bool stream_out) {
   const double bc1 = 1.0 - std::pow(beta1, step);
   const double bc2 = 1.0 - std::pow(beta2, step);
   const double w = 1.0 - beta1;
@@ -266,15 +352,43 @@ int slideformer_adamw_step(float* p, const void* g, int grad_dtype, float* m, fl
   c.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
   c.eps = static_cast<float>(eps);
   c.neg_step = static_cast<float>(-(lr / bc1));
-  c.stream_out = stream_out != 0 && o != nullptr;
-  switch (grad_dtype) {
-    case kF32: return dispatch_out<float>(out_dtype, p, g, m, v, o, n, c, threads);
-    case kBF16: return dispatch_out<uint16_t>(out_dtype, p, g, m, v, o, n, c, threads);
-#if defined(__FLT16_MAX__)
-    case kF16: return dispatch_out<half_t>(out_dtype, p, g, m, v, o, n, c, threads);
-#endif
-    default: return -1;
-  }
+  c.stream_out = stream_out;
+  return c;
+}
+
+}  // namespace
+
+extern "C" {
+
+// One AdamW step over n elements, in place. Returns the number of threads that ran it, or -1 for
+// an unsupported dtype code (nothing is written then).
+int slideformer_adamw_step(float* p, const void* g, int grad_dtype, float* m, float* v, void* o,
+                           int out_dtype, int64_t n, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, double step, double grad_scale,
+                           int threads, int stream_out) {
+  if (n <= 0) return 0;
+  const Coeffs c = make_coeffs(lr, beta1, beta2, eps, weight_decay, step, grad_scale, stream_out != 0 && o != nullptr);
+  return dispatch(grad_dtype, out_dtype, StepOp{{p, g, m, v, o}, n, c, threads});
+}
+
+// The step over elements [0, n) of a matrix range starting at element `base`, rows in `skip` untouched.
+int slideformer_adamw_skip_rows(float* p, const void* g, int grad_dtype, float* m, float* v, void* o,
+                                int out_dtype, int64_t n, int64_t base, int64_t row_len, const int64_t* skip,
+                                int64_t n_skip, double lr, double beta1, double beta2, double eps,
+                                double weight_decay, double step, double grad_scale, int threads, int stream_out) {
+  if (n <= 0) return 0;
+  const Coeffs c = make_coeffs(lr, beta1, beta2, eps, weight_decay, step, grad_scale, stream_out != 0 && o != nullptr);
+  return dispatch(grad_dtype, out_dtype, SkipRowsOp{{p, g, m, v, o}, n, base, row_len, skip, n_skip, c, threads});
+}
+
+// The step on rows rows[i] of the matrices from elements [lo, lo + n) of a compact gradient (g: element lo).
+int slideformer_adamw_rows(float* p, const void* g, int grad_dtype, float* m, float* v, void* o, int out_dtype,
+                           int64_t lo, int64_t n, int64_t row_len, const int64_t* rows, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, double step, double grad_scale,
+                           int threads, int stream_out) {
+  if (n <= 0) return 0;
+  const Coeffs c = make_coeffs(lr, beta1, beta2, eps, weight_decay, step, grad_scale, stream_out != 0 && o != nullptr);
+  return dispatch(grad_dtype, out_dtype, RowsOp{{p, g, m, v, o}, lo, n, row_len, rows, c, threads});
 }
 
 int slideformer_has_fp16() { return kHasF16 ? 1 : 0; }

@@ -78,6 +78,15 @@ class _Kernel:
         self.step.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
                               c.c_int64, *([c.c_double] * 7), c.c_int, c.c_int]  # fmt: skip
         self.step.restype = c.c_int
+        hp = [*([c.c_double] * 7), c.c_int, c.c_int]  # lr, betas, eps, wd, step, grad_scale; threads, stream_out
+        self.skip_rows = lib.slideformer_adamw_skip_rows  # cpu_adam_rows.adamw_skip_rows
+        self.skip_rows.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
+                                   c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, *hp]  # fmt: skip
+        self.skip_rows.restype = c.c_int
+        self.rows = lib.slideformer_adamw_rows  # cpu_adam_rows.adamw_rows
+        self.rows.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
+                              c.c_int64, c.c_int64, c.c_int64, c.c_void_p, *hp]  # fmt: skip
+        self.rows.restype = c.c_int
         lib.slideformer_simd.restype = c.c_char_p
         self.simd: str = lib.slideformer_simd().decode().strip()
         self.has_fp16 = bool(lib.slideformer_has_fp16())

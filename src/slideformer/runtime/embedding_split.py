@@ -2,31 +2,33 @@
 
 A micro-batch touches a few thousand of the vocabulary's rows. Every other row's gradient is known before
 backward reaches the embedding: exactly zero when the embedding is untied, the LM head's gradient when it is
-tied (complete right after the head). So the whole matrix is updated early, while backward runs, after the
-batch's rows (FP32 master and both moments) were saved aside:
+tied (complete right after the head). So the whole matrix but the batch's rows is updated early, while backward
+runs (``cpu_adam_rows.adamw_skip_rows``):
   * untied: background work of the optimizer thread, queued once the loss is known, with a zero gradient (no
     download);
   * tied: the head's gradient, drained right after the head with the batch's rows zeroed on the device (their
-    head part moves into the compact ``rows_grad`` buffer first), consumed as background work.
+    head part moves into the compact ``rows_grad`` buffer first, and the step's norm counts them once),
+    consumed as background work.
 Background work runs a chunk at a time, ordered with the landed layer gradients by unit index
 (``runtime/grad_pipeline.py``): the embedding is what the next forward reads first, so it goes before the
 layers unless the parking pool runs short, and what backward leaves behind is the top layers' updates, which
 overlap the next forward.
 The embedding backward then sums the batch rows' gradient into ``rows_grad`` (compact: one row per distinct
-token id); that is downloaded, applied to the saved rows, and the saved rows are written back over what the
-early update left in them (and into the BF16 upload copy). The step no longer ends on a whole-vocabulary
-download and update: only the batch's rows remain after the embedding backward.
+token id); that is downloaded and the batch's rows are updated in place from it
+(``cpu_adam_rows.adamw_rows``, which also writes their BF16 upload copy). The step no longer ends on a
+whole-vocabulary download and update: only the batch's rows remain after the embedding backward, and nothing
+is kept aside on the host.
 
 Invariant: the result is bitwise one whole-matrix update. AdamW is elementwise; the kernel gives every
 element the same arithmetic when a call's length is a multiple of ``cpu_adam.TAIL_WIDTH`` (its last
-``n % 8`` elements take torch's scalar-tail arithmetic), which holds for every call of both paths when the
+``n % 8`` elements take torch's scalar-tail arithmetic), which holds for every call of both parts when the
 hidden size and the optimizer chunk are multiples of it (``used``; every released LLM's hidden size is;
-otherwise the engine keeps the whole update). Every row is updated once from its state before the step,
-with the step's one step count and learning rate, and the compact gradient sums the same terms in the same
-order as the whole-matrix one. The rows' update is an item of the same unit queued
-after the early one (the optimizer consumes a unit's items in submission order, and a task before anything
-submitted later), and it is the unit's ``update_future``, so every reader (the next gather, the tied head's
-upload, ``flush``) sees both parts.
+otherwise the engine keeps the whole update). Every row is updated once from its state before the step (the
+early part skips the batch's rows, the rows' part touches only them), with the step's one step count and
+learning rate, and the compact gradient sums the same terms in the same order as the whole-matrix one. The
+rows' update is an item of the same unit queued after the early one (the optimizer consumes a unit's items in
+submission order, and a task before anything submitted later), and it is the unit's ``update_future``, so every
+reader (the next gather, the tied head's upload, ``flush``) sees both parts.
 """
 
 from __future__ import annotations
@@ -39,34 +41,30 @@ from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import FlatAdamW, UpdateSpec
-from slideformer.optim.cpu_adam import TAIL_WIDTH, adamw_step
+from slideformer.optim.cpu_adam import TAIL_WIDTH
+from slideformer.optim.cpu_adam_rows import adamw_rows, adamw_skip_rows
 from slideformer.runtime.device import DeviceOps
 
 
 @dataclass(frozen=True)
 class RowsJob:
-    """One step's split update: its rows, its spec, and the host buffers it saved them in (captured at
-    submission, so a later capacity growth cannot swap them under an update in flight)."""
+    """One step's split update: the micro-batch's rows and the step's update spec."""
 
     rows: torch.Tensor
     """Distinct token ids of the micro-batch, sorted (host, int64)."""
     spec: UpdateSpec
-    saved: torch.Tensor
-    """[3, len(rows) * hidden] FP32: master, exp_avg, exp_avg_sq of the rows."""
-    out: torch.Tensor | None
-    """[len(rows) * hidden] in the upload copy's dtype, when the unit has an upload copy."""
 
 
 @dataclass
 class RowUpdate:
-    """Drain action of the rows' part: AdamW on the saved rows from the compact gradient, then write back."""
+    """Drain action of the rows' part: AdamW on the batch's rows, in place, from the compact gradient."""
 
     job: RowsJob
     split: EmbeddingSplit
 
     @property
     def numel(self) -> int:
-        return int(self.job.saved.shape[1])
+        return int(self.job.rows.numel()) * self.split.hidden
 
 
 class EmbeddingSplit:
@@ -84,8 +82,6 @@ class EmbeddingSplit:
         self.capacity = 0
         """Rows the device gradient buffer holds (sized for the largest micro-batch, between steps)."""
         self.rows_grad = ops.empty(0, dtype)
-        self.saved = torch.empty(3, 0)
-        self.out: torch.Tensor | None = None
 
     @staticmethod
     def used(update: str, *, hidden: int, chunk: int, single_process: bool, in_ram: bool) -> bool:
@@ -98,27 +94,16 @@ class EmbeddingSplit:
 
     def ensure(self, tokens: int) -> None:
         """Size the device buffer for micro-batches of ``tokens`` tokens (at most that many distinct rows); called
-        by ``Engine.ensure_capacity`` between steps, as the embedding-row buffers beside it are. The host buffers
-        grow with the distinct rows a micro-batch really has (``job``): a few thousand for text, where random
-        tokens reach ``tokens``."""
+        by ``Engine.ensure_capacity`` between steps, as the embedding-row buffers beside it are."""
         rows = min(tokens, self.vocab)
         if rows > self.capacity:
             self.rows_grad = self.ops.empty(rows * self.hidden, self.dtype)
             self.capacity = rows
 
-    def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.saved, self.out) if t is not None)
-
     # -- main thread (device work on the compute stream) ---------------------------------------------
     def job(self, rows: torch.Tensor, spec: UpdateSpec) -> RowsJob:
-        """The step's job; grows the host buffers when this batch has more distinct rows than any before (a
-        job in flight keeps the buffers it captured, and the optimizer thread runs jobs one after another)."""
-        n = rows.numel() * self.hidden
-        if n > self.saved.shape[1]:
-            self.saved = torch.empty(3, n)
-            copy = self.unit.upload_copy
-            self.out = None if copy is None else torch.empty(n, dtype=copy.dtype)
-        return RowsJob(rows, spec, self.saved[:, :n], None if self.out is None else self.out[:n])
+        """The step's job (``rows``: the micro-batch's distinct token ids, sorted, on the host)."""
+        return RowsJob(rows, spec)
 
     def grad_rows(self, n_rows: int) -> torch.Tensor:
         """The compact gradient ``[n_rows, hidden]`` (device; compute stream)."""
@@ -131,44 +116,35 @@ class EmbeddingSplit:
         head_grad.index_fill_(0, rows, 0)
 
     # -- optimizer thread ----------------------------------------------------------------------------
-    def _rows(self, which: int) -> torch.Tensor:
-        return self.unit.flat[which * self.unit.numel:(which + 1) * self.unit.numel].view(self.vocab, self.hidden)
+    def _hp(self, job: RowsJob) -> dict[str, float | int]:
+        cfg = self.adam.cfg
+        return {"step": job.spec.step, "lr": job.spec.lr, "beta1": cfg.betas[0], "beta2": cfg.betas[1],
+                "eps": cfg.eps, "weight_decay": cfg.weight_decay if self.decay else 0.0,
+                "grad_scale": job.spec.grad_scale}
 
-    def save_rows(self, job: RowsJob) -> None:
-        """Before the early update: keep the rows' master and moments as they were before the step."""
-        n = job.rows.numel()
-        for k in range(3):
-            torch.index_select(self._rows(k), 0, job.rows, out=job.saved[k].view(n, self.hidden))
+    def _matrix(self, which: int) -> torch.Tensor:
+        """Master (0), exp_avg (1) or exp_avg_sq (2) of the whole matrix, flat."""
+        return self.unit.flat[which * self.unit.numel:(which + 1) * self.unit.numel]
+
+    def early(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:
+        """AdamW on elements ``[lo, hi)`` of the matrix from ``grad``, the batch's rows left for ``update_rows``."""
+        copy = self.unit.upload_copy
+        p, m, v = (self._matrix(k)[lo:hi] for k in range(3))
+        adamw_skip_rows(p, grad, m, v, base=lo, row_len=self.hidden, skip=job.rows,
+                        out=None if copy is None else copy[lo:hi], **self._hp(job))
 
     def early_zero(self, job: RowsJob) -> Iterator[str]:
-        """Untied: save the rows, then AdamW over the whole matrix with a zero gradient, one chunk per step
-        (background work of the optimizer thread: ``GradPipeline.submit_background``); each step yields what it
-        did, for the watchdog's report."""
-        self.save_rows(job)
+        """Untied: the early part with a zero gradient, one chunk per step (background work of the optimizer
+        thread: ``GradPipeline.submit_background``); each step yields what it did, for the watchdog's report."""
         if self._zero is None:
             self._zero = torch.zeros(self.chunk, dtype=self.dtype)
-        copy = self.unit.upload_copy
         for lo in range(0, self.unit.numel, self.chunk):
             hi = min(lo + self.chunk, self.unit.numel)
             with record_function("sf/cpu_adamw"):
-                self.adam.update(self.unit, lo, hi, self._zero[:hi - lo], job.spec,
-                                 out=None if copy is None else copy[lo:hi])
+                self.early(job, lo, hi, self._zero[:hi - lo])
             yield f"{self.unit.name}[{lo}:{hi}] (zero-gradient rows)"
 
     def update_rows(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:
-        """AdamW on elements ``[lo, hi)`` of the saved rows (flat, row-major) from their landed gradient."""
-        cfg = self.adam.cfg
-        b1, b2 = cfg.betas
-        adamw_step(job.saved[0, lo:hi], grad, job.saved[1, lo:hi], job.saved[2, lo:hi], step=job.spec.step,
-                   lr=job.spec.lr, beta1=b1, beta2=b2, eps=cfg.eps,
-                   weight_decay=cfg.weight_decay if self.decay else 0.0, grad_scale=job.spec.grad_scale,
-                   out=None if job.out is None else job.out[lo:hi])
-
-    def write_back(self, job: RowsJob) -> None:
-        """After the rows' last chunk: their updated master, moments (and upload copy) into the unit."""
-        n = job.rows.numel()
-        for k in range(3):
-            self._rows(k).index_copy_(0, job.rows, job.saved[k].view(n, self.hidden))
-        copy = self.unit.upload_copy
-        if copy is not None and job.out is not None:
-            copy.view(self.vocab, self.hidden).index_copy_(0, job.rows, job.out.view(n, self.hidden))
+        """AdamW on elements ``[lo, hi)`` of the batch's rows (flat, row-major, compact), in place in the unit."""
+        adamw_rows(self._matrix(0), grad, self._matrix(1), self._matrix(2), lo=lo, row_len=self.hidden,
+                   rows=job.rows, out=self.unit.upload_copy, **self._hp(job))

@@ -299,8 +299,6 @@ class Engine:
         resident_params = sum(self.units[j + 1].numel for j in self.resident_idx)
         staging = sum(t.numel() * t.element_size() for w in (self.layer_up, self.vocab_up) for t in w.ring)
         staging += self.drain.staging_bytes()
-        if self.embed_split is not None:
-            staging += self.embed_split.host_bytes()  # the saved batch rows (FP32 master + moments)
         acts = self.acts.host_bytes()
         ring = self.offload.host_bytes() if self.offload is not None else 0
         staging += ring
@@ -351,7 +349,7 @@ class Engine:
         for name in ("_unregister", "_release_copies"):  # page-locked memory is unregistered before it is freed
             if getattr(self, name, None) is not None:
                 getattr(self, name)()
-        self.embed_split = None  # its device and host row buffers
+        self.embed_split = None  # its device row buffer
         for name in ("resident", "layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)

@@ -307,13 +307,6 @@ class GradPipeline:
     def _consume_chunk(self, it: _Parked) -> bool:
         """Apply chunk ``it.consumed`` once it landed and free its parking chunk; False if it never will."""
         i = it.consumed
-        if i == 0 and isinstance(it.action, Update) and self._error is None and it.error is None:
-            before = it.action.before.get(it.unit.index)
-            try:
-                if before is not None:
-                    before()  # the split embedding update saves the batch's rows before the matrix is updated
-            except BaseException as exc:
-                self._error = exc
         with self._cv:
             while len(it.chunks) <= i and it.error is None:
                 self._cv.wait(0.1)  # the downloader is still copying this unit
@@ -337,13 +330,8 @@ class GradPipeline:
         return True
 
     def _finish(self, it: _Parked) -> None:
-        """After a drain's last chunk: the rows' write-back, the disk ring's last piece, the future."""
+        """After a drain's last chunk: the disk ring's last piece, the future."""
         on_disk = self.offload is not None and isinstance(it.action, Update)
-        if isinstance(it.action, RowUpdate) and self._error is None and it.error is None:
-            try:
-                it.action.split.write_back(it.action.job)  # the rows' final state over the early update's
-            except BaseException as exc:
-                self._error = exc
         if on_disk:
             try:
                 self.offload.leave()  # the last piece is written back asynchronously
@@ -366,8 +354,12 @@ class GradPipeline:
         if isinstance(action, Update):
             # AdamW reads the compute-dtype gradient as it landed (the kernel upcasts in registers) and writes
             # the upload copy, if the unit has one, in the same pass.
+            apply = action.apply.get(unit.index)
             with record_function("sf/cpu_adamw"):
-                self.adam.update(unit, lo, hi, grad, action.specs[unit.index], out=_copy_of(unit, lo, hi))
+                if apply is not None:
+                    apply(lo, hi, grad)
+                else:
+                    self.adam.update(unit, lo, hi, grad, action.specs[unit.index], out=_copy_of(unit, lo, hi))
             return
         acc = unit.grad_acc[lo:hi]
         if action.first:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -288,7 +289,7 @@ class StepRunner(SlotUses):
             self.split.take_head_rows(self.head_gw, mb.rows)
             self._drain([(u0, e.vocab_slot.grad[:u0.padded]), *head_src], head.release, deferred, first, last, lr,
                         host_norm, Update({u0.index: job.spec, uh.index: self._schedule_update(uh, lr)},
-                                          before={u0.index: lambda: self.split.save_rows(job)}),
+                                          apply={u0.index: partial(self.split.early, job)}),
                         background=frozenset({u0.index}))
         else:
             self._drain(head_src, head.release, deferred, first, last, lr, host_norm)

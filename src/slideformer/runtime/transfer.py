@@ -165,6 +165,6 @@ class Update:
     """Drain action of the overlap schedule: run AdamW on the chunks as they land."""
 
     specs: dict[int, UpdateSpec]
-    before: dict[int, Callable[[], None]] = field(default_factory=dict)
-    """Run on the optimizer thread before a unit's first chunk is applied (the split embedding update saves
-    the batch's rows there: ``runtime/embedding_split.py``)."""
+    apply: dict[int, Callable[[int, int, torch.Tensor], None]] = field(default_factory=dict)
+    """Units whose chunks ``[lo, hi)`` are applied by ``fn(lo, hi, grad)`` instead of AdamW over every element
+    (the split embedding update's early part skips the batch's rows: ``runtime/embedding_split.py``)."""
