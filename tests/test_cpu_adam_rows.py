@@ -2,9 +2,9 @@
 
 The split embedding update calls ``adamw_skip_rows`` on chunks of the matrix (chunk edges inside rows) and
 ``adamw_rows`` on the batch's rows from a compact gradient; together they must equal one whole-matrix step
-bitwise: master, both moments and the BF16 copy, for FP32 and BF16 gradients, with weight decay and gradient
-scaling, in the C++ kernel (one and several threads) and in the torch fallback. Bad inputs are refused before
-any memory is touched.
+bitwise: master, both moments and the BF16 copy (written with non-temporal stores, as the engine does), for
+FP32 and BF16 gradients, with weight decay and gradient scaling, in the C++ kernel (one and several threads)
+and in the torch fallback. Bad inputs are refused before any memory is touched.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ def _split_step(state, grad, rows, row_len, chunk, *, copy: bool, **kw) -> None:
     for lo in range(0, total, chunk):
         hi = min(lo + chunk, total)
         adamw_skip_rows(p[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi], base=lo, row_len=row_len, skip=rows,
-                        out=o[lo:hi] if copy else None, **kw)
+                        out=o[lo:hi] if copy else None, stream_out=copy, **kw)
     compact = grad.view(-1, row_len)[rows].reshape(-1).contiguous()
     for lo in range(0, compact.numel(), 16):
         hi = min(lo + 16, compact.numel())
-        adamw_rows(p, compact[lo:hi], m, v, lo=lo, row_len=row_len, rows=rows, out=o if copy else None, **kw)
+        adamw_rows(p, compact[lo:hi], m, v, lo=lo, row_len=row_len, rows=rows, out=o if copy else None,
+                   stream_out=copy, **kw)
 
 
 @pytest.mark.parametrize("backend", ["extension", "fallback"])

@@ -48,7 +48,8 @@ def _check_width(**lengths: int) -> None:
 
 
 def _kernel_ran(entry: str, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                out: torch.Tensor | None, geometry: tuple[int, ...], hp: list[float], num_threads: int | None) -> bool:
+                out: torch.Tensor | None, geometry: tuple[int, ...], hp: list[float], num_threads: int | None,
+                stream_out: bool) -> bool:
     """Run the C++ kernel's ``entry`` (``skip_rows`` or ``rows``); False when the fallback must run instead."""
     kernel: _Kernel | None = _LOADER.get()
     if kernel is None or (not kernel.has_fp16 and torch.float16 in (g.dtype, getattr(out, "dtype", None))):
@@ -56,7 +57,7 @@ def _kernel_ran(entry: str, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
     o_ptr, o_code = (None, -1) if out is None else (out.data_ptr(), _OUT_CODES[out.dtype])
     rc = getattr(kernel, entry)(p.data_ptr(), g.data_ptr(), _GRAD_CODES[g.dtype], m.data_ptr(), v.data_ptr(), o_ptr,
-                                o_code, *geometry, *hp, threads, 0)  # fmt: skip
+                                o_code, *geometry, *hp, threads, int(stream_out))  # fmt: skip
     if rc < 0:  # the kernel lacks a dtype this Python accepted: a build/version mismatch
         raise CpuAdamInputError(f"{entry}: the C++ kernel rejected {g.dtype} -> {o_code}")
     return True
@@ -72,10 +73,10 @@ def _hp(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_dec
 def adamw_skip_rows(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                     base: int, row_len: int, skip: torch.Tensor, step: int, lr: float, beta1: float, beta2: float,
                     eps: float, weight_decay: float, grad_scale: float = 1.0, out: torch.Tensor | None = None,
-                    num_threads: int | None = None) -> None:
+                    num_threads: int | None = None, stream_out: bool = False) -> None:
     """AdamW over ``param`` etc. (``n`` elements: elements ``[base, base + n)`` of a row-major matrix with rows of
     ``row_len``), leaving every element of the rows in ``skip`` (sorted, distinct, whole-matrix row ids) as it
-    was. Arguments otherwise as ``cpu_adam.adamw_step``."""
+    was. Arguments otherwise as ``cpu_adam.adamw_step`` (``stream_out``: non-temporal stores for ``out``)."""
     n = param.numel() if isinstance(param, torch.Tensor) else -1
     for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _check(name, t, {torch.float32: 0}, n)
@@ -86,7 +87,7 @@ def adamw_skip_rows(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tens
     _check_ids("skip", skip, 1 << 62)
     hp = _hp(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
     if n == 0 or _kernel_ran("skip_rows", param, grad, exp_avg, exp_avg_sq, out,
-                             (n, base, row_len, skip.data_ptr(), skip.numel()), hp, num_threads):
+                             (n, base, row_len, skip.data_ptr(), skip.numel()), hp, num_threads, stream_out):
         return
     # Fallback: the whole range, then the skipped rows' elements put back as they were.
     inside = skip[(skip >= base // row_len) & (skip <= (base + n - 1) // row_len)]
@@ -102,7 +103,7 @@ def adamw_skip_rows(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tens
 def adamw_rows(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                lo: int, row_len: int, rows: torch.Tensor, step: int, lr: float, beta1: float, beta2: float,
                eps: float, weight_decay: float, grad_scale: float = 1.0, out: torch.Tensor | None = None,
-               num_threads: int | None = None) -> None:
+               num_threads: int | None = None, stream_out: bool = False) -> None:
     """AdamW in place on rows ``rows`` (sorted, distinct) of the flat row-major matrices ``master``, ``exp_avg``,
     ``exp_avg_sq`` (and ``out``), from ``grad``: elements ``[lo, lo + n)`` of a compact gradient whose row ``i``
     belongs to matrix row ``rows[i]``."""
@@ -121,7 +122,7 @@ def adamw_rows(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         raise CpuAdamInputError(f"adamw_rows: elements [{lo}, {lo + n}) are outside {rows.numel()} compact rows")
     hp = _hp(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
     if n == 0 or _kernel_ran("rows", master, grad, exp_avg, exp_avg_sq, out, (lo, n, row_len, rows.data_ptr()), hp,
-                             num_threads):
+                             num_threads, stream_out):
         return
     # Fallback: gather the rows' elements, one step over them, scatter back.
     e = torch.arange(lo, lo + n)

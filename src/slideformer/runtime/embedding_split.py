@@ -131,7 +131,7 @@ class EmbeddingSplit:
         copy = self.unit.upload_copy
         p, m, v = (self._matrix(k)[lo:hi] for k in range(3))
         adamw_skip_rows(p, grad, m, v, base=lo, row_len=self.hidden, skip=job.rows,
-                        out=None if copy is None else copy[lo:hi], **self._hp(job))
+                        out=None if copy is None else copy[lo:hi], stream_out=copy is not None, **self._hp(job))
 
     def early_zero(self, job: RowsJob) -> Iterator[str]:
         """Untied: the early part with a zero gradient, one chunk per step (background work of the optimizer
@@ -147,4 +147,5 @@ class EmbeddingSplit:
     def update_rows(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:
         """AdamW on elements ``[lo, hi)`` of the batch's rows (flat, row-major, compact), in place in the unit."""
         adamw_rows(self._matrix(0), grad, self._matrix(1), self._matrix(2), lo=lo, row_len=self.hidden,
-                   rows=job.rows, out=self.unit.upload_copy, **self._hp(job))
+                   rows=job.rows, out=self.unit.upload_copy, stream_out=self.unit.upload_copy is not None,
+                   **self._hp(job))
