@@ -2,15 +2,14 @@
 
 The downloader copies each unit's gradient out of its device slot, chunk by chunk, into a fixed pool of
 pinned *parking* chunks, and releases the slot as soon as the last copy is queued: the GPU never waits
-for AdamW. The optimizer thread picks what to consume by when the next forward needs it: the lowest unit
-index first, among units whose gradient has fully landed and *background* work (the split embedding
-update's early part, ``runtime/embedding_split.py``, a chunk per turn: the embedding is the first thing
-the next forward reads). Backward produces units from the top down, so what is left when backward ends
-is the top layers, which the next forward reaches last: their updates overlap it instead of holding its
-start. Only when the pool runs short (fewer than a quarter of its chunks free) do fully landed units go
-before background work, since consuming them frees their parking chunks and the downloader (and so the
-GPU's slot release) waits for free ones. When nothing else is ready it streams the unit being
-downloaded, so a unit larger than the pool still goes through. With the moments on disk
+for AdamW. The optimizer thread picks by when the next forward needs the weights: the lowest unit index
+first among *landed* units (every chunk's copy queued; each chunk is applied once its copy completed) and
+*background* work (the split embedding update's early part, ``runtime/embedding_split.py``, a chunk per
+turn: the next forward reads the embedding first). Backward produces units top-down, so what is left when
+it ends is the top layers, whose updates overlap the next forward. With fewer than a quarter of the pool's
+chunks free, landed units go before background work (consuming them frees the chunks the downloader, and
+so the GPU's slot release, waits for). When nothing else is ready it streams the unit being downloaded,
+so a unit larger than the pool still goes through. With the moments on disk
 (``memory/offload.py``) it consumes in submission order instead (backward order, or forward order for the
 deferred updates), the order the disk ring prefetches in, and binds each chunk's moments (and master,
 ``engine.offload='all'``) with the ring's ``enter`` (``leave`` after the unit). A unit with an upload copy
