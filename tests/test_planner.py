@@ -172,6 +172,11 @@ def test_disk_tier_is_planned_from_the_host_budget_and_free_space():
     # over the depth (its _v2 run).
     (32, 4096, 14336, 32, 8, False, 8, 20, "none", 80, 1.398, "first"),
     (32, 4096, 14336, 32, 8, False, 8, 20, "none", 80, 1.300, "spread"),
+    # Session 6 (512-token loss chunks, the optimizer's order by unit index, whole embedding update): the 3B on
+    # 24 GiB with 12 resident + BF16 copy (llama3.2-3b_cap24g_edf_h100_202611_bench, Liger) and the 8B b8 with
+    # 22 resident spread (llama3.1-8b_spread_h100_202611_bench).
+    (28, 3072, 8192, 24, 8, True, 8, 12, "bf16", 24, 0.567, "first"),
+    (32, 4096, 14336, 32, 8, False, 8, 22, "none", 80, 1.342, "spread"),
 ])
 def test_predicted_step_follows_the_measured_h100_steps(layers, hidden, inter, heads, kv, tied, batch, resident,
                                                         copy, cap, measured, placement):
