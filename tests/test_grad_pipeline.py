@@ -185,9 +185,9 @@ def test_landed_units_go_before_background_work_when_the_pool_runs_short() -> No
     gate.set()
     for fut in (f2[2], f1[1], bg):
         fut.result(10)
-    # No chunk free: layer 1 (the lowest landed) before the background's next step; then 2 chunks are free
-    # again and the background work (unit 0) goes before layer 2.
-    assert adam.calls == [(-1, 0), (1, 0), (1, 4), (-1, 1), (2, 0), (2, 4)]
+    # No chunk free: a chunk of layer 1 (the lowest landed) before the background's next step; then a chunk is
+    # free again and the background work (unit 0) goes before the rest of the layers.
+    assert adam.calls == [(-1, 0), (1, 0), (-1, 1), (1, 4), (2, 0), (2, 4)]
     p.close()
 
 
@@ -203,3 +203,21 @@ def test_background_drain_is_consumed_chunk_by_chunk_and_never_deadlocks_a_small
     f1[1].result(10)
     assert sorted(adam.calls) == [(0, lo) for lo in range(0, 24, 4)] + [(1, lo) for lo in range(0, 16, 4)]
     assert len(p._free) == 2
+
+
+def test_a_lower_unit_landing_mid_unit_goes_next_after_one_chunk() -> None:
+    """Drains are consumed a chunk per turn: the embedding's gradient (unit 0), the last of backward, does not
+    wait for the rest of a layer whose update had begun."""
+    adam = RecordingAdam()
+    p = _pipeline(adam)
+    layer, emb = _unit(5, 12), _unit(0, 4)
+    adam.gate.clear()  # hold the optimizer inside the layer's first chunk
+    f5 = p.submit_drain([(layer, torch.ones(12))], None, None, _update([layer]))
+    assert adam.entered.wait(10)
+    f0 = p.submit_drain([(emb, torch.ones(4))], None, None, _update([emb]))
+    _wait_landed(p, 2)
+    adam.gate.set()
+    f5[5].result(10)
+    f0[0].result(10)
+    assert adam.calls == [(5, 0), (0, 0), (5, 4), (5, 8)]
+    p.close()

@@ -3,15 +3,16 @@
 The downloader copies each unit's gradient out of its device slot, chunk by chunk, into a fixed pool of
 pinned *parking* chunks, and releases the slot as soon as the last copy is queued: the GPU never waits
 for AdamW. The optimizer thread picks by when the next forward needs the weights: the lowest unit index
-first among *landed* units (every chunk's copy queued; each chunk is applied once its copy completed) and
-*background* work (the split embedding update's early part, ``runtime/embedding_split.py``, a chunk per
-turn: the next forward reads the embedding first). Backward produces units top-down, so what is left when
-it ends is the top layers, whose updates overlap the next forward. With fewer than a quarter of the pool's
+first among *landed* units (every chunk's copy queued; a chunk is applied once its copy completed) and
+*background* work (the split embedding update's early part, ``runtime/embedding_split.py``: the next
+forward reads the embedding first), a chunk per turn, so a lower unit landing mid-unit (the embedding's
+gradient, the last of backward) waits one chunk. Backward produces units top-down, so what is left when it
+ends is the top layers, whose updates overlap the next forward. With fewer than a quarter of the pool's
 chunks free, landed units go before background work (consuming them frees the chunks the downloader, and
-so the GPU's slot release, waits for). When nothing else is ready it streams the unit being downloaded,
-so a unit larger than the pool still goes through. With the moments on disk
-(``memory/offload.py``) it consumes in submission order instead (backward order, or forward order for the
-deferred updates), the order the disk ring prefetches in, and binds each chunk's moments (and master,
+so the GPU's slot release, waits for). When nothing else is ready it streams the unit being downloaded, so
+a unit larger than the pool still goes through. With the moments on disk (``memory/offload.py``) it
+consumes whole units in submission order instead (backward order, or forward order for the deferred
+updates), the order the disk ring prefetches in, and binds each chunk's moments (and master,
 ``engine.offload='all'``) with the ring's ``enter`` (``leave`` after the unit). A unit with an upload copy
 (``engine.host_copy``) gets it written by AdamW in the same pass, in both schedules.
 
@@ -251,10 +252,10 @@ class GradPipeline:
                     item = self._eligible()
             if isinstance(item, _Task):
                 done = self._run_background_step(item) if item.background else self._run_task(item)
-            elif item.background:
-                done = self._consume_one(item)
+            elif self.offload is not None:
+                done = self._consume(item)  # the disk ring binds one unit's pieces from enter to leave
             else:
-                done = self._consume(item)
+                done = self._consume_one(item)  # a chunk per turn: a lower unit landing meanwhile goes next
             with self._cv:
                 if done:
                     self._pending.remove(item)
@@ -289,7 +290,7 @@ class GradPipeline:
         return True
 
     def _consume(self, it: _Parked) -> bool:
-        """Consume ``it`` chunk by chunk as its copies land, freeing each parking chunk after use."""
+        """Consume ``it`` whole (the disk tier), chunk by chunk as its copies land, freeing each parking chunk."""
         while it.consumed < it.n_chunks:
             if not self._consume_chunk(it):
                 break
@@ -297,7 +298,7 @@ class GradPipeline:
         return True
 
     def _consume_one(self, it: _Parked) -> bool:
-        """A background drain's next landed chunk; True when the drain is finished."""
+        """The drain's next chunk (once its copy landed); True when the drain is finished."""
         if self._consume_chunk(it) and it.consumed < it.n_chunks:
             return False
         self._finish(it)
