@@ -5,7 +5,8 @@
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
 # Session 6 ran `tests chunk3b rss3b profile_chunk3b`, `edf3b profile_chunk3b`, `tests spread8b profile8b`.
-# Next: `tests spread8b rss3b` (the split update's row-skipping kernel, written after the last device run).
+# Next: `tests edf3b`, then `spread8b rss3b` (written after the last device run: the split update's row-wise
+# kernel, non-temporal copy stores, the optimizer consuming a chunk per turn).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
