@@ -92,8 +92,8 @@ class EngineConfig:
     loss_chunk_tokens: int = 512
     """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once. Each chunk
     holds ~20 B per logit on the GPU (1.3 GB at 512 x 128,256), memory the planner otherwise gives to resident
-    layers: on the 24 GiB-capped 3B, 512 instead of 2,048 keeps 11 layers resident instead of 9 and measured
-    +15% (H100; 256: 12 layers, but slower than 512: the head's GEMMs get too small)."""
+    layers: on the 24 GiB-capped 3B, 512 instead of 2,048 keeps 12 layers resident instead of 9 and measured
+    +15% (H100, same run; 256: 13 layers, but 2% slower than 512)."""
     kernels: Literal["torch", "liger", "auto"] = "torch"
     """Kernels of the decoder layers. 'torch': HF's own modules. 'liger': Liger-Kernel's Triton RMSNorm,
     SwiGLU MLP and RoPE, patched onto this model's instances (kernels/liger.py; llama, mistral, qwen2,

@@ -116,22 +116,13 @@ class EmbeddingSplit:
         head_grad.index_fill_(0, rows, 0)
 
     # -- optimizer thread ----------------------------------------------------------------------------
-    def _hp(self, job: RowsJob) -> dict[str, float | int]:
-        cfg = self.adam.cfg
-        return {"step": job.spec.step, "lr": job.spec.lr, "beta1": cfg.betas[0], "beta2": cfg.betas[1],
-                "eps": cfg.eps, "weight_decay": cfg.weight_decay if self.decay else 0.0,
-                "grad_scale": job.spec.grad_scale}
-
-    def _matrix(self, which: int) -> torch.Tensor:
-        """Master (0), exp_avg (1) or exp_avg_sq (2) of the whole matrix, flat."""
-        return self.unit.flat[which * self.unit.numel:(which + 1) * self.unit.numel]
-
     def early(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:
         """AdamW on elements ``[lo, hi)`` of the matrix from ``grad``, the batch's rows left for ``update_rows``."""
-        copy = self.unit.upload_copy
-        p, m, v = (self._matrix(k)[lo:hi] for k in range(3))
-        adamw_skip_rows(p, grad, m, v, base=lo, row_len=self.hidden, skip=job.rows,
-                        out=None if copy is None else copy[lo:hi], stream_out=copy is not None, **self._hp(job))
+        u, copy = self.unit, self.unit.upload_copy
+        m, v = u.moment_slices(lo, hi)
+        adamw_skip_rows(u.master_slice(lo, hi), grad, m, v, base=lo, row_len=self.hidden, skip=job.rows,
+                        out=None if copy is None else copy[lo:hi], stream_out=copy is not None,
+                        **self.adam.hyperparams(job.spec, self.decay))
 
     def early_zero(self, job: RowsJob) -> Iterator[str]:
         """Untied: the early part with a zero gradient, one chunk per step (background work of the optimizer
@@ -146,6 +137,7 @@ class EmbeddingSplit:
 
     def update_rows(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:
         """AdamW on elements ``[lo, hi)`` of the batch's rows (flat, row-major, compact), in place in the unit."""
-        adamw_rows(self._matrix(0), grad, self._matrix(1), self._matrix(2), lo=lo, row_len=self.hidden,
-                   rows=job.rows, out=self.unit.upload_copy, stream_out=self.unit.upload_copy is not None,
-                   **self._hp(job))
+        u, copy = self.unit, self.unit.upload_copy
+        m, v = u.moment_slices(0, u.numel)
+        adamw_rows(u.master_slice(0, u.numel), grad, m, v, lo=lo, row_len=self.hidden, rows=job.rows, out=copy,
+                   stream_out=copy is not None, **self.adam.hyperparams(job.spec, self.decay))
