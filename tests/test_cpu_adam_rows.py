@@ -65,7 +65,13 @@ def test_skip_then_rows_equals_one_whole_step(backend, grad_dtype, shape, monkey
                 assert torch.equal(a, b), (name, copy)
 
 
-def test_bad_inputs_are_refused_before_anything_is_written() -> None:
+@pytest.mark.parametrize("backend", ["extension", "fallback"])
+def test_bad_inputs_are_refused_before_anything_is_written(backend, monkeypatch) -> None:
+    """Row ids are checked by the kernel itself (no allocation on the optimizer thread) or by the fallback."""
+    if backend == "extension" and not extension_available():
+        pytest.skip("C++ CPU AdamW unavailable")
+    if backend == "fallback":
+        monkeypatch.setattr(cpu_adam_rows, "_kernel_ran", lambda *args: False)
     p, m, v, _ = _state(64, 0)
     before = p.clone()
     g = torch.zeros(64)

@@ -336,6 +336,14 @@ struct RowsOp {
   }
 };
 
+// Whether ids[0..n) are strictly increasing and in [0, limit): checked before a row-wise call writes anything.
+bool ids_ok(const int64_t* ids, int64_t n, int64_t limit) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= limit || (i > 0 && ids[i] <= ids[i - 1])) return false;
+  }
+  return true;
+}
+
 // Hyperparameters in double, then rounded to float, exactly as torch's fused CPU kernel.
 Coeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, double step,
                    double grad_scale, bool stream_out) {
@@ -372,21 +380,25 @@ int slideformer_adamw_step(float* p, const void* g, int grad_dtype, float* m, fl
 }
 
 // The step over elements [0, n) of a matrix range starting at element `base`, rows in `skip` untouched.
+// -2 (nothing written) when `skip` is not sorted, distinct and non-negative.
 int slideformer_adamw_skip_rows(float* p, const void* g, int grad_dtype, float* m, float* v, void* o,
                                 int out_dtype, int64_t n, int64_t base, int64_t row_len, const int64_t* skip,
                                 int64_t n_skip, double lr, double beta1, double beta2, double eps,
                                 double weight_decay, double step, double grad_scale, int threads, int stream_out) {
   if (n <= 0) return 0;
+  if (!ids_ok(skip, n_skip, INT64_MAX)) return -2;
   const Coeffs c = make_coeffs(lr, beta1, beta2, eps, weight_decay, step, grad_scale, stream_out != 0 && o != nullptr);
   return dispatch(grad_dtype, out_dtype, SkipRowsOp{{p, g, m, v, o}, n, base, row_len, skip, n_skip, c, threads});
 }
 
 // The step on rows rows[i] of the matrices from elements [lo, lo + n) of a compact gradient (g: element lo).
+// -2 (nothing written) when the n_ids `rows` are not sorted, distinct and in [0, n_matrix_rows).
 int slideformer_adamw_rows(float* p, const void* g, int grad_dtype, float* m, float* v, void* o, int out_dtype,
-                           int64_t lo, int64_t n, int64_t row_len, const int64_t* rows, double lr, double beta1,
-                           double beta2, double eps, double weight_decay, double step, double grad_scale,
-                           int threads, int stream_out) {
+                           int64_t lo, int64_t n, int64_t row_len, const int64_t* rows, int64_t n_ids,
+                           int64_t n_matrix_rows, double lr, double beta1, double beta2, double eps,
+                           double weight_decay, double step, double grad_scale, int threads, int stream_out) {
   if (n <= 0) return 0;
+  if (!ids_ok(rows, n_ids, n_matrix_rows)) return -2;
   const Coeffs c = make_coeffs(lr, beta1, beta2, eps, weight_decay, step, grad_scale, stream_out != 0 && o != nullptr);
   return dispatch(grad_dtype, out_dtype, RowsOp{{p, g, m, v, o}, lo, n, row_len, rows, c, threads});
 }

@@ -85,7 +85,7 @@ class _Kernel:
         self.skip_rows.restype = c.c_int
         self.rows = lib.slideformer_adamw_rows  # cpu_adam_rows.adamw_rows
         self.rows.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
-                              c.c_int64, c.c_int64, c.c_int64, c.c_void_p, *hp]  # fmt: skip
+                              c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, *hp]  # fmt: skip
         self.rows.restype = c.c_int
         lib.slideformer_simd.restype = c.c_char_p
         self.simd: str = lib.slideformer_simd().decode().strip()

@@ -29,15 +29,26 @@ from slideformer.optim.cpu_adam import (
 
 __all__ = ["adamw_rows", "adamw_skip_rows"]
 
+_NO_LIMIT = (1 << 63) - 1
+"""Skipped row ids need no upper bound: rows past the range are simply not in it."""
 
-def _check_ids(name: str, ids: object, limit: int) -> torch.Tensor:
+
+def _check_ids(name: str, ids: object) -> torch.Tensor:
+    """Type and layout of a row-id list; its values are checked where they are used (the kernel scans them without
+    allocating, on the optimizer thread's hot path; the fallback by ``_ids_valid``)."""
     if not isinstance(ids, torch.Tensor) or ids.device.type != "cpu" or ids.dtype != torch.int64:
         raise CpuAdamInputError(f"{name} must be an int64 CPU tensor")
     if ids.dim() != 1 or not ids.is_contiguous():
         raise CpuAdamInputError(f"{name} must be one contiguous dimension, got shape {tuple(ids.shape)}")
-    if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= limit or not bool((ids[1:] > ids[:-1]).all())):
-        raise CpuAdamInputError(f"{name} must be sorted, distinct row ids in [0, {limit})")
     return ids
+
+
+def _bad_ids(name: str, limit: int) -> CpuAdamInputError:
+    return CpuAdamInputError(f"{name} must be sorted, distinct row ids in [0, {limit})")
+
+
+def _ids_valid(ids: torch.Tensor, limit: int) -> bool:
+    return not ids.numel() or (int(ids[0]) >= 0 and int(ids[-1]) < limit and bool((ids[1:] > ids[:-1]).all()))
 
 
 def _check_width(**lengths: int) -> None:
@@ -49,8 +60,9 @@ def _check_width(**lengths: int) -> None:
 
 def _kernel_ran(entry: str, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                 out: torch.Tensor | None, geometry: tuple[int, ...], hp: list[float], num_threads: int | None,
-                stream_out: bool) -> bool:
-    """Run the C++ kernel's ``entry`` (``skip_rows`` or ``rows``); False when the fallback must run instead."""
+                stream_out: bool, ids: tuple[str, int]) -> bool:
+    """Run the C++ kernel's ``entry`` (``skip_rows`` or ``rows``); False when the fallback must run instead.
+    ``ids``: the row-id argument's name and bound, for the error when the kernel finds them invalid."""
     kernel: _Kernel | None = _LOADER.get()
     if kernel is None or (not kernel.has_fp16 and torch.float16 in (g.dtype, getattr(out, "dtype", None))):
         return False
@@ -58,6 +70,8 @@ def _kernel_ran(entry: str, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v
     o_ptr, o_code = (None, -1) if out is None else (out.data_ptr(), _OUT_CODES[out.dtype])
     rc = getattr(kernel, entry)(p.data_ptr(), g.data_ptr(), _GRAD_CODES[g.dtype], m.data_ptr(), v.data_ptr(), o_ptr,
                                 o_code, *geometry, *hp, threads, int(stream_out))  # fmt: skip
+    if rc == -2:  # the row ids failed the kernel's check; nothing was written
+        raise _bad_ids(*ids)
     if rc < 0:  # the kernel lacks a dtype this Python accepted: a build/version mismatch
         raise CpuAdamInputError(f"{entry}: the C++ kernel rejected {g.dtype} -> {o_code}")
     return True
@@ -84,11 +98,14 @@ def adamw_skip_rows(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tens
     if out is not None:
         _check("out", out, _OUT_CODES, n)
     _check_width(n=n, base=base, row_len=row_len)
-    _check_ids("skip", skip, 1 << 62)
+    _check_ids("skip", skip)
     hp = _hp(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
     if n == 0 or _kernel_ran("skip_rows", param, grad, exp_avg, exp_avg_sq, out,
-                             (n, base, row_len, skip.data_ptr(), skip.numel()), hp, num_threads, stream_out):
+                             (n, base, row_len, skip.data_ptr(), skip.numel()), hp, num_threads, stream_out,
+                             ("skip", _NO_LIMIT)):
         return
+    if not _ids_valid(skip, _NO_LIMIT):
+        raise _bad_ids("skip", _NO_LIMIT)
     # Fallback: the whole range, then the skipped rows' elements put back as they were.
     inside = skip[(skip >= base // row_len) & (skip <= (base + n - 1) // row_len)]
     idx = (inside[:, None] * row_len + torch.arange(row_len) - base).reshape(-1)
@@ -117,13 +134,17 @@ def adamw_rows(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     _check_width(lo=lo, n=n, row_len=row_len)
     if row_len <= 0 or total % row_len:
         raise CpuAdamInputError(f"adamw_rows: {total} elements are not rows of {row_len}")
-    _check_ids("rows", rows, total // row_len)
+    _check_ids("rows", rows)
     if lo < 0 or lo + n > rows.numel() * row_len:
         raise CpuAdamInputError(f"adamw_rows: elements [{lo}, {lo + n}) are outside {rows.numel()} compact rows")
     hp = _hp(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
-    if n == 0 or _kernel_ran("rows", master, grad, exp_avg, exp_avg_sq, out, (lo, n, row_len, rows.data_ptr()), hp,
-                             num_threads, stream_out):
+    limit = total // row_len
+    if n == 0 or _kernel_ran("rows", master, grad, exp_avg, exp_avg_sq, out,
+                             (lo, n, row_len, rows.data_ptr(), rows.numel(), limit), hp, num_threads, stream_out,
+                             ("rows", limit)):
         return
+    if not _ids_valid(rows, limit):
+        raise _bad_ids("rows", limit)
     # Fallback: gather the rows' elements, one step over them, scatter back.
     e = torch.arange(lo, lo + n)
     idx = rows[e // row_len] * row_len + e % row_len
