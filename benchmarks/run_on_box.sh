@@ -17,6 +17,18 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD/src:$PWD:${PYTHONPATH:-}
+# Issue 3's headline configuration: Llama-3.2-3B, b8 x 1024, GPU capped at 24 GiB, Liger in every system, planner
+# residents and the BF16 copy for slideformer; the systems (ZeRO-2/3 and slideformer variants) compared in one run.
+# headline3b NAME SYSTEMS [more bench_step options] -> $OUT/llama3.2-3b_cap24g_NAME_h100_bench.{json,md}, NAME3b.log
+headline3b() {
+  local name=$1 systems=$2
+  shift 2
+  timeout 580 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+    --systems "$systems" --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 560 --kernels liger \
+    --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 "$@" \
+    --out "$OUT/llama3.2-3b_cap24g_${name}_h100_bench.json" > "$OUT/${name}3b.log" 2>&1
+  sed -n '/## Results/,/## Roofline/p' "$OUT/llama3.2-3b_cap24g_${name}_h100_bench.md"
+}
 for stage in "$@"; do
   case "$stage" in
     tests)
@@ -54,20 +66,12 @@ for stage in "$@"; do
     bench3b_liger)
       # engine.kernels=liger (issue 3 "Means"): Liger-Kernel's Triton RMSNorm/SwiGLU/RoPE in every system alike
       # (slideformer via the engine option, zero2/zero3 via the same instance patch); otherwise bench3b_copy.
-      timeout 560 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,zero2,zero3 --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 540 \
-        --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
-        --out "$OUT/llama3.2-3b_cap24g_liger_h100_bench.json" > "$OUT/bench3b_liger.log" 2>&1
-      sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_liger_h100_bench.md ;;
+      headline3b liger slideformer,zero2,zero3 ;;
     split3b)
       # engine.embedding_update (runtime/embedding_split.py): the tied embedding's rows outside the batch updated
-      # during backward ('split', the default) vs one whole-matrix update after the embedding backward ('whole'),
+      # during backward ('split', opt-in since session 6) vs one whole-matrix update after the embedding backward ('whole'),
       # with ZeRO-2/3 in the same run; otherwise bench3b_liger (issue 3 target 1).
-      timeout 570 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,slideformer+embedding_update=whole,zero2,zero3 --gpu-memory-gib 24 --steps 5 \
-        --warmup 2 --time-budget-s 550 --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
-        --out "$OUT/llama3.2-3b_cap24g_split_h100_bench.json" > "$OUT/split3b.log" 2>&1
-      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_split_h100_bench.md ;;
+      headline3b split slideformer,slideformer+embedding_update=whole,zero2,zero3 ;;
     split8b)
       # 8B b8 on the whole card (planner residents, resident_placement=auto: 21 of 32 resident -> spread), against
       # the whole-matrix embedding update, the lowest layers resident (first), and the BF16 upload copy.
@@ -78,24 +82,16 @@ for stage in "$@"; do
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_split_h100_bench.md ;;
     chunk3b)
       # Issue 3 target 1: a smaller loss chunk frees GPU memory (the planner counts 20 B per logit of a chunk:
-      # 5.25 GB at 2,048 tokens x 128,256) for more resident layers on the 24 GiB cap (planner: 9 -> 11 at 512,
-      # 12 at 256), i.e. fewer parameters for the host's AdamW, which bounds this step; ZeRO-2/3 in the same run.
-      timeout 590 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,slideformer+loss_chunk_tokens=512,slideformer+loss_chunk_tokens=256,zero2,zero3 \
-        --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 570 --kernels liger \
-        --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
-        --out "$OUT/llama3.2-3b_cap24g_chunk_h100_bench.json" > "$OUT/chunk3b.log" 2>&1
-      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_chunk_h100_bench.md ;;
+      # 5.25 GB at 2,048 tokens x 128,256) for more resident layers on the 24 GiB cap (measured: 9 at 2,048, 12 at
+      # 512, 13 at 256), i.e. fewer parameters for the host's AdamW; ZeRO-2/3 in the same run. The baseline pins
+      # 2,048 (512 is the default since session 6).
+      headline3b chunk slideformer,slideformer+loss_chunk_tokens=512,slideformer+loss_chunk_tokens=256,zero2,zero3 \
+        --engine-opt loss_chunk_tokens=2048 ;;
     edf3b)
       # Issue 3 target 1 after session 6's pipeline order (background work by unit index: the embedding's early
       # update before the layers, the top layers' updates left to overlap the next forward) and the 512-token
       # loss chunk default: split vs whole embedding update, and a 4 GiB parking pool, with ZeRO-2/3, one run.
-      timeout 560 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,slideformer+embedding_update=whole,slideformer+grad_park_mib=4096,zero2,zero3 \
-        --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 540 --kernels liger \
-        --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
-        --out "$OUT/llama3.2-3b_cap24g_edf_h100_bench.json" > "$OUT/edf3b.log" 2>&1
-      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_edf_h100_bench.md ;;
+      headline3b edf slideformer,slideformer+embedding_update=whole,slideformer+grad_park_mib=4096,zero2,zero3 ;;
     spread8b)
       # 8B b8, planner residents (auto -> spread), whole embedding update (auto) vs split, one run (session 6: with
       # the optimizer's order by unit index and 512-token loss chunks).
@@ -114,12 +110,8 @@ for stage in "$@"; do
     threads3b)
       # The CPU AdamW's OpenMP threads during training (default: all 16 cores, beside the engine's own
       # upload/download/main threads) against 14 and 12, with Liger + planner residents + BF16 copy, and ZeRO-2.
-      timeout 570 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,slideformer+optimizer_threads=14,slideformer+optimizer_threads=12,zero2 \
-        --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 550 --no-roofline \
-        --kernels liger --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
-        --out "$OUT/llama3.2-3b_cap24g_threads_h100_bench.json" > "$OUT/threads3b.log" 2>&1
-      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.2-3b_cap24g_threads_h100_bench.md ;;
+      headline3b threads slideformer,slideformer+optimizer_threads=14,slideformer+optimizer_threads=12,zero2 \
+        --no-roofline ;;
     park8b)
       # 8B b8 (planner residents): a larger gradient parking pool lets backward run further ahead of the CPU
       # AdamW, so the backlog it leaves covers the next forward (the optimizer works it off bottom-up).
