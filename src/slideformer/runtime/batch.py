@@ -29,11 +29,12 @@ class MicroBatch:
     """Shifted labels, flattened to ``[B*S]`` (-100 where nothing is learnt)."""
     tokens: int
     shape: torch.Size
-    rows_host: torch.Tensor
-    """The distinct token ids, sorted (host): the embedding rows this micro-batch reads and updates."""
-    rows: torch.Tensor
+    rows_host: torch.Tensor | None = None
+    """The distinct token ids, sorted (host): the embedding rows this micro-batch reads and updates. Only
+    prepared for the split embedding update (``prepare_batch(rows=True)``), the one reader of these three."""
+    rows: torch.Tensor | None = None
     """``rows_host`` on the device."""
-    row_of: torch.Tensor
+    row_of: torch.Tensor | None = None
     """For each token (flattened), its row's position in ``rows`` (device)."""
 
 
@@ -47,8 +48,9 @@ def _tensor(batch: Mapping[str, Any], key: str, i: int) -> torch.Tensor | None:
 
 
 def prepare_batch(batch: Any, vocab_size: int, max_positions: int | None,
-                  device: torch.device, require_labels: bool = True) -> list[MicroBatch]:
-    """Validate ``batch`` (a dict, or a list of dicts = micro-batches) and move it where it is used."""
+                  device: torch.device, require_labels: bool = True, rows: bool = False) -> list[MicroBatch]:
+    """Validate ``batch`` (a dict, or a list of dicts = micro-batches) and move it where it is used; ``rows``:
+    also the distinct token ids (``MicroBatch.rows_host``, for the split embedding update)."""
     if isinstance(batch, Mapping):
         items: Sequence[Any] = [batch]
     elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
@@ -61,7 +63,7 @@ def prepare_batch(batch: Any, vocab_size: int, max_positions: int | None,
     for i, mb in enumerate(items):
         if not isinstance(mb, Mapping):
             raise BatchError(f"micro-batch {i} is a {type(mb).__name__}, expected a dict of tensors")
-        out.append(_prepare_one(mb, i, vocab_size, max_positions, device))
+        out.append(_prepare_one(mb, i, vocab_size, max_positions, device, rows))
     if require_labels and sum(m.tokens for m in out) == 0:
         raise BatchError("no label tokens to learn from in this step: every label is -100 after the "
                          "causal shift (check the labels / attention_mask, or use longer sequences)")
@@ -69,7 +71,7 @@ def prepare_batch(batch: Any, vocab_size: int, max_positions: int | None,
 
 
 def _prepare_one(mb: Mapping[str, Any], i: int, vocab: int, max_pos: int | None,
-                 device: torch.device) -> MicroBatch:
+                 device: torch.device, with_rows: bool) -> MicroBatch:
     ids = _tensor(mb, "input_ids", i)
     if ids is None:
         raise BatchError(f"micro-batch {i} has no input_ids")
@@ -107,7 +109,7 @@ def _prepare_one(mb: Mapping[str, Any], i: int, vocab: int, max_pos: int | None,
         raise BatchError(f"micro-batch {i}: position_ids shape {tuple(pos.shape)} must be [1 or {bsz}, {seq}]")
     targets = shift_labels(labels).reshape(-1)
     tokens = int((targets != IGNORE_INDEX).sum())
-    rows, row_of = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
+    rows, row_of = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True) if with_rows else (None, None)
     return MicroBatch(
         ids_host=ids.reshape(-1),
         ids=ids.to(device),
@@ -117,6 +119,6 @@ def _prepare_one(mb: Mapping[str, Any], i: int, vocab: int, max_pos: int | None,
         tokens=tokens,
         shape=ids.shape,
         rows_host=rows,
-        rows=rows.to(device),
-        row_of=row_of.to(device),
+        rows=None if rows is None else rows.to(device),
+        row_of=None if row_of is None else row_of.to(device),
     )

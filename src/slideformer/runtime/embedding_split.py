@@ -101,8 +101,10 @@ class EmbeddingSplit:
             self.capacity = rows
 
     # -- main thread (device work on the compute stream) ---------------------------------------------
-    def job(self, rows: torch.Tensor, spec: UpdateSpec) -> RowsJob:
+    def job(self, rows: torch.Tensor | None, spec: UpdateSpec) -> RowsJob:
         """The step's job (``rows``: the micro-batch's distinct token ids, sorted, on the host)."""
+        if rows is None:
+            raise RuntimeError("the split embedding update needs the micro-batch's rows: prepare_batch(rows=True)")
         return RowsJob(rows, spec)
 
     def grad_rows(self, n_rows: int) -> torch.Tensor:
