@@ -5,8 +5,8 @@
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
 # Session 6 ran `tests chunk3b rss3b profile_chunk3b`, `edf3b profile_chunk3b`, `tests spread8b profile8b`.
-# Next: `tests edf3b`, then `spread8b rss3b` (written after the last device run: the split update's row-wise
-# kernel, non-temporal copy stores, the optimizer consuming a chunk per turn).
+# Session 7: `tests rows3b`, `place8b profile8b_top`, `rss3b` (the split update's row-wise kernel, non-temporal
+# copy stores, the optimizer consuming a chunk per turn, the spread_top placement).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -92,6 +92,24 @@ for stage in "$@"; do
       # update before the layers, the top layers' updates left to overlap the next forward) and the 512-token
       # loss chunk default: split vs whole embedding update, and a 4 GiB parking pool, with ZeRO-2/3, one run.
       headline3b edf slideformer,slideformer+embedding_update=whole,slideformer+grad_park_mib=4096,zero2,zero3 ;;
+    rows3b)
+      # Issue 3 target 1 after session 6's last changes (non-temporal BF16 copy stores, a chunk per optimizer turn,
+      # the split update's row-wise kernel that keeps nothing aside): whole (auto) vs split, ZeRO-2/3, one run.
+      headline3b rows slideformer,slideformer+embedding_update=split,zero2,zero3 ;;
+    place8b)
+      # 8B b8, planner residents (22 of 32): auto (spread: streamed layers 1, 4, ..., 30) vs spread_top (streamed 3,
+      # 6, ..., 31, the three lowest resident: the host's time for the lowest streamed layer's update, whose
+      # gradient lands last), each with the whole and the split embedding update, one run.
+      timeout 560 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+embedding_update=split,slideformer+resident_placement=spread_top,slideformer+resident_placement=spread_top+embedding_update=split \
+        --steps 5 --warmup 2 --time-budget-s 540 --engine-opt resident_layers=-1 \
+        --out "$OUT/llama3.1-8b_place_h100_bench.json" > "$OUT/place8b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_place_h100_bench.md ;;
+    profile8b_top)
+      # The 8B b8 step with spread_top placement and the split embedding update: where the step time goes.
+      timeout 200 python3 benchmarks/profile_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --engine-opt resident_layers=-1 --engine-opt resident_placement=spread_top --engine-opt embedding_update=split \
+        --name timeline_llama3.1-8b_b8_top_split --out-dir "$OUT" > "$OUT/profile8b_top.log" 2>&1; tail -20 "$OUT/profile8b_top.log" ;;
     spread8b)
       # 8B b8, planner residents (auto -> spread), whole embedding update (auto) vs split, one run (session 6: with
       # the optimizer's order by unit index and 512-token loss chunks).

@@ -93,7 +93,7 @@ def test_tiny_chunks_and_parking_pool(family: str) -> None:
 
 @pytest.mark.parametrize("family,resident,window,placement", [
     ("llama", 1, 1, "first"), ("llama_tied", 2, 2, "spread"), ("qwen3", 3, 2, "first"), ("gemma2", 2, 1, "spread"),
-    ("llama", 4, 2, "first"), ("llama", 2, 1, "spread")])
+    ("llama", 4, 2, "first"), ("llama", 2, 1, "spread"), ("llama_tied", 2, 2, "spread_top")])
 def test_resident_layers(family: str, resident: int, window: int, placement: str) -> None:
     """Layers kept on the device with their optimizer there train exactly like streamed ones."""
     _run(family, accumulate=1, max_norm=None, window=window, resident_layers=resident, layers=4,

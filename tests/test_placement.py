@@ -78,3 +78,21 @@ def test_auto_placement_spreads_only_when_residents_outnumber_streamed_layers() 
     assert pick_resident(32, 16, "auto") == list(range(16))  # a tie keeps the host's slack
     assert pick_resident(32, 32, "auto") == list(range(32))
     assert pick_resident(4, 0, "auto") == []
+
+
+def test_spread_top_keeps_the_spacing_and_lifts_the_lowest_streamed_layer() -> None:
+    from slideformer.runtime.resident import pick_resident
+
+    for layers, count in [(32, 22), (32, 21), (28, 12), (28, 20), (40, 30), (4, 1)]:
+        top = pick_resident(layers, count, "spread_top")
+        spread = pick_resident(layers, count, "spread")
+        assert len(top) == count and sorted(set(top)) == top and all(0 <= i < layers for i in top)
+        streamed_top = [i for i in range(layers) if i not in top]
+        streamed = [i for i in range(layers) if i not in spread]
+        # The lowest streamed layer is as high as spread's or higher, the top layer is streamed...
+        assert min(streamed_top) >= min(streamed) and streamed_top[-1] == layers - 1
+        # ...and no two streamed layers are closer than spread's spacing allows (floor of layers / streamed).
+        assert min(b - a for a, b in zip(streamed_top, streamed_top[1:], strict=False)) >= layers // len(streamed_top)
+    # 8B on 80 GB, 22 of 32 resident: streamed 3, 6, ..., 31 instead of spread's 1, 4, ..., 30.
+    assert [i for i in range(32) if i not in pick_resident(32, 22, "spread_top")][0] == 3
+    assert pick_resident(32, 0, "spread_top") == [] and pick_resident(32, 32, "spread_top") == list(range(32))

@@ -65,10 +65,12 @@ class EngineConfig:
     (placement.py; 0 where they cannot be used)."""
     gpu_memory_gib: float = 0.0
     """GPU memory (GiB) the engine may plan for with ``resident_layers=-1``; 0: the device's free memory."""
-    resident_placement: Literal["auto", "first", "spread"] = "auto"
+    resident_placement: Literal["auto", "first", "spread", "spread_top"] = "auto"
     """Which layers stay resident. 'first': the lowest ones, whose updates would otherwise be the CPU
     optimizer's tail at the end of backward and whose uploads would start the next forward. 'spread':
-    evenly over the depth, giving the link time to catch up between streamed layers. 'auto': spread when
+    evenly over the depth, giving the link time to catch up between streamed layers. 'spread_top': spread's
+    spacing with the streamed layers counted down from the top, so the lowest layers stay resident (the host's
+    time to update the lowest streamed one, whose gradient lands last). 'auto': spread when
     resident layers outnumber the streamed ones (the streamed stretch would be bound by its uploads), else
     first (the host's AdamW bounds the step and wants the slack); measured in ``runtime/resident.py``."""
     schedule: Schedule = "auto"
@@ -184,8 +186,8 @@ class EngineConfig:
         if self.resident_layers < -1:
             raise ConfigError("engine.resident_layers must be >= 0, or -1 for as many as fit, got "
                               f"{self.resident_layers}")
-        if self.resident_placement not in ("auto", "first", "spread"):
-            raise ConfigError("engine.resident_placement must be auto, first or spread, got "
+        if self.resident_placement not in ("auto", "first", "spread", "spread_top"):
+            raise ConfigError("engine.resident_placement must be auto, first, spread or spread_top, got "
                               f"{self.resident_placement!r}")
         if self.window < 1:
             raise ConfigError(f"engine.window must be >= 1, got {self.window}")

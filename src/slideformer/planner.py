@@ -340,7 +340,7 @@ def make_plan(
     from slideformer.runtime.resident import resolve_placement
 
     placed = resolve_placement(len(layers), engine.resident_layers, engine.resident_placement)
-    spread = bool(n_res) and placed == "spread"
+    spread = bool(n_res) and placed in ("spread", "spread_top")
     times = step_times(hardware, n=n, embedding=params["embedding"], n_res=n_res, spread=spread,
                        tokens=tokens, grad_accum=grad_accum, elt=elt, device_cast=device_cast, deferred=deferred,
                        disk_bytes=(8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)

@@ -32,7 +32,8 @@ from slideformer.runtime.device import DeviceOps, add_squared_norm
 
 
 def pick_resident(num_layers: int, count: int, placement: str = "first") -> list[int]:
-    """``count`` layer indices: the lowest (``first``), spread evenly over the depth (``spread``), or ``auto``:
+    """``count`` layer indices: the lowest (``first``), spread evenly over the depth (``spread``), the streamed
+    layers spread evenly down from the top layer so the lowest ones stay resident (``spread_top``), or ``auto``:
     spread when resident layers outnumber the streamed ones, else first.
 
     Why ``auto`` decides so (measured on the H100 box, performance_h100_202611.md): with few resident layers
@@ -41,15 +42,24 @@ def pick_resident(num_layers: int, count: int, placement: str = "first") -> list
     0.804 s vs spread 0.833. With most layers resident the streamed stretch at the top is bound by its uploads,
     which spreading hides behind resident layers' compute: 8B b8 on 80 GB, 21 of 32 resident, first 1.415 s vs
     spread 1.207 s (same run).
+
+    ``spread_top`` keeps spread's spacing but moves every streamed layer as high as it goes: the lowest streamed
+    layer's gradient lands last in backward and its weights are needed first in the next forward, so the
+    resident layers below it are the host's time to update it (spread puts a streamed layer at index 1).
     """
     count = max(0, min(count, num_layers))
-    if resolve_placement(num_layers, count, placement) == "first":
+    where = resolve_placement(num_layers, count, placement)
+    if where == "first":
         return list(range(count))
+    if where == "spread_top":
+        streamed = num_layers - count
+        down = {num_layers - 1 - (j * num_layers) // streamed for j in range(streamed)}
+        return [i for i in range(num_layers) if i not in down]
     return sorted({min(num_layers - 1, int((i + 0.5) * num_layers / count)) for i in range(count)})
 
 
 def resolve_placement(num_layers: int, count: int, placement: str) -> str:
-    """``first`` or ``spread``: ``auto`` spreads when resident layers outnumber the streamed ones."""
+    """``first``, ``spread`` or ``spread_top``: ``auto`` spreads when resident layers outnumber the streamed ones."""
     if placement != "auto":
         return placement
     return "spread" if count > num_layers - count else "first"
