@@ -5,8 +5,8 @@
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
 # Session 6 ran `tests chunk3b rss3b profile_chunk3b`, `edf3b profile_chunk3b`, `tests spread8b profile8b`.
-# Session 7: `tests rows3b`, `place8b profile8b_top`, `rss3b` (the split update's row-wise kernel, non-temporal
-# copy stores, the optimizer consuming a chunk per turn, the spread_top placement).
+# Session 7: `tests rows3b`, `place8b`, `profile8b_top rss3b`, `auto8b tests` (the split update's row-wise kernel,
+# non-temporal copy stores, the optimizer consuming a chunk per turn, the spread_top placement, the new autos).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -117,6 +117,13 @@ for stage in "$@"; do
         --systems slideformer,slideformer+embedding_update=split --steps 5 --warmup 2 --time-budget-s 380 \
         --engine-opt resident_layers=-1 --out "$OUT/llama3.1-8b_spread_h100_bench.json" > "$OUT/spread8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_spread_h100_bench.md ;;
+    auto8b)
+      # 8B b8 with every engine default (planner residents; auto placement = spread_top, auto embedding update =
+      # split since session 7), with the roofline: the default's step and efficiency (issue 3 target 3).
+      timeout 250 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer --steps 5 --warmup 2 --time-budget-s 240 --engine-opt resident_layers=-1 \
+        --out "$OUT/llama3.1-8b_defaults_h100_bench.json" > "$OUT/auto8b.log" 2>&1
+      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.1-8b_defaults_h100_bench.md ;;
     rss3b)
       # Issue 3 target 4 for the default engine (nothing resident, no BF16 copy, torch kernels): the whole embedding
       # update (auto) against the split one (session 6 first measured it keeping the batch rows aside, 12 B per

@@ -73,8 +73,10 @@ def test_auto_placement_spreads_only_when_residents_outnumber_streamed_layers() 
 
     # 3B on 24 GiB (9 of 28 resident): the lowest layers, as measured faster there.
     assert pick_resident(28, 9, "auto") == list(range(9))
-    # 8B on 80 GB (21 of 32 resident): spread over the depth, as measured faster there.
-    assert pick_resident(32, 21, "auto") == pick_resident(32, 21, "spread") != list(range(21))
+    # 8B on 80 GB (21-22 of 32 resident): spread over the depth (faster than first), counted down from the top
+    # (faster than spread), as measured there.
+    assert pick_resident(32, 21, "auto") == pick_resident(32, 21, "spread_top") != list(range(21))
+    assert pick_resident(32, 22, "auto") != pick_resident(32, 22, "spread")
     assert pick_resident(32, 16, "auto") == list(range(16))  # a tie keeps the host's slack
     assert pick_resident(32, 32, "auto") == list(range(32))
     assert pick_resident(4, 0, "auto") == []

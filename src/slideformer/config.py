@@ -70,7 +70,7 @@ class EngineConfig:
     optimizer's tail at the end of backward and whose uploads would start the next forward. 'spread':
     evenly over the depth, giving the link time to catch up between streamed layers. 'spread_top': spread's
     spacing with the streamed layers counted down from the top, so the lowest layers stay resident (the host's
-    time to update the lowest streamed one, whose gradient lands last). 'auto': spread when
+    time to update the lowest streamed one, whose gradient lands last). 'auto': spread_top when
     resident layers outnumber the streamed ones (the streamed stretch would be bound by its uploads), else
     first (the host's AdamW bounds the step and wants the slack); measured in ``runtime/resident.py``."""
     schedule: Schedule = "auto"
@@ -123,12 +123,13 @@ class EngineConfig:
     'split': the rows outside the batch are updated during backward, as background work of the optimizer
     thread (untied: their gradient is exactly zero; tied: it is the LM head's, complete at the start of
     backward), and only the batch's rows wait for the embedding backward (``runtime/embedding_split.py``).
-    'whole': one update of the whole matrix after the embedding backward. 'auto' (default): whole. Results are
-    bitwise the same. Same-run H100 measurements (performance_h100_202611.md): with the optimizer's order by
-    unit index (session 6) the tied 3B on a 24 GiB cap ran whole 0.567 vs split 0.601 s/step: in a step bound
-    by the host's AdamW the early part leaves the CPU idle while the head's gradient is awaited, where the whole
-    update keeps it busy and the GPU waits instead. (Before that order: tied 3B split +7%, untied 8B -5%.) A
-    hidden size that is not a multiple of 8 (the CPU kernel's tail width) keeps the whole update."""
+    'whole': one update of the whole matrix after the embedding backward. 'auto' (default): split, unless the
+    embedding is tied, layers are resident and the planner's step model says the host's AdamW bounds the step
+    (``EmbeddingSplit.used``). Results are bitwise the same. Same-run H100 measurements (session 7,
+    performance_h100_202611.md): untied 8B b8, 22 resident (GPU-bound): split 1.241 vs whole 1.365 s/step; tied
+    3B b8 on a 24 GiB cap, nothing resident: split 0.954 vs whole 1.007; tied 3B with 12 resident layers and the
+    BF16 copy (host-bound): whole 0.656 vs split 0.679. A hidden size that is not a multiple of 8 (the CPU
+    kernel's tail width) keeps the whole update."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
     check_host_memory: bool = True

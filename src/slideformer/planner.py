@@ -23,7 +23,7 @@ import torch
 
 from slideformer.config import EngineConfig
 from slideformer.memory.budget import offload_ring_bytes
-from slideformer.plan_time import step_times
+from slideformer.plan_time import host_bound, step_times
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + allocator slack on the GPU (measured order of magnitude)
@@ -264,13 +264,6 @@ def make_plan(
         host[key] = (elt if engine.grad_accumulator == "compute" else 4) * n
         state_terms.append(key)
     host["process baseline"] = PROCESS_BASELINE_BYTES
-    # The split embedding update (runtime/embedding_split.py): the batch rows' compact gradient on the device.
-    from slideformer.runtime.embedding_split import EmbeddingSplit
-
-    chunk_elems = int(engine.chunk_mib * 2**20) // elt
-    split_rows = min(tokens, vocab) if not deferred and EmbeddingSplit.used(
-        engine.embedding_update, hidden=hidden, chunk=chunk_elems, single_process=True,
-        in_ram=offload == "none") else 0
     chunk_bytes = int(engine.chunk_mib * 2**20)
     device_cast = on_gpu and engine.upload_cast != "host" and not host_copy
     park = max(engine.staging_chunks, engine.grad_park_mib * 2**20 // chunk_bytes) if on_gpu else 0
@@ -295,8 +288,6 @@ def make_plan(
         "FP32 upload rings (device cast)": (2 * 2 * chunk_bytes // elt * 4) if device_cast else 0,
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }
-    if split_rows and on_gpu:
-        gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     if engine.resident_layers < 0:  # 'as many as fit': placement.py, for this run's tokens and GPU
         from slideformer.placement import resident_layers_that_fit
 
@@ -310,6 +301,16 @@ def make_plan(
     else:
         auto_note = ""
     n_res = min(engine.resident_layers, len(layers)) * params["largest_layer"]
+    # The split embedding update (runtime/embedding_split.py): the batch rows' compact gradient on the device.
+    from slideformer.runtime.embedding_split import EmbeddingSplit
+
+    split_args = {"tied": tied, "resident": n_res > 0, "hidden": hidden, "chunk": int(engine.chunk_mib * 2**20) // elt,
+                  "host_bound": host_bound(hardware, n=n, host_params=n - n_res, tokens=tokens),
+                  "single_process": True, "in_ram": offload == "none"}
+    split_rows = min(tokens, vocab) if not deferred and EmbeddingSplit.used(engine.embedding_update,
+                                                                            **split_args) else 0
+    if split_rows and on_gpu:
+        gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     if n_res:
         # runtime/resident.py: weights + FP32 master + two moments per resident param (+ an FP32 gradient
         # accumulator under the deferred schedule), one FP32 grad scratch.
@@ -373,14 +374,12 @@ def make_plan(
                      f"({2 * copy_params / 2**30:.1f} GiB) in the same pass; uploads move 2 B/param, no cast")
     elif engine.host_copy == "bf16":
         notes.append("engine.host_copy=bf16 needs compute_dtype bfloat16: the engine refuses this config")
-    if split_rows and times["cpu adamw"] > times["gpu compute"]:
-        notes.append("engine.embedding_update=split in a step bound by the host's AdamW: the whole update ('auto') "
-                     "measured faster there (3B tied, 24 GiB cap: 0.567 vs 0.601 s/step)")
-    elif (not split_rows and engine.embedding_update == "auto" and not deferred and offload == "none"
-          and times["gpu compute"] > times["cpu adamw"]):
-        notes.append("the step is bound by GPU compute: engine.embedding_update=split updates the embedding's rows "
-                     "outside the batch during backward, so the next forward need not wait for them (8B b8: "
-                     "1.298 vs 1.342 s/step)")
+    if not deferred and engine.embedding_update != "auto" and EmbeddingSplit.used("auto", **split_args) != bool(
+            split_rows):
+        notes.append(f"engine.embedding_update={engine.embedding_update}: 'auto' would "
+                     + ("split it here (8B b8, GPU-bound: split 1.241 vs whole 1.365 s/step)" if not split_rows else
+                        "keep the whole update here: tied, resident layers and a step bound by the host's AdamW "
+                        "(3B, 24 GiB cap: whole 0.656 vs split 0.679 s/step)"))
     settings = {
         "layers": len(layers),
         "tied": tied,
