@@ -17,7 +17,8 @@ Under ``torchrun --nproc-per-node N`` every rank runs one data-parallel engine a
 
 The engine's worker threads are profiled with ``profile_all_threads``. Host-side work is made
 visible by wrapping, on this engine instance only, its optimizer and transfer entry points in
-``record_function`` ranges (``sf/cpu_adamw``, ``sf/upload_host``, ``sf/grad_host``); ranges of the
+``record_function`` ranges (``sf/cpu_adamw``, ``sf/upload_host``, ``sf/grad_host``, suffixed ``/<unit name>``
+where the call's first argument is a host unit); ranges of the
 same names emitted by the engine itself are used as they are.
 """
 
@@ -57,9 +58,12 @@ INSTRUMENT: tuple[tuple[str, str, str], ...] = (
 
 
 def _ranged(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` inside a range called ``name``, suffixed with ``/<unit name>`` when its first argument is a host
+    unit (the optimizer's ``update(unit, lo, hi, ...)``), so the trace says which unit each AdamW call served."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with torch.profiler.record_function(name):
+        unit = getattr(args[0], "name", None) if args else None
+        with torch.profiler.record_function(f"{name}/{unit}" if isinstance(unit, str) else name):
             return fn(*args, **kwargs)
 
     return wrapper

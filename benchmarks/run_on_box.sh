@@ -5,8 +5,10 @@
 #   bash benchmarks/run_on_box.sh tests bench3b    # + 3B capped at 24 GiB vs ZeRO-2/3 (~5 min)
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
 # Session 6 ran `tests chunk3b rss3b profile_chunk3b`, `edf3b profile_chunk3b`, `tests spread8b profile8b`.
-# Session 7: `tests rows3b`, `place8b`, `profile8b_top rss3b`, `auto8b tests` (the split update's row-wise kernel,
-# non-temporal copy stores, the optimizer consuming a chunk per turn, the spread_top placement, the new autos).
+# Session 7 ran `tests rows3b`, `place8b`, `profile8b_top rss3b`, `auto8b tests` (the last on an H200: name
+# kind nvidia-h100-x1 on every call). Next: `profile8b` (now the defaults spread_top + split; AdamW ranges name
+# their unit) to read the 8B step's remaining 56 ms start wait, and `rss3b` (the split's RSS, never measured
+# row-wise).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -125,11 +127,12 @@ for stage in "$@"; do
         --out "$OUT/llama3.1-8b_defaults_h100_bench.json" > "$OUT/auto8b.log" 2>&1
       sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.1-8b_defaults_h100_bench.md ;;
     rss3b)
-      # Issue 3 target 4 for the default engine (nothing resident, no BF16 copy, torch kernels): the whole embedding
-      # update (auto) against the split one (session 6 first measured it keeping the batch rows aside, 12 B per
-      # element; since then it updates them in place), one run (no DeepSpeed, no roofline: host RSS is the figure).
+      # Issue 3 target 4 for the default engine (nothing resident, no BF16 copy, torch kernels): the tied default
+      # (auto = whole) against the split update (row-wise since session 7: nothing kept aside), one run (no
+      # DeepSpeed, no roofline: host RSS is the figure). Session 7's run named 'whole' as the second system while
+      # auto was whole too, so both ran whole.
       timeout 300 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,slideformer+embedding_update=whole --gpu-memory-gib 24 --steps 5 --warmup 2 \
+        --systems slideformer,slideformer+embedding_update=split --gpu-memory-gib 24 --steps 5 --warmup 2 \
         --no-roofline --time-budget-s 280 --out "$OUT/llama3.2-3b_cap24g_rss_h100_bench.json" > "$OUT/rss3b.log" 2>&1
       sed -n '/## Results/,/## Ratios/p' "$OUT"/llama3.2-3b_cap24g_rss_h100_bench.md ;;
     threads3b)
@@ -146,8 +149,8 @@ for stage in "$@"; do
         --out "$OUT/llama3.1-8b_park_h100_bench.json" > "$OUT/park8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_park_h100_bench.md ;;
     profile8b)
-      # The 8B b8 steady-state step (planner residents; since session 5 placed by resident_placement=auto, i.e.
-      # spread for the 20 of 32 that fit): where the step time goes.
+      # The 8B b8 steady-state step with the defaults (planner residents, 22 of 32 on an H100; since session 7
+      # auto = spread_top placement and the split update for this untied embedding): where the step time goes.
       timeout 300 python3 benchmarks/profile_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
         --engine-opt resident_layers=-1 --name timeline_llama3.1-8b_b8_auto --out-dir "$OUT" \
         > "$OUT/profile8b.log" 2>&1; tail -20 "$OUT/profile8b.log" ;;

@@ -123,12 +123,12 @@ class EngineConfig:
     'split': the rows outside the batch are updated during backward, as background work of the optimizer
     thread (untied: their gradient is exactly zero; tied: it is the LM head's, complete at the start of
     backward), and only the batch's rows wait for the embedding backward (``runtime/embedding_split.py``).
-    'whole': one update of the whole matrix after the embedding backward. 'auto' (default): split, unless the
-    embedding is tied, layers are resident and the planner's step model says the host's AdamW bounds the step
-    (``EmbeddingSplit.used``). Results are bitwise the same. Same-run H100 measurements (session 7,
-    performance_h100_202611.md): untied 8B b8, 22 resident (GPU-bound): split 1.241 vs whole 1.365 s/step; tied
-    3B b8 on a 24 GiB cap, nothing resident: split 0.954 vs whole 1.007; tied 3B with 12 resident layers and the
-    BF16 copy (host-bound): whole 0.656 vs split 0.679. A hidden size that is not a multiple of 8 (the CPU
+    'whole': one update of the whole matrix after the embedding backward. 'auto' (default): split when the
+    embedding is untied (its early part is a zero gradient: no download), whole when it is tied
+    (``EmbeddingSplit.used``). Results are bitwise the same. Same-run H100 measurements (performance_h100_202611.md):
+    untied 8B b8, 22 resident: split 1.241 vs whole 1.365 s/step (session 7), 1.298 vs 1.342 (session 6); tied 3B
+    b8 on a 24 GiB cap: whole 0.656 vs split 0.679 with 12 resident layers (session 7), 0.567 vs 0.601 (session 6),
+    0.963 vs 0.977 with none (session 6). A hidden size that is not a multiple of 8 (the CPU
     kernel's tail width) keeps the whole update."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""

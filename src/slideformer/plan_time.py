@@ -15,13 +15,6 @@ if TYPE_CHECKING:
     from slideformer.planner import Hardware
 
 
-def host_bound(hardware: Hardware, *, n: int, host_params: int, tokens: int) -> bool:
-    """Whether the host's AdamW over ``host_params`` outlasts the GPU compute of one ``tokens``-token micro-batch
-    of ``n`` parameters, at the stated rates (the terms of ``step_times``, overlap schedule)."""
-    compute = 8.0 * n * tokens / (hardware.gpu_tflops * 1e12)
-    return host_params / (hardware.adam_gparams * 1e9) > compute
-
-
 def step_times(hardware: Hardware, *, n: int, embedding: int, n_res: int, spread: bool, tokens: int,
                grad_accum: int, elt: int, device_cast: bool, deferred: bool, disk_bytes: int) -> dict[str, float]:
     """Seconds per step: ``gpu compute``, ``pcie``, ``cpu adamw``, ``disk`` (when ``disk_bytes``), ``step``.

@@ -23,7 +23,7 @@ import torch
 
 from slideformer.config import EngineConfig
 from slideformer.memory.budget import offload_ring_bytes
-from slideformer.plan_time import host_bound, step_times
+from slideformer.plan_time import step_times
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + allocator slack on the GPU (measured order of magnitude)
@@ -304,8 +304,7 @@ def make_plan(
     # The split embedding update (runtime/embedding_split.py): the batch rows' compact gradient on the device.
     from slideformer.runtime.embedding_split import EmbeddingSplit
 
-    split_args = {"tied": tied, "resident": n_res > 0, "hidden": hidden, "chunk": int(engine.chunk_mib * 2**20) // elt,
-                  "host_bound": host_bound(hardware, n=n, host_params=n - n_res, tokens=tokens),
+    split_args = {"tied": tied, "hidden": hidden, "chunk": int(engine.chunk_mib * 2**20) // elt,
                   "single_process": True, "in_ram": offload == "none"}
     split_rows = min(tokens, vocab) if not deferred and EmbeddingSplit.used(engine.embedding_update,
                                                                             **split_args) else 0
@@ -377,9 +376,8 @@ def make_plan(
     if not deferred and engine.embedding_update != "auto" and EmbeddingSplit.used("auto", **split_args) != bool(
             split_rows):
         notes.append(f"engine.embedding_update={engine.embedding_update}: 'auto' would "
-                     + ("split it here (8B b8, GPU-bound: split 1.241 vs whole 1.365 s/step)" if not split_rows else
-                        "keep the whole update here: tied, resident layers and a step bound by the host's AdamW "
-                        "(3B, 24 GiB cap: whole 0.656 vs split 0.679 s/step)"))
+                     + ("split this untied embedding (8B b8: split 1.241 vs whole 1.365 s/step)" if not split_rows
+                        else "keep this tied embedding whole (3B, 24 GiB cap: whole 0.656 vs split 0.679 s/step)"))
     settings = {
         "layers": len(layers),
         "tied": tied,

@@ -84,21 +84,19 @@ class EmbeddingSplit:
         self.rows_grad = ops.empty(0, dtype)
 
     @staticmethod
-    def used(update: str, *, tied: bool, resident: bool, host_bound: bool, hidden: int, chunk: int,
-             single_process: bool, in_ram: bool) -> bool:
+    def used(update: str, *, tied: bool, hidden: int, chunk: int, single_process: bool, in_ram: bool) -> bool:
         """Whether a run takes the split: one process, moments in RAM, and bitwise the whole update, i.e. every
         call of both paths a multiple of the kernel's tail width (rows of ``hidden`` elements, chunks of ``chunk``;
         see the module invariant). The engine and the planner ask this one question.
 
-        ``engine.embedding_update='auto'`` splits unless the embedding is ``tied``, layers are ``resident`` and the
-        step is ``host_bound`` (``plan_time.host_bound``). Same-run H100 measurements (performance_h100_202611.md,
-        session 7): untied 8B b8, 22 resident, GPU-bound: split 1.241 vs whole 1.365 s/step (spread_top: 1.193 vs
-        1.262); tied 3B b8 on a 24 GiB cap, nothing resident: split 0.954 vs whole 1.007; tied 3B with 12 resident
-        layers and the BF16 copy, host-bound: split 0.679 vs whole 0.656 (session 6: 0.601 vs 0.567). There the
-        head's gradient is drained at the start of backward and its early update goes first, while the layers'
-        gradients, which the host cannot keep up with, queue behind it."""
+        ``engine.embedding_update='auto'`` splits an untied embedding and keeps a ``tied`` one whole. Same-run H100
+        measurements (performance_h100_202611.md): untied 8B b8, 22 resident: split 1.241 vs whole 1.365 s/step
+        (session 7; 1.298 vs 1.342 in session 6), its early part is free background work (a zero gradient, no
+        download). Tied 3B b8 on a 24 GiB cap: whole 0.656 vs split 0.679 with 12 resident layers (session 7; 0.567
+        vs 0.601 in session 6), 0.963 vs 0.977 with none (session 6): the early part needs the head's whole
+        gradient downloaded at the start of backward and goes before the layers' updates."""
         if update == "auto":
-            update = "whole" if tied and resident and host_bound else "split"
+            update = "whole" if tied else "split"
         return (update == "split" and single_process and in_ram
                 and hidden % TAIL_WIDTH == 0 and chunk % TAIL_WIDTH == 0)
 

@@ -17,11 +17,9 @@ import torch
 
 from slideformer.memory.activations import ActivationStore
 from slideformer.memory.activations_disk import open_activation_store
-from slideformer.memory.host_state import HostUnit, attach_upload_copies
+from slideformer.memory.host_state import attach_upload_copies
 from slideformer.models.loading import buffers_on
 from slideformer.optim.adamw import FlatAdamW
-from slideformer.plan_time import host_bound
-from slideformer.planner import Hardware
 from slideformer.runtime import build
 from slideformer.runtime.embedding_split import EmbeddingSplit
 from slideformer.runtime.grad_pipeline import GradPipeline
@@ -94,8 +92,8 @@ def setup_device(e: Engine) -> None:
     e.x0_capacity = 0
     # The input embedding's update in two parts (runtime/embedding_split.py): one process, moments in RAM.
     split = len(u0.params) == 1 and EmbeddingSplit.used(
-        e.cfg.embedding_update, tied=p.tied, resident=bool(e.resident_idx), host_bound=_host_bound(e, streamed),
-        hidden=e.hidden, chunk=chunk, single_process=e.dist is None, in_ram=e.offload is None)
+        e.cfg.embedding_update, tied=p.tied, hidden=e.hidden, chunk=chunk, single_process=e.dist is None,
+        in_ram=e.offload is None)
     e.embed_split = EmbeddingSplit(ops, u0, e.vocab, e.hidden, e.dtype, e.adam, chunk) if split else None
     threads = e.cfg.optimizer_threads or (e.dist.cpu_threads() if e.dist is not None else 0)
     if threads > 0:
@@ -104,13 +102,3 @@ def setup_device(e: Engine) -> None:
         e.ensure_capacity(e.cfg.max_tokens_per_micro_batch)
     e.runner = StepRunner(e)
 
-
-def _host_bound(e: Engine, streamed: list[HostUnit]) -> bool:
-    """The planner's question for ``embedding_update='auto'``: does the host's AdamW (streamed layers, embedding
-    and head) outlast a micro-batch's GPU compute at the reference rates? Unknown micro-batch size: yes."""
-    tokens = e.cfg.max_tokens_per_micro_batch
-    if not tokens:
-        return True
-    host_params = sum(u.numel for u in [e.units[0], e.units[-1], *streamed])
-    return host_bound(Hardware(gpu_memory_bytes=0, host_memory_bytes=0), n=sum(u.numel for u in e.units),
-                      host_params=host_params, tokens=tokens)
