@@ -40,6 +40,7 @@ sys.path.append(str(HERE.parent / "src"))
 import torch  # noqa: E402
 
 import shapes  # noqa: E402
+from timeline_read import compute_stream, length, read, union  # noqa: E402
 
 LANES: tuple[tuple[str, str], ...] = (
     ("compute", "GPU compute"),
@@ -85,17 +86,19 @@ CONVERT_OPS = ("aten::copy_", "aten::_to_copy")
 """CPU ops that, on an upload thread, are the FP32->BF16 conversion into staging (and the copy issue)."""
 
 
-def lane_of(event: dict[str, Any], upload_tids: set[Any]) -> str | None:
+def lane_of(event: dict[str, Any], upload_tids: set[Any], compute_tid: Any = None) -> str | None:
     """Which timeline lane a Chrome-trace event belongs to (None: not drawn).
 
     Host-side conversion is read from the upload threads (those that carry ``sf/upload_host``
     ranges): their ``aten::copy_`` ops, not the ranges, which also span the waits for updates.
+    Kernels are compute on the compute stream (``compute_tid``; None: any stream); on another stream they are
+    the uploaders' device-side casts, drawn as upload work.
     """
     cat = str(event.get("cat", "")).lower()
     name = str(event.get("name", ""))
     low = name.lower()
     if cat == "kernel":
-        return "compute"
+        return "compute" if compute_tid is None or event.get("tid") == compute_tid else "upload"
     if cat == "gpu_memcpy":
         if "htod" in low:
             return "upload"
@@ -108,20 +111,6 @@ def lane_of(event: dict[str, Any], upload_tids: set[Any]) -> str | None:
         if cat == "cpu_op" and name in CONVERT_OPS and event.get("tid") in upload_tids:
             return "upload_host"
     return None
-
-
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[tuple[float, float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def _length(intervals: list[tuple[float, float]]) -> float:
-    return sum(e - s for s, e in intervals)
 
 
 def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
@@ -150,11 +139,12 @@ def timeline(trace: dict[str, Any], step_name: str,
     nxt = [e for e in events if e.get("ph") == "X" and e.get("name") == next_name] if next_name else []
     lanes: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in LANES}
     upload_tids = {e.get("tid") for e in events if str(e.get("name", "")).startswith("sf/upload_host")}
+    compute_tid = compute_stream([e for e in events if e.get("ph") == "X" and "dur" in e])
     spans = []
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
-        lane = lane_of(e, upload_tids)
+        lane = lane_of(e, upload_tids, compute_tid)
         if lane is None:
             continue
         start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
@@ -169,9 +159,9 @@ def timeline(trace: dict[str, Any], step_name: str,
     if step and nxt:  # one period: [this step's start, the next step's start)
         t1 = float(nxt[0]["ts"])
         clipped = {k: [(max(s, t0), min(e, t1)) for s, e in v if e > t0 and s < t1] for k, v in lanes.items()}
-        return t0, t1, {k: _union(v) for k, v in clipped.items()}
+        return t0, t1, {k: union(v) for k, v in clipped.items()}
     t1 = max([t1] + [e for _, e in spans])  # GPU work may finish after the host-side range closes
-    return t0, t1, {k: _union(v) for k, v in lanes.items()}
+    return t0, t1, {k: union(v) for k, v in lanes.items()}
 
 
 def summarize(t0: float, t1: float, lanes: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
@@ -179,9 +169,9 @@ def summarize(t0: float, t1: float, lanes: dict[str, list[tuple[float, float]]])
     window = max(t1 - t0, 1e-9)
     out: dict[str, Any] = {"window_ms": window / 1e3, "busy_fraction": {}, "overlap_with_compute": {}}
     for key, _ in LANES:
-        out["busy_fraction"][key] = _length(lanes[key]) / window
+        out["busy_fraction"][key] = length(lanes[key]) / window
         if key != "compute" and lanes[key]:
-            out["overlap_with_compute"][key] = _intersection(lanes[key], lanes["compute"]) / _length(lanes[key])
+            out["overlap_with_compute"][key] = _intersection(lanes[key], lanes["compute"]) / length(lanes[key])
     return out
 
 
@@ -297,6 +287,7 @@ def main(argv: list[str]) -> int:
     raw.unlink()
     t0, t1, lanes = timeline(trace, step_name, next_name)
     summary = summarize(t0, t1, lanes)
+    summary.update(read(trace, step_name, next_name))  # the compute stream's gaps and the AdamW's units in them
     summary.update(
         model=args.model,
         batch_size=args.batch_size,

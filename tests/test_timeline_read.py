@@ -1,0 +1,60 @@
+"""``benchmarks/timeline_read.py``: the compute stream's gaps in a steady-state period, the AdamW units in each,
+and ``profile_step``'s lanes keeping the uploaders' cast kernels out of compute."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # profile_step imports its siblings
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _x(name: str, ts_ms: float, dur_ms: float, tid: int = 7, cat: str = "kernel") -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts_ms * 1e3, "dur": dur_ms * 1e3, "tid": tid}
+
+
+def _trace() -> dict:
+    ann = "user_annotation"
+    return {"traceEvents": [
+        _x("sf/profiled_step", 0, 50, tid=1, cat=ann), _x("sf/next_step", 100, 50, tid=1, cat=ann),
+        _x("gemm", -5, 25),  # the compute stream (most kernel time), clipped to the period: busy 0-20 ms
+        _x("gemm", 30, 40),  # busy 30-70 ms; idle 20-30 and 70-100 ms
+        _x("cast", 20, 10, tid=13), _x("cast", 75, 20, tid=13),  # an uploader's stream: not compute
+        _x("sf/cpu_adamw/layers.3", 18, 4, tid=2, cat=ann), _x("sf/cpu_adamw/layers.3", 22.2, 4, tid=2, cat=ann),
+        _x("sf/cpu_adamw/embed", 40, 5, tid=2, cat=ann),
+        _x("sf/cpu_adamw", 80, 2, tid=2, cat=ann),  # an unnamed call (older traces)
+        _x("sf/cpu_adamw/layers.3", 200, 1, tid=2, cat=ann),  # outside the period
+    ]}
+
+
+def test_gaps_name_the_adamw_units_that_ran_in_them() -> None:
+    out = _load("timeline_read").read(_trace(), min_gap_ms=5)
+    assert out["period_ms"] == 100 and out["compute_stream"] == 7
+    assert out["compute_busy_ms"] == 60 and out["compute_idle_ms"] == 40
+    assert out["compute_gaps"] == [{"at_ms": 20.0, "ms": 10.0, "adamw_units": ["layers.3"]},
+                                   {"at_ms": 70.0, "ms": 30.0, "adamw_units": ["?"]}]
+    # Back-to-back calls on one unit are one span; the next unit, or a pause, starts another.
+    assert [(s["from_ms"], s["to_ms"], s["unit"]) for s in out["adamw_spans"]] == [
+        (18.0, 26.2, "layers.3"), (40.0, 45.0, "embed"), (80.0, 82.0, "?")]
+    assert [g["at_ms"] for g in _load("timeline_read").read(_trace(), min_gap_ms=20)["compute_gaps"]] == [70.0]
+
+
+def test_profile_lanes_keep_the_uploaders_casts_out_of_compute() -> None:
+    ps = _load("profile_step")
+    t0, t1, lanes = ps.timeline(_trace(), "sf/profiled_step", "sf/next_step")
+    assert (t0, t1) == (0.0, 100e3)
+    assert lanes["compute"] == [(0.0, 20e3), (30e3, 70e3)]
+    assert lanes["upload"] == [(20e3, 30e3), (75e3, 95e3)]
+    assert [lane for lane, v in lanes.items() if v and lane == "cpu_adamw"] == ["cpu_adamw"]
