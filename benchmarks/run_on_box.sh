@@ -6,9 +6,9 @@
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
 # Session 6 ran `tests chunk3b rss3b profile_chunk3b`, `edf3b profile_chunk3b`, `tests spread8b profile8b`.
 # Session 7 ran `tests rows3b`, `place8b`, `profile8b_top rss3b`, `auto8b tests` (the last on an H200: name
-# kind nvidia-h100-x1 on every call). Next: `profile8b` (now the defaults spread_top + split; AdamW ranges name
-# their unit) to read the 8B step's remaining 56 ms start wait, and `rss3b` (the split's RSS, never measured
-# row-wise).
+# kind nvidia-h100-x1 on every call). Next: `tests profile8b window8b` (the defaults spread_top + split; AdamW
+# ranges name their unit, benchmarks/timeline_read.py lists them per compute gap: the 8B step's 56 ms start wait),
+# then `rss3b` (the split's RSS, never measured row-wise).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -107,6 +107,14 @@ for stage in "$@"; do
         --steps 5 --warmup 2 --time-budget-s 540 --engine-opt resident_layers=-1 \
         --out "$OUT/llama3.1-8b_place_h100_bench.json" > "$OUT/place8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_place_h100_bench.md ;;
+    window8b)
+      # 8B b8 with the defaults (planner residents, spread_top, split): window 2 vs 3. Session 7's timeline had the
+      # forward wait ~32 ms for uploads with the CPU AdamW idle; a third slot prefetches one more streamed layer
+      # (the planner may keep one resident layer fewer for it). One run, with the roofline.
+      timeout 400 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+window=3 --steps 5 --warmup 2 --time-budget-s 380 \
+        --engine-opt resident_layers=-1 --out "$OUT/llama3.1-8b_window_h100_bench.json" > "$OUT/window8b.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_window_h100_bench.md ;;
     profile8b_top)
       # The 8B b8 step with spread_top placement and the split embedding update: where the step time goes.
       timeout 200 python3 benchmarks/profile_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \

@@ -38,7 +38,8 @@ class Slideformer(BenchSystem):
             options.setdefault("max_tokens_per_micro_batch", max(spec.batch_sizes) * spec.seq_len)
             if spec.gpu_memory_gib:
                 options.setdefault("gpu_memory_gib", spec.gpu_memory_gib)
-        self.engine_config = EngineConfig(device=str(self.device), window=spec.window, **options)
+        options.setdefault("window", spec.window)  # --window, unless a system variant sets its own (window=3)
+        self.engine_config = EngineConfig(device=str(self.device), **options)
         self.optim_config = OptimConfig(lr=spec.lr)
         if hasattr(Engine, "from_config"):
             self.engine = Engine.from_config(self.hf_config, self.engine_config, self.optim_config, seed=spec.seed)
