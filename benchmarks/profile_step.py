@@ -17,9 +17,9 @@ Under ``torchrun --nproc-per-node N`` every rank runs one data-parallel engine a
 
 The engine's worker threads are profiled with ``profile_all_threads``. Host-side work is made
 visible by wrapping, on this engine instance only, its optimizer and transfer entry points in
-``record_function`` ranges (``sf/cpu_adamw``, ``sf/upload_host``, ``sf/grad_host``, suffixed ``/<unit name>``
-where the call's first argument is a host unit); ranges of the
-same names emitted by the engine itself are used as they are.
+``record_function`` ranges (``sf/upload_host``, ``sf/grad_host``); ranges the engine emits itself are used as
+they are: every host AdamW call is ``sf/cpu_adamw/<unit name>`` (``optim.adamw.adamw_range``; until session 7
+this script wrapped the optimizer in a second, unnamed range nested in the engine's).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ LANES: tuple[tuple[str, str], ...] = (
     ("cpu_adamw", "CPU optimizer"),
 )
 INSTRUMENT: tuple[tuple[str, str, str], ...] = (
-    ("adam", "update", "sf/cpu_adamw"),
     ("layer_up", "upload", "sf/upload_host"),
     ("vocab_up", "upload", "sf/upload_host"),
     ("drain", "drain", "sf/grad_host"),
@@ -59,12 +58,9 @@ INSTRUMENT: tuple[tuple[str, str, str], ...] = (
 
 
 def _ranged(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """``fn`` inside a range called ``name``, suffixed with ``/<unit name>`` when its first argument is a host
-    unit (the optimizer's ``update(unit, lo, hi, ...)``), so the trace says which unit each AdamW call served."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        unit = getattr(args[0], "name", None) if args else None
-        with torch.profiler.record_function(f"{name}/{unit}" if isinstance(unit, str) else name):
+        with torch.profiler.record_function(name):
             return fn(*args, **kwargs)
 
     return wrapper

@@ -4,8 +4,8 @@
 
 Owns the questions asked of every timeline since session 5, by hand until session 7:
 * the compute stream's idle gaps in the steady-state period, and
-* for each gap, the AdamW calls that ran during it. ``profile_step`` names them ``sf/cpu_adamw/<unit>`` since
-  session 7; older traces say only ``sf/cpu_adamw``.
+* for each gap, the AdamW calls that ran during it. The engine names them ``sf/cpu_adamw/<unit>`` since
+  session 7 (``optim.adamw.adamw_range``); older traces say only ``sf/cpu_adamw``.
 
 The compute stream is the one with the most kernel time: the uploaders' device-side casts run on their own
 streams and are not compute.

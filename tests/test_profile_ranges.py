@@ -1,19 +1,27 @@
-"""``benchmarks/profile_step.py``'s instrumentation: the optimizer's ranges name the unit they served and still
-land in the CPU-optimizer lane (the timeline's reading of which unit the GPU waited for depends on it)."""
+"""The engine's host AdamW ranges name the unit they served (``optim.adamw.adamw_range``) and land in
+``benchmarks/profile_step.py``'s CPU-optimizer lane: the timeline's reading of which unit the GPU waited for
+(``benchmarks/timeline_read.py``) depends on it."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from tests.reference import make_model, tiny_config
+
+from slideformer import Engine, EngineConfig, OptimConfig
+from slideformer.runtime import embedding_split, grad_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _profile_step():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling shapes.py
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling modules
     try:
         spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "benchmarks" / "profile_step.py")
         mod = importlib.util.module_from_spec(spec)
@@ -23,19 +31,25 @@ def _profile_step():
         sys.path.remove(str(ROOT / "benchmarks"))
 
 
-class _Unit:
-    name = "layers.3"
+@pytest.mark.parametrize("family,update", [("llama", "split"), ("llama_tied", "whole"), ("llama_tied", "split")])
+def test_adamw_ranges_name_the_unit_and_stay_in_the_optimizer_lane(monkeypatch, family: str, update: str) -> None:
+    names: list[str] = []
 
+    @contextlib.contextmanager
+    def recorded(name: str):
+        names.append(name)
+        yield
 
-def test_adamw_ranges_name_the_unit_and_stay_in_the_optimizer_lane() -> None:
+    for module in (grad_pipeline, embedding_split):  # the optimizer thread's ranges, recorded by name
+        monkeypatch.setattr(module, "record_function", recorded)
+    cfg = EngineConfig(device="cpu", embedding_update=update, chunk_mib=1 / 64)
+    with Engine(copy.deepcopy(make_model(tiny_config(family, vocab=512))), cfg, OptimConfig(lr=1e-3)) as engine:
+        for _ in range(2):
+            engine.train_step({"input_ids": torch.randint(0, 512, (2, 16))})
+        engine.flush()
+        units = {u.name for u in engine.units}
+    adamw = {n for n in names if n.startswith("sf/cpu_adamw")}
+    assert {n.removeprefix("sf/cpu_adamw/") for n in adamw} == units  # every unit, each call named
     mod = _profile_step()
-    seen: list[int] = []
-    update = mod._ranged(lambda unit, lo: seen.append(lo), "sf/cpu_adamw")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        update(_Unit(), 0)
-        update(7, 1)  # a first argument without a name keeps the plain range
-    names = {e.name for e in prof.events()}
-    assert seen == [0, 1]
-    assert "sf/cpu_adamw/layers.3" in names and "sf/cpu_adamw" in names
-    for name in ("sf/cpu_adamw/layers.3", "sf/cpu_adamw"):
+    for name in adamw:
         assert mod.lane_of({"cat": "user_annotation", "name": name}, set()) == "cpu_adamw"

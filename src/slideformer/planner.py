@@ -288,22 +288,20 @@ def make_plan(
         "FP32 upload rings (device cast)": (2 * 2 * chunk_bytes // elt * 4) if device_cast else 0,
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }
-    if engine.resident_layers < 0:  # 'as many as fit': placement.py, for this run's tokens and GPU
+    auto_count = engine.resident_layers < 0
+    if auto_count:  # 'as many as fit': placement.py, for this run's tokens and GPU
         from slideformer.placement import resident_layers_that_fit
 
         count, why = resident_layers_that_fit(hf_config, tokens=tokens, engine=engine, deferred=deferred,
                                               gpu_budget_bytes=hardware.gpu_memory_bytes - CUDA_CONTEXT_BYTES)
         engine = EngineConfig(**{**asdict(engine), "resident_layers": count})
-        from slideformer.runtime.resident import resolve_placement
-
-        where = resolve_placement(len(layers), count, engine.resident_placement)
-        auto_note = f"engine.resident_layers=-1 keeps {why} (placed: {where})"
-    else:
-        auto_note = ""
     n_res = min(engine.resident_layers, len(layers)) * params["largest_layer"]
-    # The split embedding update (runtime/embedding_split.py): the batch rows' compact gradient on the device.
     from slideformer.runtime.embedding_split import EmbeddingSplit
+    from slideformer.runtime.resident import resolve_placement
 
+    placed = resolve_placement(len(layers), engine.resident_layers, engine.resident_placement)
+    notes = [f"engine.resident_layers=-1 keeps {why} (placed: {placed})"] if auto_count else []
+    # The split embedding update (runtime/embedding_split.py): the batch rows' compact gradient on the device.
     split_args = {"tied": tied, "hidden": hidden, "chunk": int(engine.chunk_mib * 2**20) // elt,
                   "single_process": True, "in_ram": offload == "none"}
     split_rows = min(tokens, vocab) if not deferred and EmbeddingSplit.used(engine.embedding_update,
@@ -337,16 +335,12 @@ def make_plan(
     if engine.offload_activations:
         disk["offload: activation checkpoints (one micro-batch)"] = act_file
 
-    from slideformer.runtime.resident import resolve_placement
-
-    placed = resolve_placement(len(layers), engine.resident_layers, engine.resident_placement)
     spread = bool(n_res) and placed in ("spread", "spread_top")
     times = step_times(hardware, n=n, embedding=params["embedding"], n_res=n_res, spread=spread,
                        tokens=tokens, grad_accum=grad_accum, elt=elt, device_cast=device_cast, deferred=deferred,
                        disk_bytes=(8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)
                                    if offload in ("moments", "all") else 0)
                        + (act_file * grad_accum if engine.offload_activations else 0))
-    notes = [auto_note] if auto_note else []
     limit = getattr(hf_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         notes.append(f"seq_len {seq_len} exceeds max_position_embeddings {limit}")

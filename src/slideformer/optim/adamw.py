@@ -19,6 +19,12 @@ from slideformer.memory.host_state import HostUnit
 from slideformer.optim.cpu_adam import adamw_step
 
 
+def adamw_range(unit: HostUnit) -> str:
+    """The profiler range of a host AdamW call on ``unit``: ``sf/cpu_adamw/<unit name>`` (benchmarks/profile_step.py
+    draws every ``sf/cpu_adamw`` range as the CPU optimizer's lane; timeline_read.py reads the unit from it)."""
+    return f"sf/cpu_adamw/{unit.name}"
+
+
 @dataclass(frozen=True)
 class UpdateSpec:
     """What one unit update needs besides the gradient: frozen when the update is scheduled."""

@@ -40,7 +40,7 @@ import torch
 from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
-from slideformer.optim.adamw import FlatAdamW, UpdateSpec
+from slideformer.optim.adamw import FlatAdamW, UpdateSpec, adamw_range
 from slideformer.optim.cpu_adam import TAIL_WIDTH
 from slideformer.optim.cpu_adam_rows import adamw_rows, adamw_skip_rows
 from slideformer.runtime.device import DeviceOps
@@ -79,6 +79,7 @@ class EmbeddingSplit:
         self.chunk = min(chunk, unit.numel)
         self.decay = unit.n_decay == unit.numel  # one matrix: decayed or not as a whole (HostUnit.decay_segments)
         self._zero: torch.Tensor | None = None  # the untied early update's gradient chunk, made on first use
+        self._range = adamw_range(unit)  # its profiler range
         self.capacity = 0
         """Rows the device gradient buffer holds (sized for the largest micro-batch, between steps)."""
         self.rows_grad = ops.empty(0, dtype)
@@ -141,7 +142,7 @@ class EmbeddingSplit:
             self._zero = torch.zeros(self.chunk, dtype=self.dtype)
         for lo in range(0, self.unit.numel, self.chunk):
             hi = min(lo + self.chunk, self.unit.numel)
-            with record_function("sf/cpu_adamw"):
+            with record_function(self._range):
                 self.early(job, lo, hi, self._zero[:hi - lo])
             yield f"{self.unit.name}[{lo}:{hi}] (zero-gradient rows)"
 

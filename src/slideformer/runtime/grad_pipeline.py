@@ -40,7 +40,7 @@ from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
 from slideformer.memory.offload import OffloadedMoments
-from slideformer.optim.adamw import FlatAdamW, UpdateSpec
+from slideformer.optim.adamw import FlatAdamW, UpdateSpec, adamw_range
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.embedding_split import RowUpdate
 from slideformer.runtime.transfer import Accumulate, Update, _Worker
@@ -68,7 +68,7 @@ class _Parked:
     error: BaseException | None = None
     background: bool = False
     consumed: int = 0
-    """Chunks applied so far (a background drain is consumed one chunk per turn)."""
+    """Chunks applied so far (drains are consumed a chunk per turn; whole, in turn, with the disk tier)."""
 
 
 @dataclass
@@ -133,8 +133,8 @@ class GradPipeline:
 
     def submit_background(self, unit: HostUnit, fn: Callable[..., Iterator[Any]], *args: Any) -> Future:
         """Run ``fn(*args)`` (an iterator, one chunk of work per step, each yielding what it did) as background
-        work of ``unit``: after
-        the earlier items of that unit and tasks, one step at a time when no other gradient is ready."""
+        work of ``unit``: after the earlier items of that unit and tasks, one step per turn, ordered with the
+        landed gradients by unit index (module docstring)."""
         with self._cv:
             task = _Task(next(self._seq), fn, args, background=True, unit_index=unit.index)
             self._pending.append(task)
@@ -345,17 +345,17 @@ class GradPipeline:
 
     def _apply(self, it: _Parked, lo: int, hi: int, grad: torch.Tensor) -> None:
         unit, action = it.unit, it.action
-        self.last_progress = f"{unit.name}[{lo}:{hi}]"
         if isinstance(action, RowUpdate):
             self.last_progress = f"{unit.name} batch rows [{lo}:{hi}]"
-            with record_function("sf/cpu_adamw"):
+            with record_function(adamw_range(unit)):
                 action.split.update_rows(action.job, lo, hi, grad)
             return
+        self.last_progress = f"{unit.name}[{lo}:{hi}]"
         if isinstance(action, Update):
             # AdamW reads the compute-dtype gradient as it landed (the kernel upcasts in registers) and writes
             # the upload copy, if the unit has one, in the same pass.
             apply = action.apply.get(unit.index)
-            with record_function("sf/cpu_adamw"):
+            with record_function(adamw_range(unit)):
                 if apply is not None:
                     apply(lo, hi, grad)
                 else:
@@ -382,7 +382,7 @@ class GradPipeline:
                 if self.offload is not None:
                     self.last_progress = f"disk read of {unit.name}[{lo}:{hi}] state"
                     self.offload.enter(unit, lo, hi, +1)  # moments (+ master) from disk; then units above
-                with record_function("sf/cpu_adamw"):
+                with record_function(adamw_range(unit)):
                     self.adam.update(unit, lo, hi, unit.grad_acc[lo:hi], spec, out=_copy_of(unit, lo, hi))
         finally:
             if self.offload is not None:

@@ -101,4 +101,3 @@ def setup_device(e: Engine) -> None:
     if e.cfg.max_tokens_per_micro_batch:
         e.ensure_capacity(e.cfg.max_tokens_per_micro_batch)
     e.runner = StepRunner(e)
-
