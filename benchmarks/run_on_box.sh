@@ -107,6 +107,16 @@ for stage in "$@"; do
         --steps 5 --warmup 2 --time-budget-s 540 --engine-opt resident_layers=-1 \
         --out "$OUT/llama3.1-8b_place_h100_bench.json" > "$OUT/place8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_place_h100_bench.md ;;
+    park8b_top)
+      # 8B b8 with the defaults (planner residents, spread_top, split): against a 4 GiB parking pool (session 7's
+      # start-wait hypothesis: the untied head's 1 GiB gradient, consumed last, holds half of the 2 GiB pool all
+      # backward, so the split's early part yields to landed layers and is left for the next step's gather) and
+      # against window 3 (the forward's upload waits). One run, with the roofline.
+      timeout 480 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+grad_park_mib=4096,slideformer+window=3 --steps 5 --warmup 2 \
+        --time-budget-s 460 --engine-opt resident_layers=-1 \
+        --out "$OUT/llama3.1-8b_park_top_h100_bench.json" > "$OUT/park8b_top.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_park_top_h100_bench.md ;;
     window8b)
       # 8B b8 with the defaults (planner residents, spread_top, split): window 2 vs 3. Session 7's timeline had the
       # forward wait ~32 ms for uploads with the CPU AdamW idle; a third slot prefetches one more streamed layer

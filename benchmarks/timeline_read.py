@@ -5,7 +5,9 @@
 Owns the questions asked of every timeline since session 5, by hand until session 7:
 * the compute stream's idle gaps in the steady-state period, and
 * for each gap, the AdamW calls that ran during it. The engine names them ``sf/cpu_adamw/<unit>`` since
-  session 7 (``optim.adamw.adamw_range``); older traces say only ``sf/cpu_adamw``.
+  session 7 (``optim.adamw.adamw_range``); older traces say only ``sf/cpu_adamw``;
+* for each gap, the blocking waits on worker futures that overlapped it: the engine's
+  ``sf/wait/<thread>: <what>`` ranges (``runtime/waits.py``, session 8; older traces have none).
 
 The compute stream is the one with the most kernel time: the uploaders' device-side casts run on their own
 streams and are not compute.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 ADAMW = "sf/cpu_adamw"
+WAIT = "sf/wait"
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -107,6 +110,9 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
                   if str(e.get("cat", "")).lower() == "kernel" and e.get("tid") == stream
                   and float(e["ts"]) < t1 and float(e["ts"]) + float(e["dur"]) > t0])
     spans = adamw_spans(events, t0, t1)
+    waits = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), str(e["name"])[len(WAIT) + 1:]) for e in events
+             if str(e.get("name", "")).startswith(WAIT + "/") and float(e["ts"]) < t1
+             and float(e["ts"]) + float(e["dur"]) > t0]
 
     def ms(t: float) -> float:
         return round((t - t0) / 1e3, 1)
@@ -114,7 +120,10 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
     rows = []
     for start, end in gaps(busy, t0, t1, min_gap_ms * 1e3):
         during = [u for s, e, u in spans if s < end and e > start]
-        rows.append({"at_ms": ms(start), "ms": round((end - start) / 1e3, 1), "adamw_units": during})
+        waiting = [f"{what} ({round((min(e, end) - max(s, start)) / 1e3, 1)} ms of it)"
+                   for s, e, what in waits if s < end and e > start]
+        rows.append({"at_ms": ms(start), "ms": round((end - start) / 1e3, 1), "adamw_units": during,
+                     "waits": waiting})
     return {
         "period_ms": round((t1 - t0) / 1e3, 1),
         "compute_stream": stream,
@@ -138,6 +147,8 @@ def main(argv: list[str]) -> int:
     print(f"period {out['period_ms']} ms: compute busy {out['compute_busy_ms']} ms, idle {out['compute_idle_ms']} ms")
     for g in out["compute_gaps"]:
         print(f"  idle at {g['at_ms']:8.1f} ms for {g['ms']:6.1f} ms; AdamW on: {', '.join(g['adamw_units']) or '-'}")
+        for w in g["waits"]:
+            print(f"      waiting: {w}")
     return 0
 
 

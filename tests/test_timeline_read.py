@@ -36,6 +36,8 @@ def _trace() -> dict:
         _x("sf/cpu_adamw/embed", 40, 5, tid=2, cat=ann),
         _x("sf/cpu_adamw", 80, 2, tid=2, cat=ann),  # an unnamed call (older traces)
         _x("sf/cpu_adamw/layers.3", 200, 1, tid=2, cat=ann),  # outside the period
+        _x("sf/wait/MainThread: embedding gather", 69, 12, tid=1, cat=ann),  # 1 ms before the gap at 70
+        _x("sf/wait/sf-upload: update of layers.3", 50, 5, tid=3, cat=ann),  # inside no gap
     ]}
 
 
@@ -43,12 +45,33 @@ def test_gaps_name_the_adamw_units_that_ran_in_them() -> None:
     out = _load("timeline_read").read(_trace(), min_gap_ms=5)
     assert out["period_ms"] == 100 and out["compute_stream"] == 7
     assert out["compute_busy_ms"] == 60 and out["compute_idle_ms"] == 40
-    assert out["compute_gaps"] == [{"at_ms": 20.0, "ms": 10.0, "adamw_units": ["layers.3"]},
-                                   {"at_ms": 70.0, "ms": 30.0, "adamw_units": ["?"]}]
+    assert out["compute_gaps"] == [
+        {"at_ms": 20.0, "ms": 10.0, "adamw_units": ["layers.3"], "waits": []},
+        {"at_ms": 70.0, "ms": 30.0, "adamw_units": ["?"], "waits": ["MainThread: embedding gather (11.0 ms of it)"]}]
     # Back-to-back calls on one unit are one span; the next unit, or a pause, starts another.
     assert [(s["from_ms"], s["to_ms"], s["unit"]) for s in out["adamw_spans"]] == [
         (18.0, 26.2, "layers.3"), (40.0, 45.0, "embed"), (80.0, 82.0, "?")]
     assert [g["at_ms"] for g in _load("timeline_read").read(_trace(), min_gap_ms=20)["compute_gaps"]] == [70.0]
+
+
+def test_engine_waits_are_named_ranges_only_when_they_block() -> None:
+    """``runtime.waits.result`` names a blocking wait ``sf/wait/<thread>: <what>``; a done future gets no range."""
+    import threading
+    from concurrent.futures import Future
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from slideformer.runtime import waits
+
+    done: Future = Future()
+    done.set_result(1)
+    later: Future = Future()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        threading.Timer(0.2, later.set_result, (2,)).start()  # set while the main thread waits
+        assert waits.result(done, "a done future") == 1
+        assert waits.result(later, "a slow future", timeout=5) == 2
+    names = {e.name for e in prof.events() if e.name.startswith("sf/wait/")}
+    assert names == {f"sf/wait/{threading.current_thread().name}: a slow future"}
 
 
 def test_profile_lanes_keep_the_uploaders_casts_out_of_compute() -> None:

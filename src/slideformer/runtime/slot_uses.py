@@ -22,6 +22,7 @@ import torch
 
 from slideformer.errors import WorkerError
 from slideformer.memory.host_state import HostUnit
+from slideformer.runtime import waits
 from slideformer.runtime.batch import MicroBatch
 from slideformer.runtime.watchdog import stall_report
 from slideformer.runtime.window import Segment, Slot, Use, plan_use
@@ -50,7 +51,7 @@ class SlotUses:
         if fut is None:
             return None
         try:
-            return fut.result(timeout=self.e.cfg.watchdog_s)
+            return waits.result(fut, what, self.e.cfg.watchdog_s)
         except FutureTimeout:
             raise WorkerError(stall_report(what, self.e.cfg.watchdog_s, self.e.drain.last_progress)) from None
         except BaseException as exc:

@@ -23,6 +23,7 @@ from torch.profiler import record_function
 
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import UpdateSpec
+from slideformer.runtime import waits
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.window import Segment, Slot
 
@@ -83,13 +84,14 @@ class Uploader(_Worker):
             self.device_ring = [self.ops.empty(self.chunk, torch.float32) for _ in range(2)]
 
     def upload(self, slot: Slot, segments: list[Segment], update_futs: list[Future],
-               waits: list[Future]) -> Any:
+               slot_waits: list[Future]) -> Any:
         """Queued by ``submit``: returns the device event at which the slot's weights are in place."""
-        for f in update_futs:
-            f.result()  # the unit's pending AdamW update must have landed before we read its master
-        for r in waits:
+        for seg, f in zip(segments, update_futs):
+            # The unit's pending AdamW update must have landed before we read its master.
+            waits.result(f, f"update of {seg.unit.name}")
+        for r in slot_waits:
             # Earlier uses of the slot (compute, gradient download) must finish before we overwrite it.
-            self.ops.wait(self.stream, r.result())
+            self.ops.wait(self.stream, waits.result(r, "slot release"))
         with self.ops.on(self.stream), record_function("sf/upload_host"):
             for seg in segments:
                 # This rank's part of the unit (all of it unless data-parallel sharding is on).
@@ -123,12 +125,12 @@ class Uploader(_Worker):
             return self.ops.record(self.stream)
 
     def gather_rows(self, unit: HostUnit, rows: int, ids: torch.Tensor, out: torch.Tensor,
-                    scratch: torch.Tensor, stage: torch.Tensor, update_fut: Future, waits: list[Future]) -> Any:
+                    scratch: torch.Tensor, stage: torch.Tensor, update_fut: Future, slot_waits: list[Future]) -> Any:
         """Embedding forward on the host: gather the rows of ``ids`` from the FP32 master into ``out``."""
-        update_fut.result()  # the embedding's update must have landed
-        for r in waits:
+        waits.result(update_fut, f"update of {unit.name}")  # the embedding's update must have landed
+        for r in slot_waits:
             # The previous micro-batch's compute must be done reading ``out``.
-            self.ops.wait(self.stream, r.result())
+            self.ops.wait(self.stream, waits.result(r, "embedding rows release"))
         n = ids.numel()
         width = unit.numel // rows
         table = unit.master.view(rows, width)
