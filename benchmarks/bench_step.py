@@ -105,16 +105,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=3.0,
         help="kill a child (recorded as host RAM exhausted) when available host RAM drops below this",
     )
+    p.add_argument(
+        "--engine-src",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="a system 'slideformer@LABEL' imports slideformer from DIR (a source tree's src/, e.g. "
+        "'git archive REF src | tar -x -C /tmp/ref': an earlier engine against this one, same run)",
+    )
     p.add_argument("--out", type=Path, default=None, help="results JSON (markdown, CSV, PNGs are written beside it)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batch_sizes = tuple(int(x) for x in str(args.batch_size).split(",") if x.strip())
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
-    # A variant "slideformer+key=value+..." runs the engine with extra engine options (same run, own row).
-    unknown = [s for s in args.system_list if s.split("+")[0] not in FACTORIES]
+    # A variant "slideformer+key=value+..." runs the engine with extra engine options (same run, own row);
+    # "slideformer@LABEL..." runs the engine of --engine-src LABEL=DIR.
+    unknown = [s for s in args.system_list if s.split("+")[0].split("@")[0] not in FACTORIES]
     if unknown:
         p.error(f"unknown systems {unknown}; choose from {list(FACTORIES)}")
+    pairs, args.engine_src = args.engine_src, {}
+    for pair in pairs:
+        label, _, path = pair.partition("=")
+        if not path or not (Path(path) / "slideformer").is_dir():
+            p.error(f"--engine-src {pair!r}: expected LABEL=DIR with DIR/slideformer a package directory")
+        args.engine_src[label.strip()] = str(Path(path).resolve())
+    labels = {s.split("+")[0].partition("@")[2] for s in args.system_list if "@" in s.split("+")[0]}
+    if labels - set(args.engine_src):
+        p.error(f"systems name engine sources {sorted(labels - set(args.engine_src))} without --engine-src")
     if args.device is None:
         import torch
 
@@ -152,6 +170,13 @@ def child_main(name: str, spec: BenchSpec, cpu_threads: int) -> int:
     from systems.base import drive
 
     base, *variant = name.split("+")
+    base, _, label = base.partition("@")
+    if label:
+        import slideformer
+
+        src = os.environ.get("SF_BENCH_ENGINE_SRC", "")
+        if not src or not str(Path(slideformer.__file__).resolve()).startswith(src):
+            raise SystemExit(f"{name}: imported slideformer from {slideformer.__file__}, not from {src!r}")
     if variant:
         spec = dataclasses.replace(spec, engine_options={**spec.engine_options, **common.engine_options(variant)})
     module_name, _, func = FACTORIES[base].partition(":")
@@ -184,7 +209,7 @@ def child_main(name: str, spec: BenchSpec, cpu_threads: int) -> int:
 class ChildRun:
     """One child process: its result records, log tail, RSS peak (seen from here) and why it was killed."""
 
-    def __init__(self, name: str, cmd: list[str]) -> None:
+    def __init__(self, name: str, cmd: list[str], src: str | None = None) -> None:
         self.name = name
         self.records: list[dict[str, Any]] = []
         self.tail: deque[str] = deque(maxlen=40)
@@ -194,6 +219,8 @@ class ChildRun:
         self.wall_s = 0.0
         self._t0 = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if src is not None:  # an earlier engine (--engine-src): its package first on the path
+            env.update(SF_BENCH_ENGINE_SRC=src, PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -312,6 +339,7 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
             "device": args.device,
             "window": args.window,
             "engine_options": spec.engine_options,
+            "engine_src": args.engine_src,
             "kernels": spec.kernels,
             "cpu_threads": args.cpu_threads,
         },
@@ -358,7 +386,7 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
             str(args.cpu_threads),
         ]
         print(f"== {name}: starting (budget left {remaining:.0f} s)", file=sys.stderr, flush=True)
-        run = ChildRun(name, cmd)
+        run = ChildRun(name, cmd, args.engine_src.get(name.split("+")[0].partition("@")[2]))
         current[0] = run
         run.wait(min(args.child_timeout_s, remaining - 10), int(args.host_reserve_gib * common.GIB))
         current[0] = None

@@ -107,6 +107,19 @@ for stage in "$@"; do
         --steps 5 --warmup 2 --time-budget-s 540 --engine-opt resident_layers=-1 \
         --out "$OUT/llama3.1-8b_place_h100_bench.json" > "$OUT/place8b.log" 2>&1
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_place_h100_bench.md ;;
+    ab8b|ab3b)
+      # The engine of this tree against an earlier one (ab/prev/src, made here with
+      # `git archive REF src | tar -x -C ab/prev`, carried as an ignored path), same run, each with its defaults:
+      # 8B b8 planner residents (ab8b), or 3B b8 on the 24 GiB cap with Liger + residents + BF16 copy (ab3b).
+      if [ "$stage" = ab8b ]; then
+        timeout 420 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+          --systems slideformer,slideformer@prev --steps 5 --warmup 2 --time-budget-s 400 \
+          --engine-opt resident_layers=-1 --engine-src prev=ab/prev/src \
+          --out "$OUT/llama3.1-8b_ab_h100_bench.json" > "$OUT/ab8b.log" 2>&1
+        sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.1-8b_ab_h100_bench.md
+      else
+        headline3b ab slideformer,slideformer@prev --engine-src prev=ab/prev/src
+      fi ;;
     park8b_top)
       # 8B b8 with the defaults (planner residents, spread_top, split): against a 4 GiB parking pool (session 7's
       # start-wait hypothesis: the untied head's 1 GiB gradient, consumed last, holds half of the 2 GiB pool all

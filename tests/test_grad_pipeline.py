@@ -221,3 +221,84 @@ def test_a_lower_unit_landing_mid_unit_goes_next_after_one_chunk() -> None:
     f0[0].result(10)
     assert adam.calls == [(5, 0), (0, 0), (5, 4), (5, 8)]
     p.close()
+
+
+class _Copy:
+    """A device-to-host copy that completes when the test says so."""
+
+    def __init__(self, done: bool) -> None:
+        self.flag = threading.Event()
+        if done:
+            self.flag.set()
+
+
+class InFlightOps(DeviceOps):
+    """CPU ops whose gradient copies, while ``hold`` is set, stay in flight until ``release()``: what the GPU
+    does when the main thread has queued a layer's backward and its download but the GPU has not run them."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.hold = False
+        self.held: list[_Copy] = []
+
+    def record(self, stream):
+        ev = _Copy(done=not self.hold)
+        if self.hold:
+            self.held.append(ev)
+        return ev
+
+    def done(self, event) -> bool:
+        return event is None or event.flag.is_set()
+
+    def host_wait(self, event) -> None:
+        if event is not None and not event.flag.wait(10):
+            raise AssertionError("a copy never completed")
+
+    def release(self) -> None:
+        for ev in self.held:
+            ev.flag.set()
+
+
+def test_a_landed_unit_whose_copy_is_in_flight_does_not_hold_up_ready_work() -> None:
+    """A unit lands when its copies are queued; the optimizer consumes a higher unit whose copies completed
+    rather than block on the lower one's copy (session 8's 8B timeline idled ~250 ms of backward so)."""
+    adam, ops = RecordingAdam(), InFlightOps()
+    p = GradPipeline(ops, 4, 8, torch.float32, adam)
+    layers = {i: _unit(i, 8) for i in (1, 2)}
+    adam.gate.clear()  # hold the optimizer inside layer 2's first chunk
+    f2 = p.submit_drain([(layers[2], torch.ones(8))], None, None, _update([layers[2]]))
+    assert adam.entered.wait(10)
+    ops.hold = True  # layer 1's copies are queued behind a backward the GPU has not run yet
+    f1 = p.submit_drain([(layers[1], torch.ones(8))], None, None, _update([layers[1]]))
+    _wait_landed(p, 2)
+    adam.gate.set()
+    f2[2].result(5)  # done while layer 1's copies are still in flight
+    assert adam.calls == [(2, 0), (2, 4)] and not f1[1].done()
+    ops.release()
+    f1[1].result(10)
+    assert adam.calls == [(2, 0), (2, 4), (1, 0), (1, 4)]
+    p.close()
+
+
+def test_background_work_runs_while_the_landed_units_copies_are_in_flight_even_when_the_pool_is_short() -> None:
+    """The pool-reserve rule puts landed units before background work, but only those it can consume now:
+    with the only landed unit's copies in flight, the background work goes on instead of waiting."""
+    adam, ops = RecordingAdam(), InFlightOps()
+    p = GradPipeline(ops, 4, 2, torch.float32, adam)  # reserve: 1 free chunk
+    emb, layer = _unit(0, 8), _unit(1, 8)
+    ops.hold = True
+    f1 = p.submit_drain([(layer, torch.ones(8))], None, None, _update([layer]))
+    _wait_landed(p, 1)
+    assert len(p._free) == 0  # the pool is short: both chunks parked, their copies in flight
+
+    def steps():
+        for k in range(3):
+            adam.calls.append((-1, k))
+            yield
+
+    p.submit_background(emb, steps).result(5)
+    assert adam.calls == [(-1, 0), (-1, 1), (-1, 2)] and not f1[1].done()
+    ops.release()
+    f1[1].result(10)
+    assert adam.calls[3:] == [(1, 0), (1, 4)]
+    p.close()

@@ -90,6 +90,10 @@ class DeviceOps:
             return
         stream.wait_event(event)
 
+    def done(self, event: Any) -> bool:
+        """Whether ``event`` has completed (a non-blocking query; always on the CPU)."""
+        return not self.is_cuda or event is None or bool(event.query())
+
     def host_wait(self, event: Any) -> None:
         """Block this host thread until ``event`` has completed."""
         if self.is_cuda and event is not None:

@@ -9,8 +9,13 @@ forward reads the embedding first), a chunk per turn, so a lower unit landing mi
 gradient, the last of backward) waits one chunk. Backward produces units top-down, so what is left when it
 ends is the top layers, whose updates overlap the next forward. With fewer than a quarter of the pool's
 chunks free, landed units go before background work (consuming them frees the chunks the downloader, and
-so the GPU's slot release, waits for). When nothing else is ready it streams the unit being downloaded, so
-a unit larger than the pool still goes through. With the moments on disk (``memory/offload.py``) it
+so the GPU's slot release, waits for). A unit lands when its copies are *queued*, which is as soon as the
+main thread queued its backward, well before the GPU ran it: so only chunks whose copy has *completed*
+are candidates, and with none and no background work the thread polls for the next (it never blocks on one
+copy while another, or background work, is ready: session 8's 8B timeline had it idle ~250 ms of the
+backward so, with the split embedding's early part ready, and that part was left for the next step's
+gather). When nothing else is ready it streams the unit being downloaded, so a unit larger than the pool
+still goes through. With the moments on disk (``memory/offload.py``) it
 consumes whole units in submission order instead (backward order, or forward order for the deferred
 updates), the order the disk ring prefetches in, and binds each chunk's moments (and master,
 ``engine.offload='all'``) with the ring's ``enter`` (``leave`` after the unit). A unit with an upload copy
@@ -83,6 +88,10 @@ class _Task:
     unit_index: int = -1
 
 
+POLL_S = 0.0005
+"""How often the optimizer thread, with nothing else to do, checks whether a parked chunk's copy completed."""
+
+
 class GradPipeline:
     """Downloader + optimizer threads over a pinned parking pool."""
 
@@ -96,6 +105,7 @@ class GradPipeline:
         self.pool = [ops.host_empty(chunk, dtype) for _ in range(pool_chunks)]
         self._free = list(range(pool_chunks))
         self.reserve = max(1, pool_chunks // 4)
+        self._in_flight = False
         """Free parking chunks below which fully landed units go before background work (module docstring)."""
         self._cv = threading.Condition()
         self._pending: list[_Parked | _Task] = []
@@ -210,8 +220,9 @@ class GradPipeline:
     def _eligible(self) -> _Parked | _Task | None:
         """The next item to consume, by the rules in the module docstring (called under the lock)."""
         seen_units: set[int] = set()
-        streaming: _Parked | None = None
-        best: _Parked | None = None  # the lowest fully landed unit
+        streaming: _Parked | None = None  # a unit still being downloaded whose next chunk's copy completed
+        ready: _Parked | None = None  # the lowest landed unit whose next chunk's copy has completed
+        self._in_flight = False  # a parked chunk's copy is still running: poll for it (``_run``)
         background: tuple[int, _Parked | _Task] | None = None  # the lowest background work with a chunk ready
         for pos, item in enumerate(self._pending):
             if isinstance(item, _Task):
@@ -229,17 +240,30 @@ class GradPipeline:
                 continue  # an earlier item of the same unit comes first
             seen_units.add(item.unit.index)
             if item.background:
-                if len(item.chunks) > item.consumed and (background is None or item.unit.index < background[0]):
+                if not self._ready(item):
+                    self._in_flight = self._in_flight or len(item.chunks) > item.consumed
+                elif background is None or item.unit.index < background[0]:
                     background = (item.unit.index, item)  # its next chunk has landed
+            elif not self._ready(item):
+                self._in_flight = self._in_flight or len(item.chunks) > item.consumed
             elif item.landed:
-                if best is None or item.unit.index < best.unit.index:
-                    best = item
-            elif item.started:
+                if ready is None or item.unit.index < ready.unit.index:
+                    ready = item
+            else:
                 streaming = item
-        if background is not None and (best is None or (background[0] < best.unit.index
-                                                         and len(self._free) >= self.reserve)):
-            return background[1]
-        return best or streaming
+        if ready is not None and (background is None or ready.unit.index < background[0]
+                                  or len(self._free) < self.reserve):
+            return ready  # the lowest landed unit that can be consumed without waiting
+        if background is not None:
+            return background[1]  # lower, or rather than wait for a landed unit's copy still in flight
+        return streaming  # or None: nothing can run without waiting for a copy
+
+    def _ready(self, it: _Parked) -> bool:
+        """Its next chunk's copy has completed, or its download failed: consuming it now does not block
+        (called under the lock)."""
+        if it.error is not None:
+            return it.landed
+        return len(it.chunks) > it.consumed and self.ops.done(it.chunks[it.consumed][3])
 
     def _run(self) -> None:
         while True:
@@ -248,7 +272,9 @@ class GradPipeline:
                 while item is None:
                     if self._closed:
                         return
-                    self._cv.wait(0.1)  # new gradients or tasks arrive from the downloader / main thread
+                    # New gradients or tasks arrive from the downloader / main thread (they notify); a copy
+                    # still running on the device does not: poll for it every half millisecond.
+                    self._cv.wait(POLL_S if self._in_flight else 0.1)
                     item = self._eligible()
             if isinstance(item, _Task):
                 done = self._run_background_step(item) if item.background else self._run_task(item)
