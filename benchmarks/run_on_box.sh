@@ -6,9 +6,9 @@
 #   bash benchmarks/run_on_box.sh bench8b profile  # 8B vs the no-offload peak (~3 min), 3B timeline (~1 min)
 # Session 6 ran `tests chunk3b rss3b profile_chunk3b`, `edf3b profile_chunk3b`, `tests spread8b profile8b`.
 # Session 7 ran `tests rows3b`, `place8b`, `profile8b_top rss3b`, `auto8b tests` (the last on an H200: name
-# kind nvidia-h100-x1 on every call). Next: `tests profile8b window8b` (the defaults spread_top + split; AdamW
-# ranges name their unit, benchmarks/timeline_read.py lists them per compute gap: the 8B step's 56 ms start wait),
-# then `rss3b` (the split's RSS, never measured row-wise).
+# kind nvidia-h100-x1 on every call). Session 8 ran `profile8b park8b_top` (engine 216ad23), `tests ab8b`,
+# `profile8b ab3b`, `profile_chunk3b rss3b`, `tied3b`, `families_rl` (ed5b54d; ab* need ab/prev/src, made with
+# `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -120,6 +120,10 @@ for stage in "$@"; do
       else
         headline3b ab slideformer,slideformer@prev --engine-src prev=ab/prev/src
       fi ;;
+    tied3b)
+      # Issue 3 target 1's configuration after session 8's pipeline rule (only completed copies are consumed): the
+      # tied default (auto = whole) against the split update, one run, with the roofline.
+      headline3b tied slideformer,slideformer+embedding_update=split ;;
     park8b_top)
       # 8B b8 with the defaults (planner residents, spread_top, split): against a 4 GiB parking pool (session 7's
       # start-wait hypothesis: the untied head's 1 GiB gradient, consumed last, holds half of the 2 GiB pool all
@@ -217,6 +221,19 @@ for stage in "$@"; do
         sed -n '/## Results/,/## Roofline/p' "/tmp/fam/${m}_auto_h100_bench.md"
       done
       tar -C /tmp/fam -czf "$OUT/families.tgz" . ;;
+    families_rl)
+      # The other families of issue 3 (7-8B shapes, b8, whole card) with every engine default and the roofline
+      # (issue 3 target 3 for each: efficiency against the same machine's GPU, CPU AdamW and PCIe terms).
+      # Written under /tmp/famrl and returned as one tarball (the device returns 8 files).
+      mkdir -p /tmp/famrl
+      for m in qwen2.5-7b qwen3-8b mistral-7b-v0.3; do
+        timeout 200 python3 benchmarks/bench_step.py --model $m --batch-size 8 --seq-len 1024 \
+          --systems slideformer --steps 5 --warmup 2 --time-budget-s 190 \
+          --engine-opt resident_layers=-1 --out "/tmp/famrl/${m}_defaults_h100_bench.json" \
+          > "/tmp/famrl/families_rl_$m.log" 2>&1
+        sed -n '/## Results/,/## Issue 3/p' "/tmp/famrl/${m}_defaults_h100_bench.md" | grep -E "^\| 8 \|"
+      done
+      tar -C /tmp/famrl -czf "$OUT/families_defaults.tgz" . ;;
     bench8b)
       timeout 300 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8,32 --seq-len 1024 \
         --systems slideformer,resident --steps 4 --warmup 2 --no-roofline --time-budget-s 290 \

@@ -1,7 +1,8 @@
 """The gradient pipeline's ordering rules, driven directly (CPU: downloads land as they are issued).
 
 Rules (runtime/grad_pipeline.py): among fully landed units and background work the lowest index is
-consumed first (landed units first when the parking pool runs short); items of one unit keep their
+consumed first (landed units first when the parking pool runs short), only chunks whose copy has completed
+(with none, background work, never a wait on one copy while other work is ready); items of one unit keep their
 order; a task runs after everything before it and before everything after it; a unit larger than the
 parking pool streams through it; a failure reaches every later future.
 """
@@ -151,7 +152,7 @@ def test_background_work_of_a_lower_unit_goes_first_and_keeps_its_unit_order() -
     f1 = p.submit_drain([(layers[1], torch.ones(4))], None, None, _update([layers[1]]))
     f0 = p.submit_drain([(emb, torch.ones(8))], None, None, _update([emb]))  # the unit's next item
     task = p.submit_task(lambda: log.append("task"))
-    _wait_landed(p, 3)
+    _wait_landed(p, 4)  # layers 3, 2, 1 and the embedding's drain
     adam.gate.set()
     for fut in (f3[3], f2[2], f1[1], bg, f0[0], task):
         fut.result(10)
@@ -261,13 +262,14 @@ class InFlightOps(DeviceOps):
 
 def test_a_landed_unit_whose_copy_is_in_flight_does_not_hold_up_ready_work() -> None:
     """A unit lands when its copies are queued; the optimizer consumes a higher unit whose copies completed
-    rather than block on the lower one's copy (session 8's 8B timeline idled ~250 ms of backward so)."""
+    rather than block on the lower one's copy (session 8's 8B timeline idled ~300 ms of backward so)."""
     adam, ops = RecordingAdam(), InFlightOps()
     p = GradPipeline(ops, 4, 8, torch.float32, adam)
     layers = {i: _unit(i, 8) for i in (1, 2)}
     adam.gate.clear()  # hold the optimizer inside layer 2's first chunk
     f2 = p.submit_drain([(layers[2], torch.ones(8))], None, None, _update([layers[2]]))
     assert adam.entered.wait(10)
+    _wait_landed(p, 1)  # every copy of layer 2 recorded (done) before the hold starts
     ops.hold = True  # layer 1's copies are queued behind a backward the GPU has not run yet
     f1 = p.submit_drain([(layers[1], torch.ones(8))], None, None, _update([layers[1]]))
     _wait_landed(p, 2)

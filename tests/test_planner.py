@@ -182,6 +182,10 @@ def test_disk_tier_is_planned_from_the_host_budget_and_free_space():
     # (llama3.1-8b_place_h100_202611_bench).
     (28, 3072, 8192, 24, 8, True, 8, 12, "bf16", 24, 0.656, "first"),
     (32, 4096, 14336, 32, 8, False, 8, 22, "none", 80, 1.193, "spread_top"),
+    # Session 8 (the optimizer consumes only chunks whose copy completed): the 8B default
+    # (llama3.1-8b_ab_h100_202611_bench) and the 3B above (llama3.2-3b_cap24g_tied_h100_202611_bench).
+    (32, 4096, 14336, 32, 8, False, 8, 22, "none", 80, 1.125, "spread_top"),
+    (28, 3072, 8192, 24, 8, True, 8, 12, "bf16", 24, 0.565, "first"),
 ])
 def test_predicted_step_follows_the_measured_h100_steps(layers, hidden, inter, heads, kv, tied, batch, resident,
                                                         copy, cap, measured, placement):

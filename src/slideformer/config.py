@@ -128,8 +128,9 @@ class EngineConfig:
     (``EmbeddingSplit.used``). Results are bitwise the same. Same-run H100 measurements (performance_h100_202611.md):
     untied 8B b8, 22 resident: split 1.241 vs whole 1.365 s/step (session 7), 1.298 vs 1.342 (session 6); tied 3B
     b8 on a 24 GiB cap: whole 0.656 vs split 0.679 with 12 resident layers (session 7), 0.567 vs 0.601 (session 6),
-    0.963 vs 0.977 with none (session 6). A hidden size that is not a multiple of 8 (the CPU
-    kernel's tail width) keeps the whole update."""
+    0.963 vs 0.977 with none (session 6); since session 8's optimizer order (only completed copies) the tied
+    pairs are even: 0.565 vs 0.564 and 0.960 vs 0.933, so 'auto' keeps whole there. A hidden size that is not
+    a multiple of 8 (the CPU kernel's tail width) keeps the whole update."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
     check_host_memory: bool = True

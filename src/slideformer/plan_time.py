@@ -3,7 +3,8 @@
 Owns the seconds of a plan (``planner.make_plan`` owns the bytes): GPU compute, PCIe, CPU AdamW and disk
 terms at the stated hardware rates, and the step as two phases per micro-batch (forward: compute | uploads;
 backward: compute | re-uploads and downloads | the CPU AdamW of the units whose gradients landed) plus the
-optimizer's tail (the embedding's gradient lands last, so its AdamW follows the backward). Invariant: every
+optimizer's tail (the embedding's gradient lands last, so its AdamW follows the backward: the whole matrix, or
+with the split update only the batch's rows). Invariant: every
 second is derived from the arguments and the hardware rates; nothing here reads a model or a measurement.
 """
 
@@ -15,12 +16,14 @@ if TYPE_CHECKING:
     from slideformer.planner import Hardware
 
 
-def step_times(hardware: Hardware, *, n: int, embedding: int, n_res: int, spread: bool, tokens: int,
+def step_times(hardware: Hardware, *, n: int, tail: int, n_res: int, spread: bool, tokens: int,
                grad_accum: int, elt: int, device_cast: bool, deferred: bool, disk_bytes: int) -> dict[str, float]:
     """Seconds per step: ``gpu compute``, ``pcie``, ``cpu adamw``, ``disk`` (when ``disk_bytes``), ``step``.
 
     ``n``: parameters; ``n_res`` of them in resident layers (no transfers, AdamW on the GPU), placed
-    ``spread`` over the depth or as one block of the lowest layers. ``disk_bytes``: read and written per step.
+    ``spread`` over the depth or as one block of the lowest layers. ``tail``: parameters whose host AdamW can
+    start only after the backward (the embedding's, or its batch rows' with the split update).
+    ``disk_bytes``: read and written per step.
     """
     compute = 8.0 * n * tokens * grad_accum / (hardware.gpu_tflops * 1e12)  # fwd 2 + recompute 2 + bwd 4 flop
     # FP32 masters cast on the device, or compute-dtype bytes (cast on the host, or the optimizer's BF16 copy).
@@ -44,11 +47,11 @@ def step_times(hardware: Hardware, *, n: int, embedding: int, n_res: int, spread
     fwd = hidden_share * c_mb / 4 + max((1 - hidden_share) * c_mb / 4, streamed * up_bytes / pcie_s)
     bwd = (hidden_share * 3 * c_mb / 4 + res_adam
            + max((1 - hidden_share) * 3 * c_mb / 4, streamed * max(up_bytes, elt) / pcie_s))
-    tail = min(embedding, streamed) / adam_rate
+    tail_s = min(tail, streamed) / adam_rate
     if deferred:
         phases = max(fwd, adam) + bwd + (grad_accum - 1) * (fwd + bwd)
     else:
-        phases = fwd + max(bwd, adam - tail) + tail
+        phases = fwd + max(bwd, adam - tail_s) + tail_s
     times = {"gpu compute": compute, "pcie": pcie, "cpu adamw": adam}
     if disk_bytes:  # one disk: its reads and writes add up
         times["disk"] = disk_bytes / (hardware.disk_read_gbs * 1e9) + disk_bytes / (hardware.disk_write_gbs * 1e9)

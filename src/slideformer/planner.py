@@ -336,7 +336,9 @@ def make_plan(
         disk["offload: activation checkpoints (one micro-batch)"] = act_file
 
     spread = bool(n_res) and placed in ("spread", "spread_top")
-    times = step_times(hardware, n=n, embedding=params["embedding"], n_res=n_res, spread=spread,
+    # What follows the backward on the CPU: the embedding's whole update, or with the split only the batch's rows.
+    tail = split_rows * hidden if split_rows else params["embedding"]
+    times = step_times(hardware, n=n, tail=tail, n_res=n_res, spread=spread,
                        tokens=tokens, grad_accum=grad_accum, elt=elt, device_cast=device_cast, deferred=deferred,
                        disk_bytes=(8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)
                                    if offload in ("moments", "all") else 0)

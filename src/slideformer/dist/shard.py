@@ -30,7 +30,8 @@ from slideformer.dist.group import collective
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime.device import DeviceOps, add_squared_norm
-from slideformer.runtime.grad_pipeline import GradPipeline, _Parked
+from slideformer.runtime.grad_order import Parked
+from slideformer.runtime.grad_pipeline import GradPipeline
 from slideformer.runtime.transfer import Update
 
 # torch >= 2.13 renames reduce_scatter_tensor / all_gather_into_tensor (deprecated there) to
@@ -128,7 +129,7 @@ class ShardedGradPipeline(GradPipeline):
             self.sq_acc.zero_()  # stream order: after the copy above read it
         return k, event
 
-    def _apply(self, it: _Parked, lo: int, hi: int, grad: torch.Tensor) -> None:
+    def _apply(self, it: Parked, lo: int, hi: int, grad: torch.Tensor) -> None:
         if isinstance(it.action, Update) and lo == 0:
             it.unit.sq_norm = 0.0  # measured on the device (reduce); the host part is the deferred schedule's
         super()._apply(it, lo, hi, grad)

@@ -2,23 +2,17 @@
 
 The downloader copies each unit's gradient out of its device slot, chunk by chunk, into a fixed pool of
 pinned *parking* chunks, and releases the slot as soon as the last copy is queued: the GPU never waits
-for AdamW. The optimizer thread picks by when the next forward needs the weights: the lowest unit index
-first among *landed* units (every chunk's copy queued; a chunk is applied once its copy completed) and
-*background* work (the split embedding update's early part, ``runtime/embedding_split.py``: the next
-forward reads the embedding first), a chunk per turn, so a lower unit landing mid-unit (the embedding's
-gradient, the last of backward) waits one chunk. Backward produces units top-down, so what is left when it
-ends is the top layers, whose updates overlap the next forward. With fewer than a quarter of the pool's
-chunks free, landed units go before background work (consuming them frees the chunks the downloader, and
-so the GPU's slot release, waits for). A unit lands when its copies are *queued*, which is as soon as the
-main thread queued its backward, well before the GPU ran it: so only chunks whose copy has *completed*
-are candidates, and with none and no background work the thread polls for the next (it never blocks on one
-copy while another, or background work, is ready: session 8's 8B timeline had it idle ~250 ms of the
-backward so, with the split embedding's early part ready, and that part was left for the next step's
-gather). When nothing else is ready it streams the unit being downloaded, so a unit larger than the pool
-still goes through. With the moments on disk (``memory/offload.py``) it
-consumes whole units in submission order instead (backward order, or forward order for the deferred
-updates), the order the disk ring prefetches in, and binds each chunk's moments (and master,
-``engine.offload='all'``) with the ring's ``enter`` (``leave`` after the unit). A unit with an upload copy
+for AdamW. The optimizer thread consumes what ``runtime/grad_order.pick`` chooses, a chunk per turn: by
+when the next forward needs the weights (the lowest unit first among landed units and *background* work, the
+split embedding update's early part, ``runtime/embedding_split.py``), only chunks whose copy has completed,
+landed units first when fewer than a quarter of the pool's chunks are free (consuming them frees the chunks
+the downloader, and so the GPU's slot release, waits for). Backward produces units top-down, so what is left
+when it ends is the top layers, whose updates overlap the next forward; a lower unit landing mid-unit (the
+embedding's gradient, the last of backward) waits one chunk. With nothing ready it polls for the next copy.
+With the moments on disk (``memory/offload.py``) it consumes whole units in submission order instead
+(backward order, or forward order for the deferred updates), the order the disk ring prefetches in, and
+binds each chunk's moments (and master, ``engine.offload='all'``) with the ring's ``enter`` (``leave`` after
+the unit). A unit with an upload copy
 (``engine.host_copy``) gets it written by AdamW in the same pass, in both schedules.
 
 Ordering rules (the invariant):
@@ -27,8 +21,8 @@ Ordering rules (the invariant):
     submitted after it runs before it; a *background* task or drain does not hold back later items of
     other units, but later items of its own unit and later tasks wait for it;
   * a parking chunk is reused only after its consumer finished with it;
-  * the optimizer only waits for chunks of the unit being downloaded, and consumes a background drain's
-    landed chunks before it waits for a streaming one, so the pool cannot deadlock.
+  * the optimizer never blocks on a copy in flight (it polls; with the disk tier it waits only for the unit
+    being downloaded), so every parked chunk is eventually consumed and the pool cannot deadlock.
 """
 
 from __future__ import annotations
@@ -37,7 +31,6 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,48 +41,13 @@ from slideformer.memory.offload import OffloadedMoments
 from slideformer.optim.adamw import FlatAdamW, UpdateSpec, adamw_range
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.embedding_split import RowUpdate
+from slideformer.runtime.grad_order import POLL_S, Parked, Task, pick
 from slideformer.runtime.transfer import Accumulate, Update, _Worker
 
 
 def _copy_of(unit: HostUnit, lo: int, hi: int) -> torch.Tensor | None:
     """Elements ``[lo, hi)`` of the unit's upload copy (``engine.host_copy``), None without one."""
     return None if unit.upload_copy is None else unit.upload_copy[lo:hi]
-
-
-@dataclass
-class _Parked:
-    """One unit's gradient on its way from a slot to the optimizer."""
-
-    seq: int
-    unit: HostUnit
-    action: Accumulate | Update | RowUpdate
-    length: int
-    """Elements to download and consume: the unit's (this rank's shard), or a ``RowUpdate``'s compact rows."""
-    n_chunks: int
-    future: Future = field(default_factory=Future)
-    chunks: list[tuple[int, int, int, Any]] = field(default_factory=list)
-    started: bool = False
-    landed: bool = False
-    error: BaseException | None = None
-    background: bool = False
-    consumed: int = 0
-    """Chunks applied so far (drains are consumed a chunk per turn; whole, in turn, with the disk tier)."""
-
-
-@dataclass
-class _Task:
-    seq: int
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    future: Future = field(default_factory=Future)
-    background: bool = False
-    """``fn`` returns an iterator; each step of it is one chunk of work, run when nothing else is ready."""
-    steps: Iterator[Any] | None = None
-    unit_index: int = -1
-
-
-POLL_S = 0.0005
-"""How often the optimizer thread, with nothing else to do, checks whether a parked chunk's copy completed."""
 
 
 class GradPipeline:
@@ -108,7 +66,7 @@ class GradPipeline:
         self._in_flight = False
         """Free parking chunks below which fully landed units go before background work (module docstring)."""
         self._cv = threading.Condition()
-        self._pending: list[_Parked | _Task] = []
+        self._pending: list[Parked | Task] = []
         self._seq = itertools.count()
         self._closed = False
         self._error: BaseException | None = None
@@ -127,7 +85,7 @@ class GradPipeline:
             items = []
             for u, _ in sources:
                 n = action.numel if isinstance(action, RowUpdate) else u.shard_len
-                items.append(_Parked(next(self._seq), u, action, n, -(-n // self.chunk),
+                items.append(Parked(next(self._seq), u, action, n, -(-n // self.chunk),
                                      background=u.index in background))
             self._pending.extend(items)
         self.down.submit(self._download, items, [src for _, src in sources], compute_event, release)
@@ -136,7 +94,7 @@ class GradPipeline:
     def submit_task(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run ``fn(*args)`` on the optimizer thread after everything submitted so far."""
         with self._cv:
-            task = _Task(next(self._seq), fn, args)
+            task = Task(next(self._seq), fn, args)
             self._pending.append(task)
             self._cv.notify_all()
         return task.future
@@ -146,7 +104,7 @@ class GradPipeline:
         work of ``unit``: after the earlier items of that unit and tasks, one step per turn, ordered with the
         landed gradients by unit index (module docstring)."""
         with self._cv:
-            task = _Task(next(self._seq), fn, args, background=True, unit_index=unit.index)
+            task = Task(next(self._seq), fn, args, background=True, unit_index=unit.index)
             self._pending.append(task)
             self._cv.notify_all()
         return task.future
@@ -160,7 +118,7 @@ class GradPipeline:
                 self._cv.wait(0.1)  # the optimizer frees parking chunks as it consumes them
             return self._free.pop()
 
-    def _download(self, items: list[_Parked], sources: list[torch.Tensor], compute_event: Any,
+    def _download(self, items: list[Parked], sources: list[torch.Tensor], compute_event: Any,
                   release: Future | None) -> None:
         try:
             # The gradients are produced by the compute stream: copy only after it wrote them.
@@ -217,53 +175,11 @@ class GradPipeline:
         """Squared global gradient norm from the units' ``sq_norm`` (data-parallel runs sum over ranks)."""
         return sum(u.sq_norm for u in units)
 
-    def _eligible(self) -> _Parked | _Task | None:
-        """The next item to consume, by the rules in the module docstring (called under the lock)."""
-        seen_units: set[int] = set()
-        streaming: _Parked | None = None  # a unit still being downloaded whose next chunk's copy completed
-        ready: _Parked | None = None  # the lowest landed unit whose next chunk's copy has completed
-        self._in_flight = False  # a parked chunk's copy is still running: poll for it (``_run``)
-        background: tuple[int, _Parked | _Task] | None = None  # the lowest background work with a chunk ready
-        for pos, item in enumerate(self._pending):
-            if isinstance(item, _Task):
-                if item.background:
-                    if item.unit_index not in seen_units and (background is None or item.unit_index < background[0]):
-                        background = (item.unit_index, item)
-                    seen_units.add(item.unit_index)  # later items of its unit come after it
-                    continue
-                if pos == 0:
-                    return item
-                break  # nothing after a pending task may run before it
-            if self.offload is not None:
-                return item if item.started else None  # submission order: the order the disk ring prefetches
-            if item.unit.index in seen_units:
-                continue  # an earlier item of the same unit comes first
-            seen_units.add(item.unit.index)
-            if item.background:
-                if not self._ready(item):
-                    self._in_flight = self._in_flight or len(item.chunks) > item.consumed
-                elif background is None or item.unit.index < background[0]:
-                    background = (item.unit.index, item)  # its next chunk has landed
-            elif not self._ready(item):
-                self._in_flight = self._in_flight or len(item.chunks) > item.consumed
-            elif item.landed:
-                if ready is None or item.unit.index < ready.unit.index:
-                    ready = item
-            else:
-                streaming = item
-        if ready is not None and (background is None or ready.unit.index < background[0]
-                                  or len(self._free) < self.reserve):
-            return ready  # the lowest landed unit that can be consumed without waiting
-        if background is not None:
-            return background[1]  # lower, or rather than wait for a landed unit's copy still in flight
-        return streaming  # or None: nothing can run without waiting for a copy
-
-    def _ready(self, it: _Parked) -> bool:
-        """Its next chunk's copy has completed, or its download failed: consuming it now does not block
-        (called under the lock)."""
-        if it.error is not None:
-            return it.landed
-        return len(it.chunks) > it.consumed and self.ops.done(it.chunks[it.consumed][3])
+    def _eligible(self) -> Parked | Task | None:
+        """The next item to consume (``grad_order.pick``; called under the lock)."""
+        item, self._in_flight = pick(self._pending, self.ops.done, short=len(self._free) < self.reserve,
+                                     in_submission_order=self.offload is not None)
+        return item
 
     def _run(self) -> None:
         while True:
@@ -276,7 +192,7 @@ class GradPipeline:
                     # still running on the device does not: poll for it every half millisecond.
                     self._cv.wait(POLL_S if self._in_flight else 0.1)
                     item = self._eligible()
-            if isinstance(item, _Task):
+            if isinstance(item, Task):
                 done = self._run_background_step(item) if item.background else self._run_task(item)
             elif self.offload is not None:
                 done = self._consume(item)  # the disk ring binds one unit's pieces from enter to leave
@@ -287,7 +203,7 @@ class GradPipeline:
                     self._pending.remove(item)
                 self._cv.notify_all()
 
-    def _run_task(self, task: _Task) -> bool:
+    def _run_task(self, task: Task) -> bool:
         if self._error is not None:
             task.future.set_exception(self._error)
             return True
@@ -298,7 +214,7 @@ class GradPipeline:
             task.future.set_exception(exc)
         return True
 
-    def _run_background_step(self, task: _Task) -> bool:
+    def _run_background_step(self, task: Task) -> bool:
         """One step of a background task; True when it is finished (or failed)."""
         if self._error is not None:
             task.future.set_exception(self._error)
@@ -315,7 +231,7 @@ class GradPipeline:
             task.future.set_exception(exc)
         return True
 
-    def _consume(self, it: _Parked) -> bool:
+    def _consume(self, it: Parked) -> bool:
         """Consume ``it`` whole (the disk tier), chunk by chunk as its copies land, freeing each parking chunk."""
         while it.consumed < it.n_chunks:
             if not self._consume_chunk(it):
@@ -323,14 +239,14 @@ class GradPipeline:
         self._finish(it)
         return True
 
-    def _consume_one(self, it: _Parked) -> bool:
+    def _consume_one(self, it: Parked) -> bool:
         """The drain's next chunk (once its copy landed); True when the drain is finished."""
         if self._consume_chunk(it) and it.consumed < it.n_chunks:
             return False
         self._finish(it)
         return True
 
-    def _consume_chunk(self, it: _Parked) -> bool:
+    def _consume_chunk(self, it: Parked) -> bool:
         """Apply chunk ``it.consumed`` once it landed and free its parking chunk; False if it never will."""
         i = it.consumed
         with self._cv:
@@ -355,7 +271,7 @@ class GradPipeline:
                 self._cv.notify_all()
         return True
 
-    def _finish(self, it: _Parked) -> None:
+    def _finish(self, it: Parked) -> None:
         """After a drain's last chunk: the disk ring's last piece, the future."""
         on_disk = self.offload is not None and isinstance(it.action, Update)
         if on_disk:
@@ -369,7 +285,7 @@ class GradPipeline:
         else:
             it.future.set_result(None)
 
-    def _apply(self, it: _Parked, lo: int, hi: int, grad: torch.Tensor) -> None:
+    def _apply(self, it: Parked, lo: int, hi: int, grad: torch.Tensor) -> None:
         unit, action = it.unit, it.action
         if isinstance(action, RowUpdate):
             self.last_progress = f"{unit.name} batch rows [{lo}:{hi}]"
@@ -422,7 +338,7 @@ class GradPipeline:
         with self._cv:
             self._closed = True
             for item in self._pending:
-                if isinstance(item, _Parked) and not item.landed:
+                if isinstance(item, Parked) and not item.landed:
                     item.error = item.error or RuntimeError("gradient pipeline closed")
             self._cv.notify_all()
         self._thread.join(timeout=30)
