@@ -12,8 +12,8 @@ embedding's gradient, the last of backward) waits one chunk. With nothing ready 
 With the moments on disk (``memory/offload.py``) it consumes whole units in submission order instead
 (backward order, or forward order for the deferred updates), the order the disk ring prefetches in, and
 binds each chunk's moments (and master, ``engine.offload='all'``) with the ring's ``enter`` (``leave`` after
-the unit). A unit with an upload copy
-(``engine.host_copy``) gets it written by AdamW in the same pass, in both schedules.
+the unit). A unit with an upload copy (``engine.host_copy``) gets it written by AdamW in the same pass, in
+both schedules.
 
 Ordering rules (the invariant):
   * items of the same unit are consumed in submission order (accumulation adds in micro-batch order);
@@ -63,8 +63,8 @@ class GradPipeline:
         self.pool = [ops.host_empty(chunk, dtype) for _ in range(pool_chunks)]
         self._free = list(range(pool_chunks))
         self.reserve = max(1, pool_chunks // 4)
-        self._in_flight = False
         """Free parking chunks below which fully landed units go before background work (module docstring)."""
+        self._in_flight = False  # a parked chunk's copy is still running: the optimizer polls (``_run``)
         self._cv = threading.Condition()
         self._pending: list[Parked | Task] = []
         self._seq = itertools.count()
@@ -86,7 +86,7 @@ class GradPipeline:
             for u, _ in sources:
                 n = action.numel if isinstance(action, RowUpdate) else u.shard_len
                 items.append(Parked(next(self._seq), u, action, n, -(-n // self.chunk),
-                                     background=u.index in background))
+                                    background=u.index in background))
             self._pending.extend(items)
         self.down.submit(self._download, items, [src for _, src in sources], compute_event, release)
         return {it.unit.index: it.future for it in items}
