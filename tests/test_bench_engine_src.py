@@ -4,7 +4,6 @@ imported the engine from."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -12,23 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.bench_modules import load
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_step_args", ROOT / "benchmarks" / "bench_step.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
 def test_engine_src_arguments_are_checked(tmp_path: Path) -> None:
-    bench = _bench()
+    bench = load("bench_step")
     base = ["--model", "tiny", "--device", "cpu"]
     with pytest.raises(SystemExit):  # a label with no --engine-src
         bench.parse_args([*base, "--systems", "slideformer@prev"])

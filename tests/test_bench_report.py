@@ -3,19 +3,8 @@ traffic is an extra, informational figure with the bytes its markdown states."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _report():
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.bench_modules import load
 
 
 def _results(upload_cast: str, step_s: float = 1.0) -> dict:
@@ -34,7 +23,7 @@ def _results(upload_cast: str, step_s: float = 1.0) -> dict:
 
 @pytest.mark.parametrize("cast,adam,up", [("copy", 28, 4), ("device", 26, 8), ("host", 26, 16)])
 def test_host_memory_traffic_is_informational(cast: str, adam: int, up: int) -> None:
-    rep = _report()
+    rep = load("report")
     row = rep.derive(_results(cast))["per_batch"]["8"]
     # The bound is still max(GPU, CPU optimizer, PCIe): 2e9 params / 5 Gparam/s = 0.4 s vs 0.5 s of GPU.
     assert row["cpu_optimizer_s"] == pytest.approx(0.4) and row["bound_by"] == "gpu_compute"

@@ -6,29 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tests.bench_modules import load
 from tests.reference import make_model, tiny_config
 
 from slideformer import Engine, EngineConfig, OptimConfig
 from slideformer.runtime import embedding_split, grad_pipeline
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _profile_step():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling modules
-    try:
-        spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "benchmarks" / "profile_step.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 @pytest.mark.parametrize("family,update", [("llama", "split"), ("llama_tied", "whole"), ("llama_tied", "split")])
@@ -50,6 +35,6 @@ def test_adamw_ranges_name_the_unit_and_stay_in_the_optimizer_lane(monkeypatch, 
         units = {u.name for u in engine.units}
     adamw = {n for n in names if n.startswith("sf/cpu_adamw")}
     assert {n.removeprefix("sf/cpu_adamw/") for n in adamw} == units  # every unit, each call named
-    mod = _profile_step()
+    mod = load("profile_step")
     for name in adamw:
         assert mod.lane_of({"cat": "user_annotation", "name": name}, set()) == "cpu_adamw"

@@ -3,22 +3,7 @@ and ``profile_step``'s lanes keeping the uploaders' cast kernels out of compute.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # profile_step imports its siblings
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+from tests.bench_modules import load
 
 
 def _x(name: str, ts_ms: float, dur_ms: float, tid: int = 7, cat: str = "kernel") -> dict:
@@ -42,7 +27,7 @@ def _trace() -> dict:
 
 
 def test_gaps_name_the_adamw_units_that_ran_in_them() -> None:
-    out = _load("timeline_read").read(_trace(), min_gap_ms=5)
+    out = load("timeline_read").read(_trace(), min_gap_ms=5)
     assert out["period_ms"] == 100 and out["compute_stream"] == 7
     assert out["compute_busy_ms"] == 60 and out["compute_idle_ms"] == 40
     assert out["compute_gaps"] == [
@@ -51,7 +36,7 @@ def test_gaps_name_the_adamw_units_that_ran_in_them() -> None:
     # Back-to-back calls on one unit are one span; the next unit, or a pause, starts another.
     assert [(s["from_ms"], s["to_ms"], s["unit"]) for s in out["adamw_spans"]] == [
         (18.0, 26.2, "layers.3"), (40.0, 45.0, "embed"), (80.0, 82.0, "?")]
-    assert [g["at_ms"] for g in _load("timeline_read").read(_trace(), min_gap_ms=20)["compute_gaps"]] == [70.0]
+    assert [g["at_ms"] for g in load("timeline_read").read(_trace(), min_gap_ms=20)["compute_gaps"]] == [70.0]
 
 
 def test_engine_waits_are_named_ranges_only_when_they_block() -> None:
@@ -75,7 +60,7 @@ def test_engine_waits_are_named_ranges_only_when_they_block() -> None:
 
 
 def test_profile_lanes_keep_the_uploaders_casts_out_of_compute() -> None:
-    ps = _load("profile_step")
+    ps = load("profile_step")
     t0, t1, lanes = ps.timeline(_trace(), "sf/profiled_step", "sf/next_step")
     assert (t0, t1) == (0.0, 100e3)
     assert lanes["compute"] == [(0.0, 20e3), (30e3, 70e3)]
