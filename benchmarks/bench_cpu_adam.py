@@ -15,6 +15,10 @@ several thread counts, in the same process:
 Gparam/s is parameters / median time; GB/s is that times the bytes one ideal pass must move
 (28 per parameter for the AdamW variants: read p, m, v, g; write p, m, v and the copy; 8 for copy).
 
+``--dma h2d,d2h,both`` (CUDA only) repeats every cell while a background thread keeps pinned-host <-> GPU
+copies running (256 MiB buffers, back to back), the traffic the engine's uploads and gradient downloads put
+on the same host memory while its optimizer runs; each row then records the copies' GB/s during that cell.
+
     python benchmarks/bench_cpu_adam.py --out benchmarks/results/cpu_adam.json
     python benchmarks/bench_cpu_adam.py --sizes 16777216 --threads 1,2 --repeats 3   # quick
 """
@@ -28,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +85,59 @@ class Buffers:
     def next_step(self) -> int:
         self.step += 1
         return self.step
+
+
+DMA_MODES = ("none", "h2d", "d2h", "both")
+
+
+class DmaLoad:
+    """Back-to-back pinned-host <-> GPU copies on side streams, from a background thread, while a cell runs.
+
+    Each direction has its own stream and 256 MiB buffers; the thread queues one copy per direction and then
+    waits for them (the wait releases the GIL), so the link stays busy and the queue stays one copy deep.
+    """
+
+    def __init__(self, mode: str, mib: int = 256) -> None:
+        n = mib * 2**20
+        self.mode = mode
+        self.dirs = [d for d in ("h2d", "d2h") if mode in (d, "both")]
+        self.host = {d: torch.empty(n, dtype=torch.uint8, pin_memory=True).fill_(1) for d in self.dirs}
+        self.dev = {d: torch.empty(n, dtype=torch.uint8, device="cuda").fill_(2) for d in self.dirs}
+        self.streams = {d: torch.cuda.Stream() for d in self.dirs}
+        self.bytes = 0
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.t0 = 0.0
+        self.elapsed = 0.0
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            for d in self.dirs:
+                with torch.cuda.stream(self.streams[d]):
+                    if d == "h2d":
+                        self.dev[d].copy_(self.host[d], non_blocking=True)
+                    else:
+                        self.host[d].copy_(self.dev[d], non_blocking=True)
+            for d in self.dirs:
+                self.streams[d].synchronize()  # reason: keep one copy per direction in flight, count it done
+                self.bytes += self.host[d].numel()
+
+    def __enter__(self) -> DmaLoad:
+        self.bytes, self.t0 = 0, time.perf_counter()
+        self.stop.clear()
+        self.thread = threading.Thread(target=self._loop, name="dma-load", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()  # reason: the copies' byte count is final only once the loop has returned
+        self.elapsed = time.perf_counter() - self.t0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.elapsed / 1e9 if self.elapsed > 0 else 0.0
 
 
 def _runner(variant: str, b: Buffers, threads: int) -> Callable[[], None]:
@@ -139,8 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         default=torch.cuda.is_available(),
         help="pin the BF16 copy buffer, as the engine does (default: when CUDA is present)",
     )
+    ap.add_argument("--dma", default="none",
+                    help=f"comma-separated subset of {','.join(DMA_MODES)}: host<->GPU copies running meanwhile")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    dma_modes = [d for d in args.dma.split(",") if d]
+    for d in dma_modes:
+        if d not in DMA_MODES:
+            ap.error(f"unknown --dma mode {d!r}; choose from {', '.join(DMA_MODES)}")
+    if any(d != "none" for d in dma_modes) and not torch.cuda.is_available():
+        ap.error("--dma with copies needs a CUDA device")
     sizes = [int(s) for s in args.sizes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     variants = [v for v in args.variants.split(",") if v]
@@ -169,37 +235,55 @@ def main(argv: list[str] | None = None) -> int:
         f"({info['torch_cpu_capability']}), backend {info['backend']}"
         + (f", simd {info.get('simd')}" if has_ext else f" ({info['reason']})")
     )
-    head = ("size", 12), ("threads", 7), ("variant", 17), ("median ms", 10), ("min ms", 9), ("Gparam/s", 9)
-    print(" ".join(f"{name:>{width}}" for name, width in head) + f" {'GB/s':>7}")
+    head = ("size", 12), ("threads", 7), ("dma", 5), ("variant", 17), ("median ms", 10), ("min ms", 9),
+    head += (("Gparam/s", 9),)
+    print(" ".join(f"{name:>{width}}" for name, width in head) + f" {'GB/s':>7} {'DMA GB/s':>9}")
     rows = []
+    loads = {d: DmaLoad(d) for d in dma_modes if d != "none"}
     try:
         for n in sizes:
             b = Buffers(n, args.pin)
             for t in threads:
                 torch.set_num_threads(t)
-                cell = _time_interleaved({v: _runner(v, b, t) for v in variants}, args.repeats)
-                for v, times in cell.items():
-                    med = statistics.median(times)
-                    row = {
-                        "size": n,
-                        "threads": t,
-                        "variant": v,
-                        "median_s": med,
-                        "min_s": min(times),
-                        "times_s": times,
-                        "gparam_s": n / med / 1e9,
-                        "gbps": n * IDEAL_BYTES.get(v, 28) / med / 1e9,
-                    }
-                    rows.append(row)
-                    print(
-                        f"{n:>12} {t:>7} {v:>17} {med * 1e3:>10.2f} {min(times) * 1e3:>9.2f} "
-                        f"{row['gparam_s']:>9.3f} {row['gbps']:>7.1f}",
-                        flush=True,
-                    )
+                for d in dma_modes:
+                    runners = {v: _runner(v, b, t) for v in variants}
+                    if d == "none":
+                        cell, dma_gbps = _time_interleaved(runners, args.repeats), None
+                    else:
+                        with loads[d] as load:
+                            cell = _time_interleaved(runners, args.repeats)
+                        dma_gbps = load.gbps
+                    for v, times in cell.items():
+                        med = statistics.median(times)
+                        row = {
+                            "size": n,
+                            "threads": t,
+                            "dma": d,
+                            "dma_gbps": dma_gbps,
+                            "variant": v,
+                            "median_s": med,
+                            "min_s": min(times),
+                            "times_s": times,
+                            "gparam_s": n / med / 1e9,
+                            "gbps": n * IDEAL_BYTES.get(v, 28) / med / 1e9,
+                        }
+                        rows.append(row)
+                        print(
+                            f"{n:>12} {t:>7} {d:>5} {v:>17} {med * 1e3:>10.2f} {min(times) * 1e3:>9.2f} "
+                            f"{row['gparam_s']:>9.3f} {row['gbps']:>7.1f} "
+                            f"{'-' if dma_gbps is None else f'{dma_gbps:.1f}':>9}",
+                            flush=True,
+                        )
             del b
     finally:
         torch.set_num_threads(default_threads)
-    best = {v: max((r["gparam_s"] for r in rows if r["variant"] == v), default=None) for v in variants}
+    best = {v: max((r["gparam_s"] for r in rows if r["variant"] == v and r["dma"] == "none"), default=None)
+            for v in variants}
+    under = {d: {v: max((r["gparam_s"] for r in rows if r["variant"] == v and r["dma"] == d), default=None)
+                 for v in variants} for d in loads}
+    for d, rates in under.items():
+        print(f"best Gparam/s with {d} copies running: "
+              + ", ".join(f"{v} {x:.3f}" for v, x in rates.items() if x is not None))
     print("best Gparam/s: " + ", ".join(f"{v} {x:.3f}" for v, x in best.items() if x is not None))
     ext_best = max((best[v] for v in ("ext_bf16", "ext_bf16_nt") if best.get(v) is not None), default=None)
     if ext_best is not None:
@@ -209,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "best_gparam_s": best, "results": rows}, indent=1) + "\n")
+        doc = {"meta": meta, "best_gparam_s": best, "best_gparam_s_dma": under, "results": rows}
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

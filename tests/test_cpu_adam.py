@@ -133,6 +133,24 @@ def test_out_is_param_cast(ext: None, out_dtype: torch.dtype, stream_out: bool, 
     assert backing[0].item() == 7.0, "wrote outside out"
 
 
+@pytest.mark.parametrize("offset", [1, 5, 15, 16])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_copy_keeps_arithmetic(ext: None, offset: int, grad_dtype: torch.dtype) -> None:
+    """A copy buffer that starts off a 32-byte boundary makes the vector kernel run its first elements
+    through the scalar body (until the copy's stores align): every element must still match torch."""
+    n = 3 * 65536 + 21
+    p, m, v = _state(n, 9)
+    g = _grad(n, 2, grad_dtype)
+    ref = [p.clone(), m.clone(), v.clone()]
+    _fused(*ref[:1], g, *ref[1:], step=3, grad_scale=0.5, weight_decay=0.1, **HP)
+    backing = torch.full((n + offset + 1,), 3.0, dtype=torch.bfloat16)
+    out = backing[offset:offset + n]
+    adamw_step(p, g, m, v, step=3, grad_scale=0.5, weight_decay=0.1, out=out, stream_out=True, num_threads=2, **HP)
+    _assert_same([p, m, v], ref)
+    assert torch.equal(out, p.to(torch.bfloat16))
+    assert (backing[:offset] == 3.0).all() and backing[-1].item() == 3.0, "wrote outside out"
+
+
 def test_threads_do_not_change_results(ext: None) -> None:
     n = 4 * 32768 + 5  # large enough that the kernel really splits it over threads
     p, m, v = _state(n, 11)

@@ -1,6 +1,7 @@
 // slideformer CPU AdamW kernel: one pass over a layer's flat FP32 buffers that reads the gradient
 // (FP32, BF16 or FP16), updates param / exp_avg / exp_avg_sq in place and writes the BF16/FP16
-// upload copy of the updated param, with OpenMP threads over 256 KiB chunks. Two row-wise variants
+// upload copy of the updated param, with OpenMP threads over 256 KiB chunks (on AVX-512 CPUs one fused
+// vector loop for the BF16/FP32-gradient, BF16-or-no-copy cases: adam_range_vec). Two row-wise variants
 // serve the split embedding update (runtime/embedding_split.py): a range of a [rows, row_len] matrix
 // with some rows skipped, and a list of rows updated from a compact gradient.
 //
@@ -147,8 +148,92 @@ void adam_block(float* __restrict p, const float* __restrict g, float* __restric
   }
 }
 
+#if defined(__AVX512F__)
+// One fused AVX-512 pass for the engine's hot cases (BF16 or FP32 gradient in; BF16 copy or none out):
+// 16 elements per step straight from DRAM to registers and back, no L1 staging. Measured on this
+// project's hosts (benchmarks/bench_cpu_adam.py): the staged block loops spend ~17% more time per element
+// than the FP32-only kernel on one core, which is the BF16 path's whole extra cost. Each lane runs the
+// element arithmetic of adam_block (same operations, same order, one IEEE rounding each), so results are
+// bitwise those of the portable path.
+template <typename G> constexpr bool kVecGrad = std::is_same_v<G, float> || std::is_same_v<G, uint16_t>;
+template <typename O> constexpr bool kVecOut = std::is_same_v<O, NoOut> || std::is_same_v<O, uint16_t>;
+
+template <typename G>
+inline __m512 load16(const G* g) {
+  if constexpr (std::is_same_v<G, float>) {
+    return _mm512_loadu_ps(g);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// f32_to_bf16 on 16 lanes: round to nearest even, NaN to 0x7FC0.
+inline __m256i to_bf16_16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+template <typename G, typename O>
+void adam_range_vec(float* p, const G* g, float* m, float* v, O* out, int64_t n, const Coeffs& c) {
+  const __m512 gs = _mm512_set1_ps(c.grad_scale), dec = _mm512_set1_ps(c.decay), w = _mm512_set1_ps(c.lerp_w);
+  const __m512 b2 = _mm512_set1_ps(c.beta2), cb2 = _mm512_set1_ps(c.one_minus_beta2);
+  const __m512 bc2s = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps), ns = _mm512_set1_ps(c.neg_step);
+  const bool small = c.lerp_small;
+  int64_t i = 0;
+  // The copy's 32-byte stores are aligned when `out + i` is: run the scalar body arithmetic up to there.
+  if constexpr (std::is_same_v<O, uint16_t>) {
+    const int64_t lead = ((32 - (reinterpret_cast<std::uintptr_t>(out) & 31u)) & 31u) / 2;
+    if ((reinterpret_cast<std::uintptr_t>(out) & 1u) == 0 && lead > 0) {
+      i = std::min(n, lead);
+      alignas(64) float gf[16];
+      for (int64_t j = 0; j < i; ++j) gf[j] = to_f32<G>(g[j]);
+      adam_block(p, gf, m, v, i, c);
+      store_block<O>(p, out, i);
+    }
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m512 gi = _mm512_mul_ps(load16<G>(g + i), gs);
+    const __m512 mi = _mm512_loadu_ps(m + i);
+    const __m512 mn = _mm512_fmadd_ps(w, _mm512_sub_ps(gi, mi), small ? mi : gi);
+    const __m512 vn = _mm512_fmadd_ps(_mm512_mul_ps(cb2, gi), gi, _mm512_mul_ps(_mm512_loadu_ps(v + i), b2));
+    const __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vn), bc2s), eps);
+    const __m512 pn = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i), dec),
+                                    _mm512_div_ps(_mm512_mul_ps(ns, mn), den));
+    _mm512_storeu_ps(m + i, mn);
+    _mm512_storeu_ps(v + i, vn);
+    _mm512_storeu_ps(p + i, pn);
+    if constexpr (std::is_same_v<O, uint16_t>) {
+      const __m256i h = to_bf16_16(pn);
+      __m256i* dst = reinterpret_cast<__m256i*>(out + i);
+      if (c.stream_out && (reinterpret_cast<std::uintptr_t>(dst) & 31u) == 0) {
+        _mm256_stream_si256(dst, h);
+      } else {
+        _mm256_storeu_si256(dst, h);
+      }
+    }
+  }
+  if (i < n) {
+    alignas(64) float gf[16];
+    for (int64_t j = i; j < n; ++j) gf[j - i] = to_f32<G>(g[j]);
+    adam_block(p + i, gf, m + i, v + i, n - i, c);
+    if constexpr (std::is_same_v<O, uint16_t>) store_block<O>(p + i, out + i, n - i);
+  }
+  if (c.stream_out) store_fence();
+}
+#endif
+
 template <typename G, typename O>
 void adam_range(float* p, const G* g, float* m, float* v, O* out, int64_t n, const Coeffs& c) {
+#if defined(__AVX512F__)
+  if constexpr (kVecGrad<G> && kVecOut<O>) {
+    adam_range_vec<G, O>(p, g, m, v, out, n, c);
+    return;
+  }
+#endif
   alignas(64) float staged[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
