@@ -8,7 +8,8 @@
 # Session 7 ran `tests rows3b`, `place8b`, `profile8b_top rss3b`, `auto8b tests` (the last on an H200: name
 # kind nvidia-h100-x1 on every call). Session 8 ran `profile8b park8b_top` (engine 216ad23), `tests ab8b`,
 # `profile8b ab3b`, `profile_chunk3b rss3b`, `tied3b`, `families_rl` (ed5b54d; ab* need ab/prev/src, made with
-# `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path).
+# `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path). Session 9 ran `adam tests ab3b9` and
+# `ab8b final3b` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -120,6 +121,28 @@ for stage in "$@"; do
       else
         headline3b ab slideformer,slideformer@prev --engine-src prev=ab/prev/src
       fi ;;
+    adam)
+      # The CPU AdamW kernel on this host's CPU: its bitwise tests (the AVX-512 loop runs here), then its rate alone
+      # and while host<->GPU copies run (--dma), this tree's kernel and ab/prev/src's, one after the other.
+      python3 -m pytest -q -p no:cacheprovider tests/test_cpu_adam.py tests/test_cpu_adam_rows.py \
+        tests/test_bench_cpu_adam.py -m "gpu or not gpu" 2>&1 | tee "$OUT/adam_tests.log" | tail -2
+      grep -q " failed" "$OUT/adam_tests.log" && exit 1
+      for tree in new prev; do
+        src=$PWD/src; [ $tree = prev ] && src=$PWD/ab/prev/src
+        PYTHONPATH=$src:$PYTHONPATH timeout 240 python3 benchmarks/bench_cpu_adam.py --threads 8,14,16 --repeats 5 \
+          --variants torch_fused_fp32,ext_bf16_nt,ext_fp32 --dma none,h2d,d2h,both \
+          --out "$OUT/cpu_adam_dma_${tree}_h100host.json" > "$OUT/adam_$tree.log" 2>&1
+        tail -3 "$OUT/adam_$tree.log"
+      done ;;
+    ab3b9)
+      # Session 9: the fused AVX-512 CPU AdamW against the kernel before it (ab/prev/src), in the headline
+      # configuration, with 14 optimizer threads and the split embedding update on the new kernel, one run.
+      headline3b ab9 slideformer,slideformer@prev,slideformer+optimizer_threads=14,slideformer+embedding_update=split \
+        --engine-src prev=ab/prev/src ;;
+    final3b)
+      # Issue 3 targets 1 and 3 on this tree's engine: the headline configuration against ZeRO-2 and ZeRO-3, one run,
+      # with the roofline.
+      headline3b final slideformer,zero2,zero3 ;;
     tied3b)
       # Issue 3 target 1's configuration after session 8's pipeline rule (only completed copies are consumed): the
       # tied default (auto = whole) against the split update, one run, with the roofline.
