@@ -34,8 +34,9 @@ def _updates(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> torch.Ten
     ("llama", 1, 1, None, 0), ("llama", 2, 1, None, 0), ("llama", 3, 1, None, 0),
     ("llama_tied", 2, 2, 1.0, 0), ("qwen2", 2, 1, None, 0), ("qwen3", 3, 2, 1.0, 0), ("mistral", 1, 1, 0.5, 0),
     ("llama", 2, 1, None, 2), ("qwen3", 1, 1, None, 4), ("llama_tied", 2, 2, 1.0, 2), ("mistral", 1, 1, 0.5, 3),
+    ("llama", 2, 1, None, "2c"), ("llama_tied", 1, 2, 1.0, "3c"),  # "c": weights cast on use
 ])
-def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float | None, resident: int) -> None:
+def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float | None, resident: int | str) -> None:
     tol = TOLERANCES["gpu_bf16"]
     cfg = tiny_config(family, layers=4, hidden=128, vocab=2048)
     cpu_model = make_model(cfg)
@@ -44,7 +45,9 @@ def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float 
     fp32 = copy.deepcopy(cpu_model).cuda()
     lr, wd = 1e-3, 0.1
     opt_ref, opt_fp32 = adamw_for(ref, lr, wd, fused=True), adamw_for(fp32, lr, wd, fused=True)
-    engine = Engine(cpu_model, EngineConfig(device="cuda", window=window, chunk_mib=1, resident_layers=resident),
+    weights = "cast" if str(resident).endswith("c") else "keep"
+    engine = Engine(cpu_model, EngineConfig(device="cuda", window=window, chunk_mib=1,
+                                            resident_layers=int(str(resident).rstrip("c")), resident_weights=weights),
                     OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
     gen = torch.Generator().manual_seed(5)
     try:

@@ -24,7 +24,7 @@ STEPS = 5
 def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 2, schedule: str = "auto",
          pad_left: bool = False, layers: int = 3, lr_schedule: bool = False, fused: bool = True,
          chunk_mib: float = 1, staging_chunks: int = 4, resident_layers: int = 0,
-         placement: str = "first") -> None:
+         placement: str = "first", resident_weights: str = "auto") -> None:
     cfg = tiny_config(family, layers=layers)
     ref = make_model(cfg)
     model = copy.deepcopy(ref)
@@ -34,7 +34,8 @@ def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 
     opt = adamw_for(ref, lr, wd, fused=fused)
     engine = Engine(model, EngineConfig(device="cpu", window=window, schedule=schedule, chunk_mib=chunk_mib,
                                         staging_chunks=staging_chunks, loss_chunk_tokens=16,
-                                        resident_layers=resident_layers, resident_placement=placement),
+                                        resident_layers=resident_layers, resident_placement=placement,
+                                        resident_weights=resident_weights),
                     OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
     gen = torch.Generator().manual_seed(1)
     try:
@@ -98,6 +99,17 @@ def test_resident_layers(family: str, resident: int, window: int, placement: str
     """Layers kept on the device with their optimizer there train exactly like streamed ones."""
     _run(family, accumulate=1, max_norm=None, window=window, resident_layers=resident, layers=4,
          placement=placement)
+
+
+@pytest.mark.parametrize("family,resident,accumulate,max_norm,window", [
+    ("llama", 3, 1, None, 2), ("llama_tied", 2, 1, None, 1), ("gemma2", 2, 1, None, 2), ("qwen3", 2, 3, 0.5, 2),
+    ("llama_tied", 3, 2, 1e-3, 1)])
+def test_resident_layers_with_weights_cast_on_use(family: str, resident: int, accumulate: int,
+                                                  max_norm: float | None, window: int) -> None:
+    """``resident_weights='cast'``: no weights kept, every resident layer cast into one shared buffer before each
+    forward and backward (both schedules); still the same training as plain PyTorch."""
+    _run(family, accumulate=accumulate, max_norm=max_norm, window=window, resident_layers=resident, layers=4,
+         resident_weights="cast")
 
 
 @pytest.mark.parametrize("family,resident,accumulate,max_norm,window", [

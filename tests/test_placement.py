@@ -15,7 +15,7 @@ from transformers import LlamaConfig
 
 from slideformer import Engine, EngineConfig, OptimConfig
 from slideformer.errors import ConfigError
-from slideformer.placement import resident_layers_that_fit
+from slideformer.placement import resident_choice, resident_layers_that_fit
 from slideformer.planner import GIB, Hardware, make_plan
 
 
@@ -48,11 +48,13 @@ def test_no_resident_layers_with_the_disk_tier_and_fewer_with_the_deferred_accum
     assert 0 < _fit(24, deferred=True) < _fit(24)
 
 
-def test_plan_resolves_minus_one_and_says_so():
+@pytest.mark.parametrize("weights,counts", [("keep", (11, 12)), ("auto", (13, 14))])
+def test_plan_resolves_minus_one_and_says_so(weights: str, counts: tuple[int, int]):
     plan = make_plan(_llama3b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
-                     engine=EngineConfig(device="cuda", resident_layers=-1),
+                     engine=EngineConfig(device="cuda", resident_layers=-1, resident_weights=weights),
                      hardware=Hardware(gpu_memory_bytes=25 * GIB, host_memory_bytes=125 * GIB))
-    assert plan.settings["resident_layers"] in (11, 12)  # 25 GiB, 512-token loss chunks
+    assert plan.settings["resident_layers"] in counts  # 25 GiB, 512-token loss chunks
+    assert plan.settings["resident_weights"] == ("keep" if weights == "keep" else "cast")
     assert any("resident_layers=-1" in n for n in plan.notes)
     assert sum(plan.gpu.values()) <= 25 * GIB
 
@@ -98,3 +100,49 @@ def test_spread_top_keeps_the_spacing_and_lifts_the_lowest_streamed_layer() -> N
     # 8B on 80 GB, 22 of 32 resident: streamed 3, 6, ..., 31 instead of spread's 1, 4, ..., 30.
     assert [i for i in range(32) if i not in pick_resident(32, 22, "spread_top")][0] == 3
     assert pick_resident(32, 0, "spread_top") == [] and pick_resident(32, 32, "spread_top") == list(range(32))
+
+
+def _llama8b() -> LlamaConfig:  # meta-llama/Llama-3.1-8B's shape
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                       max_position_embeddings=131072)
+
+
+def _choice(hf: LlamaConfig, budget_gib: float, **engine: object) -> tuple[int, bool, str]:
+    return resident_choice(hf, tokens=8192, engine=EngineConfig(device="cuda", **engine), deferred=False,
+                           gpu_budget_bytes=int(budget_gib * GIB))
+
+
+def test_cast_weights_fit_more_layers_and_auto_casts_only_where_the_host_bounds_the_step():
+    keep = _fit(24)
+    cast = resident_layers_that_fit(_llama3b(), tokens=8192, engine=EngineConfig(device="cuda"), deferred=False,
+                                    gpu_budget_bytes=24 * GIB, cast=True)[0]
+    assert keep < cast <= keep * 14 // 12 + 1  # 12 instead of 14 B/param, less one shared weight buffer
+    # 3B on a 24 GiB cap: the host's AdamW bounds the step with 12 resident layers, so 'auto' casts.
+    count, is_cast, why = _choice(_llama3b(), 24)
+    assert (count, is_cast) == (cast, True) and "host's AdamW bounds" in why
+    # 8B on the whole H100: GPU-compute bound with the weights kept, so they stay kept (the casts would add to it).
+    count, is_cast, why = _choice(_llama8b(), 78)
+    assert not is_cast and count == _choice(_llama8b(), 78, resident_weights="keep")[0] and "weights kept" in why
+    # Every layer fits with the weights kept: nothing to gain.
+    assert _choice(_llama3b(), 78)[:2] == (28, False)
+    # Forced either way.
+    assert _choice(_llama3b(), 24, resident_weights="keep")[:2] == (keep, False)
+    assert _choice(_llama8b(), 78, resident_weights="cast")[1] is True
+
+
+def test_the_plan_counts_cast_weights_once():
+    def gpu(weights: str, count: int = 10) -> dict[str, int]:
+        return make_plan(_llama3b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                         engine=EngineConfig(device="cuda", resident_layers=count, resident_weights=weights),
+                         hardware=Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB)).gpu
+    layer = 100_669_440  # one Llama-3.2-3B decoder layer
+    kept = gpu("keep")["resident layers (weights + FP32 master + moments)"]
+    cast = gpu("cast")["resident layers (FP32 master + moments; weights cast on use)"]
+    assert kept - cast == 10 * 2 * layer - 2 * layer  # ten kept copies against one shared buffer
+    assert gpu("auto") == gpu("keep")  # an explicit count keeps the weights unless told to cast
+
+
+def test_resident_weights_is_checked():
+    with pytest.raises(ConfigError, match="resident_weights must be auto, keep or cast"):
+        EngineConfig(resident_weights="drop")

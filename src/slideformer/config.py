@@ -63,6 +63,12 @@ class EngineConfig:
     for the FP32 gradient accumulator). -1: as many as fit in the GPU
     memory (``gpu_memory_gib``) next to the streaming buffers for ``max_tokens_per_micro_batch`` tokens
     (placement.py; 0 where they cannot be used)."""
+    resident_weights: Literal["auto", "keep", "cast"] = "auto"
+    """How resident layers get their compute-dtype weights. 'keep': a copy per layer, refreshed after each
+    update (compute dtype + 12 bytes/param). 'cast': none kept; each use casts the FP32 master into one shared
+    buffer on the GPU (12 bytes/param, more layers per GiB, one cast pass over the layer per forward and per
+    backward). 'auto': 'cast' only with ``resident_layers=-1`` when it fits more layers and the planner
+    predicts the host's AdamW, not the GPU, bounds the step (placement.py); else 'keep'."""
     gpu_memory_gib: float = 0.0
     """GPU memory (GiB) the engine may plan for with ``resident_layers=-1``; 0: the device's free memory."""
     resident_placement: Literal["auto", "first", "spread", "spread_top"] = "auto"
@@ -191,6 +197,8 @@ class EngineConfig:
         if self.resident_placement not in ("auto", "first", "spread", "spread_top"):
             raise ConfigError("engine.resident_placement must be auto, first, spread or spread_top, got "
                               f"{self.resident_placement!r}")
+        if self.resident_weights not in ("auto", "keep", "cast"):
+            raise ConfigError(f"engine.resident_weights must be auto, keep or cast, got {self.resident_weights!r}")
         if self.window < 1:
             raise ConfigError(f"engine.window must be >= 1, got {self.window}")
         if self.schedule not in ("auto", "overlap", "deferred"):

@@ -5,8 +5,11 @@ Owns that one decision. A resident layer costs ``compute dtype + 12`` bytes/para
 (``runtime/resident.py``); the rest of the device memory is what ``planner.make_plan`` predicts for the
 run without resident layers. The count is the largest whose total stays within ``GPU_HEADROOM`` of the
 budget. Under the deferred schedule (clipping, accumulation) each resident layer also holds an FP32
-gradient accumulator (4 more bytes/param). Invariant: the count is 0 whenever the run cannot use resident
-layers (CPU device, the disk tier) and never exceeds the number of decoder layers.
+gradient accumulator (4 more bytes/param). With ``engine.resident_weights='cast'`` a layer keeps no
+compute-dtype weights (12 bytes/param) and all share one cast buffer; 'auto' picks it when it fits more
+layers and the plan with kept weights is bound by the host's AdamW (``resident_choice``). Invariant: the
+count is 0 whenever the run cannot use resident layers (CPU device, the disk tier) and never exceeds the
+number of decoder layers.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ the allocated peak (measured on the H100 box, Llama-3.2-3B b8 with 8 resident la
 
 
 def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,
-                             gpu_budget_bytes: int) -> tuple[int, str]:
-    """(count, reason): resident decoder layers that fit ``gpu_budget_bytes`` for micro-batches of ``tokens``.
+                             gpu_budget_bytes: int, cast: bool = False) -> tuple[int, str]:
+    """(count, reason): resident decoder layers that fit ``gpu_budget_bytes`` for micro-batches of ``tokens``,
+    with their compute-dtype weights kept, or (``cast``) cast into one shared buffer before each use.
 
     ``gpu_budget_bytes`` is device memory this process may still allocate (free memory, or a cap), the CUDA
     context already excluded.
@@ -45,28 +49,66 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
     largest = int(base.params["largest_layer"])
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
     streamed_need = sum(v for k, v in base.gpu.items()) - CUDA_CONTEXT_BYTES
-    room = GPU_HEADROOM * gpu_budget_bytes - streamed_need - 4 * largest  # one FP32 gradient scratch
-    per_layer = largest * (elt + 12 + (4 if deferred else 0))  # + the deferred schedule's FP32 accumulator
+    # One FP32 gradient scratch, and with `cast` the shared compute-dtype buffer.
+    room = GPU_HEADROOM * gpu_budget_bytes - streamed_need - 4 * largest - (elt * largest if cast else 0)
+    per_layer = largest * resident_bytes_per_param(elt, cast, deferred)
     count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
     gib = 2**30
-    return count, (f"{count} of {layers} layers ({per_layer / gib:.2f} GiB each) fit next to "
+    return count, (f"{count} of {layers} layers ({per_layer / gib:.2f} GiB each"
+                   f"{', weights cast on use' if cast else ''}) fit next to "
                    f"{streamed_need / gib:.2f} GiB of streaming buffers in {GPU_HEADROOM:.0%} of "
                    f"{gpu_budget_bytes / gib:.1f} GiB")
 
 
+def resident_bytes_per_param(elt: int, cast: bool, deferred: bool) -> int:
+    """Device bytes per resident parameter: FP32 master + two moments, the kept compute-dtype weights unless
+    ``cast``, and the deferred schedule's FP32 accumulator."""
+    return 12 + (0 if cast else elt) + (4 if deferred else 0)
+
+
+def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,
+                    gpu_budget_bytes: int) -> tuple[int, bool, str]:
+    """(count, cast, reason) for ``resident_layers=-1`` under ``engine.resident_weights``.
+
+    'auto' casts when that fits more layers and the plan with the weights kept is bound by the host's AdamW:
+    there, each layer moved to the GPU takes its AdamW and transfers off the host's memory bus (the bound),
+    and the casts cost the GPU one pass over the layer's master per forward and per backward. Where the GPU
+    bounds the step, those passes would only add to it.
+    """
+    from slideformer.planner import Hardware, make_plan
+
+    kw = {"tokens": tokens, "engine": engine, "deferred": deferred, "gpu_budget_bytes": gpu_budget_bytes}
+    keep, why = resident_layers_that_fit(hf_config, **kw)
+    if engine.resident_weights == "keep":
+        return keep, False, why
+    cast, cast_why = resident_layers_that_fit(hf_config, **kw, cast=True)
+    if engine.resident_weights == "cast":
+        return cast, True, cast_why
+    if cast <= keep:
+        return keep, False, why
+    times = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=deferred,
+                      engine=replace(engine, resident_layers=keep, resident_weights="keep"),
+                      hardware=Hardware(gpu_memory_bytes=gpu_budget_bytes, host_memory_bytes=1 << 50)).step_seconds
+    if times["cpu adamw"] <= times["gpu compute"]:
+        return keep, False, f"{why}; weights kept (the GPU, not the host's AdamW, bounds the step)"
+    return cast, True, (f"{cast_why} (the host's AdamW bounds the step: {cast - keep} more than with the weights "
+                        "kept)")
+
+
 def engine_resident_count(hf_config: Any, cfg: EngineConfig, cuda_device: torch.device | None, *,
-                          clipping: bool) -> tuple[int, str]:
-    """The engine's ``resident_layers=-1``: the budget is ``cfg.gpu_memory_gib`` or the device's free memory."""
+                          clipping: bool) -> tuple[int, bool, str]:
+    """The engine's ``resident_layers=-1``: (count, cast, reason); the budget is ``cfg.gpu_memory_gib`` or the
+    device's free memory."""
     tokens = cfg.max_tokens_per_micro_batch
     if not tokens:
         raise ConfigError("engine.resident_layers=-1 sizes the resident layers for a micro-batch: set "
                           "engine.max_tokens_per_micro_batch (slideformer train sets it to batch_size x seq_len)")
     if cuda_device is None:
-        return 0, "the device is the CPU"
+        return 0, False, "the device is the CPU"
     free, _ = torch.cuda.mem_get_info(cuda_device)
     budget = int(cfg.gpu_memory_gib * 2**30) if cfg.gpu_memory_gib else int(free)
-    return resident_layers_that_fit(hf_config, tokens=tokens, engine=replace(cfg, device="cuda"),
-                                    deferred=cfg.schedule == "deferred" or clipping, gpu_budget_bytes=budget)
+    return resident_choice(hf_config, tokens=tokens, engine=replace(cfg, device="cuda"),
+                           deferred=cfg.schedule == "deferred" or clipping, gpu_budget_bytes=budget)
 
 
 def device_memory_advice(hf_config: Any, cfg: EngineConfig, *, tokens: int, resident: int, deferred: bool,
@@ -85,7 +127,7 @@ def device_memory_advice(hf_config: Any, cfg: EngineConfig, *, tokens: int, resi
     advice = [f"a smaller micro-batch ({tokens:,} tokens now): lower train.batch_size and raise train.grad_accum "
               "to keep the global batch"]
     if resident:
-        each = plan.gpu.get("resident layers (weights + FP32 master + moments)", 0) / resident / gib
+        each = next((v for k, v in plan.gpu.items() if k.startswith("resident layers")), 0) / resident / gib
         advice.insert(0, f"fewer resident layers (engine.resident_layers={resident} now, ~{each:.2f} GiB each)")
     if cfg.loss_chunk_tokens > 256:
         advice.append(f"engine.loss_chunk_tokens=256 (now {cfg.loss_chunk_tokens})")

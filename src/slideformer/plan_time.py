@@ -17,11 +17,14 @@ if TYPE_CHECKING:
 
 
 def step_times(hardware: Hardware, *, n: int, tail: int, n_res: int, spread: bool, tokens: int,
-               grad_accum: int, elt: int, device_cast: bool, deferred: bool, disk_bytes: int) -> dict[str, float]:
+               grad_accum: int, elt: int, device_cast: bool, deferred: bool, disk_bytes: int,
+               cast: bool = False) -> dict[str, float]:
     """Seconds per step: ``gpu compute``, ``pcie``, ``cpu adamw``, ``disk`` (when ``disk_bytes``), ``step``.
 
     ``n``: parameters; ``n_res`` of them in resident layers (no transfers, AdamW on the GPU), placed
-    ``spread`` over the depth or as one block of the lowest layers. ``tail``: parameters whose host AdamW can
+    ``spread`` over the depth or as one block of the lowest layers, their weights ``cast`` from the FP32 master
+    before each forward and backward (4 B read + ``elt`` written per param, per pass, on the GPU's memory) or
+    kept. ``tail``: parameters whose host AdamW can
     start only after the backward (the embedding's, or its batch rows' with the split update).
     ``disk_bytes``: read and written per step.
     """
@@ -43,9 +46,10 @@ def step_times(hardware: Hardware, *, n: int, tail: int, n_res: int, spread: boo
     c_mb = compute / grad_accum
     res_share = n_res / n
     res_adam = n_res * 40 / (hardware.gpu_hbm_gbs * 1e9)
+    res_cast = n_res * (4 + elt) / (hardware.gpu_hbm_gbs * 1e9) if cast else 0.0  # one pass, per micro-batch
     hidden_share = 0.0 if spread else res_share  # compute that cannot hide uploads
-    fwd = hidden_share * c_mb / 4 + max((1 - hidden_share) * c_mb / 4, streamed * up_bytes / pcie_s)
-    bwd = (hidden_share * 3 * c_mb / 4 + res_adam
+    fwd = res_cast + hidden_share * c_mb / 4 + max((1 - hidden_share) * c_mb / 4, streamed * up_bytes / pcie_s)
+    bwd = (res_cast + hidden_share * 3 * c_mb / 4 + res_adam
            + max((1 - hidden_share) * 3 * c_mb / 4, streamed * max(up_bytes, elt) / pcie_s))
     tail_s = min(tail, streamed) / adam_rate
     if deferred:

@@ -289,12 +289,15 @@ def make_plan(
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }
     auto_count = engine.resident_layers < 0
-    if auto_count:  # 'as many as fit': placement.py, for this run's tokens and GPU
-        from slideformer.placement import resident_layers_that_fit
+    from slideformer.placement import resident_bytes_per_param, resident_choice
 
-        count, why = resident_layers_that_fit(hf_config, tokens=tokens, engine=engine, deferred=deferred,
-                                              gpu_budget_bytes=hardware.gpu_memory_bytes - CUDA_CONTEXT_BYTES)
-        engine = EngineConfig(**{**asdict(engine), "resident_layers": count})
+    if auto_count:  # 'as many as fit': placement.py, for this run's tokens and GPU
+        count, cast, why = resident_choice(hf_config, tokens=tokens, engine=engine, deferred=deferred,
+                                           gpu_budget_bytes=hardware.gpu_memory_bytes - CUDA_CONTEXT_BYTES)
+    else:
+        cast = engine.resident_weights == "cast"
+    engine = EngineConfig(**{**asdict(engine), "resident_layers": count if auto_count else engine.resident_layers,
+                             "resident_weights": "cast" if cast else "keep"})
     n_res = min(engine.resident_layers, len(layers)) * params["largest_layer"]
     from slideformer.runtime.embedding_split import EmbeddingSplit
     from slideformer.runtime.resident import resolve_placement
@@ -309,10 +312,13 @@ def make_plan(
     if split_rows and on_gpu:
         gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     if n_res:
-        # runtime/resident.py: weights + FP32 master + two moments per resident param (+ an FP32 gradient
-        # accumulator under the deferred schedule), one FP32 grad scratch.
-        gpu["resident layers (weights + FP32 master + moments)"] = (n_res * (elt + 12 + (4 if deferred else 0))
-                                                                    + params["largest_layer"] * 4)
+        # runtime/resident.py: FP32 master + two moments per resident param, the weights (kept, or one shared
+        # buffer they are cast into), an FP32 gradient accumulator under the deferred schedule; one FP32 grad
+        # scratch.
+        key = ("resident layers (FP32 master + moments; weights cast on use)" if cast
+               else "resident layers (weights + FP32 master + moments)")
+        gpu[key] = (n_res * resident_bytes_per_param(elt, cast, deferred)
+                    + params["largest_layer"] * (4 + (elt if cast else 0)))
     # Only uploaded units have a copy: not resident layers, nor an untied embedding (its rows are gathered).
     copy_params = n - n_res - (0 if tied else params["embedding"])
     if host_copy:
@@ -338,7 +344,7 @@ def make_plan(
     spread = bool(n_res) and placed in ("spread", "spread_top")
     # What follows the backward on the CPU: the embedding's whole update, or with the split only the batch's rows.
     tail = split_rows * hidden if split_rows else params["embedding"]
-    times = step_times(hardware, n=n, tail=tail, n_res=n_res, spread=spread,
+    times = step_times(hardware, n=n, tail=tail, n_res=n_res, spread=spread, cast=cast,
                        tokens=tokens, grad_accum=grad_accum, elt=elt, device_cast=device_cast, deferred=deferred,
                        disk_bytes=(8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)
                                    if offload in ("moments", "all") else 0)
@@ -381,6 +387,7 @@ def make_plan(
         "grad_accum": grad_accum,
         "window": engine.window,
         "resident_layers": min(engine.resident_layers, len(layers)),
+        "resident_weights": engine.resident_weights,
         "schedule": "deferred" if deferred else "overlap",
         "seq_len": seq_len,
         "batch_size": batch_size,

@@ -217,15 +217,16 @@ def materialize_meta(e: Engine, model: nn.Module, units: list[HostUnit] | None =
                 module._parameters[name] = fresh[id(q)]
 
 
-def resident_auto(e: Engine) -> int:
-    """``resident_layers=-1``: as many layers as the GPU budget holds next to the streaming buffers."""
+def resident_auto(e: Engine) -> tuple[int, bool]:
+    """``resident_layers=-1``: as many layers as the GPU budget holds next to the streaming buffers, and
+    whether their weights are cast on use (``engine.resident_weights``)."""
     from slideformer.placement import engine_resident_count
 
-    count, e.resident_reason = engine_resident_count(
+    count, cast, e.resident_reason = engine_resident_count(
         e.hf_config, e.cfg, e.device if e.ops.is_cuda else None,
         clipping=e.optim_cfg.max_grad_norm is not None)
     logger.info("engine.resident_layers=-1: %s", e.resident_reason)
-    return count
+    return count, cast
 
 
 def register_masters(e: Engine) -> bool:

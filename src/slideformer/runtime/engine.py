@@ -321,6 +321,7 @@ class Engine:
             "device_bytes": self.ops.device_bytes,
             "window": len(self.layer_pool.slots),
             "resident_layers": len(self.resident_idx),
+            "resident_weights": "cast" if self.resident is not None and self.resident.cast else "keep",
             "slot_numel": self.layer_pool.numel,
             "vocab_slot_numel": self.vocab_slot.weight.numel(),
             "offload": self.offload_mode,

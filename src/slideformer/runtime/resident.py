@@ -15,6 +15,10 @@ gradient summed over the ranks (``reduce``, on the compute stream); its host buf
 like any unit's (``load_from_host`` gathers the others' parts on the device; ``sync_to_host`` writes back
 this rank's part), so host memory per node does not grow with resident layers.
 
+With ``cast`` (``engine.resident_weights``) no compute-dtype weights are kept (12 instead of 14 bytes/param):
+``stage`` casts a unit's FP32 master into one buffer shared by all resident units, on the compute stream, right
+before the unit's forward or backward binds it; stream order keeps the next unit's cast behind this unit's use.
+
 Invariant: a resident unit's device state is the truth between ``load_from_host`` and ``sync_to_host``;
 its update uses ``torch._fused_adamw_`` with the same arithmetic as the host kernel, so results do not
 depend on which layers are resident (CPU parity tests hold that).
@@ -72,7 +76,7 @@ class ResidentLayers:
     """Device-side weights, master weights and AdamW state of the resident units."""
 
     def __init__(self, ops: DeviceOps, units: list[HostUnit], dtype: torch.dtype, optim: OptimConfig, *,
-                 reduce: Callable[[torch.Tensor], None] | None = None,
+                 cast: bool = False, reduce: Callable[[torch.Tensor], None] | None = None,
                  gather: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """``reduce`` / ``gather`` (data-parallel): sum a gradient over the ranks in place; fill a whole
         third from this rank's part of it (``gather(whole, own)``, in place), both in compute-stream order."""
@@ -83,8 +87,13 @@ class ResidentLayers:
         # The whole unit on the device, data-parallel too ([master | exp_avg | exp_avg_sq], each ``padded``
         # long; padded == numel in one process); the host keeps this rank's shard of it.
         self.flat = {u.index: ops.empty(3 * u.padded, torch.float32).zero_() for u in units}  # padding stays 0
-        self.weight = {u.index: ops.empty(u.numel, dtype) for u in units}
-        self.grad32 = ops.empty(max(u.numel for u in units), torch.float32)
+        self.cast = cast
+        largest = max(u.numel for u in units)
+        # Kept weights, one buffer per unit; or (cast) one buffer every unit's views share.
+        self.shared = ops.empty(largest, dtype) if cast else None
+        self.weight = {u.index: self.shared[:u.numel] if self.shared is not None else ops.empty(u.numel, dtype)
+                       for u in units}
+        self.grad32 = ops.empty(largest, torch.float32)
         self.step_t = {u.index: torch.zeros((), dtype=torch.float32, device=ops.device) for u in units}
         self.views = {u.index: [self.weight[u.index][s.offset:s.offset + s.numel].view(s.shape) for s in u.params]
                       for u in units}
@@ -111,8 +120,16 @@ class ResidentLayers:
                     self.gather(whole, own)
             else:
                 self._copy_thirds(self.flat[i], u.flat, u.numel)
-            self.weight[i].copy_(self.flat[i][:u.numel])
+            if not self.cast:
+                self.weight[i].copy_(self.flat[i][:u.numel])
             self.step_t[i].fill_(float(u.step))
+
+    def stage(self, index: int) -> None:
+        """Before unit ``index``'s forward or backward binds its views: with ``cast``, its weights from its FP32
+        master into the shared buffer, on the current (compute) stream; kept weights are already current."""
+        if self.cast:
+            u = self.units[index]
+            self.weight[index].copy_(self.flat[index][:u.numel])
 
     def sync_to_host(self) -> None:
         """Copy the device state back into the host buffers (a blocking copy: used by ``flush``); data-parallel:
@@ -183,8 +200,10 @@ class ResidentLayers:
                                 [self.step_t[unit.index]], lr=lr, beta1=b1, beta2=b2,
                                 weight_decay=self.optim.weight_decay if decay else 0.0, eps=self.optim.eps,
                                 amsgrad=False, maximize=False)
-        self.weight[unit.index].copy_(flat[:n])
+        if not self.cast:  # cast: the next use casts the new master (stage)
+            self.weight[unit.index].copy_(flat[:n])
 
     def device_bytes(self) -> int:
+        weights = [self.shared] if self.shared is not None else list(self.weight.values())
         return sum(t.numel() * t.element_size()
-                   for t in [*self.flat.values(), *self.weight.values(), *self.acc.values(), self.grad32])
+                   for t in [*self.flat.values(), *weights, *self.acc.values(), self.grad32])

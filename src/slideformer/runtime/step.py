@@ -227,6 +227,8 @@ class StepRunner(SlotUses):
                     self._begin(use, False, f"layer {j} forward")
                 elif j + 1 in self.resident_pending:
                     self.apply_resident_update(j + 1)
+                if j + 1 in self.resident_units:
+                    self.resident.stage(j + 1)  # cast weights: from the (updated) master, in stream order
                 self._bind(e.units[j + 1], self.layer_views[j])
                 if save:
                     e.acts.save(j, h, cs)
@@ -302,6 +304,8 @@ class StepRunner(SlotUses):
             if use is not None:
                 self._begin(use, True, f"layer {j} backward")
             unit = e.units[j + 1]
+            if j + 1 in self.resident_units:
+                self.resident.stage(j + 1)  # cast weights: the master the forward used (updated after this)
             self._bind(unit, self.layer_views[j])
             e.acts.prefetch(j - 1, shape)
             x = e.acts.get(j, shape, cs).detach().requires_grad_(True)

@@ -42,7 +42,8 @@ def setup_device(e: Engine) -> None:
     e.hidden = int(p.embed.weight.shape[1])
     e.vocab = int(p.embed.weight.shape[0])
     chunk = build.chunk_elems(e)
-    count = e.cfg.resident_layers if e.cfg.resident_layers >= 0 else build.resident_auto(e)
+    count, cast = ((e.cfg.resident_layers, e.cfg.resident_weights == "cast") if e.cfg.resident_layers >= 0
+                   else build.resident_auto(e))
     if e.dist is not None and e.cfg.resident_layers != 0:
         count = e.dist.resident_count(count)  # every rank keeps the same layers (and issues the same sums)
     if e.offload_mode != "none" and count > 0:  # -1 with the disk tier: resident layers cannot be used
@@ -51,7 +52,7 @@ def setup_device(e: Engine) -> None:
         count = 0
     e.resident_idx = pick_resident(e.num_layers, count, e.cfg.resident_placement)
     streamed = [u for j, u in enumerate(e.units[1:-1]) if j not in set(e.resident_idx)]
-    e.resident = (ResidentLayers(ops, [e.units[j + 1] for j in e.resident_idx], e.dtype, e.optim_cfg,
+    e.resident = (ResidentLayers(ops, [e.units[j + 1] for j in e.resident_idx], e.dtype, e.optim_cfg, cast=cast,
                                  **(e.dist.resident_ops() if e.dist is not None else {}))
                   if e.resident_idx else None)
     depth = min(e.cfg.window, len(streamed))
