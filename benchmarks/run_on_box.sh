@@ -8,8 +8,8 @@
 # Session 7 ran `tests rows3b`, `place8b`, `profile8b_top rss3b`, `auto8b tests` (the last on an H200: name
 # kind nvidia-h100-x1 on every call). Session 8 ran `profile8b park8b_top` (engine 216ad23), `tests ab8b`,
 # `profile8b ab3b`, `profile_chunk3b rss3b`, `tied3b`, `families_rl` (ed5b54d; ab* need ab/prev/src, made with
-# `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path). Session 9 ran `adam tests ab3b9` and
-# `ab8b final3b` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
+# `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path). Session 9 ran `adam ab3b9`,
+# `tests ab8b`, `final3b`, `tests cast3b` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -139,6 +139,10 @@ for stage in "$@"; do
       # configuration, with 14 optimizer threads and the split embedding update on the new kernel, one run.
       headline3b ab9 slideformer,slideformer@prev,slideformer+optimizer_threads=14,slideformer+embedding_update=split \
         --engine-src prev=ab/prev/src ;;
+    cast3b)
+      # Session 9: resident layers whose weights are cast on use (auto picks it here: 14 resident instead of 12)
+      # against the weights kept, in the headline configuration, one run, with the roofline.
+      headline3b cast slideformer,slideformer+resident_weights=keep ;;
     final3b)
       # Issue 3 targets 1 and 3 on this tree's engine: the headline configuration against ZeRO-2 and ZeRO-3, one run,
       # with the roofline.
