@@ -9,7 +9,8 @@
 # kind nvidia-h100-x1 on every call). Session 8 ran `profile8b park8b_top` (engine 216ad23), `tests ab8b`,
 # `profile8b ab3b`, `profile_chunk3b rss3b`, `tied3b`, `families_rl` (ed5b54d; ab* need ab/prev/src, made with
 # `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path). Session 9 ran `adam ab3b9`,
-# `tests ab8b`, `final3b`, `tests cast3b` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
+# `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
+# `split3b9` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -143,6 +144,10 @@ for stage in "$@"; do
       # Session 9: resident layers whose weights are cast on use (auto picks it here: 14 resident instead of 12)
       # against the weights kept, in the headline configuration, one run, with the roofline.
       headline3b cast slideformer,slideformer+resident_weights=keep ;;
+    split3b9)
+      # Session 9: with the weights cast on use (14 resident) the CPU AdamW has slack and the step waits ~80 ms at
+      # its start for the tied embedding's whole update; the split update against it, one run, with the roofline.
+      headline3b split9 slideformer,slideformer+embedding_update=split ;;
     final3b)
       # Issue 3 targets 1 and 3 on this tree's engine: the headline configuration against ZeRO-2 and ZeRO-3, one run,
       # with the roofline.
