@@ -130,12 +130,15 @@ class EngineConfig:
     thread (untied: their gradient is exactly zero; tied: it is the LM head's, complete at the start of
     backward), and only the batch's rows wait for the embedding backward (``runtime/embedding_split.py``).
     'whole': one update of the whole matrix after the embedding backward. 'auto' (default): split when the
-    embedding is untied (its early part is a zero gradient: no download), whole when it is tied
-    (``EmbeddingSplit.used``). Results are bitwise the same. Same-run H100 measurements (performance_h100_202611.md):
+    embedding is untied (its early part is a zero gradient: no download); when it is tied, split only where the
+    planner's step model predicts a gain of at least 3% for this run (the CPU has slack in backward), else whole
+    (``EmbeddingSplit.used``, ``runtime/build.tied_split_pays``). Results are bitwise the same. Same-run H100
+    measurements (performance_h100_202611.md):
     untied 8B b8, 22 resident: split 1.241 vs whole 1.365 s/step (session 7), 1.298 vs 1.342 (session 6); tied 3B
     b8 on a 24 GiB cap: whole 0.656 vs split 0.679 with 12 resident layers (session 7), 0.567 vs 0.601 (session 6),
     0.963 vs 0.977 with none (session 6); since session 8's optimizer order (only completed copies) the tied
-    pairs are even: 0.565 vs 0.564 and 0.960 vs 0.933, so 'auto' keeps whole there. A hidden size that is not
+    pairs are even: 0.565 vs 0.564 and 0.960 vs 0.933, so 'auto' keeps whole there; with the resident weights cast
+    on use (14 resident, session 9) split 0.526 vs whole 0.547, where the plan predicts 5%. A hidden size that is not
     a multiple of 8 (the CPU kernel's tail width) keeps the whole update."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""

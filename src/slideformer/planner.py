@@ -304,13 +304,6 @@ def make_plan(
 
     placed = resolve_placement(len(layers), engine.resident_layers, engine.resident_placement)
     notes = [f"engine.resident_layers=-1 keeps {why} (placed: {placed})"] if auto_count else []
-    # The split embedding update (runtime/embedding_split.py): the batch rows' compact gradient on the device.
-    split_args = {"tied": tied, "hidden": hidden, "chunk": int(engine.chunk_mib * 2**20) // elt,
-                  "single_process": True, "in_ram": offload == "none"}
-    split_rows = min(tokens, vocab) if not deferred and EmbeddingSplit.used(engine.embedding_update,
-                                                                            **split_args) else 0
-    if split_rows and on_gpu:
-        gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     if n_res:
         # runtime/resident.py: FP32 master + two moments per resident param, the weights (kept, or one shared
         # buffer they are cast into), an FP32 gradient accumulator under the deferred schedule; one FP32 grad
@@ -342,13 +335,27 @@ def make_plan(
         disk["offload: activation checkpoints (one micro-batch)"] = act_file
 
     spread = bool(n_res) and placed in ("spread", "spread_top")
-    # What follows the backward on the CPU: the embedding's whole update, or with the split only the batch's rows.
-    tail = split_rows * hidden if split_rows else params["embedding"]
-    times = step_times(hardware, n=n, tail=tail, n_res=n_res, spread=spread, cast=cast,
-                       tokens=tokens, grad_accum=grad_accum, elt=elt, device_cast=device_cast, deferred=deferred,
-                       disk_bytes=(8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)
-                                   if offload in ("moments", "all") else 0)
-                       + (act_file * grad_accum if engine.offload_activations else 0))
+
+    def timed(tail: int) -> dict[str, float]:  # `tail`: what follows the backward on the CPU (plan_time.py)
+        return step_times(hardware, n=n, tail=tail, n_res=n_res, spread=spread, cast=cast, tokens=tokens,
+                          grad_accum=grad_accum, elt=elt, device_cast=device_cast, deferred=deferred,
+                          disk_bytes=(8 * n + (4 * params["decoder_layers"] if offload == "all" else 0)
+                                      if offload in ("moments", "all") else 0)
+                          + (act_file * grad_accum if engine.offload_activations else 0))
+
+    # The split embedding update (runtime/embedding_split.py): the batch rows' compact gradient on the device;
+    # after the backward only those rows' AdamW, instead of the whole embedding's. A tied embedding splits under
+    # 'auto' when this model predicts it pays (EmbeddingSplit.used).
+    rows = min(tokens, vocab)
+    split_args = {"tied": tied, "hidden": hidden, "chunk": int(engine.chunk_mib * 2**20) // elt,
+                  "single_process": True, "in_ram": offload == "none",
+                  "tied_split": (tied and on_gpu and not deferred and engine.embedding_update == "auto"
+                                 and EmbeddingSplit.pays(timed(rows * hidden)["step"],
+                                                         timed(params["embedding"])["step"]))}
+    split_rows = rows if not deferred and EmbeddingSplit.used(engine.embedding_update, **split_args) else 0
+    if split_rows and on_gpu:
+        gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
+    times = timed(split_rows * hidden if split_rows else params["embedding"])
     limit = getattr(hf_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         notes.append(f"seq_len {seq_len} exceeds max_position_embeddings {limit}")
@@ -379,7 +386,7 @@ def make_plan(
             split_rows):
         notes.append(f"engine.embedding_update={engine.embedding_update}: 'auto' would "
                      + ("split this untied embedding (8B b8: split 1.241 vs whole 1.365 s/step)" if not split_rows
-                        else "keep this tied embedding whole (3B, 24 GiB cap: whole 0.656 vs split 0.679 s/step)"))
+                        else "keep this tied embedding whole: the plan predicts no gain from splitting it"))
     settings = {
         "layers": len(layers),
         "tied": tied,
@@ -394,6 +401,7 @@ def make_plan(
         "offload": offload,
         "offload_dir": engine.offload_dir,
         "host_copy": "bf16" if host_copy else "none",
+        "embedding_update": "split" if split_rows else "whole",
         "offload_activations": engine.offload_activations,
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes,

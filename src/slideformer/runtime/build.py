@@ -229,6 +229,27 @@ def resident_auto(e: Engine) -> tuple[int, bool]:
     return count, cast
 
 
+def tied_split_pays(e: Engine, tied: bool) -> bool:
+    """``embedding_update='auto'`` for a tied embedding: split where the planner's step model predicts it pays
+    for this run (its resident layers and weights, the micro-batch of ``max_tokens_per_micro_batch``); whole
+    without a GPU or a known micro-batch size."""
+    from dataclasses import replace
+
+    from slideformer.planner import Hardware, make_plan
+
+    tokens = e.cfg.max_tokens_per_micro_batch
+    if not (tied and e.ops.is_cuda and tokens and e.cfg.embedding_update == "auto"):
+        return False
+    cast = e.resident is not None and e.resident.cast
+    cfg = replace(e.cfg, device="cuda", resident_layers=len(e.resident_idx),
+                  resident_weights="cast" if cast else "keep", host_copy="bf16" if e.host_copy else "none",
+                  offload="none")
+    plan = make_plan(e.hf_config, seq_len=tokens, batch_size=1, grad_accum=1,
+                     clipping=e.optim_cfg.max_grad_norm is not None, engine=cfg,
+                     hardware=Hardware(gpu_memory_bytes=1 << 50, host_memory_bytes=1 << 50))
+    return plan.settings["embedding_update"] == "split"
+
+
 def register_masters(e: Engine) -> bool:
     """Page-lock the FP32 master weights in place when uploads are to be cast on the device."""
     mode = e.cfg.upload_cast

@@ -45,6 +45,9 @@ from slideformer.optim.cpu_adam import TAIL_WIDTH
 from slideformer.optim.cpu_adam_rows import adamw_rows, adamw_skip_rows
 from slideformer.runtime.device import DeviceOps
 
+TIED_SPLIT_GAIN = 0.03
+"""The predicted gain a tied embedding's split must show under 'auto' (``EmbeddingSplit.pays``)."""
+
 
 @dataclass(frozen=True)
 class RowsJob:
@@ -85,23 +88,33 @@ class EmbeddingSplit:
         self.rows_grad = ops.empty(0, dtype)
 
     @staticmethod
-    def used(update: str, *, tied: bool, hidden: int, chunk: int, single_process: bool, in_ram: bool) -> bool:
+    def used(update: str, *, tied: bool, hidden: int, chunk: int, single_process: bool, in_ram: bool,
+             tied_split: bool = False) -> bool:
         """Whether a run takes the split: one process, moments in RAM, and bitwise the whole update, i.e. every
         call of both paths a multiple of the kernel's tail width (rows of ``hidden`` elements, chunks of ``chunk``;
         see the module invariant). The engine and the planner ask this one question.
 
-        ``engine.embedding_update='auto'`` splits an untied embedding and keeps a ``tied`` one whole. Same-run H100
+        ``engine.embedding_update='auto'`` splits an untied embedding, and a ``tied`` one only where the planner's
+        step model predicts the split pays (``tied_split``, from ``pays``; else whole). Same-run H100
         measurements (performance_h100_202611.md): untied 8B b8, 22 resident: split 1.241 vs whole 1.365 s/step
         (session 7; 1.298 vs 1.342 in session 6), its early part is free background work (a zero gradient, no
         download). Tied 3B b8 on a 24 GiB cap: whole 0.656 vs split 0.679 with 12 resident layers (session 7; 0.567
         vs 0.601 in session 6), 0.963 vs 0.977 with none (session 6): the early part needs the head's whole
         gradient downloaded at the start of backward and goes before the layers' updates. Since session 8's
         optimizer order (only chunks whose copy completed are consumed) the tied pairs are even (0.565 vs 0.564
-        with 12 resident, 0.960 vs 0.933 with none): no case for changing the tied default yet."""
+        with 12 resident, 0.960 vs 0.933 with none), and the planner predicts no gain there (the host's AdamW is
+        saturated through backward, so the early part only moves). With the resident weights cast on use (14
+        resident, session 9) the CPU has slack in backward: split 0.526 vs whole 0.547, and the plan predicts 5%."""
         if update == "auto":
-            update = "whole" if tied else "split"
+            update = "split" if not tied or tied_split else "whole"
         return (update == "split" and single_process and in_ram
                 and hidden % TAIL_WIDTH == 0 and chunk % TAIL_WIDTH == 0)
+
+    @staticmethod
+    def pays(split_step_s: float, whole_step_s: float) -> bool:
+        """Whether a tied embedding's split is worth it: the planner's predicted step with the split at least
+        ``TIED_SPLIT_GAIN`` shorter than with the whole update (the measured tied pairs within that were even)."""
+        return split_step_s <= (1.0 - TIED_SPLIT_GAIN) * whole_step_s
 
     def ensure(self, tokens: int) -> None:
         """Size the device buffer for micro-batches of ``tokens`` tokens (at most that many distinct rows); called

@@ -322,6 +322,7 @@ class Engine:
             "window": len(self.layer_pool.slots),
             "resident_layers": len(self.resident_idx),
             "resident_weights": "cast" if self.resident is not None and self.resident.cast else "keep",
+            "embedding_update": "split" if self.embed_split is not None else "whole",
             "slot_numel": self.layer_pool.numel,
             "vocab_slot_numel": self.vocab_slot.weight.numel(),
             "offload": self.offload_mode,

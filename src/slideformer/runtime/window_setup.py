@@ -94,7 +94,7 @@ def setup_device(e: Engine) -> None:
     # The input embedding's update in two parts (runtime/embedding_split.py): one process, moments in RAM.
     split = len(u0.params) == 1 and EmbeddingSplit.used(
         e.cfg.embedding_update, tied=p.tied, hidden=e.hidden, chunk=chunk, single_process=e.dist is None,
-        in_ram=e.offload is None)
+        in_ram=e.offload is None, tied_split=build.tied_split_pays(e, p.tied))
     e.embed_split = EmbeddingSplit(ops, u0, e.vocab, e.hidden, e.dtype, e.adam, chunk) if split else None
     threads = e.cfg.optimizer_threads or (e.dist.cpu_threads() if e.dist is not None else 0)
     if threads > 0:
