@@ -10,7 +10,7 @@
 # `profile8b ab3b`, `profile_chunk3b rss3b`, `tied3b`, `families_rl` (ed5b54d; ab* need ab/prev/src, made with
 # `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path). Session 9 ran `adam ab3b9`,
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
-# `split3b9` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
+# `split3b9`, `tests final3b9` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -148,6 +148,10 @@ for stage in "$@"; do
       # Session 9: with the weights cast on use (14 resident) the CPU AdamW has slack and the step waits ~80 ms at
       # its start for the tied embedding's whole update; the split update against it, one run, with the roofline.
       headline3b split9 slideformer,slideformer+embedding_update=split ;;
+    final3b9)
+      # Session 9's final tree against session 8's engine (ab/prev/src) and ZeRO-2/3, the headline configuration,
+      # one run, with the roofline.
+      headline3b final9 slideformer,slideformer@prev,zero2,zero3 --engine-src prev=ab/prev/src ;;
     final3b)
       # Issue 3 targets 1 and 3 on this tree's engine: the headline configuration against ZeRO-2 and ZeRO-3, one run,
       # with the roofline.
