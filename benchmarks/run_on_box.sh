@@ -10,7 +10,8 @@
 # `profile8b ab3b`, `profile_chunk3b rss3b`, `tied3b`, `families_rl` (ed5b54d; ab* need ab/prev/src, made with
 # `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path). Session 9 ran `adam ab3b9`,
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
-# `split3b9`, `tests final3b9` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
+# `split3b9`, `tests final3b9`,
+# `cast8b profile_copy` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -148,6 +149,14 @@ for stage in "$@"; do
       # Session 9: with the weights cast on use (14 resident) the CPU AdamW has slack and the step waits ~80 ms at
       # its start for the tied embedding's whole update; the split update against it, one run, with the roofline.
       headline3b split9 slideformer,slideformer+embedding_update=split ;;
+    cast8b)
+      # Session 9: Llama-3.1-8B b8 on a 24 GiB cap (a 4090-sized card), every default: the resident weights cast on
+      # use (auto: 5 resident) against kept (4), one run, with the roofline.
+      timeout 450 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+resident_weights=keep --gpu-memory-gib 24 --steps 5 --warmup 2 \
+        --time-budget-s 430 --engine-opt resident_layers=-1 \
+        --out "$OUT/llama3.1-8b_cap24g_cast_h100_bench.json" > "$OUT/cast8b.log" 2>&1
+      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.1-8b_cap24g_cast_h100_bench.md | grep -E "^\| 8" ;;
     final3b9)
       # Session 9's final tree against session 8's engine (ab/prev/src) and ZeRO-2/3, the headline configuration,
       # one run, with the roofline.
