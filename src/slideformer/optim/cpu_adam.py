@@ -2,7 +2,8 @@
 
 ``adamw_step`` reads the gradient (FP32, BF16 or FP16), updates the FP32 master weights and both
 FP32 moments in place and, when ``out`` is given, writes the updated weights in BF16/FP16 (the next
-upload copy) in the same pass over memory. The C++ kernel (``cpu_adam.cpp``) is built on first use
+upload copy) in the same pass over memory. The C++ kernel (``cpu_adam.cpp``, ``cpu_adam_rows.cpp`` and
+their ``cpu_adam_core.h``) is built on first use
 on the machine that runs it (``-march=native``) and cached under ``$SLIDEFORMER_CACHE`` (default
 ``~/.cache/slideformer``) in a directory keyed by a hash of the source, the flags, the compiler,
 torch, Python and the CPU's feature flags, so a cache copied to another machine is never reused.
@@ -42,6 +43,9 @@ __all__ = ["CpuAdamInputError", "adamw_step", "build_info", "extension_available
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_adam.cpp")
+_SOURCES = (_SOURCE, _SOURCE.with_name("cpu_adam_rows.cpp"))
+_KERNEL_FILES = (*_SOURCES, _SOURCE.with_name("cpu_adam_core.h"))
+"""Everything the library is built from (the two sources include the core header): all of it keys the cache."""
 _CFLAGS = (
     "-O3",
     "-march=native",
@@ -120,8 +124,9 @@ class _Loader:
 
         cxx = os.environ.get("CXX", "c++")
         why = None
-        if not _SOURCE.is_file():
-            why = f"kernel source {_SOURCE.name} missing from the install (package data)"
+        missing = [f.name for f in _KERNEL_FILES if not f.is_file()]
+        if missing:
+            why = f"kernel source {', '.join(missing)} missing from the install (package data)"
         elif shutil.which(cxx) is None:
             why = f"no C++ compiler ({cxx!r} not on PATH; install g++ or set CXX)"
         elif not cpp_extension.is_ninja_available():
@@ -136,7 +141,7 @@ class _Loader:
                 build_dir.mkdir(parents=True, exist_ok=True)
                 path = cpp_extension.load(
                     name,
-                    [str(_SOURCE)],
+                    [str(f) for f in _SOURCES],
                     extra_cflags=list(_CFLAGS),
                     extra_ldflags=list(_LDFLAGS),
                     build_directory=str(build_dir),
@@ -210,7 +215,9 @@ def _compiler_id(cxx: str) -> str:
 
 
 def _cache_key(cxx: str) -> str:
-    h = hashlib.sha256(_SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for f in _KERNEL_FILES:
+        h.update(f.read_bytes() + b"\0")
     for part in (
         " ".join(_CFLAGS + _LDFLAGS),
         _compiler_id(cxx),
