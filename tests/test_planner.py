@@ -199,6 +199,23 @@ def test_predicted_step_follows_the_measured_h100_steps(layers, hidden, inter, h
     assert 0.95 <= measured / plan.step_seconds["step"] <= 1.20
 
 
+@pytest.mark.parametrize("resident,weights,update,measured", [
+    # Session 9 (AVX-512 CPU AdamW), Llama-3.2-3B b8 on 24 GiB, BF16 copy: the weights cast on use with 14 resident,
+    # whole and split (llama3.2-3b_cap24g_cast / _split9 / _final9_h100_202611_bench; 'auto' splits there) and
+    # kept with 12 (the cast run's other system).
+    (14, "cast", "whole", 0.540), (14, "cast", "split", 0.526), (14, "cast", "auto", 0.544),
+    (12, "keep", "auto", 0.607),
+])
+def test_predicted_step_follows_session_9s_cast_weights(resident, weights, update, measured):
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                      num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True)
+    plan = make_plan(cfg, seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                     engine=EngineConfig(device="cuda", resident_layers=resident, host_copy="bf16",
+                                         resident_weights=weights, embedding_update=update),
+                     hardware=Hardware(gpu_memory_bytes=24 * GIB, host_memory_bytes=125 * GIB))
+    assert 0.95 <= measured / plan.step_seconds["step"] <= 1.20
+
+
 def test_plan_suggests_faster_settings_that_fit(tmp_path, capsys):
     """A 3B model on a 24 GiB GPU with the defaults: `plan` names resident layers and the BF16 copy."""
     LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
