@@ -11,7 +11,7 @@
 # `git archive 216ad23 src | tar -x -C ab/prev`, carried as an ignored path). Session 9 ran `adam ab3b9`,
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
 # `split3b9`, `tests final3b9`,
-# `cast8b profile_copy` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
+# `cast8b profile_copy`, `tied3b80` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -157,6 +157,14 @@ for stage in "$@"; do
         --time-budget-s 430 --engine-opt resident_layers=-1 \
         --out "$OUT/llama3.1-8b_cap24g_cast_h100_bench.json" > "$OUT/cast8b.log" 2>&1
       sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.1-8b_cap24g_cast_h100_bench.md | grep -E "^\| 8" ;;
+    tied3b80)
+      # Session 9: the 3B b8 on the whole card (every layer resident: the CPU updates only the tied embedding), where
+      # 'auto' now splits the tied update (the plan predicts it pays): against the whole update, one run, roofline.
+      timeout 400 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+embedding_update=whole --steps 5 --warmup 2 --time-budget-s 380 \
+        --kernels liger --engine-opt resident_layers=-1 \
+        --out "$OUT/llama3.2-3b_tied80_h100_bench.json" > "$OUT/tied3b80.log" 2>&1
+      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.2-3b_tied80_h100_bench.md | grep -E "^\| 8" ;;
     final3b9)
       # Session 9's final tree against session 8's engine (ab/prev/src) and ZeRO-2/3, the headline configuration,
       # one run, with the roofline.
