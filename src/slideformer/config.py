@@ -138,7 +138,8 @@ class EngineConfig:
     b8 on a 24 GiB cap: whole 0.656 vs split 0.679 with 12 resident layers (session 7), 0.567 vs 0.601 (session 6),
     0.963 vs 0.977 with none (session 6); since session 8's optimizer order (only completed copies) the tied
     pairs are even: 0.565 vs 0.564 and 0.960 vs 0.933, so 'auto' keeps whole there; with the resident weights cast
-    on use (14 resident, session 9) split 0.526 vs whole 0.547, where the plan predicts 5%. A hidden size that is not
+    on use (14 resident, session 9) split 0.526 vs whole 0.547, where the plan predicts 5%, and with every layer
+    resident on 80 GB 0.441 vs 0.499. A hidden size that is not
     a multiple of 8 (the CPU kernel's tail width) keeps the whole update."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
