@@ -164,6 +164,15 @@ inline __m256i to_bf16_16(__m512 x) {
   return _mm512_cvtepi32_epi16(r);
 }
 
+// Up to 16 elements of the vector loop's range with the scalar body arithmetic (its aligning lead and its rest).
+template <typename G, typename O>
+void adam_piece(float* p, const G* g, float* m, float* v, O* out, int64_t n, const Coeffs& c) {
+  alignas(64) float gf[16];
+  for (int64_t j = 0; j < n; ++j) gf[j] = to_f32<G>(g[j]);
+  adam_block(p, gf, m, v, n, c);
+  if constexpr (std::is_same_v<O, uint16_t>) store_block<O>(p, out, n);
+}
+
 template <typename G, typename O>
 void adam_range_vec(float* p, const G* g, float* m, float* v, O* out, int64_t n, const Coeffs& c) {
   const __m512 gs = _mm512_set1_ps(c.grad_scale), dec = _mm512_set1_ps(c.decay), w = _mm512_set1_ps(c.lerp_w);
@@ -171,15 +180,11 @@ void adam_range_vec(float* p, const G* g, float* m, float* v, O* out, int64_t n,
   const __m512 bc2s = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps), ns = _mm512_set1_ps(c.neg_step);
   const bool small = c.lerp_small;
   int64_t i = 0;
-  // The copy's 32-byte stores are aligned when `out + i` is: run the scalar body arithmetic up to there.
+  // Streamed copy stores need 32-byte alignment: the elements before `out` reaches it take the scalar body.
   if constexpr (std::is_same_v<O, uint16_t>) {
-    const int64_t lead = ((32 - (reinterpret_cast<std::uintptr_t>(out) & 31u)) & 31u) / 2;
-    if ((reinterpret_cast<std::uintptr_t>(out) & 1u) == 0 && lead > 0) {
-      i = std::min(n, lead);
-      alignas(64) float gf[16];
-      for (int64_t j = 0; j < i; ++j) gf[j] = to_f32<G>(g[j]);
-      adam_block(p, gf, m, v, i, c);
-      store_block<O>(p, out, i);
+    if (c.stream_out) {
+      i = std::min<int64_t>(n, ((32 - (reinterpret_cast<std::uintptr_t>(out) & 31u)) & 31u) / 2);
+      if (i > 0) adam_piece<G, O>(p, g, m, v, out, i, c);
     }
   }
   for (; i + 16 <= n; i += 16) {
@@ -203,12 +208,7 @@ void adam_range_vec(float* p, const G* g, float* m, float* v, O* out, int64_t n,
       }
     }
   }
-  if (i < n) {
-    alignas(64) float gf[16];
-    for (int64_t j = i; j < n; ++j) gf[j - i] = to_f32<G>(g[j]);
-    adam_block(p + i, gf, m + i, v + i, n - i, c);
-    if constexpr (std::is_same_v<O, uint16_t>) store_block<O>(p + i, out + i, n - i);
-  }
+  if (i < n) adam_piece<G, O>(p + i, g + i, m + i, v + i, out == nullptr ? nullptr : out + i, n - i, c);
   if (c.stream_out) store_fence();
 }
 #endif
