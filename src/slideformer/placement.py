@@ -49,8 +49,7 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
     largest = int(base.params["largest_layer"])
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
     streamed_need = sum(v for k, v in base.gpu.items()) - CUDA_CONTEXT_BYTES
-    # One FP32 gradient scratch, and with `cast` the shared compute-dtype buffer.
-    room = GPU_HEADROOM * gpu_budget_bytes - streamed_need - 4 * largest - (elt * largest if cast else 0)
+    room = GPU_HEADROOM * gpu_budget_bytes - streamed_need - resident_scratch_bytes(largest, elt, cast)
     per_layer = largest * resident_bytes_per_param(elt, cast, deferred)
     count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
     gib = 2**30
@@ -64,6 +63,12 @@ def resident_bytes_per_param(elt: int, cast: bool, deferred: bool) -> int:
     """Device bytes per resident parameter: FP32 master + two moments, the kept compute-dtype weights unless
     ``cast``, and the deferred schedule's FP32 accumulator."""
     return 12 + (0 if cast else elt) + (4 if deferred else 0)
+
+
+def resident_scratch_bytes(largest_layer: int, elt: int, cast: bool) -> int:
+    """Device bytes resident layers need once, whatever their count: one FP32 gradient scratch of the largest
+    layer, and with ``cast`` the compute-dtype buffer they all share."""
+    return largest_layer * (4 + (elt if cast else 0))
 
 
 def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,

@@ -289,7 +289,7 @@ def make_plan(
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }
     auto_count = engine.resident_layers < 0
-    from slideformer.placement import resident_bytes_per_param, resident_choice
+    from slideformer.placement import resident_bytes_per_param, resident_choice, resident_scratch_bytes
 
     if auto_count:  # 'as many as fit': placement.py, for this run's tokens and GPU
         count, cast, why = resident_choice(hf_config, tokens=tokens, engine=engine, deferred=deferred,
@@ -311,7 +311,7 @@ def make_plan(
         key = ("resident layers (FP32 master + moments; weights cast on use)" if cast
                else "resident layers (weights + FP32 master + moments)")
         gpu[key] = (n_res * resident_bytes_per_param(elt, cast, deferred)
-                    + params["largest_layer"] * (4 + (elt if cast else 0)))
+                    + resident_scratch_bytes(params["largest_layer"], elt, cast))
     # Only uploaded units have a copy: not resident layers, nor an untied embedding (its rows are gathered).
     copy_params = n - n_res - (0 if tied else params["embedding"])
     if host_copy:
