@@ -12,6 +12,8 @@
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
 # `split3b9`, `tests final3b9`,
 # `cast8b profile_copy`, `tied3b80` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
+# Session 10 ran `tests ab3b10 profile3b10` (ab/prev9/src from 6718133, session 9's final engine: `git archive
+# 6718133 src | tar -x -C ab/prev9`, carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -165,6 +167,20 @@ for stage in "$@"; do
         --kernels liger --engine-opt resident_layers=-1 \
         --out "$OUT/llama3.2-3b_tied80_h100_bench.json" > "$OUT/tied3b80.log" 2>&1
       sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.2-3b_tied80_h100_bench.md | grep -E "^\| 8" ;;
+    ab3b10)
+      # Session 10: the tied head's upload no longer waits for the final norm's update, and the embedding rows are
+      # gathered from the BF16 upload copy; against session 9's final engine (ab/prev9/src), and one more resident
+      # layer than the planner picks (15, cast), one run, with the roofline.
+      headline3b ab10 slideformer,slideformer@prev,slideformer+resident_layers=15+resident_weights=cast \
+        --engine-src prev=ab/prev9/src ;;
+    profile3b10)
+      # Session 10: the headline configuration's steady-state period on this tree's engine.
+      timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt kernels=liger \
+        --name timeline_llama3.2-3b_b8_cap24_s10_h100_202611 --out-dir "$OUT" > "$OUT/profile3b10.log" 2>&1
+      tail -12 "$OUT/profile3b10.log"
+      python3 benchmarks/timeline_read.py "$OUT"/timeline_llama3.2-3b_b8_cap24_s10_h100_202611.json.gz --min-gap-ms 2 \
+        | head -40 ;;
     final3b9)
       # Session 9's final tree against session 8's engine (ab/prev/src) and ZeRO-2/3, the headline configuration,
       # one run, with the roofline.

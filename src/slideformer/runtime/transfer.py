@@ -85,15 +85,20 @@ class Uploader(_Worker):
 
     def upload(self, slot: Slot, segments: list[Segment], update_futs: list[Future],
                slot_waits: list[Future]) -> Any:
-        """Queued by ``submit``: returns the device event at which the slot's weights are in place."""
-        for seg, f in zip(segments, update_futs):
-            # The unit's pending AdamW update must have landed before we read its master.
-            waits.result(f, f"update of {seg.unit.name}")
+        """Queued by ``submit``: returns the device event at which the slot's weights are in place.
+
+        Each segment's copy is queued as soon as its own update has landed, in slot order: the tied head's slot
+        holds the embedding matrix (updated first) and then the final norm (updated last: the optimizer's highest
+        unit index). Waiting for both before any copy put the matrix's 788 MB (Llama-3.2-3B) behind every layer
+        upload of the forward (copies to the device run one at a time on this box), and the compute stream then
+        waited for it: 11.5 ms of session 9's 3B timeline."""
         for r in slot_waits:
             # Earlier uses of the slot (compute, gradient download) must finish before we overwrite it.
             self.ops.wait(self.stream, waits.result(r, "slot release"))
-        with self.ops.on(self.stream), record_function("sf/upload_host"):
-            for seg in segments:
+        for seg, f in zip(segments, update_futs):
+            # The unit's pending AdamW update must have landed before we read its master.
+            waits.result(f, f"update of {seg.unit.name}")
+            with self.ops.on(self.stream), record_function("sf/upload_host"):
                 # This rank's part of the unit (all of it unless data-parallel sharding is on).
                 u = seg.unit
                 dst = slot.weight[seg.offset + u.shard_lo:seg.offset + u.shard_lo + u.shard_len]
@@ -122,33 +127,47 @@ class Uploader(_Worker):
                 if u.sharded and self.gather is not None:
                     # Collective on this stream, after our shard's copy: every rank's shard -> the whole unit.
                     self.gather(slot.weight[seg.offset:seg.offset + u.padded], dst)
-            return self.ops.record(self.stream)
+        return self.ops.record(self.stream)
 
     def gather_rows(self, unit: HostUnit, rows: int, ids: torch.Tensor, out: torch.Tensor,
                     scratch: torch.Tensor, stage: torch.Tensor, update_fut: Future, slot_waits: list[Future]) -> Any:
-        """Embedding forward on the host: gather the rows of ``ids`` from the FP32 master into ``out``."""
+        """Embedding forward on the host: gather the rows of ``ids`` into ``out``, from the unit's compute-dtype
+        upload copy when it has one (a tied embedding with ``engine.host_copy``), else from the FP32 master."""
         waits.result(update_fut, f"update of {unit.name}")  # the embedding's update must have landed
         for r in slot_waits:
             # The previous micro-batch's compute must be done reading ``out``.
             self.ops.wait(self.stream, waits.result(r, "embedding rows release"))
         n = ids.numel()
         width = unit.numel // rows
+        copy = unit.upload_copy
+        if self.ops.is_cuda and copy is not None and copy.dtype == out.dtype and copy.numel() == unit.numel:
+            # Bitwise the master's cast once the update landed (host_state's invariant): one pass over half the
+            # bytes into the pinned stage, where the master's path reads FP32, writes it and casts it again. The
+            # gather opens every step, on the compute stream's path (session 9's 3B timeline: 19.5 ms).
+            return self._send_rows(out, stage, n * width, lambda st: torch.index_select(
+                copy.view(rows, width), 0, ids, out=st.view(n, width)))
         table = unit.master.view(rows, width)
         picked = scratch[:n * width].view(n, width)
         torch.index_select(table, 0, ids, out=picked)
+        if picked.data_ptr() == out.data_ptr():
+            return self.ops.record(self.stream)  # gathered straight into the compute buffer
+        if not self.ops.is_cuda:
+            out[:n * width].copy_(picked.view(-1))  # the CPU plays the device: cast in place
+            return None
+        return self._send_rows(out, stage, n * width, lambda st: st.copy_(picked.view(-1)))
+
+    def _send_rows(self, out: torch.Tensor, stage: torch.Tensor, numel: int,
+                   fill: Callable[[torch.Tensor], Any]) -> Any:
+        """``fill`` the pinned stage's first ``numel`` elements and queue their copy into ``out``: the device event
+        of the copy."""
+        # The previous gather's copy out of ``stage`` must be done before we refill it.
+        self.ops.host_wait(self._gather_event)
+        st = stage[:numel]
+        fill(st)
         with self.ops.on(self.stream):
-            if picked.data_ptr() == out.data_ptr():
-                return self.ops.record(self.stream)  # gathered straight into the compute buffer
-            if not self.ops.is_cuda:
-                out[:n * width].copy_(picked.view(-1))  # the CPU plays the device: cast in place
-                return None
-            # The previous gather's copy out of ``stage`` must be done before we refill it.
-            self.ops.host_wait(self._gather_event)
-            st = stage[:n * width]
-            st.copy_(picked.view(-1))
-            self.ops.copy(out[:n * width], st)
+            self.ops.copy(out[:numel], st)
             self._gather_event = self.ops.record(self.stream)
-            return self._gather_event
+        return self._gather_event
 
 
 @dataclass
