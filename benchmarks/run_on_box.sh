@@ -12,7 +12,7 @@
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
 # `split3b9`, `tests final3b9`,
 # `cast8b profile_copy`, `tied3b80` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
-# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10` (ab/prev9/src from 6718133, session 9's final engine: `git archive
+# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r` (ab/prev9/src from 6718133, session 9's final engine: `git archive
 # 6718133 src | tar -x -C ab/prev9`, carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -181,6 +181,17 @@ for stage in "$@"; do
         --engine-opt resident_layers=-1 --engine-src prev=ab/prev9/src \
         --out "$OUT/llama3.1-8b_cap24g_ab10_h100_bench.json" > "$OUT/ab8b10.log" 2>&1
       sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.1-8b_cap24g_ab10_h100_bench.md | grep -E "^\| 8" ;;
+    ab8b10r)
+      # ab8b10 with the children in the other order (session 9's engine first): the first run had the new engine
+      # 4% slower where nothing it changed applies; a child's place in the run is the one thing that differed.
+      timeout 450 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer@prev,slideformer --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 430 \
+        --engine-opt resident_layers=-1 --engine-src prev=ab/prev9/src \
+        --out "$OUT/llama3.1-8b_cap24g_ab10r_h100_bench.json" > "$OUT/ab8b10r.log" 2>&1
+      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.1-8b_cap24g_ab10r_h100_bench.md | grep -E "^\| 8" ;;
+    ab3b10r)
+      # ab3b10 with session 9's engine first, and this engine twice (its run-to-run spread in the same process tree).
+      headline3b ab10r slideformer@prev,slideformer,slideformer+window=2 --engine-src prev=ab/prev9/src ;;
     tied80_10)
       # Session 10's engine against session 9's on the 3B's whole card (all 28 resident, the CPU updates only the
       # tied embedding: the head upload and the gather are most of what the host adds), one run, with the roofline.
