@@ -12,7 +12,7 @@
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
 # `split3b9`, `tests final3b9`,
 # `cast8b profile_copy`, `tied3b80` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
-# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x` (ab/prev9/src from 6718133, session 9's final engine: `git archive
+# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x ab3b10y` (ab/prev9/src from 6718133, session 9's final engine: `git archive
 # 6718133 src | tar -x -C ab/prev9`, carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -198,6 +198,11 @@ for stage in "$@"; do
       # of the first two twice, to read drift and difference apart. One run, with the roofline.
       headline3b ab10x slideformer@prev,slideformer,slideformer@bonly,slideformer@prev+window=2,slideformer+window=2 \
         --engine-src prev=ab/prev9/src --engine-src bonly=ab/bonly/src ;;
+    ab3b10y)
+      # ab3b10x again in another order, each engine twice (the box's process-to-process spread is 20-40% on some
+      # instances: only the pattern over several children reads).
+      headline3b ab10y slideformer,slideformer@prev,slideformer@bonly,slideformer+window=2,slideformer@prev+window=2,\
+slideformer@bonly+window=2 --engine-src prev=ab/prev9/src --engine-src bonly=ab/bonly/src ;;
     tied80_10)
       # Session 10's engine against session 9's on the 3B's whole card (all 28 resident, the CPU updates only the
       # tied embedding: the head upload and the gather are most of what the host adds), one run, with the roofline.
