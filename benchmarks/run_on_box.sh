@@ -12,7 +12,7 @@
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
 # `split3b9`, `tests final3b9`,
 # `cast8b profile_copy`, `tied3b80` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
-# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x ab3b10y` (ab/prev9/src from 6718133, session 9's final engine: `git archive
+# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x ab3b10y`, `final3b10` (ab/prev9/src from 6718133, session 9's final engine: `git archive
 # 6718133 src | tar -x -C ab/prev9`, carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -219,6 +219,10 @@ slideformer@bonly+window=2 --engine-src prev=ab/prev9/src --engine-src bonly=ab/
       tail -12 "$OUT/profile3b10.log"
       python3 benchmarks/timeline_read.py "$OUT"/timeline_llama3.2-3b_b8_cap24_s10_h100_202611.json.gz --min-gap-ms 2 \
         | head -40 ;;
+    final3b10)
+      # Session 10's final engine: issue 3 targets 1 and 3 in the headline configuration against ZeRO-2 and ZeRO-3,
+      # one run, with the roofline.
+      headline3b final10 slideformer,zero2,zero3 ;;
     final3b9)
       # Session 9's final tree against session 8's engine (ab/prev/src) and ZeRO-2/3, the headline configuration,
       # one run, with the roofline.
