@@ -12,7 +12,7 @@
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
 # `split3b9`, `tests final3b9`,
 # `cast8b profile_copy`, `tied3b80` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
-# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x ab3b10y`, `final3b10` (ab/prev9/src from 6718133, session 9's final engine: `git archive
+# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x ab3b10y`, `final3b10`, `b16cap24` (ab/prev9/src from 6718133, session 9's final engine: `git archive
 # 6718133 src | tar -x -C ab/prev9`, carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -223,6 +223,19 @@ slideformer@bonly+window=2 --engine-src prev=ab/prev9/src --engine-src bonly=ab/
       # Session 10's final engine: issue 3 targets 1 and 3 in the headline configuration against ZeRO-2 and ZeRO-3,
       # one run, with the roofline.
       headline3b final10 slideformer,zero2,zero3 ;;
+    b16cap24)
+      # Session 10: batch 16 on the 24 GiB cap, where the GPU's work per step doubles and the host's does not: the 3B
+      # (headline options) and the 8B (every default), slideformer alone, each with its roofline.
+      timeout 280 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 16 --seq-len 1024 \
+        --systems slideformer --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 260 --kernels liger \
+        --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 \
+        --out "$OUT/llama3.2-3b_cap24g_b16_h100_bench.json" > "$OUT/b16cap24_3b.log" 2>&1
+      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.2-3b_cap24g_b16_h100_bench.md | grep -E "^\| 16"
+      timeout 300 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 16 --seq-len 1024 \
+        --systems slideformer --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 280 \
+        --engine-opt resident_layers=-1 \
+        --out "$OUT/llama3.1-8b_cap24g_b16_h100_bench.json" > "$OUT/b16cap24_8b.log" 2>&1
+      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.1-8b_cap24g_b16_h100_bench.md | grep -E "^\| 16" ;;
     final3b9)
       # Session 9's final tree against session 8's engine (ab/prev/src) and ZeRO-2/3, the headline configuration,
       # one run, with the roofline.
