@@ -12,8 +12,9 @@
 # `tests ab8b`, `final3b`, `tests cast3b`, `final3b profile_copy`,
 # `split3b9`, `tests final3b9`,
 # `cast8b profile_copy`, `tied3b80` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
-# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x ab3b10y`, `final3b10`, `b16cap24` (ab/prev9/src from 6718133, session 9's final engine: `git archive
-# 6718133 src | tar -x -C ab/prev9`, carried).
+# Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
+# `final3b10`, `b16cap24` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}

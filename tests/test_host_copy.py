@@ -4,9 +4,10 @@
   copy on and off, overlap and deferred (clipping + 2 micro-batches) schedules, windows 1 and 2, tied and
   untied heads, units spanning many optimizer chunks; the disk tier combined with the copy; data-parallel
   gloo ranks (tests/test_dist_cpu.py has that case).
-* The copy is really used: after training each uploaded unit's copy is bitwise ``master.to(bfloat16)``, and
-  corrupting one changes the forward; an untied embedding (only its rows are gathered) and resident layers
-  have none.
+* The copy is really used: after training each uploaded unit's copy is bitwise ``master.to(bfloat16)``,
+  corrupting one changes the forward, and a tied embedding's rows are gathered from it (a corrupt master does
+  not reach them); an untied embedding (only its rows are gathered, from its master) and resident layers have
+  none.
 * Writes to the master outside the optimizer rebuild it (``load_state_dict``).
 * The kernel's BF16 output rounds to nearest even exactly as ``Tensor.to(bfloat16)`` (ties included).
 * Config: 'bf16' with FP32 compute is a ConfigError; 'auto' is off on the CPU and in FP32; the planner
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,37 @@ def test_uploads_read_the_copy() -> None:
         assert before != after
     finally:
         engine.close()
+
+
+def test_tied_rows_are_gathered_from_the_copy() -> None:
+    """A tied embedding's rows come from its BF16 copy (half the bytes, no cast pass): the gather returns the copy's
+    rows bitwise, and corrupting the FP32 master does not reach it, while an untied embedding (no copy) reads its
+    master."""
+    for family in ("llama_tied", "llama"):
+        cfg = tiny_config(family, layers=2)
+        engine = _engine(make_model(cfg), "bf16", window=1)
+        try:
+            gen = torch.Generator().manual_seed(1)
+            engine.train_step(random_batch(cfg.vocab_size, 2, 9, gen))
+            engine.flush()
+            u0 = engine.units[0]
+            table = u0.master.view(cfg.vocab_size, cfg.hidden_size)
+            ids = torch.tensor([3, 0, 3, cfg.vocab_size - 1])
+            want = table[ids].to(torch.bfloat16)
+            u0.master.mul_(2.0)  # a corrupt master: only a gather that reads it sees this
+            out = torch.empty(ids.numel() * cfg.hidden_size, dtype=torch.bfloat16)
+            scratch = torch.empty(out.numel(), dtype=torch.float32)
+            landed: Future = Future()
+            landed.set_result(None)
+            engine.vocab_up.gather_rows(u0, cfg.vocab_size, ids, out, scratch, out, landed, [])
+            got = out.view(ids.numel(), cfg.hidden_size)
+            if family == "llama_tied":
+                assert torch.equal(got, want)
+            else:
+                assert u0.upload_copy is None
+                assert torch.equal(got, table[ids].to(torch.bfloat16))  # the corrupt master's rows
+        finally:
+            engine.close()
 
 
 def test_load_state_dict_rebuilds_the_copy() -> None:
