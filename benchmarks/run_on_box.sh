@@ -13,7 +13,7 @@
 # `split3b9`, `tests final3b9`,
 # `cast8b profile_copy`, `tied3b80` (ab/prev/src from e401d35: the CPU AdamW before its AVX-512 loop).
 # Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
-# `final3b10`, `b16cap24` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# `final3b10`, `b16cap24`; session 11 `tests head11`, ... (ab/prev10/src = `git archive 1438dd4 src`) (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -40,8 +40,8 @@ headline3b() {
 for stage in "$@"; do
   case "$stage" in
     tests)
-      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py tests/test_liger.py tests/test_activations_disk.py 2>&1 \
-        | tee "$OUT/gpu_tests.log" \
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py tests/test_liger.py tests/test_activations_disk.py \
+        tests/test_cross_entropy.py 2>&1 | tee "$OUT/gpu_tests.log" \
         | grep -E "rel|bytes|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests.log" && exit 1 ;;
     bench3b)
@@ -204,6 +204,27 @@ for stage in "$@"; do
       # instances: only the pattern over several children reads).
       headline3b ab10y slideformer,slideformer@prev,slideformer@bonly,slideformer+window=2,slideformer@prev+window=2,\
 slideformer@bonly+window=2 --engine-src prev=ab/prev9/src --engine-src bonly=ab/bonly/src ;;
+    tests_ce)
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_cross_entropy.py 2>&1 | tee "$OUT/gpu_tests_ce.log" \
+        | grep -E "rel|passed|failed|Error" || exit 1
+      grep -q " failed" "$OUT/gpu_tests_ce.log" && exit 1 ;;
+    head11)
+      # Session 11: the LM head with its loss, torch path against the fused Triton kernel, at each chunk size, for the
+      # 3B and 8B shapes at 8,192 tokens.
+      timeout 300 python3 benchmarks/bench_head.py --out "$OUT/head_h100_202611.json" > "$OUT/head11.log" 2>&1
+      cat "$OUT/head11.log" | grep -v Backend ;;
+    ab3b11)
+      # Session 11's engine (fused loss kernel, 2,048-token chunks) against session 10's (ab/prev10/src = git archive
+      # 1438dd4 src), interleaved, each twice, in the headline configuration; one child with 1,024-token chunks.
+      headline3b ab11 slideformer,slideformer@prev,slideformer+loss_chunk_tokens=1024,slideformer@prev+window=2,\
+slideformer+window=2 --engine-src prev=ab/prev10/src ;;
+    tied80_11)
+      # Session 11's engine against session 10's on the 3B's whole card (GPU-bound: the head is ~12% of the step).
+      timeout 400 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer@prev --steps 5 --warmup 2 --time-budget-s 380 \
+        --kernels liger --engine-opt resident_layers=-1 --engine-src prev=ab/prev10/src \
+        --out "$OUT/llama3.2-3b_tied80_ab11_h100_bench.json" > "$OUT/tied80_11.log" 2>&1
+      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.2-3b_tied80_ab11_h100_bench.md | grep -E "^\| 8" ;;
     tied80_10)
       # Session 10's engine against session 9's on the 3B's whole card (all 28 resident, the CPU updates only the
       # tied embedding: the head upload and the gather are most of what the host adds), one run, with the roofline.

@@ -4,8 +4,9 @@ The paper's definition (``bench/peak_tflops_test.py`` in its repo): embedding fo
 ONE decoder layer run L times (forward without saving activations, then recompute and backward,
 as under full activation checkpointing), and the head (final norm + a chunked linear
 cross-entropy, so the ``[tokens, vocab]`` logits never exist whole), all in BF16 on the GPU with
-SDPA attention. It is the workload-specific ceiling every offloading system is measured against,
-and the GPU-compute term of the roofline.
+SDPA attention. The head is the engine's own (``head_loss``): the same kernel and chunking as
+``engine.loss_kernel`` and ``engine.loss_chunk_tokens`` at their defaults. It is the workload-specific ceiling
+every offloading system is measured against, and the GPU-compute term of the roofline.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import torch.nn.functional as F
 
 import common
 import shapes
-
-LOSS_CHUNK_TOKENS = 2048
-"""Tokens per chunk of the head's linear cross-entropy (as ``EngineConfig.loss_chunk_tokens``)."""
+from slideformer.kernels import cross_entropy
+from slideformer.kernels.reference import linear_cross_entropy, shift_labels
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -27,30 +27,42 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, norm: torch.nn.Module, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
-) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``norm(hidden) @ weight.T``, forward AND backward, chunk by chunk.
+LOSS_KERNEL = "auto"
+"""The head's softmax pass, as the engine's default ``engine.loss_kernel``: the fused Triton kernel on CUDA (the
+engine's own head, ``kernels.reference.linear_cross_entropy``), so the GPU term runs the engine's kernels."""
 
-    ``hidden`` [B, S, h] must be a leaf that requires grad: its gradient (and ``weight``'s) is
-    accumulated here, one chunk's logits at a time. Logits are upcast to FP32 for the loss, as HF
-    does. Returns the detached loss.
+
+def loss_chunking(device: torch.device) -> tuple[Any, int]:
+    """``(chunk_fn, tokens per chunk)`` of the head on ``device``: the engine's defaults (``engine.loss_kernel`` and
+    ``engine.loss_chunk_tokens``)."""
+    chunk_fn = cross_entropy.resolve(LOSS_KERNEL, device.type, None)
+    return chunk_fn, cross_entropy.chunk_tokens(0, chunk_fn is not None)
+
+
+def head_desc(device: torch.device) -> str:
+    """The head's kernel and chunk, for a benchmark's JSON."""
+    chunk_fn, chunk = loss_chunking(device)
+    return f"{'fused Triton' if chunk_fn is not None else 'torch autograd'} loss, {chunk}-token chunks"
+
+
+def head_loss(hidden: torch.Tensor, norm: torch.nn.Module, weight: torch.Tensor, grad_weight: torch.Tensor,
+              labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``norm(hidden) @ weight.T``, forward AND backward, as the engine's head.
+
+    ``hidden`` [B, S, h] must be a leaf that requires grad: its gradient (and the norm's) is accumulated here;
+    ``weight``'s goes into ``grad_weight``. The loss runs chunk by chunk (``loss_chunking``), so the
+    ``[tokens, vocab]`` logits never exist whole. Returns the detached loss.
     """
     h = hidden.shape[-1]
-    x = hidden.view(-1, h)
-    targets = labels.roll(-1, dims=1)
-    targets[:, -1] = -100  # the last position has no next token
-    y = targets.reshape(-1)
+    y = shift_labels(labels).reshape(-1)
     n_valid = int((y != -100).sum())
-    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-    for start in range(0, x.shape[0], chunk_tokens):
-        xc = x[start : start + chunk_tokens]
-        logits = norm(xc) @ weight.t()
-        loss = F.cross_entropy(logits.float(), y[start : start + chunk_tokens], ignore_index=-100, reduction="sum")
-        loss = loss / n_valid
-        loss.backward()
-        total += loss.detach()
-    return total
+    chunk_fn, chunk = loss_chunking(hidden.device)
+    with torch.enable_grad():
+        xn = norm(hidden)
+    loss, dxn = linear_cross_entropy(xn.detach().view(-1, h), weight.detach(), y, 1.0 / n_valid, grad_weight,
+                                     chunk, None, chunk_fn)
+    xn.backward(dxn.view_as(xn))
+    return loss
 
 
 class PeakModel:
@@ -73,6 +85,7 @@ class PeakModel:
             self.rotary = rotary_cls(config=cfg)
             self.embedding = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02)
             self.head = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02)
+            self.head_grad = torch.empty_like(self.head)  # the head's weight gradient, as the engine's vocab slot
         self.layer.train()
         self.kernels_patched = common.apply_kernels(kernels, device, str(cfg.model_type), layers=[self.layer],
                                                     norms=[self.norm], config=cfg)
@@ -93,7 +106,7 @@ class PeakModel:
                 saved.append(h)
                 h = _first(self.layer(h, attention_mask=None, position_embeddings=pos_emb))
         h = h.requires_grad_()
-        loss = chunked_linear_cross_entropy(h, self.norm, self.head, labels, LOSS_CHUNK_TOKENS)
+        loss = head_loss(h, self.norm, self.head, self.head_grad, labels)
         grad = h.grad
         for x in reversed(saved):  # recompute + backward, last layer first
             x = x.detach().requires_grad_()

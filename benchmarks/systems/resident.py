@@ -18,7 +18,7 @@ import torch
 import common
 import shapes
 from systems.base import BenchSpec, BenchSystem, StepFn, error_text, is_oom
-from systems.peak import LOSS_CHUNK_TOKENS, PeakModel
+from systems.peak import PeakModel, head_desc
 
 
 def resident_estimate_bytes(stats: shapes.ShapeStats, batch_size: int, seq_len: int) -> int:
@@ -145,7 +145,7 @@ class Resident(BenchSystem):
         else:
             out["config"] = (
                 "per-layer no-offload peak: embedding + 1 HF decoder layer fwd/recompute/bwd x L + "
-                f"chunked CE head ({LOSS_CHUNK_TOKENS}-token chunks), BF16, SDPA; no optimizer"
+                f"the engine's chunked CE head ({head_desc(self.device)}), BF16, SDPA; no optimizer"
             )
             out["fallback_reason"] = self.fallback_reason
         return out

@@ -97,11 +97,15 @@ class EngineConfig:
     """Pinned pool (MiB, GPU runs) where gradients wait for the CPU optimizer, so the GPU never waits for
     AdamW; the backlog left at the end of backward is then worked off bottom-up during the next forward.
     On the CPU the pool is twice ``staging_chunks``."""
-    loss_chunk_tokens: int = 512
-    """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once. Each chunk
-    holds ~20 B per logit on the GPU (1.3 GB at 512 x 128,256), memory the planner otherwise gives to resident
-    layers: on the 24 GiB-capped 3B, 512 instead of 2,048 keeps 12 layers resident instead of 9 and measured
-    +15% (H100, same run; 256: 13 layers, but 2% slower than 512)."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once. 0: 2,048 with
+    the fused loss kernel (``loss_kernel``: 2 B per logit on the GPU, 0.5 GB at 2,048 x 128,256), 512 on the torch
+    path (~20 B per logit, 1.3 GB at 512 x 128,256: memory the planner otherwise gives to resident layers; on the
+    24 GiB-capped 3B, 512 instead of 2,048 kept 12 layers resident instead of 9 and measured +15%)."""
+    loss_kernel: Literal["auto", "triton", "torch"] = "auto"
+    """The LM head's softmax pass (kernels/cross_entropy.py). 'triton': one Triton kernel writes each chunk's loss
+    and gradient in place over its compute-dtype logits. 'torch': FP32 upcast, log-softmax and autograd's backward.
+    'auto': 'triton' on CUDA when triton imports. A soft-capped head (Gemma-2) takes the torch path either way."""
     kernels: Literal["torch", "liger", "auto"] = "torch"
     """Kernels of the decoder layers. 'torch': HF's own modules. 'liger': Liger-Kernel's Triton RMSNorm,
     SwiGLU MLP and RoPE, patched onto this model's instances (kernels/liger.py; llama, mistral, qwen2,
@@ -241,8 +245,10 @@ class EngineConfig:
             raise ConfigError("engine.offload_prefetch and engine.offload_io_threads must be >= 1")
         if self.host_memory_gib < 0:
             raise ConfigError(f"engine.host_memory_gib must be >= 0, got {self.host_memory_gib}")
-        if self.loss_chunk_tokens < 1:
-            raise ConfigError("engine.loss_chunk_tokens must be >= 1")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError("engine.loss_chunk_tokens must be >= 1, or 0 for the kernel's default")
+        if self.loss_kernel not in ("auto", "triton", "torch"):
+            raise ConfigError(f"engine.loss_kernel must be auto, triton or torch, got {self.loss_kernel!r}")
         if self.kernels not in ("torch", "liger", "auto"):
             raise ConfigError(f"engine.kernels must be torch, liger or auto, got {self.kernels!r}")
 

@@ -21,6 +21,7 @@ import torch
 
 from slideformer.config import EngineConfig
 from slideformer.errors import ConfigError
+from slideformer.kernels import cross_entropy
 
 GPU_HEADROOM = 0.90
 """Fraction of the budget the predicted allocation may use: the caching allocator's reserve runs above
@@ -134,8 +135,9 @@ def device_memory_advice(hf_config: Any, cfg: EngineConfig, *, tokens: int, resi
     if resident:
         each = next((v for k, v in plan.gpu.items() if k.startswith("resident layers")), 0) / resident / gib
         advice.insert(0, f"fewer resident layers (engine.resident_layers={resident} now, ~{each:.2f} GiB each)")
-    if cfg.loss_chunk_tokens > 256:
-        advice.append(f"engine.loss_chunk_tokens=256 (now {cfg.loss_chunk_tokens})")
+    _, chunk = cross_entropy.planned(cfg.loss_kernel, cfg.loss_chunk_tokens, hf_config)
+    if chunk > 256:
+        advice.append(f"engine.loss_chunk_tokens=256 (now {chunk})")
     if cfg.window > 1:
         advice.append(f"engine.window=1 (now {cfg.window})")
     return (f"CUDA ran out of memory inside a training step ({detail.splitlines()[0] if detail else 'no detail'}). "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from slideformer.config import EngineConfig
+from slideformer.kernels import cross_entropy
 from slideformer.memory.budget import offload_ring_bytes
 from slideformer.plan_time import step_times
 
@@ -216,6 +217,8 @@ def make_plan(
     deferred = engine.schedule == "deferred" or (engine.schedule == "auto" and (grad_accum > 1 or clipping))
     on_gpu = engine.device != "cpu"
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
+    fused, loss_chunk = cross_entropy.planned(engine.loss_kernel if on_gpu else "torch", engine.loss_chunk_tokens,
+                                              hf_config)
 
     largest_unit = max(params["embedding"] + (params["norm"] if tied else 0), params["largest_layer"],
                        params["lm_head"] + params["norm"])
@@ -281,10 +284,8 @@ def make_plan(
         # One layer's recompute + backward working set (q/k/v/o, MLP up/gate/act, norms) plus the
         # running hidden state and its gradient.
         "layer activations": tokens * (12 * hidden + 4 * inter) * elt + 3 * tokens * hidden * elt,
-        # BF16 logits, FP32 logits and log-softmax, and their gradients (the chunk's autograd graph): 20 B
-        # per logit. Calibrated on the H100 box: 8 B/logit left the allocated peak 2.3-2.8 GiB above the
-        # plan for Llama-3.2-1B/3B/3.1-8B at b8 (vocab 128,256, 2,048-token chunks).
-        "loss chunk (logits, log-softmax, grads)": min(engine.loss_chunk_tokens, tokens) * vocab * 20,
+        "loss chunk (logits and their gradient)": min(loss_chunk, tokens) * vocab * cross_entropy.bytes_per_logit(
+            fused),
         "FP32 upload rings (device cast)": (2 * 2 * chunk_bytes // elt * 4) if device_cast else 0,
         "CUDA context + allocator": CUDA_CONTEXT_BYTES,
     }

@@ -10,6 +10,8 @@ index -100, optional tanh soft-capping); the loss returned is ``sum(token losses
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 IGNORE_INDEX = -100
@@ -21,9 +23,33 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
 
+ChunkFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""The head's per-chunk loss and gradient: ``fn(logits, targets, scale)`` overwrites the chunk's ``[n, V]`` logits
+with ``d(summed loss * scale) / d logits`` and returns the summed loss times ``scale`` (``chunk_loss_grad``, or the
+Triton kernel's wrapper, ``kernels.cross_entropy.loss_grad_``)."""
+
+
+def chunk_loss_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float,
+                    softcap: float | None = None) -> torch.Tensor:
+    """The torch path of a ``ChunkFn``: HF's loss on the chunk's FP32-upcast logits, its gradient from autograd.
+
+    The loss runs through autograd on the chunk's logits alone, with the same ops as HF's loss (soft-cap,
+    ``cross_entropy(reduction='sum')``), so its gradient is autograd's to the bit; ~20 B of GPU memory per logit.
+    """
+    z32 = logits.detach().to(torch.float32, copy=True).requires_grad_(True)
+    with torch.enable_grad():
+        z = z32 if softcap is None else torch.tanh(z32 / softcap) * softcap
+        chunk_loss = torch.nn.functional.cross_entropy(z, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        # d(loss * scale) feeds exactly ``scale`` into cross_entropy's backward.
+        (grad,) = torch.autograd.grad(chunk_loss * scale, z32)
+    logits.copy_(grad)
+    return chunk_loss.detach() * scale
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
                          grad_weight: torch.Tensor | None, chunk_tokens: int = 2048,
-                         softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         softcap: float | None = None, chunk_fn: ChunkFn | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and gradients of ``CE(x @ weight.T, targets)`` computed chunk by chunk.
 
     Args:
@@ -33,7 +59,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         scale: multiplies the summed token losses (e.g. ``1 / tokens in the step``).
         grad_weight: ``[V, H]`` buffer that receives ``d loss / d weight`` (overwritten), or None.
         chunk_tokens: tokens per chunk.
-        softcap: Gemma-style final logit soft-capping, ``cap * tanh(logits / cap)``.
+        softcap: Gemma-style final logit soft-capping, ``cap * tanh(logits / cap)`` (torch path only).
+        chunk_fn: the per-chunk loss and gradient (``ChunkFn``); None: ``chunk_loss_grad``.
 
     Returns:
         ``(loss, grad_x)``: the scaled loss as a float32 scalar tensor and ``d loss / d x``.
@@ -43,20 +70,16 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     if grad_weight is not None:
         grad_weight.zero_()
-    g_out = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    if chunk_fn is None or softcap is not None:
+        def chunk_fn(z: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
+            return chunk_loss_grad(z, t, s, softcap)
+    # One chunk's logits, then its gradient in place (the matmul below reads them before the next chunk's).
+    logits_buf = torch.empty((min(chunk_tokens, n), weight.shape[0]), dtype=x.dtype, device=x.device)
     for lo in range(0, n, chunk_tokens):
         hi = min(lo + chunk_tokens, n)
         xc = x[lo:hi]
-        logits = (xc @ weight.t()).float().requires_grad_(True)
-        # The loss part runs through autograd on the chunk's logits alone, with the same ops as HF's
-        # loss (soft-cap, cross_entropy(reduction='sum')), so its gradient is autograd's to the bit.
-        with torch.enable_grad():
-            z = logits if softcap is None else torch.tanh(logits / softcap) * softcap
-            chunk_loss = torch.nn.functional.cross_entropy(z, targets[lo:hi], ignore_index=IGNORE_INDEX,
-                                                           reduction="sum")
-        (grad,) = torch.autograd.grad(chunk_loss, logits, g_out)
-        loss += chunk_loss.detach() * scale
-        g = grad.to(x.dtype)
+        g = torch.matmul(xc, weight.t(), out=logits_buf[:hi - lo])
+        loss += chunk_fn(g, targets[lo:hi], scale)
         torch.matmul(g, weight, out=grad_x[lo:hi])
         if grad_weight is not None:
             grad_weight.addmm_(g.t(), xc)

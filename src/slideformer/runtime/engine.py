@@ -30,6 +30,7 @@ from torch import nn
 
 from slideformer.config import EngineConfig, OptimConfig
 from slideformer.errors import ConfigError, DeviceMemoryError, SlideformerError, WorkerError
+from slideformer.kernels import cross_entropy
 from slideformer.memory.activations import ActivationStore
 from slideformer.memory.activations_disk import DiskActivationStore
 from slideformer.memory.offload import OffloadedMoments
@@ -88,6 +89,9 @@ class Engine:
         self.dtype = self.cfg.resolve_dtype(self.device)
         self.kernels_patched = self._apply_kernels(model)
         """Modules running Liger's kernels (``engine.kernels``); empty on the torch path."""
+        self.head_ce = cross_entropy.resolve(self.cfg.loss_kernel, self.device.type, self.parts.logit_softcap)
+        """The head's per-chunk loss and gradient (``engine.loss_kernel``): the Triton kernel, or None (torch)."""
+        self.loss_chunk_tokens = cross_entropy.chunk_tokens(self.cfg.loss_chunk_tokens, self.head_ce is not None)
         self._failed: BaseException | None = None
         self._closed = False
         self.dist = dist

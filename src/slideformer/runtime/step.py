@@ -266,7 +266,7 @@ class StepRunner(SlotUses):
         with torch.enable_grad():
             xn = p.norm(h_last)
         loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, scale, self.head_gw,
-                                         e.cfg.loss_chunk_tokens, p.logit_softcap)
+                                         e.loss_chunk_tokens, p.logit_softcap, e.head_ce)
         if e.cfg.skip_nonfinite and self._nonfinite(loss):
             # Nothing has been drained yet: hand every planned use back and leave the weights alone.
             done = ops.record(cs)
@@ -388,7 +388,7 @@ class StepRunner(SlotUses):
             self._bind_segments(e.head_segments, self.head_views)
             xn = e.parts.norm(h)
             loss, _ = linear_cross_entropy(xn.reshape(-1, e.hidden), self.head_w, mb.targets, 1.0, None,
-                                           e.cfg.loss_chunk_tokens, e.parts.logit_softcap)
+                                           e.loss_chunk_tokens, e.parts.logit_softcap, e.head_ce)
         done = ops.record(ops.compute_stream())
         head.release.set_result(done)
         x0_release.set_result(done)
