@@ -49,8 +49,6 @@ def bench_cell(hidden: int, vocab: int, tokens: int, kernel: str, chunk: int, re
     extra = torch.cuda.max_memory_allocated(device) - base
     flops = 6.0 * tokens * vocab * hidden
     loss = float(call())
-    del x, w, gw, t
-    torch.cuda.empty_cache()
     return {"seconds": median, "extra_gpu_bytes": int(extra), "matmul_tflops": flops / median / 1e12, "loss": loss}
 
 
@@ -72,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for kernel in args.kernels.split(","):
             for chunk in (int(c) for c in args.chunks.split(",")):
                 cell = bench_cell(int(cfg.hidden_size), int(cfg.vocab_size), args.tokens, kernel, chunk, args.repeats)
+                torch.cuda.empty_cache()  # the previous cell's tensors are gone: start each cell from the same pool
                 rows.append({"shape": name, "kernel": kernel, "chunk_tokens": chunk, **cell})
                 print(f"{name:12s} {kernel:6s} chunk {chunk:5d}: {cell['seconds'] * 1e3:7.2f} ms, "
                       f"+{cell['extra_gpu_bytes'] / 2**30:5.2f} GiB, {cell['matmul_tflops']:5.0f} TFLOP/s, "

@@ -116,12 +116,15 @@ def reset_gpu_peaks(device: torch.device) -> None:
 
 
 def gpu_peaks(device: torch.device) -> dict[str, int | None]:
-    """Peak allocated and reserved bytes since the last reset (None off the GPU)."""
+    """Peak allocated and reserved bytes since the last reset, and the caching allocator's retries since the process
+    started (None off the GPU). A retry is an allocation that failed under the cap and was repeated after the
+    allocator freed its cached blocks (a device synchronisation each): near the cap they cost whole steps' worth."""
     if device.type != "cuda":
-        return {"gpu_peak_allocated_bytes": None, "gpu_peak_reserved_bytes": None}
+        return {"gpu_peak_allocated_bytes": None, "gpu_peak_reserved_bytes": None, "gpu_alloc_retries": None}
     return {
         "gpu_peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
         "gpu_peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+        "gpu_alloc_retries": int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0)),
     }
 
 

@@ -218,6 +218,9 @@ def drive(system_name: str, spec: BenchSpec, make: Callable[[BenchSpec], BenchSy
                 ),
                 gpu_step_peak_allocated_bytes=peaks["gpu_peak_allocated_bytes"],
                 gpu_setup_peak_allocated_bytes=setup_gpu["gpu_peak_allocated_bytes"],
+                gpu_alloc_retries=peaks["gpu_alloc_retries"],
+                gpu_alloc_retries_after_setup=_minus_or_none(peaks["gpu_alloc_retries"],
+                                                             setup_gpu["gpu_alloc_retries"]),
                 host_rss_peak_bytes=max(setup_rss, rss.peak_bytes),
                 host_rss_baseline_bytes=baseline_rss,
                 setup_time_s=setup_s,
@@ -227,6 +230,10 @@ def drive(system_name: str, spec: BenchSpec, make: Callable[[BenchSpec], BenchSy
         del step
     system.close()
     rss.stop()
+
+
+def _minus_or_none(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a - b
 
 
 def _max_or_none(a: int | None, b: int | None) -> int | None:
