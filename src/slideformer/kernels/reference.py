@@ -11,6 +11,7 @@ index -100, optional tanh soft-capping); the loss returned is ``sum(token losses
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -70,16 +71,15 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     if grad_weight is not None:
         grad_weight.zero_()
-    if chunk_fn is None or softcap is not None:
-        def chunk_fn(z: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
-            return chunk_loss_grad(z, t, s, softcap)
+    per_chunk: ChunkFn = (chunk_fn if chunk_fn is not None and softcap is None
+                          else partial(chunk_loss_grad, softcap=softcap))
     # One chunk's logits, then its gradient in place (the matmul below reads them before the next chunk's).
     logits_buf = torch.empty((min(chunk_tokens, n), weight.shape[0]), dtype=x.dtype, device=x.device)
     for lo in range(0, n, chunk_tokens):
         hi = min(lo + chunk_tokens, n)
         xc = x[lo:hi]
         g = torch.matmul(xc, weight.t(), out=logits_buf[:hi - lo])
-        loss += chunk_fn(g, targets[lo:hi], scale)
+        loss += per_chunk(g, targets[lo:hi], scale)
         torch.matmul(g, weight, out=grad_x[lo:hi])
         if grad_weight is not None:
             grad_weight.addmm_(g.t(), xc)
