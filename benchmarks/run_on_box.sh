@@ -50,6 +50,24 @@ cap24_8b() {
     --out "$OUT/llama3.1-8b_cap24g_${name}_h100_bench.json" > "$OUT/${name}8b.log" 2>&1
   sed -n '/## Results/,/## Issue 3/p' "$OUT/llama3.1-8b_cap24g_${name}_h100_bench.md" | grep -E "^\| $batch "
 }
+# The 3B b8 on the whole card (all 28 resident), Liger, this engine against ab/PREV/src, with the roofline:
+# tied80 NAME PREV
+tied80() {
+  timeout 400 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+    --systems slideformer,slideformer@prev --steps 5 --warmup 2 --time-budget-s 380 \
+    --kernels liger --engine-opt resident_layers=-1 --engine-src prev=ab/$2/src \
+    --out "$OUT/llama3.2-3b_tied80_$1_h100_bench.json" > "$OUT/tied80_$1.log" 2>&1
+  sed -n '/## Results/,/## Issue 3/p' "$OUT/llama3.2-3b_tied80_$1_h100_bench.md" | grep -E "^\| 8"
+}
+# The headline configuration's steady-state period on this tree's engine: profile3b NAME (the timeline's suffix)
+profile3b() {
+  local stem=timeline_llama3.2-3b_b8_cap24_$1_h100_202611
+  timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
+    --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt kernels=liger \
+    --name "$stem" --out-dir "$OUT" > "$OUT/profile3b_$1.log" 2>&1
+  tail -12 "$OUT/profile3b_$1.log" | grep -v Backend
+  python3 benchmarks/timeline_read.py "$OUT/$stem.json.gz" --min-gap-ms 2 | head -40
+}
 for stage in "$@"; do
   case "$stage" in
     tests)
@@ -225,19 +243,10 @@ slideformer@bonly+window=2 --engine-src prev=ab/prev9/src --engine-src bonly=ab/
 slideformer+window=2 --engine-src prev=ab/prev10/src ;;
     tied80_11)
       # Session 11's engine against session 10's on the 3B's whole card (GPU-bound: the head is ~12% of the step).
-      timeout 400 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,slideformer@prev --steps 5 --warmup 2 --time-budget-s 380 \
-        --kernels liger --engine-opt resident_layers=-1 --engine-src prev=ab/prev10/src \
-        --out "$OUT/llama3.2-3b_tied80_ab11_h100_bench.json" > "$OUT/tied80_11.log" 2>&1
-      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.2-3b_tied80_ab11_h100_bench.md | grep -E "^\| 8" ;;
+      tied80 ab11 prev10 ;;
     profile3b11)
       # Session 11: the headline configuration's steady-state period with the fused loss kernel (15 resident).
-      timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt kernels=liger \
-        --name timeline_llama3.2-3b_b8_cap24_s11_h100_202611 --out-dir "$OUT" > "$OUT/profile3b11.log" 2>&1
-      tail -12 "$OUT/profile3b11.log" | grep -v Backend
-      python3 benchmarks/timeline_read.py "$OUT"/timeline_llama3.2-3b_b8_cap24_s11_h100_202611.json.gz --min-gap-ms 2 \
-        | head -40 ;;
+      profile3b s11 ;;
     ab8b11)
       # Session 11's engine against session 10's: Llama-3.1-8B b8 on a 24 GiB cap, every default, with the roofline.
       cap24_8b ab11 8 slideformer,slideformer@prev --engine-src prev=ab/prev10/src ;;
@@ -276,19 +285,10 @@ slideformer+resident_placement=first+window=2 --no-roofline ;;
     tied80_10)
       # Session 10's engine against session 9's on the 3B's whole card (all 28 resident, the CPU updates only the
       # tied embedding: the head upload and the gather are most of what the host adds), one run, with the roofline.
-      timeout 400 python3 benchmarks/bench_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --systems slideformer,slideformer@prev --steps 5 --warmup 2 --time-budget-s 380 \
-        --kernels liger --engine-opt resident_layers=-1 --engine-src prev=ab/prev9/src \
-        --out "$OUT/llama3.2-3b_tied80_ab10_h100_bench.json" > "$OUT/tied80_10.log" 2>&1
-      sed -n '/## Results/,/## Issue 3/p' "$OUT"/llama3.2-3b_tied80_ab10_h100_bench.md | grep -E "^\| 8" ;;
+      tied80 ab10 prev9 ;;
     profile3b10)
       # Session 10: the headline configuration's steady-state period on this tree's engine.
-      timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
-        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt kernels=liger \
-        --name timeline_llama3.2-3b_b8_cap24_s10_h100_202611 --out-dir "$OUT" > "$OUT/profile3b10.log" 2>&1
-      tail -12 "$OUT/profile3b10.log"
-      python3 benchmarks/timeline_read.py "$OUT"/timeline_llama3.2-3b_b8_cap24_s10_h100_202611.json.gz --min-gap-ms 2 \
-        | head -40 ;;
+      profile3b s10 ;;
     final3b10)
       # Session 10's final engine: issue 3 targets 1 and 3 in the headline configuration against ZeRO-2 and ZeRO-3,
       # one run, with the roofline.

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os
@@ -21,10 +20,10 @@ import sys
 
 import pytest
 import torch
-from tests.reference import adamw_for, make_model, random_batch, reference_step, rel, tiny_config
-from tests.tolerances import TOLERANCES
+from tests.engine_ab import bf16_ab
+from tests.reference import make_model, tiny_config
 
-from slideformer import Engine, EngineConfig, OptimConfig
+from slideformer import Engine, EngineConfig
 from slideformer.errors import ConfigError
 from slideformer.kernels import cross_entropy, reference
 
@@ -126,36 +125,8 @@ def test_engine_triton_loss_vs_torch_loss(family: str) -> None:
     """4 steps, BF16: loss_kernel='triton' against 'torch', within test_gpu.py's gpu_bf16 bounds."""
     if not (torch.cuda.is_available() and HAS_TRITON):
         pytest.skip("needs a CUDA GPU and triton")
-    tol = TOLERANCES["gpu_bf16"]
-    cfg = tiny_config(family, layers=4, hidden=128, vocab=5003)
-    base = make_model(cfg)
-    init = {n: p.detach().clone() for n, p in base.named_parameters()}
-    ref, fp32 = copy.deepcopy(base).cuda(), copy.deepcopy(base).cuda()
-    lr, wd = 1e-3, 0.1
-    opt_ref, opt_fp32 = adamw_for(ref, lr, wd, fused=True), adamw_for(fp32, lr, wd, fused=True)
-    gen = torch.Generator().manual_seed(5)
-    batches = [random_batch(cfg.vocab_size, 3, 37, gen) for _ in range(4)]
-    for batch in batches:
-        dev = [{k: v.cuda() for k, v in batch.items()}]
-        reference_step(ref, opt_ref, dev, None, autocast=torch.bfloat16)
-        reference_step(fp32, opt_fp32, dev, None)
 
-    def updates(model: torch.nn.Module) -> torch.Tensor:
-        return torch.cat([(p.detach().float().cpu() - init[n]).reshape(-1) for n, p in model.named_parameters()])
+    def kernel(name: str, engine: Engine) -> None:
+        assert (engine.head_ce is not None) == (name == "triton")
 
-    runs = {}
-    for kernel in ("torch", "triton"):
-        engine = Engine(copy.deepcopy(base), EngineConfig(device="cuda", window=2, chunk_mib=1, loss_kernel=kernel,
-                                                          loss_chunk_tokens=40), OptimConfig(lr=lr, weight_decay=wd))
-        try:
-            assert (engine.head_ce is not None) == (kernel == "triton")
-            runs[kernel] = ([engine.train_step(b).loss for b in batches], updates(engine.hf_model()))
-        finally:
-            engine.close()
-    (l_t, u_t), (l_k, u_k) = runs["torch"], runs["triton"]
-    d_kernel, d_autocast = rel(u_k, u_t), rel(updates(ref), updates(fp32))
-    print(f"\n{family}: losses torch {l_t} triton {l_k}; update rel triton-vs-torch {d_kernel:.5f}, "
-          f"autocast-vs-fp32 {d_autocast:.4f}")
-    for a, b in zip(l_k, l_t, strict=True):
-        assert abs(a - b) <= tol["loss_rel"] * abs(b), (l_k, l_t)
-    assert d_kernel <= max(tol["update_rel_factor"] * d_autocast, tol["update_rel_floor"])
+    bf16_ab(family, 5003, {k: {"loss_kernel": k, "loss_chunk_tokens": 40} for k in ("torch", "triton")}, kernel)

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 import torch
-from tests.reference import adamw_for, make_model, random_batch, reference_step, rel, tiny_config
+from tests.engine_ab import bf16_ab
+from tests.reference import make_model, random_batch, rel, tiny_config
 from tests.tolerances import TOLERANCES
 from torch import nn
 
@@ -342,39 +343,7 @@ def test_liger_attention_rope_patch(family: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_engine_liger_vs_torch(family: str) -> None:
     """4 steps, BF16: kernels='liger' against kernels='torch', within test_gpu.py's gpu_bf16 bounds."""
-    tol = TOLERANCES["gpu_bf16"]
-    cfg = tiny_config(family, layers=4, hidden=128, vocab=2048)
-    base = make_model(cfg)
-    init = {n: p.detach().clone() for n, p in base.named_parameters()}
-    # The scale of BF16 rounding in this very run: autocast HF against FP32 HF (as test_bf16_parity).
-    ref, fp32 = copy.deepcopy(base).cuda(), copy.deepcopy(base).cuda()
-    lr, wd = 1e-3, 0.1
-    opt_ref, opt_fp32 = adamw_for(ref, lr, wd, fused=True), adamw_for(fp32, lr, wd, fused=True)
-    gen = torch.Generator().manual_seed(5)
-    batches = [random_batch(cfg.vocab_size, 3, 37, gen) for _ in range(4)]
-    for b in batches:
-        dev = [{k: v.cuda() for k, v in b.items()}]
-        reference_step(ref, opt_ref, dev, None, autocast=torch.bfloat16)
-        reference_step(fp32, opt_fp32, dev, None)
+    def patched(name: str, engine: Engine) -> None:
+        assert bool(engine.kernels_patched) == (name == "liger")
 
-    def updates(model: nn.Module) -> torch.Tensor:
-        return torch.cat([(p.detach().float().cpu() - init[n]).reshape(-1) for n, p in model.named_parameters()])
-
-    runs = {}
-    for kernels in ("torch", "liger"):
-        engine = Engine(copy.deepcopy(base), EngineConfig(device="cuda", window=2, chunk_mib=1, kernels=kernels),
-                        OptimConfig(lr=lr, weight_decay=wd))
-        try:
-            assert bool(engine.kernels_patched) == (kernels == "liger")
-            losses = [engine.train_step(b).loss for b in batches]
-            runs[kernels] = (losses, updates(engine.hf_model()))
-        finally:
-            engine.close()
-    (l_t, u_t), (l_l, u_l) = runs["torch"], runs["liger"]
-    d_kernels = rel(u_l, u_t)
-    d_autocast = rel(updates(ref), updates(fp32))
-    print(f"\n{family}: losses torch {l_t} liger {l_l}; update rel liger-vs-torch {d_kernels:.4f}, "
-          f"autocast-vs-fp32 {d_autocast:.4f}")
-    for a, b in zip(l_l, l_t, strict=True):
-        assert abs(a - b) <= tol["loss_rel"] * abs(b), (l_l, l_t)
-    assert d_kernels <= max(tol["update_rel_factor"] * d_autocast, tol["update_rel_floor"])
+    bf16_ab(family, 2048, {"torch": {"kernels": "torch"}, "liger": {"kernels": "liger"}}, patched)
