@@ -15,7 +15,7 @@
 # Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
 # `final3b10`, `b16cap24`; session 11 `tests head11` (stopped by the kernel test's FP32 bound), `tests_ce head11 tied80_11`, `ab3b11`,
 # `profile3b11 ab8b11`, `place3b11 cast8b11`, `pool3b11`, `b16_8b11 eff8b11`, `final3b11` (ab/prev10/src = `git archive
-# 1438dd4 src`) (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -271,6 +271,23 @@ slideformer+resident_placement=first+window=2 --no-roofline ;;
       # (2 GiB) full behind the AdamW (the tied head's 788 MB gradient first). Against a 4 GiB pool and window 3.
       headline3b pool11 slideformer,slideformer+grad_park_mib=4096,slideformer+window=3,slideformer+window=2 \
         --no-roofline ;;
+    tests_vh)
+      # Session 12: the vocabulary-blocked head's GPU tests (its kernels in BF16, the engine 'vocab' vs 'tokens').
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_vocab_head.py 2>&1 | tee "$OUT/gpu_tests_vh.log" \
+        | grep -E "rel|passed|failed|Error" || exit 1
+      grep -q " failed" "$OUT/gpu_tests_vh.log" && exit 1 ;;
+    vh3b12)
+      # Session 12: engine.head_schedule (auto: 'vocab' here, the planner predicts a host-bound step) against the
+      # one-pass head ('tokens'), interleaved, each twice, in the headline configuration, with the roofline.
+      headline3b vh12 slideformer,slideformer+head_schedule=tokens,slideformer+window=2,\
+slideformer+head_schedule=tokens+window=2 ;;
+    profile3b12)
+      # Session 12: the headline configuration's steady-state period with the vocabulary-blocked head.
+      profile3b s12 ;;
+    vh3b12b)
+      # Session 12: the same A/B as vh3b12 in the other order, no roofline (vh3b12 has it).
+      headline3b vh12b slideformer+head_schedule=tokens,slideformer,slideformer+head_schedule=tokens+window=2,\
+slideformer+window=2 --no-roofline ;;
     final3b11)
       # Session 11's final engine: issue 3 targets 1 and 3 in the headline configuration against ZeRO-2 and ZeRO-3,
       # one run, with the roofline.

@@ -106,6 +106,13 @@ class EngineConfig:
     """The LM head's softmax pass (kernels/cross_entropy.py). 'triton': one Triton kernel writes each chunk's loss
     and gradient in place over its compute-dtype logits. 'torch': FP32 upcast, log-softmax and autograd's backward.
     'auto': 'triton' on CUDA when triton imports. A soft-capped head (Gemma-2) takes the torch path either way."""
+    head_schedule: Literal["auto", "tokens", "vocab"] = "auto"
+    """The order of the LM head's work (kernels/vocab_head.py). 'tokens': one pass over token chunks; the weight's
+    gradient is final only after the last. 'vocab': a log-sum-exp pass, then the gradient a vocabulary block at a
+    time (8 blocks), each block's download and host AdamW starting while the head still runs, for one more logits
+    matmul (~+25% of the head's GPU time). Only the tied embedding's split update (``embedding_update``) consumes
+    the blocks; elsewhere 'vocab' runs as 'tokens'. 'auto': 'vocab' where the planner predicts a host-bound step
+    (the host's AdamW and copies longer than the GPU's compute), on CUDA."""
     kernels: Literal["torch", "liger", "auto"] = "torch"
     """Kernels of the decoder layers. 'torch': HF's own modules. 'liger': Liger-Kernel's Triton RMSNorm,
     SwiGLU MLP and RoPE, patched onto this model's instances (kernels/liger.py; llama, mistral, qwen2,
@@ -247,6 +254,8 @@ class EngineConfig:
             raise ConfigError(f"engine.host_memory_gib must be >= 0, got {self.host_memory_gib}")
         if self.loss_chunk_tokens < 0:
             raise ConfigError("engine.loss_chunk_tokens must be >= 1, or 0 for the kernel's default")
+        if self.head_schedule not in ("auto", "tokens", "vocab"):
+            raise ConfigError(f"engine.head_schedule must be auto, tokens or vocab, got {self.head_schedule!r}")
         if self.loss_kernel not in ("auto", "triton", "torch"):
             raise ConfigError(f"engine.loss_kernel must be auto, triton or torch, got {self.loss_kernel!r}")
         if self.kernels not in ("torch", "liger", "auto"):

@@ -23,6 +23,8 @@ import torch
 
 from slideformer.config import EngineConfig
 from slideformer.kernels import cross_entropy
+from slideformer.kernels.vocab_head import BLOCKS as HEAD_BLOCKS
+from slideformer.kernels.vocab_head import VocabBlockedHead
 from slideformer.memory.budget import offload_ring_bytes
 from slideformer.plan_time import step_times
 
@@ -357,6 +359,13 @@ def make_plan(
     if split_rows and on_gpu:
         gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     times = timed(split_rows * hidden if split_rows else params["embedding"])
+    head_schedule = _head_schedule(engine.head_schedule, tied=tied, on_gpu=on_gpu, fused=fused,
+                                   split=bool(split_rows), host_s=_host_seconds(times, hardware),
+                                   gpu_s=times["gpu compute"])
+    if head_schedule == "vocab":  # its buffers replace the one-pass head's loss chunk
+        del gpu["loss chunk (logits and their gradient)"]
+        gpu.update(VocabBlockedHead.device_bytes(tokens, vocab, hidden,
+                                                 VocabBlockedHead.block_rows_for(vocab, HEAD_BLOCKS), elt))
     limit = getattr(hf_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         notes.append(f"seq_len {seq_len} exceeds max_position_embeddings {limit}")
@@ -403,7 +412,27 @@ def make_plan(
         "offload_dir": engine.offload_dir,
         "host_copy": "bf16" if host_copy else "none",
         "embedding_update": "split" if split_rows else "whole",
+        "head_schedule": head_schedule,
         "offload_activations": engine.offload_activations,
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes,
                 state_terms)
+
+
+def _host_seconds(times: dict[str, float], hardware: Hardware) -> float:
+    """The host's busy time of a step: its AdamW plus the copies' bytes through host memory, the two sharing one
+    memory bus (measured on the H100 box: ~140-150 GB/s in all, AdamW alone or beside the copies; session 9 of
+    performance_h100_202611.md). The copies' bytes are the PCIe term's, at the AdamW's bytes rate (28 B/param)."""
+    bus = hardware.adam_gparams * 1e9 * 28
+    return times["cpu adamw"] + times["pcie"] * hardware.pcie_gbs * 1e9 / bus
+
+
+def _head_schedule(choice: str, *, tied: bool, on_gpu: bool, fused: bool, split: bool, host_s: float,
+                   gpu_s: float) -> str:
+    """``engine.head_schedule`` of a plan: 'vocab' only where the tied embedding's split update consumes the head's
+    blocks; 'auto' takes it on a GPU with the fused loss kernel where the host's busy time exceeds the GPU's compute
+    (the head's extra matmul then hides behind the host; on a GPU-bound step it would add to it)."""
+    if not (tied and split) or choice == "tokens":
+        return "tokens"
+    return "vocab" if choice == "vocab" or (on_gpu and fused and host_s > gpu_s) else "tokens"
+

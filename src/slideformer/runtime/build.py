@@ -26,6 +26,7 @@ from slideformer.memory.host_state import HostUnit, build_units
 from slideformer.runtime.device import DeviceOps
 
 if TYPE_CHECKING:
+    from slideformer.planner import Plan
     from slideformer.runtime.engine import Engine
 
 logger = logging.getLogger("slideformer.runtime.engine")
@@ -229,25 +230,52 @@ def resident_auto(e: Engine) -> tuple[int, bool]:
     return count, cast
 
 
-def tied_split_pays(e: Engine, tied: bool) -> bool:
-    """``embedding_update='auto'`` for a tied embedding: split where the planner's step model predicts it pays
-    for this run (its resident layers and weights, the micro-batch of ``max_tokens_per_micro_batch``); whole
-    without a GPU or a known micro-batch size."""
+def _run_plan(e: Engine, tokens: int) -> Plan:
+    """The planner's plan of this engine's run: its resident layers and weights, BF16 copy and micro-batches of
+    ``tokens`` tokens, on a GPU with room for them (its step model, not its memory check, is what is asked)."""
     from dataclasses import replace
 
     from slideformer.planner import Hardware, make_plan
 
-    tokens = e.cfg.max_tokens_per_micro_batch
-    if not (tied and e.ops.is_cuda and tokens and e.cfg.embedding_update == "auto"):
-        return False
     cast = e.resident is not None and e.resident.cast
     cfg = replace(e.cfg, device="cuda", resident_layers=len(e.resident_idx),
                   resident_weights="cast" if cast else "keep", host_copy="bf16" if e.host_copy else "none",
                   offload="none")
-    plan = make_plan(e.hf_config, seq_len=tokens, batch_size=1, grad_accum=1,
+    return make_plan(e.hf_config, seq_len=tokens, batch_size=1, grad_accum=1,
                      clipping=e.optim_cfg.max_grad_norm is not None, engine=cfg,
                      hardware=Hardware(gpu_memory_bytes=1 << 50, host_memory_bytes=1 << 50))
-    return plan.settings["embedding_update"] == "split"
+
+
+def tied_split_pays(e: Engine, tied: bool) -> bool:
+    """``embedding_update='auto'`` for a tied embedding: split where the planner's step model predicts it pays
+    for this run (its resident layers and weights, the micro-batch of ``max_tokens_per_micro_batch``); whole
+    without a GPU or a known micro-batch size."""
+    tokens = e.cfg.max_tokens_per_micro_batch
+    if not (tied and e.ops.is_cuda and tokens and e.cfg.embedding_update == "auto"):
+        return False
+    return _run_plan(e, tokens).settings["embedding_update"] == "split"
+
+
+def head_blocks(e: Engine, tied: bool, split: bool) -> int:
+    """Rows per vocabulary block of the head (``engine.head_schedule``, ``kernels/vocab_head.py``), or 0 for the
+    one-pass head: only for a tied embedding with the split update (which consumes the blocks) and a head that does
+    not soft-cap its logits; 'auto' where the planner predicts a host-bound step on the GPU with the fused loss
+    kernel (``planner._head_schedule``), for micro-batches of ``max_tokens_per_micro_batch`` (unknown: one pass)."""
+    from slideformer.kernels.vocab_head import BLOCKS, VocabBlockedHead
+
+    choice = e.cfg.head_schedule
+    if choice == "tokens" or not (tied and split):
+        return 0
+    if e.parts.logit_softcap is not None:
+        logger.info("engine.head_schedule=%s: one pass (the head soft-caps its logits)", choice)
+        return 0
+    if choice == "auto":
+        tokens = e.cfg.max_tokens_per_micro_batch
+        if not (e.ops.is_cuda and e.head_ce is not None and tokens):
+            return 0
+        if _run_plan(e, tokens).settings["head_schedule"] != "vocab":
+            return 0
+    return VocabBlockedHead.block_rows_for(e.vocab, BLOCKS)
 
 
 def register_masters(e: Engine) -> bool:

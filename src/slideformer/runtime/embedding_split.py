@@ -136,11 +136,14 @@ class EmbeddingSplit:
         """The compact gradient ``[n_rows, hidden]`` (device; compute stream)."""
         return self.rows_grad[:n_rows * self.hidden].view(n_rows, self.hidden)
 
-    def take_head_rows(self, head_grad: torch.Tensor, rows: torch.Tensor) -> None:
-        """Tied: move the head's gradient of the batch's rows into the compact buffer and zero them in
+    def take_head_rows(self, head_grad: torch.Tensor, rows: torch.Tensor, lo: int = 0, hi: int | None = None) -> None:
+        """Tied: move the head's gradient of the batch's rows (those at positions ``[lo, hi)`` of ``rows``: the
+        vocabulary-blocked head hands them over a block at a time) into the compact buffer and zero them in
         ``head_grad`` (``[vocab, hidden]``), which the early update then consumes."""
-        torch.index_select(head_grad, 0, rows, out=self.grad_rows(rows.numel()))
-        head_grad.index_fill_(0, rows, 0)
+        hi = rows.numel() if hi is None else hi
+        part = rows[lo:hi]
+        torch.index_select(head_grad, 0, part, out=self.grad_rows(rows.numel())[lo:hi])
+        head_grad.index_fill_(0, part, 0)
 
     # -- optimizer thread ----------------------------------------------------------------------------
     def early(self, job: RowsJob, lo: int, hi: int, grad: torch.Tensor) -> None:

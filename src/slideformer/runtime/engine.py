@@ -98,6 +98,8 @@ class Engine:
         self.resident_reason = ""
         """Why ``resident_layers=-1`` chose its count (empty when the count was given)."""
         self.embed_split: EmbeddingSplit | None = None
+        self.head_blocks = 0
+        """Rows per vocabulary block of the head's second pass (``engine.head_schedule``), 0: the one-pass head."""
         """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
         self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = build.make_units(self, model)

@@ -50,6 +50,43 @@ def _copy_of(unit: HostUnit, lo: int, hi: int) -> torch.Tensor | None:
     return None if unit.upload_copy is None else unit.upload_copy[lo:hi]
 
 
+class StagedReady:
+    """When each part of one source's gradient is final: the vocabulary-blocked head (``kernels/vocab_head.py``)
+    writes the tied matrix's gradient a block of rows at a time, and its download starts with the first block.
+
+    The main thread ``mark``s the end element of each final part with an event recorded after the work that
+    writes it; the downloader copies a chunk only once a mark covers it (``event_for``, blocking on the host until
+    the main thread has queued that part, then on the device for the event). ``abort`` wakes the downloader with
+    the main thread's error when the head fails halfway."""
+
+    def __init__(self) -> None:
+        self._marks: list[tuple[int, Any]] = []
+        self._error: BaseException | None = None
+        self._cv = threading.Condition()
+
+    def mark(self, end: int, event: Any) -> None:
+        """Main thread: elements ``[.., end)`` are final once ``event`` has completed."""
+        with self._cv:
+            self._marks.append((end, event))
+            self._cv.notify_all()
+
+    def abort(self, exc: BaseException) -> None:
+        with self._cv:
+            self._error = exc
+            self._cv.notify_all()
+
+    def event_for(self, hi: int) -> Any:
+        """Downloader thread: the event after which elements ``[.., hi)`` are final."""
+        with self._cv:
+            while True:
+                for end, event in self._marks:
+                    if end >= hi:
+                        return event
+                if self._error is not None:
+                    raise RuntimeError("the head failed before its gradient was complete") from self._error
+                self._cv.wait(0.1)  # the main thread marks each block as soon as it has queued its matmul
+
+
 class GradPipeline:
     """Downloader + optimizer threads over a pinned parking pool."""
 
@@ -80,7 +117,8 @@ class GradPipeline:
                      background: frozenset[int] = frozenset()) -> dict[int, Future]:
         """Queue the download of ``sources`` (unit, flat gradient view); returns a future per unit that
         completes when the optimizer has consumed that unit's gradient. Units in ``background`` are consumed
-        as background work (module docstring)."""
+        as background work (module docstring). ``compute_event``: after which the gradients are final, or a
+        ``StagedReady`` for one source final in parts."""
         with self._cv:
             items = []
             for u, _ in sources:
@@ -120,9 +158,13 @@ class GradPipeline:
 
     def _download(self, items: list[Parked], sources: list[torch.Tensor], compute_event: Any,
                   release: Future | None) -> None:
+        staged = compute_event if isinstance(compute_event, StagedReady) else None
         try:
-            # The gradients are produced by the compute stream: copy only after it wrote them.
-            self.ops.wait(self.down.stream, compute_event)
+            if staged is not None and len(items) != 1:
+                raise ValueError("a staged gradient is one source")
+            if staged is None:
+                # The gradients are produced by the compute stream: copy only after it wrote them.
+                self.ops.wait(self.down.stream, compute_event)
             with self.ops.on(self.down.stream), record_function("sf/grad_download"):
                 for it, src in zip(items, sources):
                     if self.down.stream is not None:
@@ -134,6 +176,9 @@ class GradPipeline:
                         it.started = True
                     for lo in range(0, it.length, self.chunk):
                         hi = min(lo + self.chunk, it.length)
+                        if staged is not None:
+                            # This chunk's rows are written by one block of the head: copy only after that block.
+                            self.ops.wait(self.down.stream, staged.event_for(hi))
                         k = self._take_chunk()
                         self.ops.copy(self.pool[k][:hi - lo], src[lo:hi])
                         event = self.ops.record(self.down.stream)

@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slideformer.kernels.reference import linear_cross_entropy
+from slideformer.kernels.vocab_head import VocabBlockedHead
 from slideformer.memory.host_state import HostUnit
 from slideformer.models import run_layer
 from slideformer.optim.adamw import UpdateSpec
+from slideformer.runtime import head_blocks
 from slideformer.runtime.batch import MicroBatch
 from slideformer.runtime.device import add_squared_norm
 from slideformer.runtime.embedding_split import RowsJob, RowUpdate
+from slideformer.runtime.grad_pipeline import StagedReady
 from slideformer.runtime.slot_uses import SlotUses
 from slideformer.runtime.transfer import Accumulate, Update
 from slideformer.runtime.window import Segment, Slot, Use, plan_use
@@ -179,18 +182,21 @@ class StepRunner(SlotUses):
 
     def _drain(self, sources: list[tuple[HostUnit, torch.Tensor]], release: Future, deferred: bool,
                first: bool, last: bool, lr: float, host_norm: bool,
-               action: Update | RowUpdate | None = None, background: frozenset[int] = frozenset()) -> None:
+               action: Update | RowUpdate | None = None, background: frozenset[int] = frozenset(),
+               ready: StagedReady | None = None) -> None:
         """Queue the download and consumption of ``sources``; ``action`` (overlap schedule) replaces the
-        default one, an update of every source unit with a freshly scheduled step."""
-        self.open_releases.pop(id(release), None)  # the gradient worker sets it from now on
+        default one, an update of every source unit with a freshly scheduled step. ``ready``: the source is
+        final in parts, each marked there with its norm already counted (``runtime/head_blocks.py``)."""
+        if release is not None:
+            self.open_releases.pop(id(release), None)  # the gradient worker sets it from now on
         units = [u for u, _ in sources]
         updates = action is not None
         if action is None:
             action, updates = self._action(units, deferred, first, last, lr, host_norm)
-        if not host_norm:
+        if not host_norm and ready is None:
             for _, src in sources:
                 add_squared_norm(self.sq_dev, src, self.norm_scratch)
-        event = self.ops.record(self.ops.compute_stream())
+        event = ready if ready is not None else self.ops.record(self.ops.compute_stream())
         futures = self.e.drain.submit_drain(sources, event, release, action, background)
         if updates:
             for u in units:
@@ -265,8 +271,15 @@ class StepRunner(SlotUses):
         h_last = h.detach().requires_grad_(True)
         with torch.enable_grad():
             xn = p.norm(h_last)
-        loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, scale, self.head_gw,
-                                         e.loss_chunk_tokens, p.logit_softcap, e.head_ce)
+        split = not deferred and not host_norm and self.split is not None
+        blocked = head_blocks.used(e, p.tied, split)
+        if blocked:  # the loss pass now, the gradient a vocabulary block at a time below (runtime/head_blocks.py)
+            vh = VocabBlockedHead(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, block_rows=e.head_blocks,
+                                  kernels=e.head_ce is not None)
+            loss = vh.loss(scale)
+        else:
+            loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, scale,
+                                             self.head_gw, e.loss_chunk_tokens, p.logit_softcap, e.head_ce)
         if e.cfg.skip_nonfinite and self._nonfinite(loss):
             # Nothing has been drained yet: hand every planned use back and leave the weights alone.
             done = ops.record(cs)
@@ -274,6 +287,16 @@ class StepRunner(SlotUses):
                 use.release.set_result(done)
             x0_release.set_result([done, ops.record(e.acts.stream)])
             return None
+        job = self.split.job(mb.rows_host, self._schedule_update(u0, lr)) if split else None
+        if blocked:
+            ready = StagedReady()
+            grad_flat = e.vocab_slot.grad[:u0.padded]
+            self._drain([(u0, grad_flat)], None, deferred, first, last, lr, host_norm,
+                        Update({u0.index: job.spec}, apply={u0.index: partial(self.split.early, job)}),
+                        background=frozenset({u0.index}), ready=ready)
+            dxn = head_blocks.backward_in_blocks(vh, scale, ops=ops, split=self.split, grad_weight=self.head_gw,
+                                                 grad_flat=grad_flat, rows=mb.rows, rows_host=mb.rows_host,
+                                                 sq=self.sq_dev, scratch=self.norm_scratch, ready=ready)
         norm_params = list(p.norm.parameters())
         grads = torch.autograd.grad(xn, [h_last, *norm_params], dxn.view_as(xn))
         dh = grads[0]
@@ -284,18 +307,16 @@ class StepRunner(SlotUses):
                 view.copy_(g)
         uh_seg = e.head_segments[-1]
         head_src = [(uh, e.vocab_slot.grad[uh_seg.offset:uh_seg.offset + uh.padded])]
-        split = not deferred and not host_norm and self.split is not None
-        job = self.split.job(mb.rows_host, self._schedule_update(u0, lr)) if split else None
-        if job is not None and p.tied:
+        if job is not None and p.tied and not blocked:
             # The rows outside the batch have their whole gradient now (the head's): update them during backward.
             self.split.take_head_rows(self.head_gw, mb.rows)
             self._drain([(u0, e.vocab_slot.grad[:u0.padded]), *head_src], head.release, deferred, first, last, lr,
                         host_norm, Update({u0.index: job.spec, uh.index: self._schedule_update(uh, lr)},
                                           apply={u0.index: partial(self.split.early, job)}),
                         background=frozenset({u0.index}))
-        else:
+        else:  # (the blocked head's matrix was drained above, a block at a time)
             self._drain(head_src, head.release, deferred, first, last, lr, host_norm)
-            if job is not None:  # untied: the rows outside the batch have a zero gradient; no download needed
+            if job is not None and not p.tied:  # untied: the rows outside the batch have a zero gradient, no download
                 e.drain.submit_background(u0, self.split.early_zero, job)
 
         # Backward through the layers, last to first.

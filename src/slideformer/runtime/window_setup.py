@@ -96,6 +96,7 @@ def setup_device(e: Engine) -> None:
         e.cfg.embedding_update, tied=p.tied, hidden=e.hidden, chunk=chunk, single_process=e.dist is None,
         in_ram=e.offload is None, tied_split=build.tied_split_pays(e, p.tied))
     e.embed_split = EmbeddingSplit(ops, u0, e.vocab, e.hidden, e.dtype, e.adam, chunk) if split else None
+    e.head_blocks = build.head_blocks(e, p.tied, split)
     threads = e.cfg.optimizer_threads or (e.dist.cpu_threads() if e.dist is not None else 0)
     if threads > 0:
         torch.set_num_threads(threads)  # the C++ AdamW and the torch fallback both size to this pool
