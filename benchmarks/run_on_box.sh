@@ -15,7 +15,7 @@
 # Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
 # `final3b10`, `b16cap24`; session 11 `tests head11` (stopped by the kernel test's FP32 bound), `tests_ce head11 tied80_11`, `ab3b11`,
 # `profile3b11 ab8b11`, `place3b11 cast8b11`, `pool3b11`, `b16_8b11 eff8b11`, `final3b11` (ab/prev10/src = `git archive
-# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -72,7 +72,7 @@ for stage in "$@"; do
   case "$stage" in
     tests)
       python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py tests/test_liger.py tests/test_activations_disk.py \
-        tests/test_cross_entropy.py 2>&1 | tee "$OUT/gpu_tests.log" \
+        tests/test_cross_entropy.py tests/test_vocab_head.py 2>&1 | tee "$OUT/gpu_tests.log" \
         | grep -E "rel|bytes|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests.log" && exit 1 ;;
     bench3b)
@@ -288,6 +288,17 @@ slideformer+head_schedule=tokens+window=2 ;;
       # Session 12: the same A/B as vh3b12 in the other order, no roofline (vh3b12 has it).
       headline3b vh12b slideformer+head_schedule=tokens,slideformer,slideformer+head_schedule=tokens+window=2,\
 slideformer+window=2 --no-roofline ;;
+    r16_12)
+      # Session 12: with the blocked head the step sits on the host's memory bus (host-memory efficiency 0.97 in
+      # vh3b12): a 16th resident layer takes 0.1 B parameters off the host; the planner's headroom keeps 15.
+      headline3b r16_12 slideformer,slideformer+resident_layers=16,slideformer+window=2,\
+slideformer+resident_layers=16+window=2 --no-roofline
+      grep -o '"system": "[^"]*"\|"gpu_alloc_retries[a-z_]*": [0-9]*\|"resident_layers": [0-9]*' \
+        "$OUT"/llama3.2-3b_cap24g_r16_12_h100_bench.json ;;
+    final3b12)
+      # Session 12's final engine (the vocabulary-blocked head): issue 3 targets 1 and 3 in the headline configuration
+      # against ZeRO-2 and ZeRO-3, one run, with the roofline.
+      headline3b final12 slideformer,zero2,zero3 ;;
     final3b11)
       # Session 11's final engine: issue 3 targets 1 and 3 in the headline configuration against ZeRO-2 and ZeRO-3,
       # one run, with the roofline.

@@ -5,7 +5,9 @@ ONE decoder layer run L times (forward without saving activations, then recomput
 as under full activation checkpointing), and the head (final norm + a chunked linear
 cross-entropy, so the ``[tokens, vocab]`` logits never exist whole), all in BF16 on the GPU with
 SDPA attention. The head is the engine's own (``head_loss``): the same kernel and chunking as
-``engine.loss_kernel`` and ``engine.loss_chunk_tokens`` at their defaults. It is the workload-specific ceiling
+``engine.loss_kernel`` and ``engine.loss_chunk_tokens`` at their defaults, in one pass over token chunks: the
+engine's two-pass head (``engine.head_schedule='vocab'``) does more GPU work to start the host's earlier, so the GPU
+alone is fastest with one pass, and that is the ceiling. It is the workload-specific ceiling
 every offloading system is measured against, and the GPU-compute term of the roofline.
 """
 
