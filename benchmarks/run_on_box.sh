@@ -15,7 +15,7 @@
 # Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
 # `final3b10`, `b16cap24`; session 11 `tests head11` (stopped by the kernel test's FP32 bound), `tests_ce head11 tied80_11`, `ab3b11`,
 # `profile3b11 ab8b11`, `place3b11 cast8b11`, `pool3b11`, `b16_8b11 eff8b11`, `final3b11` (ab/prev10/src = `git archive
-# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -299,6 +299,27 @@ slideformer+resident_layers=16+window=2 --no-roofline
       # Session 12's final engine (the vocabulary-blocked head): issue 3 targets 1 and 3 in the headline configuration
       # against ZeRO-2 and ZeRO-3, one run, with the roofline.
       headline3b final12 slideformer,zero2,zero3 ;;
+    pool3b12)
+      # Session 12: with the blocked head the host idles ~50 ms before some heads while backward waits ~65 ms on slot
+      # releases behind the parking pool: a 4 GiB pool (the backlog spills into the forward), and 15 AdamW threads
+      # (a core for the main thread's launches), against the default, interleaved, each twice, no roofline.
+      python3 ab/probe_gather.py 2>&1 | tail -12
+      headline3b pool12 slideformer,slideformer+grad_park_mib=4096,slideformer+optimizer_threads=15,slideformer+window=2,\
+slideformer+grad_park_mib=4096+window=2,slideformer+optimizer_threads=15+window=2 --no-roofline --time-budget-s 470 ;;
+    gth3b12)
+      # Session 12: the GPU's own gather of the embedding rows out of page-locked host memory (embedding_gather=auto)
+      # and 15 CPU AdamW threads (the new defaults) against the host gather and against 16 threads, interleaved, each
+      # twice, no roofline; the host_rows and blocked-head GPU tests first.
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_host_rows.py tests/test_vocab_head.py 2>&1 \
+        | tee "$OUT/gpu_tests_hr.log" | grep -E "passed|failed|Error" || exit 1
+      grep -q " failed" "$OUT/gpu_tests_hr.log" && exit 1
+      headline3b gth12 slideformer,slideformer+embedding_gather=host,slideformer+optimizer_threads=16,slideformer+window=2,\
+slideformer+embedding_gather=host+window=2,slideformer+optimizer_threads=16+window=2 --no-roofline --time-budget-s 480 ;;
+    gth8b12)
+      # Session 12: the GPU's gather of the untied 8B embedding's rows (its FP32 master page-locked for it; the host
+      # gathered and cast 8,192 rows in 10-27 ms of the step's start) against the host gather, 24 GiB cap, b8.
+      cap24_8b gth12 8 slideformer,slideformer+embedding_gather=host,slideformer+window=2,\
+slideformer+embedding_gather=host+window=2 --no-roofline --time-budget-s 440 ;;
     final3b11)
       # Session 11's final engine: issue 3 targets 1 and 3 in the headline configuration against ZeRO-2 and ZeRO-3,
       # one run, with the roofline.
