@@ -123,12 +123,6 @@ class EngineConfig:
     """Intra-op threads for the CPU optimizer and conversions. 0: torch's default in one process; under
     torchrun, this node's cores divided by its ranks (torchrun sets OMP_NUM_THREADS=1 in every rank, which
     would leave the CPU AdamW on one core)."""
-    embedding_gather: Literal["auto", "host"] = "auto"
-    """Who picks the micro-batch's embedding rows out of the host's table (the BF16 upload copy of a tied
-    embedding, else the FP32 master). 'auto': the GPU, straight out of page-locked host memory (a Triton kernel,
-    kernels/host_rows.py; the untied embedding's master is page-locked for it), on CUDA with triton; else the host.
-    'host': the CPU into a pinned stage, then one copy (3B at batch 8: 11.5 ms of the step's start on CPU cores
-    and a memory bus the AdamW holds, where the GPU reads the rows in ~1 ms)."""
     upload_cast: Literal["auto", "device", "host"] = "auto"
     """Where FP32 master weights become the compute dtype on their way up. 'device': the FP32 master is
     page-locked in place and copied as is, and the GPU casts it (twice the PCIe bytes, no CPU work: the
@@ -230,8 +224,6 @@ class EngineConfig:
             )
         if self.chunk_mib < 1 / 64 or self.staging_chunks < 2:
             raise ConfigError("engine.chunk_mib must be >= 1/64 and engine.staging_chunks >= 2")
-        if self.embedding_gather not in ("auto", "host"):
-            raise ConfigError(f"engine.embedding_gather must be auto or host, got {self.embedding_gather!r}")
         if self.upload_cast not in ("auto", "device", "host"):
             raise ConfigError(f"engine.upload_cast must be auto, device or host, got {self.upload_cast!r}")
         if self.host_copy not in ("none", "bf16", "auto"):

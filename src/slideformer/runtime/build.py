@@ -287,7 +287,7 @@ def register_masters(e: Engine) -> bool:
         return False
     not_uploaded = {j + 1 for j in e.resident_idx}  # resident layers live on the GPU (runtime/resident.py)
     u0 = e.units[0]
-    if not u0.sharded and all(s.unit is not u0 for s in e.head_segments) and not e.gather_on_device:
+    if not u0.sharded and all(s.unit is not u0 for s in e.head_segments):
         not_uploaded.add(u0.index)  # an untied, unsharded embedding: its rows are gathered on the host
     for u in e.units:
         if u.index in not_uploaded or u.upload_copy is not None:

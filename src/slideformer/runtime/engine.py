@@ -98,10 +98,6 @@ class Engine:
         self.resident_reason = ""
         """Why ``resident_layers=-1`` chose its count (empty when the count was given)."""
         self.embed_split: EmbeddingSplit | None = None
-        self.gather_on_device = False
-        """``engine.embedding_gather``: the GPU reads the embedding rows out of page-locked host memory."""
-        self.x0_ids_dev: torch.Tensor | None = None
-        """The micro-batch's token ids on the device, for that gather (None: the host gathers)."""
         self.head_blocks = 0
         """Rows per vocabulary block of the head's second pass (``engine.head_schedule``), 0: the one-pass head."""
         """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
@@ -156,8 +152,6 @@ class Engine:
             if self.ops.is_cuda:
                 self.x0_stage = self.ops.host_empty(n, self.dtype)
                 self.x0_scratch = torch.empty(n, dtype=torch.float32)
-                if self.gather_on_device:
-                    self.x0_ids_dev = self.ops.empty(tokens, torch.int64)
             else:
                 self.x0_stage = self.x0_dev
                 self.x0_scratch = self.x0_dev if self.dtype == torch.float32 else torch.empty(n)
@@ -364,8 +358,7 @@ class Engine:
             if getattr(self, name, None) is not None:
                 getattr(self, name)()
         self.embed_split = None  # its device row buffer
-        for name in ("resident", "layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "x0_ids_dev",
-                     "runner"):
+        for name in ("resident", "layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)
 

@@ -95,7 +95,7 @@ class SlotUses:
             x0_src = plan_use(e.vocab_slot, [Segment(u0, 0)], True, up_vocab)
         else:
             x0_src = e.vocab_up.submit(e.vocab_up.gather_rows, u0, e.vocab, mb.ids_host, e.x0_dev, e.x0_scratch,
-                                       e.x0_stage, u0.update_future, x0_waits, e.x0_ids_dev)
+                                       e.x0_stage, u0.update_future, x0_waits)
         x0_release: Future = Future()
         self.x0_releases.append(x0_release)
         fwd = {j: plan_use(self.layer_slot[j], self.layer_segments[j], True, up_layer)

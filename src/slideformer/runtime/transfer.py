@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from slideformer.kernels import host_rows
 from slideformer.memory.host_state import HostUnit
 from slideformer.optim.adamw import UpdateSpec
 from slideformer.runtime import waits
@@ -131,12 +130,9 @@ class Uploader(_Worker):
         return self.ops.record(self.stream)
 
     def gather_rows(self, unit: HostUnit, rows: int, ids: torch.Tensor, out: torch.Tensor,
-                    scratch: torch.Tensor, stage: torch.Tensor, update_fut: Future, slot_waits: list[Future],
-                    ids_dev: torch.Tensor | None = None) -> Any:
-        """Embedding forward: gather the rows of ``ids`` into ``out``, from the unit's compute-dtype upload copy when
-        it has one (a tied embedding with ``engine.host_copy``), else from the FP32 master. With ``ids_dev`` (a
-        device buffer for the ids, ``engine.embedding_gather='auto'``) and that table page-locked, the GPU reads the
-        rows itself (``kernels/host_rows.py``); else the host picks them into the pinned stage."""
+                    scratch: torch.Tensor, stage: torch.Tensor, update_fut: Future, slot_waits: list[Future]) -> Any:
+        """Embedding forward on the host: gather the rows of ``ids`` into ``out``, from the unit's compute-dtype
+        upload copy when it has one (a tied embedding with ``engine.host_copy``), else from the FP32 master."""
         waits.result(update_fut, f"update of {unit.name}")  # the embedding's update must have landed
         for r in slot_waits:
             # The previous micro-batch's compute must be done reading ``out``.
@@ -144,20 +140,13 @@ class Uploader(_Worker):
         n = ids.numel()
         width = unit.numel // rows
         copy = unit.upload_copy
-        same = copy is not None and copy.dtype == out.dtype and copy.numel() == unit.numel
-        table = (copy if same else unit.master).view(rows, width)
-        if ids_dev is not None and host_rows.usable(table, out.device):
-            with self.ops.on(self.stream), record_function("sf/gather_rows_device"):
-                # The ids go up on this stream: after the last kernel that read the buffer, before this one.
-                self.ops.copy(ids_dev[:n], ids)
-                host_rows.gather_(table, ids_dev[:n], out[:n * width].view(n, width))
-            return self.ops.record(self.stream)
-        if same:
+        if copy is not None and copy.dtype == out.dtype and copy.numel() == unit.numel:
             # Bitwise the master's cast once the update landed (host_state's invariant): one pass over half the
             # bytes into the pinned stage, where the master's path reads FP32, writes it and casts it again. The
             # gather opens every step, on the compute stream's path (session 9's 3B timeline: 19.5 ms).
             return self._send_rows(out, stage, n * width, lambda st: torch.index_select(
-                table, 0, ids, out=st.view(n, width)))
+                copy.view(rows, width), 0, ids, out=st.view(n, width)))
+        table = unit.master.view(rows, width)
         picked = scratch[:n * width].view(n, width)
         torch.index_select(table, 0, ids, out=picked)
         if picked.data_ptr() == out.data_ptr():

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from slideformer.kernels import host_rows
 from slideformer.memory.activations import ActivationStore
 from slideformer.memory.activations_disk import open_activation_store
 from slideformer.memory.host_state import attach_upload_copies
@@ -73,9 +72,6 @@ def setup_device(e: Engine) -> None:
         # upload copy, then its master goes to disk and its RAM is freed, one layer after the other.
         e.offload.store_masters(torch.zeros(1), e.cfg.watchdog_s,
                                 lambda u: attach_upload_copies([u], ops.host_empty_exact, e.dtype))
-    # The embedding rows read by the GPU out of page-locked host memory (kernels/host_rows.py): the tied embedding's
-    # BF16 copy is pinned; an untied embedding's master is page-locked for it below (build.register_masters).
-    e.gather_on_device = ops.is_cuda and e.cfg.embedding_gather == "auto" and host_rows.triton is not None
     e.layer_up = Uploader(ops, "sf-upload", chunk, e.cfg.staging_chunks, e.dtype)
     e.vocab_up = Uploader(ops, "sf-upload-vocab", chunk, 2, e.dtype)
     if build.register_masters(e):
@@ -107,4 +103,3 @@ def setup_device(e: Engine) -> None:
     if e.cfg.max_tokens_per_micro_batch:
         e.ensure_capacity(e.cfg.max_tokens_per_micro_batch)
     e.runner = StepRunner(e)
-
