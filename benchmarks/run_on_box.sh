@@ -303,7 +303,7 @@ slideformer+resident_layers=16+window=2 --no-roofline
       # Session 12: with the blocked head the host idles ~50 ms before some heads while backward waits ~65 ms on slot
       # releases behind the parking pool: a 4 GiB pool (the backlog spills into the forward), and 15 AdamW threads
       # (a core for the main thread's launches), against the default, interleaved, each twice, no roofline.
-      python3 ab/probe_gather.py 2>&1 | tail -12
+      python3 benchmarks/probe_gather.py 2>&1 | tail -12
       headline3b pool12 slideformer,slideformer+grad_park_mib=4096,slideformer+optimizer_threads=15,slideformer+window=2,\
 slideformer+grad_park_mib=4096+window=2,slideformer+optimizer_threads=15+window=2 --no-roofline --time-budget-s 470 ;;
     gth3b12)
