@@ -12,22 +12,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from tests.engine_ab import bf16_ab
 from tests.reference import make_model, tiny_config
+from tests.triton_interp import HAS_TRITON, NO_TRITON, run_interpreted
 
 from slideformer import Engine, EngineConfig
 from slideformer.errors import ConfigError
 from slideformer.kernels import cross_entropy, reference
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _INTERPRETED = r"""
 import json, torch
@@ -58,12 +51,9 @@ print(json.dumps({"chunks": out, "head": head}))
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[test]' installs it)")
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 def test_kernel_matches_the_torch_path_under_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_interpreted(_INTERPRETED)
     for c in got["chunks"]:
         la, lb = c["loss"]
         assert abs(la - lb) <= 1e-6 * abs(la), c

@@ -14,23 +14,17 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from tests.engine_ab import bf16_ab
 from tests.reference import make_model, random_batch, tiny_config
+from tests.triton_interp import HAS_TRITON, NO_TRITON, run_interpreted
 
 from slideformer import Engine, EngineConfig, OptimConfig
 from slideformer.errors import ConfigError
 from slideformer.kernels import reference, vocab_head
 from slideformer.kernels.vocab_head import VocabBlockedHead
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _blocked(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, *, rows: int, kernels: bool = False
@@ -101,12 +95,9 @@ print(json.dumps({"loss": [a[0], b[0]], "gx_err": float((a[1] - b[1]).abs().max(
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[test]' installs it)")
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 def test_kernels_match_the_torch_path_under_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_interpreted(_INTERPRETED)
     assert abs(got["loss"][0] - got["loss"][1]) <= 1e-6 * abs(got["loss"][0]), got
     assert got["gx_err"] <= 1e-5 * got["gx_max"] and got["gw_err"] <= 1e-5 * got["gw_max"], got
     assert got["lse_ignored_inf"] and got["lse_err"] <= 1e-5, got

@@ -49,6 +49,19 @@ NUM_WARPS = 8
 if triton is not None:
 
     @triton.jit
+    def row_lse(z_row, n_cols: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """One row's log-sum-exp in FP32 over its ``n_cols`` compute-dtype logits: online max and sum, one read."""
+        cols = tl.arange(0, BLOCK_SIZE)
+        m = tl.full([], float("-inf"), tl.float32)
+        d = tl.full([], 0.0, tl.float32)
+        for i in range(0, n_cols, BLOCK_SIZE):
+            x = tl.load(z_row + i + cols, mask=i + cols < n_cols, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        return m + tl.log(d)
+
+    @triton.jit
     def _ce_loss_grad(z_ptr, stride, t_ptr, loss_ptr, scale, ignore_index, n_cols: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -61,14 +74,7 @@ if triton is not None:
                          mask=i + cols < n_cols)
             tl.store(loss_ptr + row, 0.0)
             return
-        m = tl.full([], float("-inf"), tl.float32)
-        d = tl.full([], 0.0, tl.float32)
-        for i in range(0, n_cols, BLOCK_SIZE):
-            x = tl.load(z_row + i + cols, mask=i + cols < n_cols, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
+        lse = row_lse(z_row, n_cols, BLOCK_SIZE)
         x_y = tl.load(z_row + y).to(tl.float32)
         for i in range(0, n_cols, BLOCK_SIZE):
             mask = i + cols < n_cols

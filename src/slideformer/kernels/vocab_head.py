@@ -37,6 +37,8 @@ from slideformer.kernels.reference import IGNORE_INDEX
 if triton is not None:
     import triton.language as tl
 
+    from slideformer.kernels.cross_entropy import row_lse
+
     @triton.jit
     def _ce_lse(z_ptr, stride, t_ptr, lse_ptr, loss_ptr, ignore_index, n_cols: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr):
@@ -47,15 +49,7 @@ if triton is not None:
             tl.store(lse_ptr + row, float("inf"))  # exp(z - inf) = 0: pass 2 writes zeros on this row
             tl.store(loss_ptr + row, 0.0)
             return
-        cols = tl.arange(0, BLOCK_SIZE)
-        m = tl.full([], float("-inf"), tl.float32)
-        d = tl.full([], 0.0, tl.float32)
-        for i in range(0, n_cols, BLOCK_SIZE):
-            x = tl.load(z_row + i + cols, mask=i + cols < n_cols, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
+        lse = row_lse(z_row, n_cols, BLOCK_SIZE)  # the one-pass kernel's own loop (kernels/cross_entropy.py)
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, lse - tl.load(z_row + y).to(tl.float32))
 

@@ -12,8 +12,6 @@ taken in row order a block at a time; the last block's mark covers the unit's pa
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from slideformer.kernels.vocab_head import VocabBlockedHead
@@ -33,10 +31,13 @@ def backward_in_blocks(head: VocabBlockedHead, scale: float, *, ops: DeviceOps, 
     and the host; ``sq``/``scratch``: the step's device-side squared norm and its scratch."""
     vocab, hidden = grad_weight.shape
     cs = ops.compute_stream()
+    # Where each block's rows start among the batch's sorted ids (host, once per micro-batch).
+    edges = torch.arange(0, vocab + head.block_rows, head.block_rows, dtype=rows_host.dtype).clamp_(max=vocab)
+    bounds = torch.searchsorted(rows_host, edges).tolist()
 
     def on_block(lo: int, hi: int) -> None:
-        k0, k1 = (int(k) for k in torch.searchsorted(rows_host, torch.tensor([lo, hi], dtype=rows_host.dtype)))
-        split.take_head_rows(grad_weight, rows, k0, k1)
+        k = lo // head.block_rows
+        split.take_head_rows(grad_weight, rows, bounds[k], bounds[k + 1])
         end = grad_flat.numel() if hi == vocab else hi * hidden
         add_squared_norm(sq, grad_flat[lo * hidden:end], scratch)
         ready.mark(end, ops.record(cs))  # the downloader may copy these rows once this block's work has run
@@ -47,8 +48,3 @@ def backward_in_blocks(head: VocabBlockedHead, scale: float, *, ops: DeviceOps, 
         ready.abort(exc)  # the downloader is waiting for the remaining blocks
         raise
 
-
-def used(e: Any, tied: bool, split: bool) -> bool:
-    """Whether this micro-batch's head runs in vocabulary blocks: the engine resolved it (``Engine.head_blocks``),
-    the embedding is tied and the split update consumes the blocks."""
-    return bool(e.head_blocks) and tied and split

@@ -272,7 +272,7 @@ class StepRunner(SlotUses):
         with torch.enable_grad():
             xn = p.norm(h_last)
         split = not deferred and not host_norm and self.split is not None
-        blocked = head_blocks.used(e, p.tied, split)
+        blocked = split and e.head_blocks > 0  # (resolved only for a tied embedding with the split: build.py)
         if blocked:  # the loss pass now, the gradient a vocabulary block at a time below (runtime/head_blocks.py)
             vh = VocabBlockedHead(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, block_rows=e.head_blocks,
                                   kernels=e.head_ce is not None)
