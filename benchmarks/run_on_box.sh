@@ -15,7 +15,7 @@
 # Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
 # `final3b10`, `b16cap24`; session 11 `tests head11` (stopped by the kernel test's FP32 bound), `tests_ce head11 tied80_11`, `ab3b11`,
 # `profile3b11 ab8b11`, `place3b11 cast8b11`, `pool3b11`, `b16_8b11 eff8b11`, `final3b11` (ab/prev10/src = `git archive
-# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -276,6 +276,21 @@ slideformer+resident_placement=first+window=2 --no-roofline ;;
       python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_vocab_head.py 2>&1 | tee "$OUT/gpu_tests_vh.log" \
         | grep -E "rel|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests_vh.log" && exit 1 ;;
+    hp13)
+      # Session 13: the large host buffers (masters, moments, BF16 upload copies) on 2 MiB transparent huge pages
+      # (engine.host_pages=huge) against torch's 4 KiB pages. The kernel's THP policy, the GPU tests, the CPU AdamW
+      # on both pages with and without copies running beside it, then (where the policy allows huge pages) the
+      # headline configuration, interleaved, each three times, no roofline.
+      grep -H . /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag
+      grep -E "AnonHugePages|MemFree|MemAvailable" /proc/meminfo
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_host_pages.py 2>&1 \
+        | tee "$OUT/gpu_tests_hp.log" | grep -E "passed|failed|Error" || exit 1
+      grep -q " failed" "$OUT/gpu_tests_hp.log" && exit 1
+      python3 benchmarks/bench_cpu_adam.py --threads 16 --variants ext_bf16_nt --pages small,huge --dma none,both \
+        --repeats 9 --out "$OUT/cpu_adam_pages_h100.json" 2>&1 | tee "$OUT/cpu_adam_pages.log" | tail -8
+      grep -q "\[never\]" /sys/kernel/mm/transparent_hugepage/enabled && exit 0
+      headline3b hp13 slideformer+host_pages=huge,slideformer,slideformer+host_pages=huge+window=2,slideformer+window=2,\
+slideformer+window=2+host_pages=huge,slideformer+host_pages=small --no-roofline --time-budget-s 420 ;;
     vh3b12)
       # Session 12: engine.head_schedule (auto: 'vocab' here, the planner predicts a host-bound step) against the
       # one-pass head ('tokens'), interleaved, each twice, in the headline configuration, with the roofline.
