@@ -15,9 +15,6 @@ several thread counts, in the same process:
 Gparam/s is parameters / median time; GB/s is that times the bytes one ideal pass must move
 (28 per parameter for the AdamW variants: read p, m, v, g; write p, m, v and the copy; 8 for copy).
 
-``--pages small,huge`` times the same cells on buffers allocated as torch does and on 2 MiB transparent huge
-pages (``engine.host_pages``, ``memory/host_pages.py``), interleaved, each row naming its ``pages``.
-
 ``--dma h2d,d2h,both`` (CUDA only) repeats every cell while a background thread keeps pinned-host <-> GPU
 copies running (256 MiB buffers, back to back), the traffic the engine's uploads and gradient downloads put
 on the same host memory while its optimizer runs; each row then records the copies' GB/s during that cell.
@@ -39,11 +36,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from slideformer.memory.host_pages import anon_huge_bytes, huge_empty, thp_mode
 from slideformer.optim import cpu_adam
 
 LLAMA8B_LAYER = 218_112_000  # q, k, v, o + gate, up, down + 2 RMSNorm weights of Llama-3.1-8B
@@ -73,35 +68,18 @@ def _default_threads() -> list[int]:
     return sorted(x for x in ts if x <= cores)
 
 
-PAGES = ("small", "huge")
-
-
 class Buffers:
-    """One layer's host state plus the extra buffers the variants need, allocated and touched once.
+    """One layer's host state plus the extra buffers the variants need, allocated and touched once."""
 
-    ``pages``: 'small' allocates as torch does (4 KiB pages unless the kernel's THP policy is 'always'; the copy
-    buffer from torch's pinned allocator); 'huge' as ``engine.host_pages='huge'`` does (``memory/host_pages.py``;
-    the copy buffer page-locked in place with cudaHostRegister, as ``DeviceOps.host_empty_exact`` does)."""
-
-    def __init__(self, n: int, pin: bool, pages: str = "small") -> None:
+    def __init__(self, n: int, pin: bool) -> None:
         gen = torch.Generator().manual_seed(0)
-        huge = pages == "huge"
-
-        def alloc(dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return huge_empty(n, dtype) if huge else torch.empty(n, dtype=dtype)
-
-        self.p = alloc().copy_(torch.randn(n, generator=gen) * 0.02)
-        self.m = alloc().zero_()
-        self.v = alloc().zero_()
-        self.g32 = alloc().copy_(torch.randn(n, generator=gen) * 1e-3)
-        self.g16 = alloc(torch.bfloat16).copy_(self.g32)
-        if huge:
-            self.out = alloc(torch.bfloat16).fill_(0)
-            if pin:  # (unregistered when the process exits: the benchmark frees nothing it pinned before that)
-                torch.cuda.cudart().cudaHostRegister(self.out.data_ptr(), n * 2, 0)
-        else:
-            self.out = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin).fill_(0)
-        self.scratch = alloc().zero_()
+        self.p = torch.randn(n, generator=gen) * 0.02
+        self.m = torch.zeros(n)
+        self.v = torch.zeros(n)
+        self.g32 = torch.randn(n, generator=gen) * 1e-3
+        self.g16 = self.g32.to(torch.bfloat16)
+        self.out = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin).fill_(0)
+        self.scratch = torch.zeros(n)
         self.step = 0
 
     def next_step(self) -> int:
@@ -194,11 +172,11 @@ def _runner(variant: str, b: Buffers, threads: int) -> Callable[[], None]:
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
-def _time_interleaved(runners: dict[Any, Callable[[], None]], repeats: int) -> dict[Any, list[float]]:
+def _time_interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
     """Round-robin over the variants so that drift (other load, clocks) hits them alike."""
     for fn in runners.values():
         fn()  # warm-up: page faults, thread pools
-    times: dict[Any, list[float]] = {v: [] for v in runners}
+    times: dict[str, list[float]] = {v: [] for v in runners}
     for _ in range(repeats):
         for v, fn in runners.items():
             t0 = time.perf_counter()
@@ -221,15 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--dma", default="none",
                     help=f"comma-separated subset of {','.join(DMA_MODES)}: host<->GPU copies running meanwhile")
-    ap.add_argument("--pages", default="small",
-                    help=f"comma-separated subset of {','.join(PAGES)}: how the buffers are allocated (Buffers); "
-                         "several are timed interleaved")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    pages = [pg for pg in args.pages.split(",") if pg]
-    for pg in pages:
-        if pg not in PAGES:
-            ap.error(f"unknown --pages {pg!r}; choose from {', '.join(PAGES)}")
     dma_modes = [d for d in args.dma.split(",") if d]
     for d in dma_modes:
         if d not in DMA_MODES:
@@ -258,43 +229,36 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "build_info": info,
         "pin": args.pin,
-        "thp_mode": thp_mode(),
     }
     print(
         f"# {meta['cpu']} ({meta['cores']} cores), torch {torch.__version__} "
         f"({info['torch_cpu_capability']}), backend {info['backend']}"
         + (f", simd {info.get('simd')}" if has_ext else f" ({info['reason']})")
     )
-    head = ("size", 12), ("threads", 7), ("dma", 5), ("pages", 5), ("variant", 17), ("median ms", 10), ("min ms", 9),
+    head = ("size", 12), ("threads", 7), ("dma", 5), ("variant", 17), ("median ms", 10), ("min ms", 9),
     head += (("Gparam/s", 9),)
     print(" ".join(f"{name:>{width}}" for name, width in head) + f" {'GB/s':>7} {'DMA GB/s':>9}")
     rows = []
     loads = {d: DmaLoad(d) for d in dma_modes if d != "none"}
     try:
         for n in sizes:
-            bufs = {}
-            for pg in pages:
-                before = anon_huge_bytes()
-                bufs[pg] = Buffers(n, args.pin, pg)
-                meta.setdefault("anon_huge_mib", {})[f"{n}/{pg}"] = (anon_huge_bytes() - before) / 2**20
-            print(f"# THP {meta['thp_mode']}; huge-page MiB gained per buffer set: {meta['anon_huge_mib']}")
+            b = Buffers(n, args.pin)
             for t in threads:
                 torch.set_num_threads(t)
                 for d in dma_modes:
-                    runners = {(v, pg): _runner(v, bufs[pg], t) for v in variants for pg in pages}
+                    runners = {v: _runner(v, b, t) for v in variants}
                     if d == "none":
                         cell, dma_gbps = _time_interleaved(runners, args.repeats), None
                     else:
                         with loads[d] as load:
                             cell = _time_interleaved(runners, args.repeats)
                         dma_gbps = load.gbps
-                    for (v, pg), times in cell.items():
+                    for v, times in cell.items():
                         med = statistics.median(times)
                         row = {
                             "size": n,
                             "threads": t,
                             "dma": d,
-                            "pages": pg,
                             "dma_gbps": dma_gbps,
                             "variant": v,
                             "median_s": med,
@@ -305,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                         }
                         rows.append(row)
                         print(
-                            f"{n:>12} {t:>7} {d:>5} {pg:>5} {v:>17} {med * 1e3:>10.2f} {min(times) * 1e3:>9.2f} "
+                            f"{n:>12} {t:>7} {d:>5} {v:>17} {med * 1e3:>10.2f} {min(times) * 1e3:>9.2f} "
                             f"{row['gparam_s']:>9.3f} {row['gbps']:>7.1f} "
                             f"{'-' if dma_gbps is None else f'{dma_gbps:.1f}':>9}",
                             flush=True,
                         )
-            del bufs
+            del b
     finally:
         torch.set_num_threads(default_threads)
     best = {v: max((r["gparam_s"] for r in rows if r["variant"] == v and r["dma"] == "none"), default=None)
@@ -321,11 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best Gparam/s with {d} copies running: "
               + ", ".join(f"{v} {x:.3f}" for v, x in rates.items() if x is not None))
     print("best Gparam/s: " + ", ".join(f"{v} {x:.3f}" for v, x in best.items() if x is not None))
-    if len(pages) > 1:
-        by_pages = {f"{v}/{pg}/{d}": max(r["gparam_s"] for r in rows
-                                           if (r["variant"], r["pages"], r["dma"]) == (v, pg, d))
-                    for v in variants for pg in pages for d in dma_modes}
-        print("best Gparam/s by variant/pages/dma: " + ", ".join(f"{k} {x:.3f}" for k, x in by_pages.items()))
     ext_best = max((best[v] for v in ("ext_bf16", "ext_bf16_nt") if best.get(v) is not None), default=None)
     if ext_best is not None:
         print(

@@ -25,17 +25,7 @@ def test_rows_and_best_rates(tmp_path: Path) -> None:
     assert doc["best_gparam_s_dma"] == {}
 
 
-def test_pages_are_timed_side_by_side(tmp_path: Path) -> None:
-    out = tmp_path / "adam.json"
-    assert bench.main(["--sizes", "4099", "--threads", "1", "--repeats", "2", "--no-pin", "--pages", "small,huge",
-                       "--variants", "fallback_bf16", "--out", str(out)]) == 0
-    doc = json.loads(out.read_text())
-    assert sorted(r["pages"] for r in doc["results"]) == ["huge", "small"]
-    assert set(doc["meta"]["anon_huge_mib"]) == {"4099/small", "4099/huge"}
-
-
 @pytest.mark.parametrize("argv, message", [
-    (["--pages", "giant"], "unknown --pages 'giant'"),
     (["--dma", "sideways"], "unknown --dma mode 'sideways'"),
     (["--variants", "nope"], "unknown variant 'nope'"),
 ])

@@ -152,12 +152,6 @@ class EngineConfig:
     on use (14 resident, session 9) split 0.526 vs whole 0.547, where the plan predicts 5%, and with every layer
     resident on 80 GB 0.441 vs 0.499. A hidden size that is not
     a multiple of 8 (the CPU kernel's tail width) keeps the whole update."""
-    host_pages: Literal["auto", "huge", "small"] = "small"
-    """Pages behind the large long-lived host buffers: the FP32 masters and moments and the BF16 upload copies
-    (``memory/host_pages.py``). 'huge': 2 MiB transparent huge pages, advised per buffer (the kernel's policy must
-    be 'always' or 'madvise'; otherwise they get 4 KiB pages, as 'small'), so the CPU AdamW's streams take 512x
-    fewer TLB misses. 'small': torch's allocator (4 KiB pages unless the policy is 'always'). 'auto': 'huge'
-    where the kernel offers huge pages. Results are bitwise the same."""
     pin_memory: bool = True
     """Use page-locked host memory for staging and activation checkpoints (GPU only)."""
     check_host_memory: bool = True
@@ -260,8 +254,6 @@ class EngineConfig:
             raise ConfigError(f"engine.host_memory_gib must be >= 0, got {self.host_memory_gib}")
         if self.loss_chunk_tokens < 0:
             raise ConfigError("engine.loss_chunk_tokens must be >= 1, or 0 for the kernel's default")
-        if self.host_pages not in ("auto", "huge", "small"):
-            raise ConfigError(f"engine.host_pages must be auto, huge or small, got {self.host_pages!r}")
         if self.head_schedule not in ("auto", "tokens", "vocab"):
             raise ConfigError(f"engine.head_schedule must be auto, tokens or vocab, got {self.head_schedule!r}")
         if self.loss_kernel not in ("auto", "triton", "torch"):

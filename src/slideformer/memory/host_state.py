@@ -111,17 +111,14 @@ class HostUnit:
         return self.shard_len != self.numel or self.padded != self.numel
 
     # -- allocation -----------------------------------------------------------------------------
-    def allocate(self, with_grad_acc: bool, master_only: bool = False, moments_on_disk: bool = False,
-                 alloc: Callable[[int, torch.dtype], torch.Tensor] | None = None) -> None:
+    def allocate(self, with_grad_acc: bool, master_only: bool = False, moments_on_disk: bool = False) -> None:
         """Allocate the flat buffer (moments zeroed, or left to the disk) and, if asked, the FP32 gradient
         accumulator.
 
         ``master_only``: just the full master third, to be initialised and then sharded (``shard``).
-        ``alloc(numel, dtype)``: the flat buffer's allocator (``engine.host_pages``); torch's by default.
         """
         self.moments_on_disk = moments_on_disk
-        numel = (1 if master_only or moments_on_disk else 3) * self.numel
-        self.flat = torch.empty(numel, dtype=torch.float32) if alloc is None else alloc(numel, torch.float32)
+        self.flat = torch.empty((1 if master_only or moments_on_disk else 3) * self.numel, dtype=torch.float32)
         self.flat[self.numel:].zero_()
         if with_grad_acc:
             self.grad_acc = torch.zeros(self.numel, dtype=torch.float32)

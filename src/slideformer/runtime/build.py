@@ -22,12 +22,10 @@ import torch
 from torch import nn
 
 from slideformer.errors import ConfigError
-from slideformer.memory import host_pages
 from slideformer.memory.host_state import HostUnit, build_units
 from slideformer.runtime.device import DeviceOps
 
 if TYPE_CHECKING:
-    from slideformer.config import EngineConfig
     from slideformer.planner import Plan
     from slideformer.runtime.engine import Engine
 
@@ -91,15 +89,6 @@ def check_host_memory(e: Engine) -> str:
     return mode
 
 
-def host_alloc(cfg: EngineConfig) -> Callable[[int, torch.dtype], torch.Tensor] | None:
-    """The allocator of the large long-lived host buffers (``engine.host_pages``); None: torch's."""
-    mode = cfg.host_pages
-    if mode == "auto":
-        mode = "huge" if host_pages.huge_pages_available() else "small"
-        logger.info("engine.host_pages=auto: %s (the kernel's THP policy: %s)", mode, host_pages.thp_mode())
-    return host_pages.huge_empty if mode == "huge" else None
-
-
 def chunk_elems(e: Engine) -> int:
     """Elements of the compute dtype per transfer chunk (``engine.chunk_mib``)."""
     return max(1, int(e.cfg.chunk_mib * 2**20) // torch.tensor([], dtype=e.dtype).element_size())
@@ -120,8 +109,7 @@ def init_weights(e: Engine, model: nn.Module, init: str, weights: Any) -> None:
         return
     for u in e.units:
         if e.dist is None:  # (offload 'all': the masters go to disk once initialised, window_setup.setup_device)
-            u.allocate(with_grad_acc=False, moments_on_disk=e.offload_mode in ("moments", "all"),
-                       alloc=e.ops.host_alloc)
+            u.allocate(with_grad_acc=False, moments_on_disk=e.offload_mode in ("moments", "all"))
         else:  # data-parallel: the full FP32 master only (4 B/param) while initialising, sharded below
             u.allocate(with_grad_acc=False, master_only=True)
     materialize_meta(e, model)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,18 +35,11 @@ def add_squared_norm(acc: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor) 
     acc.add_(sq)
 
 
-def _torch_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(numel, dtype=dtype)
-
-
 class DeviceOps:
     """Device abstraction used by the engine, the transfer workers and the activation store."""
 
-    def __init__(self, device: torch.device, pin_memory: bool = True, sync_copies: bool = False,
-                 host_alloc: Callable[[int, torch.dtype], torch.Tensor] | None = None) -> None:
+    def __init__(self, device: torch.device, pin_memory: bool = True, sync_copies: bool = False) -> None:
         self.device = device
-        self.host_alloc = host_alloc or _torch_empty
-        """Allocator of the large long-lived host buffers (``engine.host_pages``): masters, moments, upload copies."""
         self.sync_copies = sync_copies and device.type == "cuda"
         self.is_cuda = device.type == "cuda"
         self.pin = pin_memory and self.is_cuda
@@ -136,7 +129,7 @@ class DeviceOps:
         Kept in ``exact_pinned`` until the owner unregisters it; a refused registration leaves it pageable
         (see the module invariant).
         """
-        t = self.host_alloc(numel, dtype)
+        t = torch.empty(numel, dtype=dtype)
         if not self.pin:
             return t
         if self.register_host(t):

@@ -101,7 +101,7 @@ class Engine:
         self.head_blocks = 0
         """Rows per vocabulary block of the head's second pass (``engine.head_schedule``), 0: the one-pass head."""
         """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
-        self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies, build.host_alloc(self.cfg))
+        self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = build.make_units(self, model)
         self.offload: OffloadedMoments | None = None
         self.offload_mode = build.check_host_memory(self)
