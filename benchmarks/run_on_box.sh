@@ -15,7 +15,7 @@
 # Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
 # `final3b10`, `b16cap24`; session 11 `tests head11` (stopped by the kernel test's FP32 bound), `tests_ce head11 tied80_11`, `ab3b11`,
 # `profile3b11 ab8b11`, `place3b11 cast8b11`, `pool3b11`, `b16_8b11 eff8b11`, `final3b11` (ab/prev10/src = `git archive
-# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13`, `ck13`, `eff8b13` (ab/ckdev, ab/ckhalf: probe trees, see the stage) (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -276,6 +276,18 @@ slideformer+resident_placement=first+window=2 --no-roofline ;;
       python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_vocab_head.py 2>&1 | tee "$OUT/gpu_tests_vh.log" \
         | grep -E "rel|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests_vh.log" && exit 1 ;;
+    eff8b13)
+      # Session 13: Llama-3.1-8B b8 on a 24 GiB cap with this engine (last measured by session 11's), every default,
+      # with the roofline; and the BF16 upload copy there (uploads DMA 2 instead of 4 B/param, twice per step; +2 B/param
+      # of host RAM), interleaved.
+      cap24_8b eff13 8 slideformer,slideformer+host_copy=bf16,slideformer+window=2 --time-budget-s 430 ;;
+    ck13)
+      # Session 13: the activation checkpoints kept on the GPU instead of the host (a probe tree, ab/ckdev/src: every
+      # layer input held on the device; ab/ckhalf/src: layers 14-27 only), which takes ~2.8 GB per step off the host's
+      # memory bus (27 x 50 MB down in forward, up in backward), against this engine, interleaved, each twice.
+      headline3b ck13 slideformer@ckdev,slideformer,slideformer@ckhalf,slideformer@ckdev+window=2,slideformer+window=2,\
+slideformer@ckhalf+window=2 --engine-src ckdev=ab/ckdev/src --engine-src ckhalf=ab/ckhalf/src --no-roofline \
+        --time-budget-s 450 ;;
     hp13)
       # Session 13: the large host buffers (masters, moments, BF16 upload copies) on 2 MiB transparent huge pages
       # (engine.host_pages=huge) against torch's 4 KiB pages. The kernel's THP policy, the GPU tests, the CPU AdamW
