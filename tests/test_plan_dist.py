@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.plan_history import ERA_1_12
 from transformers import LlamaConfig
 
 from slideformer.cli import main
@@ -57,10 +58,12 @@ def test_memory_per_node_and_rank_and_the_transfer_terms() -> None:
 def test_matches_the_measured_two_gpu_run() -> None:
     # benchmarks/results/multi_llama3.1-8b_2xh200_202611_v4.json (2x H200, 32 cores, 256 GiB; Llama-3.1-8B
     # shape, b16 x 1024 per GPU, all layers streamed): 2.403 / 2.384 s per step and 97.8 / 106.0 GiB of host
-    # RSS per node on 1 / 2 GPUs. The plan assumes the H100 box's rates (same GPU die, PCIe Gen5).
+    # RSS per node on 1 / 2 GPUs. The plan assumes the H100 box's rates (same GPU die, PCIe Gen5) of the engine that
+    # ran it (session 7's: tests/plan_history.ERA_1_12).
     e = EngineConfig(device="cuda")
-    one = make_plan(_llama8b(), engine=e, hardware=HW, **RUN)
-    two = data_parallel_plan(_llama8b(), world=2, nodes=1, engine=e, hardware=HW, **RUN)
+    hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=256 * GIB, **ERA_1_12)
+    one = make_plan(_llama8b(), engine=e, hardware=hw, **RUN)
+    two = data_parallel_plan(_llama8b(), world=2, nodes=1, engine=e, hardware=hw, **RUN)
     assert one.step_seconds["step"] == pytest.approx(2.403, rel=0.10)
     assert two.step_seconds["step"] == pytest.approx(2.384, rel=0.10)
     assert one.host_total / GIB == pytest.approx(97.8, rel=0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.plan_history import ERA_1_12
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from slideformer.cli import main
@@ -189,13 +190,14 @@ def test_disk_tier_is_planned_from_the_host_budget_and_free_space():
 ])
 def test_predicted_step_follows_the_measured_h100_steps(layers, hidden, inter, heads, kv, tied, batch, resident,
                                                         copy, cap, measured, placement):
-    """The phase model of the step (default H100 hardware numbers) within -5%..+20% of measured steps."""
+    """The phase model of the step within -5%..+20% of the steps sessions 1-8's engines measured, planned with the
+    rates of those engines (``tests/plan_history.ERA_1_12``)."""
     cfg = LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied)
     plan = make_plan(cfg, seq_len=1024, batch_size=batch, grad_accum=1, clipping=False,
                      engine=EngineConfig(device="cuda", resident_layers=resident, host_copy=copy,
                                          resident_placement=placement),
-                     hardware=Hardware(gpu_memory_bytes=cap * GIB, host_memory_bytes=125 * GIB))
+                     hardware=Hardware(gpu_memory_bytes=cap * GIB, host_memory_bytes=125 * GIB, **ERA_1_12))
     assert 0.95 <= measured / plan.step_seconds["step"] <= 1.20
 
 
@@ -212,8 +214,34 @@ def test_predicted_step_follows_session_9s_cast_weights(resident, weights, updat
     plan = make_plan(cfg, seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
                      engine=EngineConfig(device="cuda", resident_layers=resident, host_copy="bf16",
                                          resident_weights=weights, embedding_update=update),
-                     hardware=Hardware(gpu_memory_bytes=24 * GIB, host_memory_bytes=125 * GIB))
+                     hardware=Hardware(gpu_memory_bytes=24 * GIB, host_memory_bytes=125 * GIB, **ERA_1_12))
     assert 0.95 <= measured / plan.step_seconds["step"] <= 1.20
+
+
+@pytest.mark.parametrize("layers,hidden,inter,tied,batch,cap,opts,measured", [
+    # Session 12's engine (cb1c6b5; the fused loss kernel, the vocabulary-blocked head), every measured configuration
+    # with planner residents (benchmarks/results/performance_h100_202611.md, sessions 11-13):
+    # 3B b8 on a 24 GiB cap, Liger + BF16 copy: the median of 14 default children over seven runs.
+    (28, 3072, 8192, True, 8, 24, {"kernels": "liger", "host_copy": "bf16"}, 0.448),
+    # ... at b16 (llama3.2-3b_cap24g_b16: session 10's engine, the head then on the torch path's chunk).
+    (28, 3072, 8192, True, 16, 24, {"kernels": "liger", "host_copy": "bf16", "loss_kernel": "torch"}, 0.825),
+    # 3B b8 on the whole card, all resident (llama3.2-3b_tied80_ab11).
+    (28, 3072, 8192, True, 8, 78, {"kernels": "liger"}, 0.420),
+    # 8B b8 on the whole card (llama3.1-8b_eff11), on a 24 GiB cap every default and with the copy
+    # (llama3.1-8b_cap24g_eff13), and b16 on the cap (llama3.1-8b_cap24g_b16s11).
+    (32, 4096, 14336, False, 8, 78, {}, 1.123),
+    (32, 4096, 14336, False, 8, 24, {}, 1.973),
+    (32, 4096, 14336, False, 8, 24, {"host_copy": "bf16"}, 1.731),
+    (32, 4096, 14336, False, 16, 24, {}, 2.256),
+])
+def test_predicted_step_follows_this_engines_h100_steps(layers, hidden, inter, tied, batch, cap, opts, measured):
+    """The default rates (``Hardware``) plan today's engine: within -5%..+10% of its measured steps."""
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 128, num_key_value_heads=8, head_dim=128, tie_word_embeddings=tied)
+    engine = EngineConfig(device="cuda", resident_layers=-1, **{"loss_kernel": "triton", **opts})
+    plan = make_plan(cfg, seq_len=1024, batch_size=batch, grad_accum=1, clipping=False, engine=engine,
+                     hardware=Hardware(gpu_memory_bytes=cap * GIB, host_memory_bytes=125 * GIB))
+    assert 0.95 <= measured / plan.step_seconds["step"] <= 1.10
 
 
 def test_plan_suggests_faster_settings_that_fit(tmp_path, capsys):
@@ -292,8 +320,9 @@ def test_activation_checkpoints_on_disk_are_counted_in_space_and_traffic(tmp_pat
 
 
 def test_plan_names_the_embedding_update_auto_would_take() -> None:
-    """Same-run H100 measurements: the split embedding update was faster for the untied 8B (its early part needs
-    no download), slower for the tied 3B: 'auto' follows that, and an explicit choice against it gets a note."""
+    """Same-run H100 measurements (sessions 6-8, planned with those engines' rates): the split embedding update was
+    faster for the untied 8B (its early part needs no download), slower for the tied 3B: 'auto' follows that, and an
+    explicit choice against it gets a note."""
     llama3b = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                           num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
     key = "embedding rows' gradient (split update)"
@@ -302,7 +331,7 @@ def test_plan_names_the_embedding_update_auto_would_take() -> None:
         opts = {"resident_layers": -1, "loss_kernel": "torch", **engine}  # the measured runs' loss path
         plan = make_plan(cfg, seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
                          engine=EngineConfig(device="cuda", embedding_update=update, **opts),
-                         hardware=Hardware(gpu_memory_bytes=gib * GIB, host_memory_bytes=125 * GIB))
+                         hardware=Hardware(gpu_memory_bytes=gib * GIB, host_memory_bytes=125 * GIB, **ERA_1_12))
         return key in plan.gpu, [n for n in plan.notes if "'auto' would" in n]
 
     assert plan(_llama8b(), 80, "auto") == (True, [])  # untied: split

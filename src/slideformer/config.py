@@ -68,7 +68,8 @@ class EngineConfig:
     update (compute dtype + 12 bytes/param). 'cast': none kept; each use casts the FP32 master into one shared
     buffer on the GPU (12 bytes/param, more layers per GiB, one cast pass over the layer per forward and per
     backward). 'auto': 'cast' only with ``resident_layers=-1`` when it fits more layers and the planner
-    predicts the host's AdamW, not the GPU, bounds the step (placement.py); else 'keep'."""
+    predicts the host (its AdamW plus the copies' bytes on its memory bus), not the GPU, bounds the step
+    (placement.py); else 'keep'."""
     gpu_memory_gib: float = 0.0
     """GPU memory (GiB) the engine may plan for with ``resident_layers=-1``; 0: the device's free memory."""
     resident_placement: Literal["auto", "first", "spread", "spread_top"] = "auto"

@@ -76,12 +76,13 @@ def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferr
                     gpu_budget_bytes: int) -> tuple[int, bool, str]:
     """(count, cast, reason) for ``resident_layers=-1`` under ``engine.resident_weights``.
 
-    'auto' casts when that fits more layers and the plan with the weights kept is bound by the host's AdamW:
-    there, each layer moved to the GPU takes its AdamW and transfers off the host's memory bus (the bound),
+    'auto' casts when that fits more layers and the plan with the weights kept is bound by the host: its AdamW and
+    the copies' bytes on its memory bus (``planner.host_seconds``) outlast the GPU's compute. There, each layer
+    moved to the GPU takes its AdamW and transfers off that bus (the bound),
     and the casts cost the GPU one pass over the layer's master per forward and per backward. Where the GPU
     bounds the step, those passes would only add to it.
     """
-    from slideformer.planner import Hardware, make_plan
+    from slideformer.planner import Hardware, host_seconds, make_plan
 
     kw = {"tokens": tokens, "engine": engine, "deferred": deferred, "gpu_budget_bytes": gpu_budget_bytes}
     keep, why = resident_layers_that_fit(hf_config, **kw)
@@ -92,13 +93,13 @@ def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferr
         return cast, True, cast_why
     if cast <= keep:
         return keep, False, why
+    hw = Hardware(gpu_memory_bytes=gpu_budget_bytes, host_memory_bytes=1 << 50)
     times = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=deferred,
-                      engine=replace(engine, resident_layers=keep, resident_weights="keep"),
-                      hardware=Hardware(gpu_memory_bytes=gpu_budget_bytes, host_memory_bytes=1 << 50)).step_seconds
-    if times["cpu adamw"] <= times["gpu compute"]:
-        return keep, False, f"{why}; weights kept (the GPU, not the host's AdamW, bounds the step)"
-    return cast, True, (f"{cast_why} (the host's AdamW bounds the step: {cast - keep} more than with the weights "
-                        "kept)")
+                      engine=replace(engine, resident_layers=keep, resident_weights="keep"), hardware=hw).step_seconds
+    if host_seconds(times, hw) <= times["gpu compute"]:
+        return keep, False, f"{why}; weights kept (the GPU, not the host's AdamW and copies, bounds the step)"
+    return cast, True, (f"{cast_why} (the host's AdamW and copies bound the step: {cast - keep} more than with the "
+                        "weights kept)")
 
 
 def engine_resident_count(hf_config: Any, cfg: EngineConfig, cuda_device: torch.device | None, *,

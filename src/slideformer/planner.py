@@ -39,14 +39,17 @@ class Hardware:
 
     gpu_memory_bytes: int
     host_memory_bytes: int
-    gpu_tflops: float = 500.0
-    """Sustained BF16 TFLOP/s of the training kernels, recompute included (measured on the H100 box: ~530
-    for Llama-3.1-8B layers, ~410 for Llama-3.2-3B; benchmarks/results/performance_h100_202611.md)."""
+    gpu_tflops: float = 550.0
+    """Sustained BF16 TFLOP/s of the training kernels, recompute included, at 8 flop per parameter and token
+    (measured on the H100 box by the roofline's GPU-only term with the fused loss kernel: 533 for Llama-3.1-8B, 583
+    for Llama-3.2-3B with Liger; benchmarks/results/performance_h100_202611.md, session 13). Sessions 1-12 planned
+    with 500, fitted to the torch loss path."""
     pcie_gbs: float = 50.0
     """Pinned host<->device GB/s in each direction."""
-    adam_gparams: float = 4.5
-    """CPU AdamW Gparam/s over FP32 master weights and moments (DRAM-bandwidth bound; 4.7-5.1 measured on
-    the H100 box, benchmarks/results/cpu_adam_h100host_202611.json)."""
+    adam_gparams: float = 5.2
+    """CPU AdamW Gparam/s over FP32 master weights and moments, BF16 gradient in (DRAM-bandwidth bound; the C++
+    kernel since session 9: 5.19-6.31 at 16 threads across the H100 box's instances, the lowest taken;
+    benchmarks/results/cpu_adam_dma_h100host_202611.json). Sessions 1-12 planned with 4.5, the earlier kernel's."""
     gpu_hbm_gbs: float = 2800.0
     """Effective GPU memory GB/s of the resident layers' fused AdamW (~40 B/param moved: FP32 master, grad and
     moments in and out, the BF16 weights refreshed; H100 SXM HBM3 peaks at 3,350)."""
@@ -360,7 +363,7 @@ def make_plan(
         gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     times = timed(split_rows * hidden if split_rows else params["embedding"])
     head_schedule = _head_schedule(engine.head_schedule, tied=tied, on_gpu=on_gpu, fused=fused,
-                                   split=bool(split_rows), host_s=_host_seconds(times, hardware),
+                                   split=bool(split_rows), host_s=host_seconds(times, hardware),
                                    gpu_s=times["gpu compute"])
     if head_schedule == "vocab":  # its buffers replace the one-pass head's loss chunk
         del gpu["loss chunk (logits and their gradient)"]
@@ -419,7 +422,7 @@ def make_plan(
                 state_terms)
 
 
-def _host_seconds(times: dict[str, float], hardware: Hardware) -> float:
+def host_seconds(times: dict[str, float], hardware: Hardware) -> float:
     """The host's busy time of a step: its AdamW plus the copies' bytes through host memory, the two sharing one
     memory bus (measured on the H100 box: ~140-150 GB/s in all, AdamW alone or beside the copies; session 9 of
     performance_h100_202611.md). The copies' bytes are the PCIe term's, at the AdamW's bytes rate (28 B/param)."""
