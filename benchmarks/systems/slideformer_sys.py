@@ -34,8 +34,11 @@ class Slideformer(BenchSystem):
         if options.setdefault("kernels", spec.kernels) != spec.kernels:  # one kernel choice for every system
             raise ValueError(f"engine option kernels={options['kernels']!r} differs from --kernels {spec.kernels}: "
                              "the step benchmark runs every system with the same kernels; use --kernels")
+        # The micro-batch size the engine plans for, as `slideformer train` sets it: the resident count (-1), the
+        # tied embedding's split update and the head's schedule ('auto') are sized or decided for it. (Before session
+        # 14 only -1 set it, so a forced count ran the whole update and the one-pass head.)
+        options.setdefault("max_tokens_per_micro_batch", max(spec.batch_sizes) * spec.seq_len)
         if options.get("resident_layers") == -1:  # as many as fit: sized for the largest batch and the cap
-            options.setdefault("max_tokens_per_micro_batch", max(spec.batch_sizes) * spec.seq_len)
             if spec.gpu_memory_gib:
                 options.setdefault("gpu_memory_gib", spec.gpu_memory_gib)
         options.setdefault("window", spec.window)  # --window, unless a system variant sets its own (window=3)
