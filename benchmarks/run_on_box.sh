@@ -15,7 +15,7 @@
 # Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
 # `final3b10`, `b16cap24`; session 11 `tests head11` (stopped by the kernel test's FP32 bound), `tests_ce head11 tied80_11`, `ab3b11`,
 # `profile3b11 ab8b11`, `place3b11 cast8b11`, `pool3b11`, `b16_8b11 eff8b11`, `final3b11` (ab/prev10/src = `git archive
-# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13`, `ck13`, `eff8b13`, `cast13` (ab/ckdev, ab/ckhalf: probe trees, see the stage) (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13`, `ck13`, `eff8b13`, `cast13`; session 14 `r16c14`, `r16s14`, `auto3b14` (ab: a probe tree, see the stage), `nice3b14`, `reserve14`, `final14` (ab/ckdev, ab/ckhalf: probe trees, see the stage) (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -276,6 +276,72 @@ slideformer+resident_placement=first+window=2 --no-roofline ;;
       python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_vocab_head.py 2>&1 | tee "$OUT/gpu_tests_vh.log" \
         | grep -E "rel|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests_vh.log" && exit 1 ;;
+    r16c14)
+      # Session 14: a 16th resident layer with its weights cast on use (12 B/param; session 12's `r16_12` forced 16 with
+      # the weights kept, 14 B/param, and ran out of memory). The plan puts 16 cast at 22.5 GiB allocated; 15 (the
+      # default, 90% headroom) measured 21.4 / 21.8 GiB. The head schedule auto-picks the one-pass head at 16 (the plan
+      # then has the GPU as its bound); the blocked head forced beside it. Interleaved, each twice, no roofline.
+      headline3b r16c14 slideformer,slideformer+resident_layers=16+resident_weights=cast+head_schedule=vocab,\
+slideformer+resident_layers=16+resident_weights=cast,slideformer+window=2,\
+slideformer+resident_layers=16+resident_weights=cast+head_schedule=vocab+window=2,\
+slideformer+resident_layers=16+resident_weights=cast+window=2 --no-roofline --time-budget-s 540 ;;
+    r16s14)
+      # Session 14: `r16c14`'s 16 cast layers took the whole embedding update and the one-pass head (the plan, bound by
+      # the GPU at 16, turns both off); here 16 cast with the split update and the blocked head forced, against the
+      # default, interleaved, each twice, no roofline.
+      headline3b r16s14 slideformer,slideformer+resident_layers=16+resident_weights=cast+embedding_update=split+head_schedule=vocab,\
+slideformer+window=2,slideformer+resident_layers=16+resident_weights=cast+embedding_update=split+head_schedule=vocab+window=2 \
+        --no-roofline --time-budget-s 540 ;;
+    auto3b14)
+      # Session 14: the planner's allocator reserve (placement.reserve_bytes) puts 16 cast layers on the 3B's 24 GiB
+      # cap; with 16 its step model has the GPU as the bound and picks the one-pass head. Against the blocked head at
+      # 16 and the previous default (15 cast: split, blocked head), interleaved, each twice, no roofline.
+      headline3b auto14 slideformer,slideformer+resident_layers=16+resident_weights=cast+head_schedule=vocab,\
+slideformer+resident_layers=15+resident_weights=cast,slideformer+window=2,\
+slideformer+resident_layers=16+resident_weights=cast+head_schedule=vocab+window=2,\
+slideformer+resident_layers=15+resident_weights=cast+window=2 --no-roofline --time-budget-s 540
+      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"embedding_update": "[a-z]*"' \
+        "$OUT"/llama3.2-3b_cap24g_auto14_h100_bench.json | head -24 ;;
+    nice3b14)
+      # Session 14: the CPU AdamW's threads at nice +10 (engine.optimizer_nice, optim/priority.py) against the same
+      # priority: s12's timeline had 31 ms of 0.1-1 ms compute gaps that ended as their kernel's launch returned
+      # (the main thread late), nearly all while the AdamW held every core. The CPU priority tests first; the two
+      # interleaved, each three times, no roofline.
+      python3 -m pytest -q -p no:cacheprovider tests/test_priority.py 2>&1 | tail -2
+      headline3b nice14 slideformer,slideformer+optimizer_nice=10,slideformer+window=2,\
+slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+optimizer_nice=10+chunk_mib=32 \
+        --no-roofline --time-budget-s 540 ;;
+    reserve14)
+      # Session 14: the planner's memory probe (placement_reserve14_probe_h100_202611.patch: HF's MLP counted with
+      # 7 intermediates per token, and the allocator's reserve as 15% of the streaming buffers + 3% of the budget
+      # instead of a flat 10%) in the working tree, against main's engine (ab/main14/src, `git archive HEAD src`).
+      # Llama-3.1-8B with torch kernels: b32 on a 24 GiB cap (main's plan under-counts its activations by ~2.6 GiB),
+      # then b8 on the whole card (22 -> 23 kept), interleaved, each twice. No roofline.
+      timeout 250 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 32 --seq-len 1024 \
+        --systems slideformer,slideformer@main --gpu-memory-gib 24 --steps 3 --warmup 1 --time-budget-s 230 \
+        --engine-opt resident_layers=-1 --engine-src main=ab/main14/src --no-roofline \
+        --out "$OUT/llama3.1-8b_cap24g_b32res14_h100_bench.json" > "$OUT/b32res14.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_cap24g_b32res14_h100_bench.md
+      timeout 330 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer@main,slideformer+window=2,slideformer@main+window=2 --steps 5 --warmup 2 \
+        --time-budget-s 310 --engine-opt resident_layers=-1 --engine-src main=ab/main14/src --no-roofline \
+        --out "$OUT/llama3.1-8b_res14_h100_bench.json" > "$OUT/res14.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_res14_h100_bench.md
+      grep -ho '"system": "[^"]*"\|"resident_layers": [0-9]*\|"resident_weights": "[a-z]*"' \
+        "$OUT"/llama3.1-8b_*res14_h100_bench.json | head -40 ;;
+    final14)
+      # Session 14's final tree (the planner's memory terms and reserve, the head rule's 95% share): the resident and
+      # blocked-head GPU tests, then the headline configuration with every default (now 16 cast layers, split update,
+      # blocked head) against 15 forced, interleaved, each twice, with the roofline.
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_vocab_head.py 2>&1 \
+        | tee "$OUT/gpu_tests_final14.log" | tail -2
+      grep -q " failed" "$OUT/gpu_tests_final14.log" && exit 1
+      headline3b final14 slideformer,slideformer+resident_layers=15+resident_weights=cast,slideformer+window=2,\
+slideformer+resident_layers=15+resident_weights=cast+window=2 --time-budget-s 420
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_final14_h100_bench.md
+      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"embedding_update": "[a-z]*"' \
+        "$OUT"/llama3.2-3b_cap24g_final14_h100_bench.json | head -16
+      rm -f "$OUT"/*.png ;;
     cast13)
       # Session 13: the planner's rates refit (550 TFLOP/s, 5.2 Gparam/s) and the cast rule on the host's AdamW plus
       # copies move one measured-shape default: Llama-3.1-8B b8 on the whole card under the deferred schedule (the

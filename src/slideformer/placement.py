@@ -3,10 +3,10 @@
 Owns that one decision. A resident layer costs ``compute dtype + 12`` bytes/param of device memory
 (weights, FP32 master, two moments) and saves its uploads, its gradient download and its CPU AdamW
 (``runtime/resident.py``); the rest of the device memory is what ``planner.make_plan`` predicts for the
-run without resident layers. The count is the largest whose total stays within ``GPU_HEADROOM`` of the
-budget. Under the deferred schedule (clipping, accumulation) each resident layer also holds an FP32
-gradient accumulator (4 more bytes/param). With ``engine.resident_weights='cast'`` a layer keeps no
-compute-dtype weights (12 bytes/param) and all share one cast buffer; 'auto' picks it when it fits more
+run without resident layers. The count is the largest whose total leaves the allocator's reserve
+(``reserve_bytes``) free in the budget. Under the deferred schedule (clipping, accumulation) each resident
+layer also holds an FP32 gradient accumulator (4 more bytes/param). With ``engine.resident_weights='cast'`` a
+layer keeps no compute-dtype weights (12 bytes/param) and all share one cast buffer; 'auto' picks it when it fits more
 layers and the plan with kept weights is bound by the host's AdamW (``resident_choice``). Invariant: the
 count is 0 whenever the run cannot use resident layers (CPU device, the disk tier) and never exceeds the
 number of decoder layers.
@@ -23,10 +23,21 @@ from slideformer.config import EngineConfig
 from slideformer.errors import ConfigError
 from slideformer.kernels import cross_entropy
 
-GPU_HEADROOM = 0.90
-"""Fraction of the budget the predicted allocation may use: the caching allocator's reserve runs above
-the allocated peak (measured on the H100 box, Llama-3.2-3B b8 with 8 resident layers: 19.3 GiB allocated,
-21.6 GiB reserved; benchmarks/results/llama3.2-3b_cap24g_resident8_h100_202611_v2_bench.json)."""
+RESERVE_OF_STREAMING = 0.15
+RESERVE_OF_BUDGET = 0.03
+"""The caching allocator's reserve above the planned allocation, which the count leaves free: a share of the
+streaming buffers (slots, activations, the head: the allocations that come and go each step and fragment the
+pool) plus a share of the budget. Fitted on the H100 box's measured peaks, reserved minus planned, of the engines
+since session 11: 0.1-0.9 GiB at batch 8 (3B with 3.8 GiB of streaming buffers on a 24 GiB cap, 8B with 6.9 GiB
+on a 24 GiB cap and on the whole card), 1.6 GiB for the 8B at batch 16 on a 24 GiB cap (9.4 GiB of streaming
+buffers); this rule leaves 1.3 / 1.8 / 2.1 GiB there (session 14 of benchmarks/results/performance_h100_202611.md).
+It replaced a flat 10% of the budget (session 2: 2.3 GiB reserved above 19.3 allocated, an older engine), which
+kept the 3B on a 24 GiB cap one cast layer short: 16 measured 22.5 / 23.0 GiB allocated / reserved."""
+
+
+def reserve_bytes(streaming_bytes: int, gpu_budget_bytes: int) -> int:
+    """Device bytes the count leaves free for the allocator's reserve (``RESERVE_OF_STREAMING``)."""
+    return int(RESERVE_OF_STREAMING * streaming_bytes + RESERVE_OF_BUDGET * gpu_budget_bytes)
 
 
 def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,
@@ -50,14 +61,15 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
     largest = int(base.params["largest_layer"])
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
     streamed_need = sum(v for k, v in base.gpu.items()) - CUDA_CONTEXT_BYTES
-    room = GPU_HEADROOM * gpu_budget_bytes - streamed_need - resident_scratch_bytes(largest, elt, cast)
+    reserve = reserve_bytes(streamed_need, gpu_budget_bytes)
+    room = gpu_budget_bytes - reserve - streamed_need - resident_scratch_bytes(largest, elt, cast)
     per_layer = largest * resident_bytes_per_param(elt, cast, deferred)
     count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
     gib = 2**30
     return count, (f"{count} of {layers} layers ({per_layer / gib:.2f} GiB each"
                    f"{', weights cast on use' if cast else ''}) fit next to "
-                   f"{streamed_need / gib:.2f} GiB of streaming buffers in {GPU_HEADROOM:.0%} of "
-                   f"{gpu_budget_bytes / gib:.1f} GiB")
+                   f"{streamed_need / gib:.2f} GiB of streaming buffers and {reserve / gib:.2f} GiB of allocator "
+                   f"reserve in {gpu_budget_bytes / gib:.1f} GiB")
 
 
 def resident_bytes_per_param(elt: int, cast: bool, deferred: bool) -> int:

@@ -287,8 +287,9 @@ def make_plan(
         f"layer slots ({engine.window} x weights+grads)": engine.window * params["largest_layer"] * 2 * elt,
         "vocab slot (embedding/head)": vocab_numel * 2 * elt,
         # One layer's recompute + backward working set (q/k/v/o, MLP up/gate/act, norms) plus the
-        # running hidden state and its gradient.
-        "layer activations": tokens * (12 * hidden + 4 * inter) * elt + 3 * tokens * hidden * elt,
+        # running hidden state and its gradient; HF's own MLP holds more of them (_mlp_intermediates).
+        "layer activations": (tokens * (12 * hidden + _mlp_intermediates(engine, hf_config, on_gpu) * inter) * elt
+                              + 3 * tokens * hidden * elt),
         "loss chunk (logits and their gradient)": min(loss_chunk, tokens) * vocab * cross_entropy.bytes_per_logit(
             fused),
         "FP32 upload rings (device cast)": (2 * 2 * chunk_bytes // elt * 4) if device_cast else 0,
@@ -422,6 +423,23 @@ def make_plan(
                 state_terms)
 
 
+def _mlp_intermediates(engine: EngineConfig, hf_config: Any, on_gpu: bool) -> int:
+    """``[tokens, intermediate]`` tensors one layer's MLP holds at its backward's peak: 4 with Liger's SwiGLU
+    (``engine.kernels``, kernels/liger.py), which recomputes the gated product in place; 7 with HF's own module,
+    whose autograd also keeps the product and the activation and builds three more gradients. Fitted on the H100
+    box: Llama-3.1-8B with HF's MLP allocated 0.75 GiB over the 4-tensor plan at 8,192 tokens and 1.40 at 16,384
+    (3.2-3.4 intermediates per token); Llama-3.2-3B with Liger's within -0.3..+0.2 GiB of it (session 14 of
+    benchmarks/results/performance_h100_202611.md). 'auto' counts Liger only where it would load here."""
+    from slideformer.kernels import liger
+
+    if engine.kernels == "liger":
+        return 4
+    if engine.kernels == "auto" and on_gpu and str(hf_config.model_type) in liger.SUPPORTED_MODEL_TYPES:
+        device = torch.device(engine.device if engine.device.startswith("cuda") else "cuda")
+        return 4 if not liger.missing(device) else 7
+    return 7
+
+
 def host_seconds(times: dict[str, float], hardware: Hardware) -> float:
     """The host's busy time of a step: its AdamW plus the copies' bytes through host memory, the two sharing one
     memory bus (measured on the H100 box: ~140-150 GB/s in all, AdamW alone or beside the copies; session 9 of
@@ -430,12 +448,20 @@ def host_seconds(times: dict[str, float], hardware: Hardware) -> float:
     return times["cpu adamw"] + times["pcie"] * hardware.pcie_gbs * 1e9 / bus
 
 
+HOST_BOUND_SHARE = 0.95
+"""The head schedule counts a step as the host's where its busy time (``host_seconds``) is at least this share of
+the GPU's compute: on the H100 box the 3B on a 24 GiB cap with 16 cast layers, planned at 0.374 s of host against
+0.383 s of GPU, measured host-bound (0.426-0.439 s steps, the GPU's own 0.361 s): the blocked head 0.435 / 0.426
+against the one-pass head's 0.444 / 0.461 s (session 14 of benchmarks/results/performance_h100_202611.md)."""
+
+
 def _head_schedule(choice: str, *, tied: bool, on_gpu: bool, fused: bool, split: bool, host_s: float,
                    gpu_s: float) -> str:
     """``engine.head_schedule`` of a plan: 'vocab' only where the tied embedding's split update consumes the head's
-    blocks; 'auto' takes it on a GPU with the fused loss kernel where the host's busy time exceeds the GPU's compute
-    (the head's extra matmul then hides behind the host; on a GPU-bound step it would add to it)."""
+    blocks; 'auto' takes it on a GPU with the fused loss kernel where the host's busy time reaches the GPU's compute
+    (``HOST_BOUND_SHARE``: the head's extra matmul then hides behind the host; on a GPU-bound step it would add to
+    it)."""
     if not (tied and split) or choice == "tokens":
         return "tokens"
-    return "vocab" if choice == "vocab" or (on_gpu and fused and host_s > gpu_s) else "tokens"
+    return "vocab" if choice == "vocab" or (on_gpu and fused and host_s >= HOST_BOUND_SHARE * gpu_s) else "tokens"
 
