@@ -294,7 +294,8 @@ slideformer+window=2,slideformer+resident_layers=16+resident_weights=cast+embedd
         --no-roofline --time-budget-s 540 ;;
     auto3b14)
       # Session 14: the planner's allocator reserve (placement.reserve_bytes) puts 16 cast layers on the 3B's 24 GiB
-      # cap; with 16 its step model has the GPU as the bound and picks the one-pass head. Against the blocked head at
+      # cap. As run (placement_reserve14_probe_h100_202611.patch, before the head rule's 95% share) its default took
+      # the one-pass head at 16; on f23edd0 and later the default is the blocked head. Against the blocked head at
       # 16 and the previous default (15 cast: split, blocked head), interleaved, each twice, no roofline.
       headline3b auto14 slideformer,slideformer+resident_layers=16+resident_weights=cast+head_schedule=vocab,\
 slideformer+resident_layers=15+resident_weights=cast,slideformer+window=2,\
