@@ -15,7 +15,7 @@
 # Session 10 ran `tests ab3b10 profile3b10`, `ab8b10 tied80_10`, `ab8b10r ab3b10r`, `ab3b10x`, `ab3b10y`,
 # `final3b10`, `b16cap24`; session 11 `tests head11` (stopped by the kernel test's FP32 bound), `tests_ce head11 tied80_11`, `ab3b11`,
 # `profile3b11 ab8b11`, `place3b11 cast8b11`, `pool3b11`, `b16_8b11 eff8b11`, `final3b11` (ab/prev10/src = `git archive
-# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13`, `ck13`, `eff8b13`, `cast13`; session 14 `r16c14`, `r16s14`, `auto3b14` (ab: a probe tree, see the stage), `nice3b14`, `reserve14`, `final14` (ab/ckdev, ab/ckhalf: probe trees, see the stage) (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
+# 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13`, `ck13`, `eff8b13`, `cast13`; session 14 `r16c14`, `r16s14`, `auto3b14` (ab: a probe tree, see the stage), `nice3b14`, `reserve14`, `final14`, `fam14` (ab/ckdev, ab/ckhalf: probe trees, see the stage) (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
@@ -342,6 +342,18 @@ slideformer+resident_layers=15+resident_weights=cast+window=2 --time-budget-s 42
       sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_final14_h100_bench.md
       grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"embedding_update": "[a-z]*"' \
         "$OUT"/llama3.2-3b_cap24g_final14_h100_bench.json | head -16
+      rm -f "$OUT"/*.png ;;
+    fam14)
+      # Session 14: the planner's reserve adds a kept layer on the whole card for Qwen3-8B and Qwen2.5-7B (b8, HF's
+      # layers); this engine against main before it (ab/main14/src, 8fcbe55's src), one pair each, no roofline.
+      for m in qwen3-8b qwen2.5-7b; do
+        timeout 280 python3 benchmarks/bench_step.py --model $m --batch-size 8 --seq-len 1024 \
+          --systems slideformer,slideformer@main --steps 5 --warmup 2 --time-budget-s 260 \
+          --engine-opt resident_layers=-1 --engine-src main=ab/main14/src --no-roofline \
+          --out "$OUT/${m}_res14_h100_bench.json" > "$OUT/${m}_res14.log" 2>&1
+        sed -n '/## Results/,/## Roofline/p' "$OUT/${m}_res14_h100_bench.md" | grep "^| 8"
+        grep -o '"resident_layers": [0-9]*' "$OUT/${m}_res14_h100_bench.json" | head -4
+      done
       rm -f "$OUT"/*.png ;;
     cast13)
       # Session 13: the planner's rates refit (550 TFLOP/s, 5.2 Gparam/s) and the cast rule on the host's AdamW plus
