@@ -113,7 +113,7 @@ class EngineConfig:
     time (8 blocks), each block's download and host AdamW starting while the head still runs, for one more logits
     matmul (~+25% of the head's GPU time). Only the tied embedding's split update (``embedding_update``) consumes
     the blocks; elsewhere 'vocab' runs as 'tokens'. 'auto': 'vocab' where the planner predicts a host-bound step
-    (the host's AdamW and copies at least 95% of the GPU's compute, ``planner.HOST_BOUND_SHARE``), on CUDA."""
+    (the host's AdamW and copies at least 95% of the GPU's compute, ``plan_time.HOST_BOUND_SHARE``), on CUDA."""
     kernels: Literal["torch", "liger", "auto"] = "torch"
     """Kernels of the decoder layers. 'torch': HF's own modules. 'liger': Liger-Kernel's Triton RMSNorm,
     SwiGLU MLP and RoPE, patched onto this model's instances (kernels/liger.py; llama, mistral, qwen2,

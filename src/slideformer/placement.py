@@ -89,12 +89,13 @@ def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferr
     """(count, cast, reason) for ``resident_layers=-1`` under ``engine.resident_weights``.
 
     'auto' casts when that fits more layers and the plan with the weights kept is bound by the host: its AdamW and
-    the copies' bytes on its memory bus (``planner.host_seconds``) outlast the GPU's compute. There, each layer
+    the copies' bytes on its memory bus (``plan_time.host_seconds``) outlast the GPU's compute. There, each layer
     moved to the GPU takes its AdamW and transfers off that bus (the bound),
     and the casts cost the GPU one pass over the layer's master per forward and per backward. Where the GPU
     bounds the step, those passes would only add to it.
     """
-    from slideformer.planner import Hardware, host_seconds, make_plan
+    from slideformer.plan_time import host_seconds
+    from slideformer.planner import Hardware, make_plan
 
     kw = {"tokens": tokens, "engine": engine, "deferred": deferred, "gpu_budget_bytes": gpu_budget_bytes}
     keep, why = resident_layers_that_fit(hf_config, **kw)

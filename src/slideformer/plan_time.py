@@ -1,7 +1,8 @@
 """The planner's step-time model: roofline terms and the two-phase estimate of one training step.
 
 Owns the seconds of a plan (``planner.make_plan`` owns the bytes): GPU compute, PCIe, CPU AdamW and disk
-terms at the stated hardware rates, and the step as two phases per micro-batch (forward: compute | uploads;
+terms at the stated hardware rates, the host's busy time (``host_seconds``) and the head schedule it decides, and
+the step as two phases per micro-batch (forward: compute | uploads;
 backward: compute | re-uploads and downloads | the CPU AdamW of the units whose gradients landed) plus the
 optimizer's tail (the embedding's gradient lands last, so its AdamW follows the backward: the whole matrix, or
 with the split update only the batch's rows). Invariant: every
@@ -61,3 +62,29 @@ def step_times(hardware: Hardware, *, n: int, tail: int, n_res: int, spread: boo
         times["disk"] = disk_bytes / (hardware.disk_read_gbs * 1e9) + disk_bytes / (hardware.disk_write_gbs * 1e9)
     times["step"] = max(phases, *times.values())
     return times
+
+
+def host_seconds(times: dict[str, float], hardware: Hardware) -> float:
+    """The host's busy time of a step: its AdamW plus the copies' bytes through host memory, the two sharing one
+    memory bus (measured on the H100 box: ~140-150 GB/s in all, AdamW alone or beside the copies; session 9 of
+    performance_h100_202611.md). The copies' bytes are the PCIe term's, at the AdamW's bytes rate (28 B/param)."""
+    bus = hardware.adam_gparams * 1e9 * 28
+    return times["cpu adamw"] + times["pcie"] * hardware.pcie_gbs * 1e9 / bus
+
+
+HOST_BOUND_SHARE = 0.95
+"""The head schedule counts a step as the host's where its busy time (``host_seconds``) is at least this share of
+the GPU's compute: on the H100 box the 3B on a 24 GiB cap with 16 cast layers, planned at 0.374 s of host against
+0.383 s of GPU, measured host-bound (0.426-0.439 s steps, the GPU's own 0.361 s): the blocked head 0.435 / 0.426
+against the one-pass head's 0.444 / 0.461 s (session 14 of benchmarks/results/performance_h100_202611.md)."""
+
+
+def pick_head_schedule(choice: str, *, tied: bool, on_gpu: bool, fused: bool, split: bool, host_s: float,
+                       gpu_s: float) -> str:
+    """``engine.head_schedule`` of a plan: 'vocab' only where the tied embedding's split update consumes the head's
+    blocks; 'auto' takes it on a GPU with the fused loss kernel where the host's busy time reaches the GPU's compute
+    (``HOST_BOUND_SHARE``: the head's extra matmul then hides behind the host; on a GPU-bound step it would add to
+    it)."""
+    if not (tied and split) or choice == "tokens":
+        return "tokens"
+    return "vocab" if choice == "vocab" or (on_gpu and fused and host_s >= HOST_BOUND_SHARE * gpu_s) else "tokens"

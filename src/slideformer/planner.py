@@ -26,7 +26,7 @@ from slideformer.kernels import cross_entropy
 from slideformer.kernels.vocab_head import BLOCKS as HEAD_BLOCKS
 from slideformer.kernels.vocab_head import VocabBlockedHead
 from slideformer.memory.budget import offload_ring_bytes
-from slideformer.plan_time import step_times
+from slideformer.plan_time import host_seconds, pick_head_schedule, step_times
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + allocator slack on the GPU (measured order of magnitude)
@@ -363,7 +363,7 @@ def make_plan(
     if split_rows and on_gpu:
         gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     times = timed(split_rows * hidden if split_rows else params["embedding"])
-    head_schedule = _head_schedule(engine.head_schedule, tied=tied, on_gpu=on_gpu, fused=fused,
+    head_schedule = pick_head_schedule(engine.head_schedule, tied=tied, on_gpu=on_gpu, fused=fused,
                                    split=bool(split_rows), host_s=host_seconds(times, hardware),
                                    gpu_s=times["gpu compute"])
     if head_schedule == "vocab":  # its buffers replace the one-pass head's loss chunk
@@ -438,30 +438,3 @@ def _mlp_intermediates(engine: EngineConfig, hf_config: Any, on_gpu: bool) -> in
         device = torch.device(engine.device if engine.device.startswith("cuda") else "cuda")
         return 4 if not liger.missing(device) else 7
     return 7
-
-
-def host_seconds(times: dict[str, float], hardware: Hardware) -> float:
-    """The host's busy time of a step: its AdamW plus the copies' bytes through host memory, the two sharing one
-    memory bus (measured on the H100 box: ~140-150 GB/s in all, AdamW alone or beside the copies; session 9 of
-    performance_h100_202611.md). The copies' bytes are the PCIe term's, at the AdamW's bytes rate (28 B/param)."""
-    bus = hardware.adam_gparams * 1e9 * 28
-    return times["cpu adamw"] + times["pcie"] * hardware.pcie_gbs * 1e9 / bus
-
-
-HOST_BOUND_SHARE = 0.95
-"""The head schedule counts a step as the host's where its busy time (``host_seconds``) is at least this share of
-the GPU's compute: on the H100 box the 3B on a 24 GiB cap with 16 cast layers, planned at 0.374 s of host against
-0.383 s of GPU, measured host-bound (0.426-0.439 s steps, the GPU's own 0.361 s): the blocked head 0.435 / 0.426
-against the one-pass head's 0.444 / 0.461 s (session 14 of benchmarks/results/performance_h100_202611.md)."""
-
-
-def _head_schedule(choice: str, *, tied: bool, on_gpu: bool, fused: bool, split: bool, host_s: float,
-                   gpu_s: float) -> str:
-    """``engine.head_schedule`` of a plan: 'vocab' only where the tied embedding's split update consumes the head's
-    blocks; 'auto' takes it on a GPU with the fused loss kernel where the host's busy time reaches the GPU's compute
-    (``HOST_BOUND_SHARE``: the head's extra matmul then hides behind the host; on a GPU-bound step it would add to
-    it)."""
-    if not (tied and split) or choice == "tokens":
-        return "tokens"
-    return "vocab" if choice == "vocab" or (on_gpu and fused and host_s >= HOST_BOUND_SHARE * gpu_s) else "tokens"
-

@@ -260,7 +260,8 @@ def head_blocks(e: Engine, tied: bool, split: bool) -> int:
     """Rows per vocabulary block of the head (``engine.head_schedule``, ``kernels/vocab_head.py``), or 0 for the
     one-pass head: only for a tied embedding with the split update (which consumes the blocks) and a head that does
     not soft-cap its logits; 'auto' where the planner predicts a host-bound step on the GPU with the fused loss
-    kernel (``planner._head_schedule``), for micro-batches of ``max_tokens_per_micro_batch`` (unknown: one pass)."""
+    kernel (``plan_time.pick_head_schedule``), for micro-batches of ``max_tokens_per_micro_batch`` (unknown: one
+    pass)."""
     from slideformer.kernels.vocab_head import BLOCKS, VocabBlockedHead
 
     choice = e.cfg.head_schedule

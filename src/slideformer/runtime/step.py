@@ -37,6 +37,7 @@ from slideformer.runtime import head_blocks
 from slideformer.runtime.batch import MicroBatch
 from slideformer.runtime.device import add_squared_norm
 from slideformer.runtime.embedding_split import RowsJob, RowUpdate
+from slideformer.runtime.grad_norm import clip_coefficient
 from slideformer.runtime.grad_pipeline import StagedReady
 from slideformer.runtime.slot_uses import SlotUses
 from slideformer.runtime.transfer import Accumulate, Update
@@ -144,7 +145,9 @@ class StepRunner(SlotUses):
         self.ops.copy(sq_host, self.sq)
         sq_ready = self.ops.record(self.ops.compute_stream())
         drain.end_step()
-        norm = drain.submit_task(self._clip_coefficient, host_norm, sq_host, sq_ready)
+        # Hand-off to the optimizer thread, after every gradient of the step: the norm and the clip coefficient.
+        norm = drain.submit_task(clip_coefficient, drain, self.ops, e.units, self.resident_units,
+                                 e.optim_cfg.max_grad_norm, host_norm, sq_host, sq_ready)
         if deferred:
             for u in e.units:
                 spec = self._schedule_update(u, lr)
@@ -156,23 +159,6 @@ class StepRunner(SlotUses):
         if e.dist is not None:
             loss = e.dist.all_sum(loss)  # every rank's share of the global mean
         return loss, norm, False
-
-    def _clip_coefficient(self, host_norm: bool, sq_host: torch.Tensor, sq_ready: Any) -> tuple[float, float]:
-        # Runs on the optimizer thread after every gradient of the step was consumed.
-        if host_norm:
-            sq = self.e.drain.global_sq([u for u in self.e.units if u.index not in self.resident_units])
-            if self.resident_units:
-                self.ops.host_wait(sq_ready)  # the copy of the resident units' device-side norm has landed
-                sq += float(sq_host[1])
-        else:
-            self.ops.host_wait(sq_ready)  # the copy of the device-side norm has landed
-            sq = float(sq_host[0])
-        total = math.sqrt(sq)
-        max_norm = self.e.optim_cfg.max_grad_norm
-        if max_norm is None:
-            return total, 1.0
-        # torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
-        return total, min(1.0, max_norm / (total + 1e-6))
 
     def _action(self, units: list[HostUnit], deferred: bool, first: bool, last: bool,
                 lr: float, host_norm: bool) -> tuple[Accumulate | Update, bool]:
