@@ -9,6 +9,8 @@ and that run fit: 20.1 GiB allocated / 21.4 reserved (llama3.2-3b_cap24g_chunk_h
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from tests.plan_history import ERA_1_12
@@ -213,28 +215,21 @@ def test_a_tied_embedding_splits_under_auto_only_where_the_plan_predicts_it_pays
 # cap (final12, r16s14); 8B with HF's own layers on a 24 GiB cap (eff13, b16s11, b32res14) and on the whole card
 # (res14).
 MEASURED_PEAKS = [
-    ("3b", 8192, {"kernels": "liger", "host_copy": "bf16", "resident_layers": 15, "resident_weights": "cast"},
+    (_llama3b, 8192, {"kernels": "liger", "host_copy": "bf16", "resident_layers": 15, "resident_weights": "cast"},
      24, 21.39, 22.01),
-    ("3b", 8192, {"kernels": "liger", "host_copy": "bf16", "resident_layers": 16, "resident_weights": "cast"},
+    (_llama3b, 8192, {"kernels": "liger", "host_copy": "bf16", "resident_layers": 16, "resident_weights": "cast"},
      24, 22.51, 23.02),
-    ("8b", 8192, {"kernels": "torch", "resident_layers": 5, "resident_weights": "keep"}, 24, 21.98, 22.71),
-    ("8b", 16384, {"kernels": "torch", "resident_layers": 4, "resident_weights": "keep"}, 24, 21.66, 23.14),
-    ("8b", 32768, {"kernels": "torch", "resident_layers": 2, "resident_weights": "keep"}, 24, 21.04, 23.66),
-    ("8b", 8192, {"kernels": "torch", "resident_layers": 22, "resident_weights": "keep"}, 79, 70.32, 71.08),
-    ("8b", 8192, {"kernels": "torch", "resident_layers": 23, "resident_weights": "keep"}, 79, 73.16, 73.93),
+    (_llama8b, 8192, {"kernels": "torch", "resident_layers": 5, "resident_weights": "keep"}, 24, 21.98, 22.71),
+    (_llama8b, 16384, {"kernels": "torch", "resident_layers": 4, "resident_weights": "keep"}, 24, 21.66, 23.14),
+    (_llama8b, 32768, {"kernels": "torch", "resident_layers": 2, "resident_weights": "keep"}, 24, 21.04, 23.66),
+    (_llama8b, 8192, {"kernels": "torch", "resident_layers": 22, "resident_weights": "keep"}, 79, 70.32, 71.08),
+    (_llama8b, 8192, {"kernels": "torch", "resident_layers": 23, "resident_weights": "keep"}, 79, 73.16, 73.93),
 ]
 
 
-def _shape(name: str) -> LlamaConfig:
-    if name == "3b":
-        return _llama3b()
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                       max_position_embeddings=131072)
-
-
 @pytest.mark.parametrize(("shape", "tokens", "engine", "budget", "allocated", "reserved"), MEASURED_PEAKS)
-def test_the_plan_matches_measured_peaks_and_leaves_their_reserve(shape: str, tokens: int, engine: dict,
+def test_the_plan_matches_measured_peaks_and_leaves_their_reserve(shape: Callable[[], LlamaConfig], tokens: int,
+                                                                  engine: dict,
                                                                   budget: int, allocated: float,
                                                                   reserved: float) -> None:
     """The planned allocation within 0.35 GiB of the measured peak (HF's MLP counted with its 7 intermediates per
@@ -244,7 +239,7 @@ def test_the_plan_matches_measured_peaks_and_leaves_their_reserve(shape: str, to
     from slideformer.planner import CUDA_CONTEXT_BYTES
 
     cfg = EngineConfig(device="cuda", loss_kernel="triton", max_tokens_per_micro_batch=tokens, **engine)
-    plan = make_plan(_shape(shape), seq_len=tokens, batch_size=1, grad_accum=1, clipping=False, engine=cfg,
+    plan = make_plan(shape(), seq_len=tokens, batch_size=1, grad_accum=1, clipping=False, engine=cfg,
                      hardware=Hardware(gpu_memory_bytes=1 << 50, host_memory_bytes=1 << 50))
     planned = sum(plan.gpu.values()) - CUDA_CONTEXT_BYTES
     streaming = sum(v for k, v in plan.gpu.items() if not k.startswith("resident layers") and "CUDA" not in k)
@@ -266,7 +261,7 @@ def test_the_counts_session_14_measured() -> None:
                      hardware=Hardware(gpu_memory_bytes=1 << 50, host_memory_bytes=1 << 50))
     assert (plan.settings["embedding_update"], plan.settings["head_schedule"]) == ("split", "vocab")
     e8 = EngineConfig(device="cuda", resident_layers=-1, kernels="torch")
-    assert resident_choice(_shape("8b"), tokens=32768, engine=e8, deferred=False, gpu_budget_bytes=24 * GIB)[:2] == (
+    assert resident_choice(_llama8b(), tokens=32768, engine=e8, deferred=False, gpu_budget_bytes=24 * GIB)[:2] == (
         2, False)
-    assert resident_choice(_shape("8b"), tokens=8192, engine=e8, deferred=False, gpu_budget_bytes=79 * GIB)[:2] == (
+    assert resident_choice(_llama8b(), tokens=8192, engine=e8, deferred=False, gpu_budget_bytes=79 * GIB)[:2] == (
         23, False)

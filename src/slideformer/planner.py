@@ -364,8 +364,8 @@ def make_plan(
         gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     times = timed(split_rows * hidden if split_rows else params["embedding"])
     head_schedule = pick_head_schedule(engine.head_schedule, tied=tied, on_gpu=on_gpu, fused=fused,
-                                   split=bool(split_rows), host_s=host_seconds(times, hardware),
-                                   gpu_s=times["gpu compute"])
+                                       split=bool(split_rows), host_s=host_seconds(times, hardware),
+                                       gpu_s=times["gpu compute"])
     if head_schedule == "vocab":  # its buffers replace the one-pass head's loss chunk
         del gpu["loss chunk (logits and their gradient)"]
         gpu.update(VocabBlockedHead.device_bytes(tokens, vocab, hidden,
@@ -434,7 +434,7 @@ def _mlp_intermediates(engine: EngineConfig, hf_config: Any, on_gpu: bool) -> in
 
     if engine.kernels == "liger":
         return 4
-    if engine.kernels == "auto" and on_gpu and str(hf_config.model_type) in liger.SUPPORTED_MODEL_TYPES:
+    if engine.kernels == "auto" and on_gpu:
         device = torch.device(engine.device if engine.device.startswith("cuda") else "cuda")
-        return 4 if not liger.missing(device) else 7
+        return 4 if liger.would_load(device, str(hf_config.model_type)) else 7
     return 7

@@ -72,6 +72,12 @@ def missing(device: torch.device) -> list[str]:
     return reasons
 
 
+def would_load(device: torch.device, model_type: str) -> bool:
+    """Whether ``engine.kernels='auto'`` takes Liger for ``model_type`` on ``device`` (``resolve``'s rule, without
+    its log lines: the planner asks it for each plan)."""
+    return model_type in SUPPORTED_MODEL_TYPES and not missing(device)
+
+
 def resolve(choice: str, device: torch.device, model_type: str) -> bool:
     """Whether ``engine.kernels=choice`` means Liger for ``model_type`` on ``device``.
 
