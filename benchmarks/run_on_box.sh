@@ -330,6 +330,21 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_res14_h100_bench.md
       grep -ho '"system": "[^"]*"\|"resident_layers": [0-9]*\|"resident_weights": "[a-z]*"' \
         "$OUT"/llama3.1-8b_*res14_h100_bench.json | head -40 ;;
+    mem15)
+      # Session 15 probe: does a 17th (18th) cast resident layer fit the headline's 24 GiB cap, and what does it buy?
+      # The allocator as is, then with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the reserve the planner leaves
+      # is the caching allocator's fragmentation, measured), every default otherwise.
+      headline3b mem15 slideformer,slideformer+resident_layers=17+resident_weights=cast --no-roofline
+      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"error": "[^"]\{0,160\}' \
+        "$OUT"/llama3.2-3b_cap24g_mem15_h100_bench.json | head -12
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+      headline3b mem15x \
+        slideformer,slideformer+resident_layers=17+resident_weights=cast,slideformer+resident_layers=18+resident_weights=cast
+      unset PYTORCH_CUDA_ALLOC_CONF
+      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"error": "[^"]\{0,160\}' \
+        "$OUT"/llama3.2-3b_cap24g_mem15x_h100_bench.json | head -12
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_mem15x_h100_bench.md
+      rm -f "$OUT"/*.png ;;
     final14)
       # Session 14's final tree (the planner's memory terms and reserve, the head rule's 95% share): the resident and
       # blocked-head GPU tests, then the headline configuration with every default (now 16 cast layers, split update,
