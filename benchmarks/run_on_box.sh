@@ -330,6 +330,18 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_res14_h100_bench.md
       grep -ho '"system": "[^"]*"\|"resident_layers": [0-9]*\|"resident_weights": "[a-z]*"' \
         "$OUT"/llama3.1-8b_*res14_h100_bench.json | head -40 ;;
+    alias15)
+      # Session 15: the resident layers' gradient scratch in the vocabulary slot's idle weights (0.38 GiB on the 3B).
+      # The whole GPU test set first, then the headline with every default against main before it (ab/main15/src,
+      # 1fd229c's src) twice, interleaved, and 17 cast layers forced (they fit at 23.9 of 24 GiB reserved before,
+      # mem15), with the roofline.
+      bash "$0" tests || exit 1
+      headline3b alias15 slideformer,slideformer@main,slideformer+resident_layers=17+resident_weights=cast,\
+slideformer@main+window=2 --engine-src main=ab/main15/src --time-budget-s 400
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_alias15_h100_bench.md
+      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"error": "[^"]\{0,160\}' \
+        "$OUT"/llama3.2-3b_cap24g_alias15_h100_bench.json | head -20
+      rm -f "$OUT"/*.png ;;
     mem15)
       # Session 15 probe: does a 17th (18th) cast resident layer fit the headline's 24 GiB cap, and what does it buy?
       # The allocator as is, then with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the reserve the planner leaves

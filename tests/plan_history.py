@@ -6,3 +6,17 @@ from __future__ import annotations
 
 ERA_1_12 = {"gpu_tflops": 500.0, "adam_gparams": 4.5}
 """``Hardware`` keyword overrides: the rates the planner used through session 12."""
+
+
+def own_scratch_bytes(hf_config: object) -> int:
+    """The FP32 gradient scratch of the largest decoder layer (4 B/param) that engines before session 15 kept as a
+    buffer of their own; since then the overlap schedule keeps it in the vocabulary slot's idle weights where they
+    hold it (``runtime/resident.py``). A measurement of such an engine is planned today with its budget that much
+    smaller (counts) or its allocation that much larger (peaks)."""
+    from slideformer import EngineConfig
+    from slideformer.planner import Hardware, make_plan
+
+    plan = make_plan(hf_config, seq_len=1, batch_size=1, grad_accum=1, clipping=False,
+                     engine=EngineConfig(device="cuda"), hardware=Hardware(gpu_memory_bytes=1 << 50,
+                                                                           host_memory_bytes=1 << 50))
+    return 4 * int(plan.params["largest_layer"])

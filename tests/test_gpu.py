@@ -35,10 +35,14 @@ def _updates(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> torch.Ten
     ("llama_tied", 2, 2, 1.0, 0), ("qwen2", 2, 1, None, 0), ("qwen3", 3, 2, 1.0, 0), ("mistral", 1, 1, 0.5, 0),
     ("llama", 2, 1, None, 2), ("qwen3", 1, 1, None, 4), ("llama_tied", 2, 2, 1.0, 2), ("mistral", 1, 1, 0.5, 3),
     ("llama", 2, 1, None, "2c"), ("llama_tied", 1, 2, 1.0, "3c"),  # "c": weights cast on use
+    # "v": a vocabulary large enough that the overlap schedule's gradient scratch lives in the head's weights
+    ("llama", 2, 1, None, "2v"), ("llama_tied", 1, 1, None, "3cv"), ("qwen3", 2, 2, 1.0, "2v"),
 ])
 def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float | None, resident: int | str) -> None:
     tol = TOLERANCES["gpu_bf16"]
-    cfg = tiny_config(family, layers=4, hidden=128, vocab=2048)
+    alias = str(resident).endswith("v")
+    resident = str(resident).rstrip("v")
+    cfg = tiny_config(family, layers=4, hidden=128, vocab=4096 if alias else 2048)
     cpu_model = make_model(cfg)
     init = {n: p.detach().clone() for n, p in cpu_model.named_parameters()}
     ref = copy.deepcopy(cpu_model).cuda()
@@ -49,6 +53,8 @@ def test_bf16_parity(family: str, window: int, accumulate: int, max_norm: float 
     engine = Engine(cpu_model, EngineConfig(device="cuda", window=window, chunk_mib=1,
                                             resident_layers=int(str(resident).rstrip("c")), resident_weights=weights),
                     OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
+    if engine.resident is not None:
+        assert engine.resident.aliased == alias
     gen = torch.Generator().manual_seed(5)
     try:
         for step in range(5):
@@ -83,8 +89,17 @@ def test_race_amplifier_split_embedding_update(family: str, resident: int) -> No
     _race(family, 2, 1, resident, embedding_update="split")
 
 
-def _race(family: str, window: int, accumulate: int, resident: int, **engine_kw: object) -> None:
-    cfg = tiny_config(family, layers=5, hidden=1024, vocab=4096)
+@pytest.mark.parametrize("family,accumulate,engine_kw", [
+    ("llama", 1, {}), ("llama_tied", 1, {"embedding_update": "split"}), ("llama", 3, {})])
+def test_race_amplifier_scratch_in_the_vocab_slot(family: str, accumulate: int, engine_kw: dict) -> None:
+    """A vocabulary large enough that the resident layers' gradient scratch lives in the head's weights between the
+    head and their next upload (runtime/resident.py), under the race amplifier: a missing wait shows as a difference."""
+    _race(family, 2, accumulate, 2, vocab=57344, aliased=True, **engine_kw)
+
+
+def _race(family: str, window: int, accumulate: int, resident: int, vocab: int = 4096, aliased: bool = False,
+          **engine_kw: object) -> None:
+    cfg = tiny_config(family, layers=5, hidden=1024, vocab=vocab)
     cfg.intermediate_size = 8192
     base = make_model(cfg)
     results = []
@@ -93,6 +108,8 @@ def _race(family: str, window: int, accumulate: int, resident: int, **engine_kw:
                         EngineConfig(device="cuda", window=window, chunk_mib=2, staging_chunks=2, sync_copies=sync,
                                      resident_layers=resident, **engine_kw),
                         OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0 if accumulate > 1 else None))
+        if engine.resident is not None:
+            assert engine.resident.aliased == aliased
         gen = torch.Generator().manual_seed(7)
         losses = []
         for _ in range(20):

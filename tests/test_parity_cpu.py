@@ -168,3 +168,51 @@ def test_bf16_compute_on_cpu_tracks_autocast(family: str, schedule: str) -> None
     d_engine, d_autocast = rel(updates(trained), updates(ref)), rel(updates(ref), updates(fp32))
     assert d_engine <= max(tol["update_rel_factor"] * d_autocast, tol["update_rel_floor"]), (d_engine, d_autocast)
     engine.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_the_resident_gradient_scratch_lives_in_the_vocab_slots_idle_weights(family: str) -> None:
+    """The overlap schedule's FP32 gradient scratch aliases the vocabulary slot's weights (runtime/resident.py): the
+    engine counts no bytes for it, the slot is re-uploaded after a step wrote it (an eval right after a step sees the
+    updated head, as the reference does), and the deferred schedule's clipped update gets a buffer of its own."""
+    cfg = tiny_config(family, layers=4)
+    ref = make_model(cfg)
+    model = copy.deepcopy(ref)
+    opt = adamw_for(ref, 1e-3, 0.1, fused=True)
+    gen = torch.Generator().manual_seed(3)
+    with Engine(model, EngineConfig(device="cpu", window=1, resident_layers=2, loss_chunk_tokens=16),
+                OptimConfig(lr=1e-3, weight_decay=0.1)) as engine:
+        res = engine.resident
+        assert res is not None and res.aliased and res.deferred32 is None
+        weights = engine.vocab_slot.weight
+        assert res.grad32.untyped_storage().data_ptr() == weights.untyped_storage().data_ptr()
+        own = sum(t.numel() * t.element_size() for t in [*res.flat.values(), *res.weight.values()])
+        assert res.device_bytes() == own
+        for _ in range(2):
+            batch = random_batch(cfg.vocab_size, 3, 11, gen)
+            reference_step(ref, opt, [batch], None)
+            engine.train_step(batch)
+            assert engine.vocab_slot.content is None  # the scratch wrote over the head: upload it again
+            probe = random_batch(cfg.vocab_size, 3, 11, gen)
+            mean, _ = engine.eval_loss(probe)
+            with torch.no_grad():
+                expect = ref(**probe).loss.item()
+            assert abs(mean - expect) <= TOL["loss_rel"] * abs(expect)
+    # Clipping: the deferred schedule's scaled gradient cannot use the head's memory (it runs in the next forward).
+    ref = make_model(cfg)
+    model = copy.deepcopy(ref)
+    opt = adamw_for(ref, 1e-3, 0.1, fused=True)
+    with Engine(model, EngineConfig(device="cpu", window=1, resident_layers=2, loss_chunk_tokens=16),
+                OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=1e-3)) as engine:
+        res = engine.resident
+        for _ in range(2):
+            batch = random_batch(cfg.vocab_size, 3, 11, gen)
+            reference_step(ref, opt, [batch], 1e-3)
+            engine.train_step(batch)
+        assert res.deferred32 is not None
+        assert res.deferred32.untyped_storage().data_ptr() != engine.vocab_slot.weight.untyped_storage().data_ptr()
+        own = sum(t.numel() * t.element_size() for t in [*res.flat.values(), *res.weight.values(), *res.acc.values()])
+        assert res.device_bytes() == own + res.deferred32.numel() * 4
+        state = engine.state_dict()
+        for name, p in ref.named_parameters():
+            assert rel(state["params"][name], p.detach()) <= TOL["param_rel"], name

@@ -62,7 +62,9 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
     streamed_need = sum(v for k, v in base.gpu.items()) - CUDA_CONTEXT_BYTES
     reserve = reserve_bytes(streamed_need, gpu_budget_bytes)
-    room = gpu_budget_bytes - reserve - streamed_need - resident_scratch_bytes(largest, elt, cast)
+    vocab_bytes = int(hf_config.vocab_size) * int(hf_config.hidden_size) * elt
+    room = gpu_budget_bytes - reserve - streamed_need - resident_scratch_bytes(largest, elt, cast, deferred=deferred,
+                                                                               vocab_slot_bytes=vocab_bytes)
     per_layer = largest * resident_bytes_per_param(elt, cast, deferred)
     count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
     gib = 2**30
@@ -78,10 +80,14 @@ def resident_bytes_per_param(elt: int, cast: bool, deferred: bool) -> int:
     return 12 + (0 if cast else elt) + (4 if deferred else 0)
 
 
-def resident_scratch_bytes(largest_layer: int, elt: int, cast: bool) -> int:
-    """Device bytes resident layers need once, whatever their count: one FP32 gradient scratch of the largest
-    layer, and with ``cast`` the compute-dtype buffer they all share."""
-    return largest_layer * (4 + (elt if cast else 0))
+def resident_scratch_bytes(largest_layer: int, elt: int, cast: bool, *, deferred: bool, vocab_slot_bytes: int) -> int:
+    """Device bytes resident layers need once, whatever their count: with ``cast`` the compute-dtype buffer they all
+    share, and one FP32 gradient scratch of the largest layer, except where the overlap schedule keeps it in the
+    vocabulary slot's weights (``vocab_slot_bytes``; ``runtime/resident.scratch_fits``)."""
+    from slideformer.runtime.resident import scratch_fits
+
+    aliased = not deferred and scratch_fits(vocab_slot_bytes, largest_layer)
+    return largest_layer * ((0 if aliased else 4) + (elt if cast else 0))
 
 
 def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,

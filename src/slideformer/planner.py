@@ -314,11 +314,12 @@ def make_plan(
     if n_res:
         # runtime/resident.py: FP32 master + two moments per resident param, the weights (kept, or one shared
         # buffer they are cast into), an FP32 gradient accumulator under the deferred schedule; one FP32 grad
-        # scratch.
+        # scratch (none of its own where the vocabulary slot's weights hold it).
         key = ("resident layers (FP32 master + moments; weights cast on use)" if cast
                else "resident layers (weights + FP32 master + moments)")
         gpu[key] = (n_res * resident_bytes_per_param(elt, cast, deferred)
-                    + resident_scratch_bytes(params["largest_layer"], elt, cast))
+                    + resident_scratch_bytes(params["largest_layer"], elt, cast, deferred=deferred,
+                                             vocab_slot_bytes=vocab_numel * elt))
     # Only uploaded units have a copy: not resident layers, nor an untied embedding (its rows are gathered).
     copy_params = n - n_res - (0 if tied else params["embedding"])
     if host_copy:

@@ -19,6 +19,13 @@ With ``cast`` (``engine.resident_weights``) no compute-dtype weights are kept (1
 ``stage`` casts a unit's FP32 master into one buffer shared by all resident units, on the compute stream, right
 before the unit's forward or backward binds it; stream order keeps the next unit's cast behind this unit's use.
 
+The overlap schedule's update reads each unit's gradient through one FP32 scratch of the largest unit (the fused
+AdamW takes FP32 gradients for FP32 masters). It needs no memory of its own where the vocabulary slot's weights are
+large enough (``scratch_fits``): from the head's last read of them to their next upload, which waits for the step's
+embedding backward (after every layer's backward in compute-stream order), no one touches them, and the step runner
+forgets what the slot holds once a scratch update ran (``StepRunner``). 0.38 GiB on Llama-3.2-3B, 0.81 on
+Llama-3.1-8B.
+
 Invariant: a resident unit's device state is the truth between ``load_from_host`` and ``sync_to_host``;
 its update uses ``torch._fused_adamw_`` with the same arithmetic as the host kernel, so results do not
 depend on which layers are resident (CPU parity tests hold that).
@@ -77,9 +84,13 @@ class ResidentLayers:
 
     def __init__(self, ops: DeviceOps, units: list[HostUnit], dtype: torch.dtype, optim: OptimConfig, *,
                  cast: bool = False, reduce: Callable[[torch.Tensor], None] | None = None,
-                 gather: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+                 gather: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                 idle_scratch: torch.Tensor | None = None) -> None:
         """``reduce`` / ``gather`` (data-parallel): sum a gradient over the ranks in place; fill a whole
-        third from this rank's part of it (``gather(whole, own)``, in place), both in compute-stream order."""
+        third from this rank's part of it (``gather(whole, own)``, in place), both in compute-stream order.
+        ``idle_scratch``: device memory no one reads or writes while the overlap schedule's updates run (``update``,
+        in the layers' backward), at least 4 bytes per element of the largest unit: the FP32 gradient scratch lives
+        there instead of in a buffer of its own (``scratch_alias``)."""
         self.ops = ops
         self.optim = optim
         self.reduce, self.gather = reduce, gather
@@ -93,7 +104,13 @@ class ResidentLayers:
         self.shared = ops.empty(largest, dtype) if cast else None
         self.weight = {u.index: self.shared[:u.numel] if self.shared is not None else ops.empty(u.numel, dtype)
                        for u in units}
-        self.grad32 = ops.empty(largest, torch.float32)
+        # The FP32 gradient scratch of ``update``: in the idle memory when given (no bytes of its own), else a buffer.
+        # The deferred schedule's clipped update runs in the next forward, where that memory is in use: it gets a
+        # buffer of its own at its first step (``accumulate``).
+        self.aliased = idle_scratch is not None
+        self.grad32 = (scratch_alias(idle_scratch, largest) if idle_scratch is not None
+                       else ops.empty(largest, torch.float32))
+        self.deferred32: torch.Tensor | None = None if self.aliased else self.grad32
         self.step_t = {u.index: torch.zeros((), dtype=torch.float32, device=ops.device) for u in units}
         self.views = {u.index: [self.weight[u.index][s.offset:s.offset + s.numel].view(s.shape) for s in u.params]
                       for u in units}
@@ -167,6 +184,8 @@ class ResidentLayers:
         overwrite it); after the step's ``last`` micro-batch, sum it over the ranks (data-parallel) and add
         its squared norm to ``sq_norm``."""
         i = unit.index
+        if self.deferred32 is None:  # once per engine: the clipped update's scratch (__init__)
+            self.deferred32 = self.ops.empty(self.grad32.numel(), torch.float32)
         if i not in self.acc:  # once per engine: the deferred schedule's first step
             self.acc[i] = self.ops.empty(unit.numel, torch.float32)
             self.acc_views[i] = [self.acc[i][s.offset:s.offset + s.numel].view(s.shape) for s in unit.params]
@@ -184,7 +203,9 @@ class ResidentLayers:
         the unit's step count after this update, already advanced by the schedule)."""
         g = self.acc[unit.index]
         if grad_scale != 1.0:
-            g = torch.mul(g, grad_scale, out=self.grad32[:unit.numel])
+            if self.deferred32 is None:
+                raise RuntimeError(f"{unit.name}: a deferred update with no accumulated gradient (accumulate first)")
+            g = torch.mul(g, grad_scale, out=self.deferred32[:unit.numel])
         self.step_t[unit.index].fill_(float(step))
         self._adamw(unit, g, lr)
 
@@ -205,5 +226,23 @@ class ResidentLayers:
 
     def device_bytes(self) -> int:
         weights = [self.shared] if self.shared is not None else list(self.weight.values())
-        return sum(t.numel() * t.element_size()
-                   for t in [*self.flat.values(), *weights, *self.acc.values(), self.grad32])
+        own = [self.deferred32] if self.deferred32 is not None else []  # (the aliased scratch is not ours)
+        return sum(t.numel() * t.element_size() for t in [*self.flat.values(), *weights, *self.acc.values(), *own])
+
+
+def scratch_alias(idle: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` FP32 elements of the contiguous device buffer ``idle`` (any dtype), as a view."""
+    nbytes = numel * 4
+    if not idle.is_contiguous() or idle.numel() * idle.element_size() < nbytes:
+        raise ValueError(f"the idle buffer ({idle.numel() * idle.element_size()} bytes) cannot hold a {numel}-element "
+                         "FP32 scratch")
+    raw = idle.view(torch.uint8)[:nbytes]
+    if raw.data_ptr() % 4:
+        raise ValueError("the idle buffer is not 4-byte aligned")
+    return raw.view(torch.float32)
+
+
+def scratch_fits(idle_bytes: int, largest_layer: int) -> bool:
+    """Whether ``idle_bytes`` of idle device memory hold the FP32 gradient scratch of a ``largest_layer`` unit (the
+    engine's rule for aliasing it into the vocabulary slot's weights, and the planner's)."""
+    return idle_bytes >= 4 * largest_layer

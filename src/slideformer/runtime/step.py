@@ -331,6 +331,8 @@ class StepRunner(SlotUses):
                 else:
                     # (data-parallel, host_norm: sq_res, added after the cross-rank sum of the sharded part)
                     self.resident.update(unit, list(grads[1:]), lr, self.sq_res if host_norm else self.sq_dev)
+                    if self.resident.aliased:
+                        e.vocab_slot.content = None  # its weights were the update's scratch: upload them again
                 continue
             torch._foreach_copy_(self.layer_grad_views[j], list(grads[1:]))
             self._drain([(unit, use.slot.grad[:unit.padded])], use.release, deferred, first, last, lr, host_norm)

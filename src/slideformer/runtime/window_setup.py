@@ -23,7 +23,7 @@ from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime import build
 from slideformer.runtime.embedding_split import EmbeddingSplit
 from slideformer.runtime.grad_pipeline import GradPipeline
-from slideformer.runtime.resident import ResidentLayers, pick_resident
+from slideformer.runtime.resident import ResidentLayers, pick_resident, scratch_fits
 from slideformer.runtime.step import StepRunner
 from slideformer.runtime.transfer import Uploader
 from slideformer.runtime.window import Segment, SlotPool
@@ -52,16 +52,20 @@ def setup_device(e: Engine) -> None:
         count = 0
     e.resident_idx = pick_resident(e.num_layers, count, e.cfg.resident_placement)
     streamed = [u for j, u in enumerate(e.units[1:-1]) if j not in set(e.resident_idx)]
-    e.resident = (ResidentLayers(ops, [e.units[j + 1] for j in e.resident_idx], e.dtype, e.optim_cfg, cast=cast,
-                                 **(e.dist.resident_ops() if e.dist is not None else {}))
-                  if e.resident_idx else None)
-    depth = min(e.cfg.window, len(streamed))
-    # Slots hold a unit's padded layout (= numel unless data-parallel sharding pads it).
-    e.layer_pool = SlotPool(ops, depth, max((u.padded for u in streamed), default=0), e.dtype)
     u0, uh = e.units[0], e.units[-1]
     e.head_segments = [Segment(u0, 0), Segment(uh, u0.padded)] if p.tied else [Segment(uh, 0)]
     vocab_numel = max(sum(s.unit.padded for s in e.head_segments), u0.padded)
     e.vocab_slot = SlotPool(ops, 1, vocab_numel, e.dtype).slots[0]
+    resident_units = [e.units[j + 1] for j in e.resident_idx]
+    idle = e.vocab_slot.weight  # idle during the layers' backward (runtime/resident.py)
+    fits = resident_units and scratch_fits(idle.numel() * idle.element_size(), max(u.numel for u in resident_units))
+    e.resident = (ResidentLayers(ops, resident_units, e.dtype, e.optim_cfg, cast=cast,
+                                 idle_scratch=idle if fits else None,
+                                 **(e.dist.resident_ops() if e.dist is not None else {}))
+                  if resident_units else None)
+    depth = min(e.cfg.window, len(streamed))
+    # Slots hold a unit's padded layout (= numel unless data-parallel sharding pads it).
+    e.layer_pool = SlotPool(ops, depth, max((u.padded for u in streamed), default=0), e.dtype)
     e.adam = FlatAdamW(e.optim_cfg)
     if e.host_copy:  # every uploaded unit (an untied embedding is only gathered): before page-locking
         attach_upload_copies([s.unit for s in e.head_segments]
