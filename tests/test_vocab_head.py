@@ -160,6 +160,38 @@ def test_engine_vocab_blocks_match_the_one_pass_head() -> None:
         assert _rel(_flat(s_vb, part), _flat(s_tb, part)) <= bf16_effect, part
 
 
+def test_the_gradient_ring_holds_two_blocks_and_grows_for_a_step_that_needs_the_whole_matrix() -> None:
+    """The blocked head writes the tied matrix's gradient into a ring of two blocks (runtime/head_blocks.py), read by
+    parking chunks that straddle blocks (5,120-element chunks, 8,192-element blocks); a step with two micro-batches
+    (the deferred schedule, the whole embedding update) gives the slot the whole matrix's buffer, and the blocked head
+    then runs over it. The same training as the one-pass head through the same steps."""
+    cfg = tiny_config("llama_tied", vocab=512)
+    model = make_model(cfg)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    states, rings = {}, {}
+    for sched in ("tokens", "vocab"):
+        opts = {"chunk_mib": 5 / 256, "loss_chunk_tokens": 16, "embedding_update": "split", "head_schedule": sched}
+        with Engine(copy.deepcopy(model), EngineConfig(device="cpu", **opts),
+                    OptimConfig(lr=1e-3, weight_decay=0.1)) as engine:
+            gen = torch.Generator().manual_seed(11)
+            seen = [engine.vocab_ring is not None, engine.vocab_slot.grad.numel()]
+            for batch in ([random_batch(cfg.vocab_size, 3, 11, gen)] for _ in range(2)):
+                engine.train_step(batch[0])
+            seen.append(engine.vocab_ring is not None)
+            engine.train_step([random_batch(cfg.vocab_size, 3, 11, gen) for _ in range(2)])
+            seen += [engine.vocab_ring is not None, engine.vocab_slot.grad.numel()]
+            engine.train_step(random_batch(cfg.vocab_size, 3, 11, gen))
+            sd = engine.state_dict()
+            states[sched] = {k: v - init[k] for k, v in sd["params"].items() if k in init}
+            rings[sched] = seen
+    uh = cfg.hidden_size  # the head unit: the final norm's weight
+    assert rings["vocab"] == [True, 2 * 128 * cfg.hidden_size + uh, True, False, (512 + 1) * cfg.hidden_size]
+    assert rings["tokens"][0] is False
+    ref = torch.cat([t.reshape(-1) for _, t in sorted(states["tokens"].items())])
+    got = torch.cat([t.reshape(-1) for _, t in sorted(states["vocab"].items())])
+    assert _rel(got, ref) < 1e-4
+
+
 def test_vocab_needs_the_tied_split_else_one_pass() -> None:
     """'vocab' on an untied head, or a tied one with the whole update, runs the one-pass head."""
     assert _train("llama", "vocab", steps=1)[3] == 0

@@ -369,8 +369,13 @@ def make_plan(
                                        gpu_s=times["gpu compute"])
     if head_schedule == "vocab":  # its buffers replace the one-pass head's loss chunk
         del gpu["loss chunk (logits and their gradient)"]
-        gpu.update(VocabBlockedHead.device_bytes(tokens, vocab, hidden,
-                                                 VocabBlockedHead.block_rows_for(vocab, HEAD_BLOCKS), elt))
+        block_rows = VocabBlockedHead.block_rows_for(vocab, HEAD_BLOCKS)
+        gpu.update(VocabBlockedHead.device_bytes(tokens, vocab, hidden, block_rows, elt))
+        # ...and its gradient is a ring of blocks, not the whole matrix's (runtime/head_blocks.py): the weights, the
+        # ring and the final norm's gradient.
+        del gpu["vocab slot (embedding/head)"]
+        gpu["vocab slot (weights; gradient: a ring of head blocks)"] = (
+            vocab_numel + VocabBlockedHead.grad_ring_rows(vocab, block_rows) * hidden + hidden) * elt
     limit = getattr(hf_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         notes.append(f"seq_len {seq_len} exceeds max_position_embeddings {limit}")

@@ -78,6 +78,15 @@ BLOCKS = 8
 """Vocabulary blocks per head (``block_rows_for``): the first block's gradient is final after pass 1 and an eighth
 of pass 2 (~11 ms of the 3B head at batch 8), and each block's matmuls stay large (8,192 x ~16K x 3,072)."""
 
+GRAD_RING = 2
+"""Blocks of the weight's gradient the device holds at once (``runtime/head_blocks.HeadGradRing``): block ``k`` is
+written over block ``k - GRAD_RING`` once that one's download has run. Two: a block's download (~94 MiB on
+Llama-3.2-3B, ~2 ms at 50 GB/s) runs beside the next block's matmuls (~3.4 ms), so the second slot is never waited
+for in steady state; the other six eighths of the [V, H] gradient (0.55 GiB there) stay free for resident layers."""
+
+BlockOut = Callable[[int, int], torch.Tensor]
+"""``block_out(lo, hi)``: the ``[hi - lo, H]`` tensor that receives rows ``[lo, hi)`` of the weight's gradient."""
+
 OnBlock = Callable[[int, int], None]
 """``on_block(lo, hi)``: rows ``[lo, hi)`` of the weight's gradient are final (their work is queued)."""
 
@@ -127,6 +136,11 @@ class VocabBlockedHead:
         return {"loss logits (one vocabulary block of every token)": tokens * min(block_rows, vocab) * elt,
                 "vocab-blocked head: FP32 input gradient, log-sum-exps": tokens * hidden * 4 + tokens * 4}
 
+    @staticmethod
+    def grad_ring_rows(vocab: int, block_rows: int) -> int:
+        """Rows of the weight's gradient the device holds at once (``GRAD_RING`` blocks; all of them when fewer)."""
+        return min(vocab, GRAD_RING * block_rows)
+
     def loss(self, scale: float) -> torch.Tensor:
         """Pass 1: the summed loss times ``scale`` (an FP32 device scalar); keeps each row's log-sum-exp."""
         x, w, n = self.x, self.weight, self.x.shape[0]
@@ -142,10 +156,11 @@ class VocabBlockedHead:
                 lse_torch(z, self.targets[lo:hi], self.lse[lo:hi], loss_rows[lo:hi])
         return loss_rows.sum() * scale
 
-    def backward(self, scale: float, grad_weight: torch.Tensor | None, on_block: OnBlock | None = None
-                 ) -> torch.Tensor:
+    def backward(self, scale: float, grad_weight: torch.Tensor | None, on_block: OnBlock | None = None,
+                 block_out: BlockOut | None = None) -> torch.Tensor:
         """Pass 2 (after ``loss``): ``d loss / d x`` in ``x``'s dtype; ``grad_weight`` ``[V, H]`` (or None)
-        receives the weight's, a block at a time, ``on_block`` told after each."""
+        receives the weight's, a block at a time, ``on_block`` told after each; or ``block_out`` gives each block's
+        destination (``grad_weight`` then unused)."""
         x, w, n = self.x, self.weight, self.x.shape[0]
         vocab = w.shape[0]
         # FP32 accumulator of the input gradient over the blocks (cuBLAS adds into it in FP32: addmm's out_dtype).
@@ -159,8 +174,8 @@ class VocabBlockedHead:
                                     BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS)
             else:
                 grad_cols_torch(z, self.targets, self.lse, b0, scale)
-            if grad_weight is not None:
-                torch.matmul(z.t(), x, out=grad_weight[b0:b1])
+            if grad_weight is not None or block_out is not None:
+                torch.matmul(z.t(), x, out=block_out(b0, b1) if block_out is not None else grad_weight[b0:b1])
                 if on_block is not None:
                     on_block(b0, b1)
             _accumulate(gx, z, wb, first=b0 == 0)

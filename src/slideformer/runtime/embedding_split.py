@@ -139,7 +139,8 @@ class EmbeddingSplit:
     def take_head_rows(self, head_grad: torch.Tensor, rows: torch.Tensor, lo: int = 0, hi: int | None = None) -> None:
         """Tied: move the head's gradient of the batch's rows (those at positions ``[lo, hi)`` of ``rows``: the
         vocabulary-blocked head hands them over a block at a time) into the compact buffer and zero them in
-        ``head_grad`` (``[vocab, hidden]``), which the early update then consumes."""
+        ``head_grad`` (``[vocab, hidden]``, or one block of it with ``rows`` the ids' rows inside their blocks),
+        which the early update then consumes."""
         hi = rows.numel() if hi is None else hi
         part = rows[lo:hi]
         torch.index_select(head_grad, 0, part, out=self.grad_rows(rows.numel())[lo:hi])

@@ -39,6 +39,7 @@ from slideformer.runtime import build, engine_state, window_setup
 from slideformer.runtime.batch import prepare_batch
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.embedding_split import EmbeddingSplit
+from slideformer.runtime.head_blocks import HeadGradRing
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,12 @@ class Engine:
         self.resident_reason = ""
         """Why ``resident_layers=-1`` chose its count (empty when the count was given)."""
         self.embed_split: EmbeddingSplit | None = None
+        """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
         self.head_blocks = 0
         """Rows per vocabulary block of the head's second pass (``engine.head_schedule``), 0: the one-pass head."""
-        """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
+        self.vocab_ring: HeadGradRing | None = None
+        """Where the blocked head writes the tied matrix's gradient, a few blocks at a time
+        (``runtime/head_blocks.py``); None: the vocabulary slot's gradient buffer holds the whole matrix's."""
         self.ops = DeviceOps(self.device, self.cfg.pin_memory, self.cfg.sync_copies)
         self.units = build.make_units(self, model)
         self.offload: OffloadedMoments | None = None

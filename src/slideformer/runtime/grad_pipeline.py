@@ -57,9 +57,11 @@ class StagedReady:
     The main thread ``mark``s the end element of each final part with an event recorded after the work that
     writes it; the downloader copies a chunk only once a mark covers it (``event_for``, blocking on the host until
     the main thread has queued that part, then on the device for the event). ``abort`` wakes the downloader with
-    the main thread's error when the head fails halfway."""
+    the main thread's error when the head fails halfway. ``ring`` (``runtime/head_blocks.HeadGradRing``): the parts
+    live in a ring of block buffers; the downloader copies the pieces it names and reports its progress to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring: Any = None) -> None:
+        self.ring = ring
         self._marks: list[tuple[int, Any]] = []
         self._error: BaseException | None = None
         self._cv = threading.Condition()
@@ -159,6 +161,7 @@ class GradPipeline:
     def _download(self, items: list[Parked], sources: list[torch.Tensor], compute_event: Any,
                   release: Future | None) -> None:
         staged = compute_event if isinstance(compute_event, StagedReady) else None
+        ring = staged.ring if staged is not None else None
         try:
             if staged is not None and len(items) != 1:
                 raise ValueError("a staged gradient is one source")
@@ -180,8 +183,14 @@ class GradPipeline:
                             # This chunk's rows are written by one block of the head: copy only after that block.
                             self.ops.wait(self.down.stream, staged.event_for(hi))
                         k = self._take_chunk()
-                        self.ops.copy(self.pool[k][:hi - lo], src[lo:hi])
+                        if ring is None:
+                            self.ops.copy(self.pool[k][:hi - lo], src[lo:hi])
+                        else:  # the chunk's rows, from the ring slots of the blocks they belong to
+                            for a, b, piece in ring.pieces(lo, hi):
+                                self.ops.copy(self.pool[k][a - lo:b - lo], piece)
                         event = self.ops.record(self.down.stream)
+                        if ring is not None:
+                            ring.copied(hi, event)  # the ring's blocks below hi may be overwritten after event
                         with self._cv:
                             it.chunks.append((k, lo, hi, event))
                             self._cv.notify_all()
@@ -193,6 +202,8 @@ class GradPipeline:
                     release.set_result(self.ops.record(self.down.stream))
                     release = None
         except BaseException as exc:
+            if ring is not None:
+                ring.abort(exc)  # the main thread may be waiting for a ring slot
             if release is not None:
                 release.set_exception(exc)
             with self._cv:

@@ -39,6 +39,7 @@ from slideformer.runtime.device import add_squared_norm
 from slideformer.runtime.embedding_split import RowsJob, RowUpdate
 from slideformer.runtime.grad_norm import clip_coefficient
 from slideformer.runtime.grad_pipeline import StagedReady
+from slideformer.runtime.head_blocks import HeadGrad
 from slideformer.runtime.slot_uses import SlotUses
 from slideformer.runtime.transfer import Accumulate, Update
 from slideformer.runtime.window import Segment, Slot, Use, plan_use
@@ -83,14 +84,13 @@ class StepRunner(SlotUses):
         self.resident_pending: dict[int, tuple[Future, int, float]] = {}
         head = engine.head_segments
         self.head_views = engine.vocab_slot.views(head)
-        self.head_grad_views = engine.vocab_slot.views(head, grads=True)
-        # The LM head's weight (the embedding's, when tied) and its gradient inside the vocabulary slot.
+        # The LM head's weight (the embedding's, when tied) inside the vocabulary slot; its gradient: _bind_head_grad.
         p = engine.parts
         w_seg = head[0] if p.tied else head[-1]
         w_spec = next(s for s in w_seg.unit.params if s.param is p.lm_head.weight)
         w_lo = w_seg.offset + w_spec.offset
         self.head_w = engine.vocab_slot.weight[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
-        self.head_gw = engine.vocab_slot.grad[w_lo:w_lo + w_spec.numel].view(w_spec.shape)
+        self.hg = HeadGrad(engine, w_lo, w_spec.shape)
         # The input embedding's update in two parts (overlap schedule; runtime/embedding_split.py), or None.
         self.split = engine.embed_split
 
@@ -240,6 +240,10 @@ class StepRunner(SlotUses):
         hidden = e.hidden
         shape = torch.Size((bsz, seq, hidden))
 
+        split = not deferred and not host_norm and self.split is not None
+        blocked = split and e.head_blocks > 0  # (resolved only for a tied embedding with the split: build.py)
+        if not blocked and e.vocab_ring is not None:
+            self.hg.grow(self.ops)  # this step needs the whole matrix's gradient on the device
         # Plan every slot use in program order (this queues the uploads), then run them.
         x0_src, x0_release, fwd, head = self._plan_forward(mb)
         up_layer, up_vocab = self._submit_upload(e.layer_up), self._submit_upload(e.vocab_up)
@@ -257,15 +261,13 @@ class StepRunner(SlotUses):
         h_last = h.detach().requires_grad_(True)
         with torch.enable_grad():
             xn = p.norm(h_last)
-        split = not deferred and not host_norm and self.split is not None
-        blocked = split and e.head_blocks > 0  # (resolved only for a tied embedding with the split: build.py)
         if blocked:  # the loss pass now, the gradient a vocabulary block at a time below (runtime/head_blocks.py)
             vh = VocabBlockedHead(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, block_rows=e.head_blocks,
                                   kernels=e.head_ce is not None)
             loss = vh.loss(scale)
         else:
             loss, dxn = linear_cross_entropy(xn.detach().reshape(-1, hidden), self.head_w, mb.targets, scale,
-                                             self.head_gw, e.loss_chunk_tokens, p.logit_softcap, e.head_ce)
+                                             self.hg.gw, e.loss_chunk_tokens, p.logit_softcap, e.head_ce)
         if e.cfg.skip_nonfinite and self._nonfinite(loss):
             # Nothing has been drained yet: hand every planned use back and leave the weights alone.
             done = ops.record(cs)
@@ -275,27 +277,25 @@ class StepRunner(SlotUses):
             return None
         job = self.split.job(mb.rows_host, self._schedule_update(u0, lr)) if split else None
         if blocked:
-            ready = StagedReady()
-            grad_flat = e.vocab_slot.grad[:u0.padded]
-            self._drain([(u0, grad_flat)], None, deferred, first, last, lr, host_norm,
+            ring = e.vocab_ring if e.vocab_ring is not None else self.hg.whole_ring
+            ready = StagedReady(ring)
+            self._drain([(u0, ring.buf)], None, deferred, first, last, lr, host_norm,
                         Update({u0.index: job.spec}, apply={u0.index: partial(self.split.early, job)}),
                         background=frozenset({u0.index}), ready=ready)
-            dxn = head_blocks.backward_in_blocks(vh, scale, ops=ops, split=self.split, grad_weight=self.head_gw,
-                                                 grad_flat=grad_flat, rows=mb.rows, rows_host=mb.rows_host,
-                                                 sq=self.sq_dev, scratch=self.norm_scratch, ready=ready)
+            dxn = head_blocks.backward_in_blocks(vh, scale, ops=ops, split=self.split, ring=ring, numel=u0.padded,
+                                                 rows=mb.rows, rows_host=mb.rows_host, sq=self.sq_dev,
+                                                 scratch=self.norm_scratch, ready=ready)
         norm_params = list(p.norm.parameters())
         grads = torch.autograd.grad(xn, [h_last, *norm_params], dxn.view_as(xn))
         dh = grads[0]
         uh = e.units[-1]
-        head_grad_views = self.head_grad_views[-1]
-        for view, g in zip(head_grad_views, self._head_grads(uh, norm_params, grads[1:])):
+        for view, g in zip(self.hg.uh_views, self._head_grads(uh, norm_params, grads[1:])):
             if g is not None:
                 view.copy_(g)
-        uh_seg = e.head_segments[-1]
-        head_src = [(uh, e.vocab_slot.grad[uh_seg.offset:uh_seg.offset + uh.padded])]
+        head_src = [(uh, self.hg.uh)]
         if job is not None and p.tied and not blocked:
             # The rows outside the batch have their whole gradient now (the head's): update them during backward.
-            self.split.take_head_rows(self.head_gw, mb.rows)
+            self.split.take_head_rows(self.hg.gw, mb.rows)
             self._drain([(u0, e.vocab_slot.grad[:u0.padded]), *head_src], head.release, deferred, first, last, lr,
                         host_norm, Update({u0.index: job.spec, uh.index: self._schedule_update(uh, lr)},
                                           apply={u0.index: partial(self.split.early, job)}),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from slideformer.kernels.vocab_head import VocabBlockedHead
 from slideformer.memory.activations import ActivationStore
 from slideformer.memory.activations_disk import open_activation_store
 from slideformer.memory.host_state import attach_upload_copies
@@ -23,10 +24,11 @@ from slideformer.optim.adamw import FlatAdamW
 from slideformer.runtime import build
 from slideformer.runtime.embedding_split import EmbeddingSplit
 from slideformer.runtime.grad_pipeline import GradPipeline
+from slideformer.runtime.head_blocks import HeadGradRing
 from slideformer.runtime.resident import ResidentLayers, pick_resident, scratch_fits
 from slideformer.runtime.step import StepRunner
 from slideformer.runtime.transfer import Uploader
-from slideformer.runtime.window import Segment, SlotPool
+from slideformer.runtime.window import Segment, Slot, SlotPool
 
 if TYPE_CHECKING:
     from slideformer.runtime.engine import Engine
@@ -55,9 +57,9 @@ def setup_device(e: Engine) -> None:
     u0, uh = e.units[0], e.units[-1]
     e.head_segments = [Segment(u0, 0), Segment(uh, u0.padded)] if p.tied else [Segment(uh, 0)]
     vocab_numel = max(sum(s.unit.padded for s in e.head_segments), u0.padded)
-    e.vocab_slot = SlotPool(ops, 1, vocab_numel, e.dtype).slots[0]
+    vocab_weight = ops.empty(vocab_numel, e.dtype)  # (its gradient buffer is sized once the head is known, below)
     resident_units = [e.units[j + 1] for j in e.resident_idx]
-    idle = e.vocab_slot.weight  # idle during the layers' backward (runtime/resident.py)
+    idle = vocab_weight  # idle during the layers' backward (runtime/resident.py)
     fits = resident_units and scratch_fits(idle.numel() * idle.element_size(), max(u.numel for u in resident_units))
     e.resident = (ResidentLayers(ops, resident_units, e.dtype, e.optim_cfg, cast=cast,
                                  idle_scratch=idle if fits else None,
@@ -101,6 +103,15 @@ def setup_device(e: Engine) -> None:
         in_ram=e.offload is None, tied_split=build.tied_split_pays(e, p.tied))
     e.embed_split = EmbeddingSplit(ops, u0, e.vocab, e.hidden, e.dtype, e.adam, chunk) if split else None
     e.head_blocks = build.head_blocks(e, p.tied, split)
+    # The vocabulary slot's gradient: the blocked head writes the tied matrix's a few blocks at a time into a ring
+    # (runtime/head_blocks.py) where no step can take another path (clipping or the deferred schedule use the whole
+    # matrix; a step that does anyway gets the whole buffer then: StepRunner.whole_vocab_grad), else the whole.
+    ring = (e.head_blocks > 0 and e.cfg.schedule != "deferred" and e.optim_cfg.max_grad_norm is None
+            and u0.padded == u0.numel)
+    ring_numel = VocabBlockedHead.grad_ring_rows(e.vocab, e.head_blocks) * e.hidden if ring else 0
+    e.vocab_slot = Slot(0, vocab_weight, ops.empty(ring_numel + uh.padded if ring else vocab_numel, e.dtype))
+    e.vocab_ring = (HeadGradRing(e.vocab_slot.grad[:ring_numel], e.vocab, e.hidden, e.head_blocks) if ring
+                    else None)
     threads = e.cfg.optimizer_threads or (e.dist.cpu_threads() if e.dist is not None else 0)
     if threads > 0:
         torch.set_num_threads(threads)  # the C++ AdamW and the torch fallback both size to this pool
