@@ -333,15 +333,13 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
     ring15)
       # Session 15: the blocked head's gradient in a ring of two vocabulary blocks (0.55 GiB less on the 3B) beside the
       # resident scratch in the head's idle weights (alias15). The resident and head GPU tests, then the headline:
-      # every default (16 cast, blocked head, ring) against main before both (ab/main15/src), 17 cast with the blocked
-      # head (forced: the plan's head rule takes the one-pass head at 17) and 17 with the one-pass head, with the
-      # roofline.
+      # every default (16 cast, blocked head, ring) against 17 cast with the blocked head (forced: the plan's head rule
+      # takes the one-pass head at 17), with the roofline (the device budget's last minutes: one pair).
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_vocab_head.py 2>&1 \
         | tee "$OUT/gpu_tests_ring15.log" | tail -2
       grep -q " passed" "$OUT/gpu_tests_ring15.log" && ! grep -q " failed" "$OUT/gpu_tests_ring15.log" || exit 1
-      headline3b ring15 slideformer,slideformer+resident_layers=17+resident_weights=cast+head_schedule=vocab,\
-slideformer@main,slideformer+resident_layers=17+resident_weights=cast+head_schedule=tokens \
-        --engine-src main=ab/main15/src --time-budget-s 330
+      headline3b ring15 slideformer,slideformer+resident_layers=17+resident_weights=cast+head_schedule=vocab \
+        --time-budget-s 200
       sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_ring15_h100_bench.md
       grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"error": "[^"]\{0,160\}' \
         "$OUT"/llama3.2-3b_cap24g_ring15_h100_bench.json | head -20

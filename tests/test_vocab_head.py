@@ -160,9 +160,12 @@ def test_engine_vocab_blocks_match_the_one_pass_head() -> None:
         assert _rel(_flat(s_vb, part), _flat(s_tb, part)) <= bf16_effect, part
 
 
-def test_the_gradient_ring_holds_two_blocks_and_grows_for_a_step_that_needs_the_whole_matrix() -> None:
+@pytest.mark.parametrize("chunk_mib", [5 / 256, 1 / 16, 1.0])
+def test_the_gradient_ring_holds_two_blocks_and_grows_for_a_step_that_needs_the_whole_matrix(chunk_mib: float) -> None:
     """The blocked head writes the tied matrix's gradient into a ring of two blocks (runtime/head_blocks.py), read by
-    parking chunks that straddle blocks (5,120-element chunks, 8,192-element blocks); a step with two micro-batches
+    parking chunks that straddle blocks (5,120-element chunks, 8,192-element blocks), that hold two blocks, or the
+    whole matrix (a chunk then copies block by block: it must not wait for blocks its own copies free; the GPU's
+    32 MiB chunks hang there otherwise); a step with two micro-batches
     (the deferred schedule, the whole embedding update) gives the slot the whole matrix's buffer, and the blocked head
     then runs over it. The same training as the one-pass head through the same steps."""
     cfg = tiny_config("llama_tied", vocab=512)
@@ -170,7 +173,7 @@ def test_the_gradient_ring_holds_two_blocks_and_grows_for_a_step_that_needs_the_
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states, rings = {}, {}
     for sched in ("tokens", "vocab"):
-        opts = {"chunk_mib": 5 / 256, "loss_chunk_tokens": 16, "embedding_update": "split", "head_schedule": sched}
+        opts = {"chunk_mib": chunk_mib, "loss_chunk_tokens": 16, "embedding_update": "split", "head_schedule": sched}
         with Engine(copy.deepcopy(model), EngineConfig(device="cpu", **opts),
                     OptimConfig(lr=1e-3, weight_decay=0.1)) as engine:
             gen = torch.Generator().manual_seed(11)

@@ -179,18 +179,20 @@ class GradPipeline:
                         it.started = True
                     for lo in range(0, it.length, self.chunk):
                         hi = min(lo + self.chunk, it.length)
-                        if staged is not None:
+                        if staged is not None and ring is None:
                             # This chunk's rows are written by one block of the head: copy only after that block.
                             self.ops.wait(self.down.stream, staged.event_for(hi))
                         k = self._take_chunk()
                         if ring is None:
                             self.ops.copy(self.pool[k][:hi - lo], src[lo:hi])
-                        else:  # the chunk's rows, from the ring slots of the blocks they belong to
+                        else:  # the chunk's rows, a block's piece at a time from its ring slot
                             for a, b, piece in ring.pieces(lo, hi):
+                                # The piece's block must be written first; the main thread waits for this copy
+                                # before writing the slot's next block, so a chunk never waits for a later block.
+                                self.ops.wait(self.down.stream, staged.event_for(b))
                                 self.ops.copy(self.pool[k][a - lo:b - lo], piece)
+                                ring.copied(b, self.ops.record(self.down.stream))
                         event = self.ops.record(self.down.stream)
-                        if ring is not None:
-                            ring.copied(hi, event)  # the ring's blocks below hi may be overwritten after event
                         with self._cv:
                             it.chunks.append((k, lo, hi, event))
                             self._cv.notify_all()
