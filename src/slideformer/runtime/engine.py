@@ -362,6 +362,7 @@ class Engine:
             if getattr(self, name, None) is not None:
                 getattr(self, name)()
         self.embed_split = None  # its device row buffer
+        self.vocab_ring = None  # a view of the vocabulary slot's gradient buffer
         for name in ("resident", "layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)

@@ -62,6 +62,11 @@ class StepRunner(SlotUses):
         self.sq = torch.zeros(2, dtype=torch.float32, device=self.ops.device)
         self.sq_dev, self.sq_res = self.sq[0], self.sq[1]
         self.norm_scratch = torch.zeros(2, dtype=torch.float32, device=self.ops.device)
+        # The host's copies of ``sq``, a step each in turn: step s's is read by its norm task on the optimizer thread,
+        # which runs before the updates of step s + 1 that step s + 2's forward waits for, so before step s + 2 copies
+        # into it again (grad_pipeline's ordering: nothing submitted after a task runs before it).
+        self.sq_host = [torch.zeros(2, dtype=torch.float32, pin_memory=self.ops.pin) for _ in range(2)]
+        self.sq_turn = 0
         self.open_releases: dict[int, Future] = {}
         """Release futures of the step's planned uses that the main thread still owns (not set, not handed to
         the gradient worker): a failed step fails them, so no upload waits for them forever."""
@@ -84,7 +89,7 @@ class StepRunner(SlotUses):
         self.resident_pending: dict[int, tuple[Future, int, float]] = {}
         head = engine.head_segments
         self.head_views = engine.vocab_slot.views(head)
-        # The LM head's weight (the embedding's, when tied) inside the vocabulary slot; its gradient: _bind_head_grad.
+        # The LM head's weight (the embedding's, when tied) inside the vocabulary slot; its gradient: HeadGrad.
         p = engine.parts
         w_seg = head[0] if p.tied else head[-1]
         w_spec = next(s for s in w_seg.unit.params if s.param is p.lm_head.weight)
@@ -141,7 +146,8 @@ class StepRunner(SlotUses):
         # Bring the device-side squared norm to the host asynchronously, behind this step's backward only.
         # (Reading the device tensor from the optimizer thread would queue behind everything the main
         # thread issues meanwhile, i.e. the next forward, and stall the optimizer for that long.)
-        sq_host = torch.empty(2, dtype=torch.float32, pin_memory=self.ops.pin)
+        sq_host = self.sq_host[self.sq_turn]
+        self.sq_turn ^= 1
         self.ops.copy(sq_host, self.sq)
         sq_ready = self.ops.record(self.ops.compute_stream())
         drain.end_step()
