@@ -23,11 +23,13 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.profiler import record_function
 
 from slideformer.kernels.vocab_head import VocabBlockedHead
 from slideformer.runtime.device import DeviceOps, add_squared_norm
 from slideformer.runtime.embedding_split import EmbeddingSplit
 from slideformer.runtime.grad_pipeline import StagedReady
+from slideformer.runtime.waits import WAIT
 
 if TYPE_CHECKING:
     from slideformer.runtime.engine import Engine
@@ -85,16 +87,27 @@ class HeadGradRing:
             self._cv.notify_all()
 
     def wait_free(self, k: int) -> Any:
-        """Main thread: the event after which block ``k``'s slot may be written again (its copies have run)."""
+        """Main thread: the event after which block ``k``'s slot may be written again (its copies have run); a wait
+        shows in a profile as ``sf/wait/<thread>: head gradient ring slot`` (``runtime/waits.py``)."""
         end = min((k + 1) * self.block, self.vocab * self.hidden)
         with self._cv:
-            while True:
-                for done, event in self._copied:
-                    if done >= end:
-                        return event
-                if self._error is not None:
-                    raise RuntimeError("the head's gradient download failed") from self._error
-                self._cv.wait(0.1)  # the downloader reports each chunk as soon as its copy is queued
+            event = self._copied_to(end)
+            if event is not None:
+                return event
+            with record_function(f"{WAIT}/{threading.current_thread().name}: head gradient ring slot"):
+                while event is None:
+                    self._cv.wait(0.1)  # the downloader reports each piece as soon as its copy is queued
+                    event = self._copied_to(end)
+            return event
+
+    def _copied_to(self, end: int) -> Any:
+        """(Under the lock) the event after the copies up to ``end``, or None; raises the downloader's error."""
+        for done, event in self._copied:
+            if done >= end:
+                return event
+        if self._error is not None:
+            raise RuntimeError("the head's gradient download failed") from self._error
+        return None
 
 
 class HeadGrad:
