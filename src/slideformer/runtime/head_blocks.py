@@ -91,23 +91,24 @@ class HeadGradRing:
         shows in a profile as ``sf/wait/<thread>: head gradient ring slot`` (``runtime/waits.py``)."""
         end = min((k + 1) * self.block, self.vocab * self.hidden)
         with self._cv:
-            event = self._copied_to(end)
-            if event is not None:
-                return event
+            found = self._copied_to(end)
+            if found:
+                return found[0]
             with record_function(f"{WAIT}/{threading.current_thread().name}: head gradient ring slot"):
-                while event is None:
+                while not found:
                     self._cv.wait(0.1)  # the downloader reports each piece as soon as its copy is queued
-                    event = self._copied_to(end)
-            return event
+                    found = self._copied_to(end)
+            return found[0]
 
-    def _copied_to(self, end: int) -> Any:
-        """(Under the lock) the event after the copies up to ``end``, or None; raises the downloader's error."""
+    def _copied_to(self, end: int) -> tuple[Any, ...]:
+        """(Under the lock) ``(event,)`` after the copies up to ``end`` (None on the CPU, whose copies are done when
+        queued), or ``()``; raises the downloader's error."""
         for done, event in self._copied:
             if done >= end:
-                return event
+                return (event,)
         if self._error is not None:
             raise RuntimeError("the head's gradient download failed") from self._error
-        return None
+        return ()
 
 
 class HeadGrad:
