@@ -25,14 +25,14 @@ def own_scratch_bytes(hf_config: object) -> int:
 RING_KEY = "vocab slot (weights; gradient: a ring of head blocks)"
 
 
-def before_15_bytes(hf_config: object, plan: object) -> int:
-    """What the engine before session 15 allocated beyond today's ``plan`` of the same run: the gradient scratch of
-    its own (``own_scratch_bytes``) and, where today's plan has the blocked head's gradient ring
-    (``runtime/head_blocks.py``), the rest of the whole matrix's gradient it kept instead."""
+def before_15_bytes(hf_config: object, plan: object, elt: int = 2) -> int:
+    """What the engine before session 15 allocated beyond today's ``plan`` of the same run (compute dtype of ``elt``
+    bytes; every measured run is BF16): the gradient scratch of its own (``own_scratch_bytes``) and, where today's
+    plan has the blocked head's gradient ring (``runtime/head_blocks.py``), the rest of the whole matrix's gradient it
+    kept instead."""
     extra = own_scratch_bytes(hf_config)
     gpu = plan.gpu  # type: ignore[attr-defined]
     if RING_KEY in gpu:
-        elt = 2 if gpu[RING_KEY] < 4 * hf_config.vocab_size * hf_config.hidden_size else 4  # type: ignore[attr-defined]
-        whole = (2 * hf_config.vocab_size * hf_config.hidden_size + hf_config.hidden_size) * elt  # type: ignore[attr-defined]
-        extra += whole - gpu[RING_KEY]
+        vocab, hidden = hf_config.vocab_size, hf_config.hidden_size  # type: ignore[attr-defined]
+        extra += (2 * vocab * hidden + hidden) * elt - gpu[RING_KEY]
     return extra

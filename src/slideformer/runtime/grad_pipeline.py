@@ -42,51 +42,13 @@ from slideformer.optim.adamw import FlatAdamW, UpdateSpec, adamw_range
 from slideformer.runtime.device import DeviceOps
 from slideformer.runtime.embedding_split import RowUpdate
 from slideformer.runtime.grad_order import POLL_S, Parked, Task, pick
+from slideformer.runtime.staged import StagedReady
 from slideformer.runtime.transfer import Accumulate, Update, _Worker
 
 
 def _copy_of(unit: HostUnit, lo: int, hi: int) -> torch.Tensor | None:
     """Elements ``[lo, hi)`` of the unit's upload copy (``engine.host_copy``), None without one."""
     return None if unit.upload_copy is None else unit.upload_copy[lo:hi]
-
-
-class StagedReady:
-    """When each part of one source's gradient is final: the vocabulary-blocked head (``kernels/vocab_head.py``)
-    writes the tied matrix's gradient a block of rows at a time, and its download starts with the first block.
-
-    The main thread ``mark``s the end element of each final part with an event recorded after the work that
-    writes it; the downloader copies a chunk only once a mark covers it (``event_for``, blocking on the host until
-    the main thread has queued that part, then on the device for the event). ``abort`` wakes the downloader with
-    the main thread's error when the head fails halfway. ``ring`` (``runtime/head_blocks.HeadGradRing``): the parts
-    live in a ring of block buffers; the downloader copies the pieces it names and reports its progress to it."""
-
-    def __init__(self, ring: Any = None) -> None:
-        self.ring = ring
-        self._marks: list[tuple[int, Any]] = []
-        self._error: BaseException | None = None
-        self._cv = threading.Condition()
-
-    def mark(self, end: int, event: Any) -> None:
-        """Main thread: elements ``[.., end)`` are final once ``event`` has completed."""
-        with self._cv:
-            self._marks.append((end, event))
-            self._cv.notify_all()
-
-    def abort(self, exc: BaseException) -> None:
-        with self._cv:
-            self._error = exc
-            self._cv.notify_all()
-
-    def event_for(self, hi: int) -> Any:
-        """Downloader thread: the event after which elements ``[.., hi)`` are final."""
-        with self._cv:
-            while True:
-                for end, event in self._marks:
-                    if end >= hi:
-                        return event
-                if self._error is not None:
-                    raise RuntimeError("the head failed before its gradient was complete") from self._error
-                self._cv.wait(0.1)  # the main thread marks each block as soon as it has queued its matmul
 
 
 class GradPipeline:
@@ -191,7 +153,7 @@ class GradPipeline:
                                 # before writing the slot's next block, so a chunk never waits for a later block.
                                 self.ops.wait(self.down.stream, staged.event_for(b))
                                 self.ops.copy(self.pool[k][a - lo:b - lo], piece)
-                                ring.copied(b, self.ops.record(self.down.stream))
+                                ring.copies.mark(b, self.ops.record(self.down.stream))
                         event = self.ops.record(self.down.stream)
                         with self._cv:
                             it.chunks.append((k, lo, hi, event))
@@ -205,7 +167,7 @@ class GradPipeline:
                     release = None
         except BaseException as exc:
             if ring is not None:
-                ring.abort(exc)  # the main thread may be waiting for a ring slot
+                ring.copies.abort(exc)  # the main thread may be waiting for a ring slot
             if release is not None:
                 release.set_exception(exc)
             with self._cv:

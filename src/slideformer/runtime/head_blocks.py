@@ -4,7 +4,7 @@ Owns the hand-off between ``kernels/vocab_head.VocabBlockedHead``'s second pass 
 block of the tied matrix's gradient rows is final, on the compute stream: the batch's rows inside it move into the
 split update's compact buffer (``EmbeddingSplit.take_head_rows``: they are updated after the embedding backward),
 the block's squared norm joins the step's, and an event marks it for the downloader
-(``grad_pipeline.StagedReady``), whose copies the optimizer consumes as background work while the head still runs.
+(``staged.StagedReady``), whose copies the optimizer consumes as background work while the head still runs.
 
 The blocks are written into a ring of ``GRAD_RING`` block buffers (``HeadGradRing``) instead of a ``[V, H]``
 gradient: block ``k`` goes where block ``k - GRAD_RING`` was, once the downloader has queued that one's copies and
@@ -19,17 +19,14 @@ only after the copies that read its previous block have run.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.profiler import record_function
 
 from slideformer.kernels.vocab_head import VocabBlockedHead
 from slideformer.runtime.device import DeviceOps, add_squared_norm
 from slideformer.runtime.embedding_split import EmbeddingSplit
-from slideformer.runtime.grad_pipeline import StagedReady
-from slideformer.runtime.waits import WAIT
+from slideformer.runtime.staged import Progress, StagedReady
 
 if TYPE_CHECKING:
     from slideformer.runtime.engine import Engine
@@ -41,8 +38,8 @@ class HeadGradRing:
     """A ring of gradient blocks: rows ``[k * block_rows, ...)`` of the ``[V, H]`` gradient live in slot
     ``k % slots`` of ``buf`` while block ``k`` is the newest there.
 
-    The downloader reads element ranges of the flat gradient (``pieces``) and reports how far its copies are queued
-    (``copied``); the main thread waits for a slot's previous block (``wait_free``) before writing the next one."""
+    The downloader reads element ranges of the flat gradient (``pieces``) and marks how far its copies are queued
+    (``copies``); the main thread waits for a slot's previous block (``wait_free``) before writing the next one."""
 
     def __init__(self, buf: torch.Tensor, vocab: int, hidden: int, block_rows: int) -> None:
         self.buf, self.vocab, self.hidden, self.block_rows = buf, vocab, hidden, block_rows
@@ -50,15 +47,12 @@ class HeadGradRing:
         self.slots = -(-buf.numel() // self.block)  # (the last may be partial: a buffer of the whole matrix)
         if self.slots < 1:
             raise ValueError(f"a {buf.numel()}-element ring cannot hold a {block_rows}-row block")
-        self._copied: list[tuple[int, Any]] = []  # (end element, event after the copies below it), this pass
-        self._error: BaseException | None = None
-        self._cv = threading.Condition()
+        self.start()
 
     def start(self) -> None:
         """Main thread, before a head's pass 2: nothing of the new gradient is copied yet."""
-        with self._cv:
-            self._copied.clear()
-            self._error = None
+        self.copies = Progress("the head's gradient download failed")
+        """How far the downloader's copies out of the ring got in this pass."""
 
     def block_view(self, k: int, rows: int) -> torch.Tensor:
         lo = (k % self.slots) * self.block
@@ -74,41 +68,9 @@ class HeadGradRing:
             out.append((a, b, self.buf[at:at + b - a]))
         return out
 
-    def copied(self, end: int, event: Any) -> None:
-        """Downloader: the copies of elements ``[.., end)`` are queued; ``event`` follows them on its stream."""
-        with self._cv:
-            self._copied.append((end, event))
-            self._cv.notify_all()
-
-    def abort(self, exc: BaseException) -> None:
-        """Downloader: it failed; a main thread waiting for a slot raises."""
-        with self._cv:
-            self._error = exc
-            self._cv.notify_all()
-
     def wait_free(self, k: int) -> Any:
-        """Main thread: the event after which block ``k``'s slot may be written again (its copies have run); a wait
-        shows in a profile as ``sf/wait/<thread>: head gradient ring slot`` (``runtime/waits.py``)."""
-        end = min((k + 1) * self.block, self.vocab * self.hidden)
-        with self._cv:
-            found = self._copied_to(end)
-            if found:
-                return found[0]
-            with record_function(f"{WAIT}/{threading.current_thread().name}: head gradient ring slot"):
-                while not found:
-                    self._cv.wait(0.1)  # the downloader reports each piece as soon as its copy is queued
-                    found = self._copied_to(end)
-            return found[0]
-
-    def _copied_to(self, end: int) -> tuple[Any, ...]:
-        """(Under the lock) ``(event,)`` after the copies up to ``end`` (None on the CPU, whose copies are done when
-        queued), or ``()``; raises the downloader's error."""
-        for done, event in self._copied:
-            if done >= end:
-                return (event,)
-        if self._error is not None:
-            raise RuntimeError("the head's gradient download failed") from self._error
-        return ()
+        """Main thread: the event after which block ``k``'s slot may be written again (its copies have run)."""
+        return self.copies.event_for(min((k + 1) * self.block, self.vocab * self.hidden), "head gradient ring slot")
 
 
 class HeadGrad:
@@ -135,7 +97,7 @@ class HeadGrad:
         """Give the vocabulary slot the whole matrix's gradient buffer, once: a step takes the one-pass head or the
         whole embedding update (clipping, accumulation, the deferred schedule) in an engine built with the ring."""
         e = self.e
-        numel = max(sum(s.unit.padded for s in e.head_segments), e.units[0].padded)
+        numel = e.vocab_slot.weight.numel()  # (the weights' buffer is the whole matrix's size)
         logger.info("the vocabulary slot's gradient grows to the whole matrix (%.2f GiB): a step takes the one-pass "
                     "head or the whole embedding update", numel * e.vocab_slot.grad.element_size() / 2**30)
         # (The ring's memory goes back to the allocator once the downloads that read it have run: record_stream.)

@@ -38,9 +38,9 @@ from slideformer.runtime.batch import MicroBatch
 from slideformer.runtime.device import add_squared_norm
 from slideformer.runtime.embedding_split import RowsJob, RowUpdate
 from slideformer.runtime.grad_norm import clip_coefficient
-from slideformer.runtime.grad_pipeline import StagedReady
 from slideformer.runtime.head_blocks import HeadGrad
 from slideformer.runtime.slot_uses import SlotUses
+from slideformer.runtime.staged import StagedReady
 from slideformer.runtime.transfer import Accumulate, Update
 from slideformer.runtime.window import Segment, Slot, Use, plan_use
 
