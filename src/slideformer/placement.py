@@ -15,7 +15,7 @@ number of decoder layers.
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -40,13 +40,42 @@ def reserve_bytes(streaming_bytes: int, gpu_budget_bytes: int) -> int:
     return int(RESERVE_OF_STREAMING * streaming_bytes + RESERVE_OF_BUDGET * gpu_budget_bytes)
 
 
+class ResidentChoice(NamedTuple):
+    """``resident_layers=-1`` resolved: the count, whether the weights are cast on use, why, and the head schedule the
+    count was planned with ('auto': the plan's head rule at that count; 'vocab': the count needs the blocked head's
+    gradient ring, ``resident_choice``)."""
+
+    count: int
+    cast: bool
+    reason: str
+    head_schedule: str = "auto"
+
+
+def _device_need(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool, gpu_budget_bytes: int,
+                 count: int, cast: bool) -> tuple[int, int, int, str]:
+    """(allocation + reserve, streaming buffers, reserve, head schedule) of the plan with ``count`` resident layers:
+    what that run would allocate (the CUDA context excluded), plus the allocator's reserve of its streaming buffers."""
+    from slideformer.planner import CUDA_CONTEXT_BYTES, Hardware, make_plan
+
+    plan = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=deferred,
+                     engine=replace(engine, resident_layers=count, resident_weights="cast" if cast else "keep",
+                                    schedule="deferred" if deferred else engine.schedule),
+                     hardware=Hardware(gpu_memory_bytes=gpu_budget_bytes, host_memory_bytes=1 << 50))
+    alloc = sum(plan.gpu.values()) - CUDA_CONTEXT_BYTES
+    streaming = alloc - sum(v for k, v in plan.gpu.items() if k.startswith("resident layers"))
+    reserve = reserve_bytes(streaming, gpu_budget_bytes)
+    return alloc + reserve, streaming, reserve, str(plan.settings["head_schedule"])
+
+
 def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,
                              gpu_budget_bytes: int, cast: bool = False) -> tuple[int, str]:
     """(count, reason): resident decoder layers that fit ``gpu_budget_bytes`` for micro-batches of ``tokens``,
     with their compute-dtype weights kept, or (``cast``) cast into one shared buffer before each use.
 
     ``gpu_budget_bytes`` is device memory this process may still allocate (free memory, or a cap), the CUDA
-    context already excluded.
+    context already excluded. A first count comes from the plan without resident layers; the count is then checked
+    against the plan at that count, whose streaming buffers can differ (the split embedding update's rows, the head
+    schedule: ``engine.head_schedule`` as given), and moved up or down until the next layer would not fit.
     """
     from slideformer.planner import CUDA_CONTEXT_BYTES, Hardware, make_plan
 
@@ -61,17 +90,23 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
     largest = int(base.params["largest_layer"])
     elt = 2 if engine.compute_dtype in ("auto", "bfloat16", "float16") else 4
     streamed_need = sum(v for k, v in base.gpu.items()) - CUDA_CONTEXT_BYTES
-    reserve = reserve_bytes(streamed_need, gpu_budget_bytes)
     vocab_bytes = int(hf_config.vocab_size) * int(hf_config.hidden_size) * elt
-    room = gpu_budget_bytes - reserve - streamed_need - resident_scratch_bytes(largest, elt, cast, deferred=deferred,
-                                                                               vocab_slot_bytes=vocab_bytes)
+    room = (gpu_budget_bytes - reserve_bytes(streamed_need, gpu_budget_bytes) - streamed_need
+            - resident_scratch_bytes(largest, elt, cast, deferred=deferred, vocab_slot_bytes=vocab_bytes))
     per_layer = largest * resident_bytes_per_param(elt, cast, deferred)
     count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
+    kw = {"tokens": tokens, "engine": engine, "deferred": deferred, "gpu_budget_bytes": gpu_budget_bytes, "cast": cast}
+    if count:  # (no resident layer: the base plan is the plan at the count)
+        while count < layers and _device_need(hf_config, count=count + 1, **kw)[0] <= gpu_budget_bytes:
+            count += 1
+        while count > 0 and _device_need(hf_config, count=count, **kw)[0] > gpu_budget_bytes:
+            count -= 1
+    _, streaming, reserve, head = _device_need(hf_config, count=count, **kw)
     gib = 2**30
     return count, (f"{count} of {layers} layers ({per_layer / gib:.2f} GiB each"
                    f"{', weights cast on use' if cast else ''}) fit next to "
-                   f"{streamed_need / gib:.2f} GiB of streaming buffers and {reserve / gib:.2f} GiB of allocator "
-                   f"reserve in {gpu_budget_bytes / gib:.1f} GiB")
+                   f"{streaming / gib:.2f} GiB of streaming buffers{' (the blocked head)' if head == 'vocab' else ''}"
+                   f" and {reserve / gib:.2f} GiB of allocator reserve in {gpu_budget_bytes / gib:.1f} GiB")
 
 
 def resident_bytes_per_param(elt: int, cast: bool, deferred: bool) -> int:
@@ -91,14 +126,15 @@ def resident_scratch_bytes(largest_layer: int, elt: int, cast: bool, *, deferred
 
 
 def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,
-                    gpu_budget_bytes: int) -> tuple[int, bool, str]:
-    """(count, cast, reason) for ``resident_layers=-1`` under ``engine.resident_weights``.
+                    gpu_budget_bytes: int) -> ResidentChoice:
+    """``resident_layers=-1`` under ``engine.resident_weights`` and ``engine.head_schedule``.
 
     'auto' casts when that fits more layers and the plan with the weights kept is bound by the host: its AdamW and
     the copies' bytes on its memory bus (``plan_time.host_seconds``) outlast the GPU's compute. There, each layer
     moved to the GPU takes its AdamW and transfers off that bus (the bound),
     and the casts cost the GPU one pass over the layer's master per forward and per backward. Where the GPU
-    bounds the step, those passes would only add to it.
+    bounds the step, those passes would only add to it. The head schedule is then chosen with the count
+    (``_with_blocked_head``).
     """
     from slideformer.plan_time import host_seconds
     from slideformer.planner import Hardware, make_plan
@@ -106,31 +142,58 @@ def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferr
     kw = {"tokens": tokens, "engine": engine, "deferred": deferred, "gpu_budget_bytes": gpu_budget_bytes}
     keep, why = resident_layers_that_fit(hf_config, **kw)
     if engine.resident_weights == "keep":
-        return keep, False, why
+        return _with_blocked_head(hf_config, ResidentChoice(keep, False, why), **kw)
     cast, cast_why = resident_layers_that_fit(hf_config, **kw, cast=True)
     if engine.resident_weights == "cast":
-        return cast, True, cast_why
+        return _with_blocked_head(hf_config, ResidentChoice(cast, True, cast_why), **kw)
     if cast <= keep:
-        return keep, False, why
+        return _with_blocked_head(hf_config, ResidentChoice(keep, False, why), **kw)
     hw = Hardware(gpu_memory_bytes=gpu_budget_bytes, host_memory_bytes=1 << 50)
     times = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=deferred,
                       engine=replace(engine, resident_layers=keep, resident_weights="keep"), hardware=hw).step_seconds
     if host_seconds(times, hw) <= times["gpu compute"]:
-        return keep, False, f"{why}; weights kept (the GPU, not the host's AdamW and copies, bounds the step)"
-    return cast, True, (f"{cast_why} (the host's AdamW and copies bound the step: {cast - keep} more than with the "
-                        "weights kept)")
+        return _with_blocked_head(hf_config, ResidentChoice(
+            keep, False, f"{why}; weights kept (the GPU, not the host's AdamW and copies, bounds the step)"), **kw)
+    return _with_blocked_head(hf_config, ResidentChoice(cast, True, (
+        f"{cast_why} (the host's AdamW and copies bound the step: {cast - keep} more than with the weights kept)")),
+        **kw)
+
+
+def _with_blocked_head(hf_config: Any, choice: ResidentChoice, **kw: Any) -> ResidentChoice:
+    """The count and the head schedule chosen together under ``engine.head_schedule='auto'``.
+
+    The plan's head rule (``plan_time.pick_head_schedule``) takes the blocked head where the host bounds the step;
+    its gradient is then a ring of two vocabulary blocks instead of the whole matrix (``runtime/head_blocks.py``),
+    which can make room for more resident layers. One more layer takes its AdamW and copies off the host's bus again,
+    so the count keeps the blocked head for them, even where the plan at the larger count would call the step the
+    GPU's and take the one-pass head (which would not fit there). Measured on the H100 box (Llama-3.2-3B, b8, a
+    24 GiB cap; ``pair16`` in benchmarks/results/performance_h100_202611.md): 17 cast layers with the blocked head
+    0.442 / 0.435 s per step against 16 (the count of the one-pass head's memory) 0.472 / 0.441 s, ABBA in one run.
+    """
+    engine: EngineConfig = kw["engine"]
+    if engine.head_schedule != "auto" or not choice.count:
+        return choice
+    need = _device_need(hf_config, count=choice.count, cast=choice.cast, **kw)
+    if need[3] != "vocab":  # the head rule keeps the one-pass head at this count: the GPU bounds the step
+        return choice
+    more, why = resident_layers_that_fit(hf_config, **{**kw, "engine": replace(engine, head_schedule="vocab")},
+                                         cast=choice.cast)
+    if more <= choice.count:
+        return choice
+    return ResidentChoice(more, choice.cast, f"{why}: {more - choice.count} more than the one-pass head's memory "
+                                             "leaves (the host bounds the step at "
+                                             f"{choice.count}; engine.head_schedule='vocab')", "vocab")
 
 
 def engine_resident_count(hf_config: Any, cfg: EngineConfig, cuda_device: torch.device | None, *,
-                          clipping: bool) -> tuple[int, bool, str]:
-    """The engine's ``resident_layers=-1``: (count, cast, reason); the budget is ``cfg.gpu_memory_gib`` or the
-    device's free memory."""
+                          clipping: bool) -> ResidentChoice:
+    """The engine's ``resident_layers=-1``; the budget is ``cfg.gpu_memory_gib`` or the device's free memory."""
     tokens = cfg.max_tokens_per_micro_batch
     if not tokens:
         raise ConfigError("engine.resident_layers=-1 sizes the resident layers for a micro-batch: set "
                           "engine.max_tokens_per_micro_batch (slideformer train sets it to batch_size x seq_len)")
     if cuda_device is None:
-        return 0, False, "the device is the CPU"
+        return ResidentChoice(0, False, "the device is the CPU")
     free, _ = torch.cuda.mem_get_info(cuda_device)
     budget = int(cfg.gpu_memory_gib * 2**30) if cfg.gpu_memory_gib else int(free)
     return resident_choice(hf_config, tokens=tokens, engine=replace(cfg, device="cuda"),

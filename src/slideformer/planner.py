@@ -298,13 +298,14 @@ def make_plan(
     auto_count = engine.resident_layers < 0
     from slideformer.placement import resident_bytes_per_param, resident_choice, resident_scratch_bytes
 
-    if auto_count:  # 'as many as fit': placement.py, for this run's tokens and GPU
-        count, cast, why = resident_choice(hf_config, tokens=tokens, engine=engine, deferred=deferred,
-                                           gpu_budget_bytes=hardware.gpu_memory_bytes - CUDA_CONTEXT_BYTES)
+    head_choice = engine.head_schedule
+    if auto_count:  # 'as many as fit': placement.py, for this run's tokens and GPU (and the head they fit with)
+        count, cast, why, head_choice = resident_choice(hf_config, tokens=tokens, engine=engine, deferred=deferred,
+                                                        gpu_budget_bytes=hardware.gpu_memory_bytes - CUDA_CONTEXT_BYTES)
     else:
         cast = engine.resident_weights == "cast"
     engine = EngineConfig(**{**asdict(engine), "resident_layers": count if auto_count else engine.resident_layers,
-                             "resident_weights": "cast" if cast else "keep"})
+                             "resident_weights": "cast" if cast else "keep", "head_schedule": head_choice})
     n_res = min(engine.resident_layers, len(layers)) * params["largest_layer"]
     from slideformer.runtime.embedding_split import EmbeddingSplit
     from slideformer.runtime.resident import resolve_placement

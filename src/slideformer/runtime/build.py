@@ -223,7 +223,7 @@ def resident_auto(e: Engine) -> tuple[int, bool]:
     whether their weights are cast on use (``engine.resident_weights``)."""
     from slideformer.placement import engine_resident_count
 
-    count, cast, e.resident_reason = engine_resident_count(
+    count, cast, e.resident_reason, e.resident_head = engine_resident_count(
         e.hf_config, e.cfg, e.device if e.ops.is_cuda else None,
         clipping=e.optim_cfg.max_grad_norm is not None)
     logger.info("engine.resident_layers=-1: %s", e.resident_reason)
@@ -261,7 +261,8 @@ def head_blocks(e: Engine, tied: bool, split: bool) -> int:
     one-pass head: only for a tied embedding with the split update (which consumes the blocks) and a head that does
     not soft-cap its logits; 'auto' where the planner predicts a host-bound step on the GPU with the fused loss
     kernel (``plan_time.pick_head_schedule``), for micro-batches of ``max_tokens_per_micro_batch`` (unknown: one
-    pass)."""
+    pass), or where ``resident_layers=-1`` counted its layers with the blocked head (``placement.resident_choice``:
+    its gradient ring made room for them)."""
     from slideformer.kernels.vocab_head import BLOCKS, VocabBlockedHead
 
     choice = e.cfg.head_schedule
@@ -274,7 +275,7 @@ def head_blocks(e: Engine, tied: bool, split: bool) -> int:
         tokens = e.cfg.max_tokens_per_micro_batch
         if not (e.ops.is_cuda and e.head_ce is not None and tokens):
             return 0
-        if _run_plan(e, tokens).settings["head_schedule"] != "vocab":
+        if e.resident_head != "vocab" and _run_plan(e, tokens).settings["head_schedule"] != "vocab":
             return 0
     return VocabBlockedHead.block_rows_for(e.vocab, BLOCKS)
 

@@ -98,6 +98,8 @@ class Engine:
         self.dist = dist
         self.resident_reason = ""
         """Why ``resident_layers=-1`` chose its count (empty when the count was given)."""
+        self.resident_head = "auto"
+        """'vocab' where ``resident_layers=-1`` counted its layers with the blocked head (``build.head_blocks``)."""
         self.embed_split: EmbeddingSplit | None = None
         """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
         self.head_blocks = 0
@@ -333,6 +335,7 @@ class Engine:
             "resident_layers": len(self.resident_idx),
             "resident_weights": "cast" if self.resident is not None and self.resident.cast else "keep",
             "embedding_update": "split" if self.embed_split is not None else "whole",
+            "head_schedule": "vocab" if self.head_blocks else "tokens",
             "slot_numel": self.layer_pool.numel,
             "vocab_slot_numel": self.vocab_slot.weight.numel(),
             "offload": self.offload_mode,
