@@ -331,6 +331,50 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_res14_h100_bench.md
       grep -ho '"system": "[^"]*"\|"resident_layers": [0-9]*\|"resident_weights": "[a-z]*"' \
         "$OUT"/llama3.1-8b_*res14_h100_bench.json | head -40 ;;
+    final16)
+      # Session 16's final tree (the joint count, the side stream): the headline with every default, twice, with the
+      # roofline (the device budget's last minutes), then its timeline.
+      headline3b final16 slideformer,slideformer+window=2 --time-budget-s 170
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_final16_h100_bench.md
+      rm -f "$OUT"/*.png
+      profile3b s16side ;;
+    side16)
+      # Session 16: the resident layers' norm and AdamW on a stream of their own (the compute stream copies the
+      # gradient and goes on). The whole GPU set (with the side stream's race amplifier), then the headline: this
+      # tree against main before it (ab/main16/src, the joint count's commit), ABBA, with the roofline; the timeline.
+      bash "$0" tests
+      grep -q " passed" "$OUT/gpu_tests.log" && ! grep -q " failed" "$OUT/gpu_tests.log" || exit 1
+      headline3b side16 slideformer,slideformer@main,slideformer@main+window=2,slideformer+window=2 \
+        --engine-src main=ab/main16/src --time-budget-s 300
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_side16_h100_bench.md
+      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"error": "[^"]\{0,160\}' \
+        "$OUT"/llama3.2-3b_cap24g_side16_h100_bench.json | head -16
+      rm -f "$OUT"/*.png
+      profile3b s16side ;;
+    joint16)
+      # Session 16: the planner chooses the count and the head together (17 cast with the blocked head on the
+      # headline); every default against 16 forced (the count before), ABBA, with the roofline; then the default's
+      # timeline (where the ~75 ms between the GPU term and the step go).
+      headline3b joint16 slideformer,slideformer+resident_layers=16+resident_weights=cast,\
+slideformer+resident_layers=16+resident_weights=cast+window=2,slideformer+window=2 --time-budget-s 330
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_joint16_h100_bench.md
+      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"head_schedule": "[a-z]*"\|"error": "[^"]\{0,160\}' \
+        "$OUT"/llama3.2-3b_cap24g_joint16_h100_bench.json | head -32
+      rm -f "$OUT"/*.png
+      profile3b s16 ;;
+    pair16)
+      # Session 16: the whole GPU set on the tree (session 15's last engine commits ran on the CPU only), then the
+      # headline's 17 cast layers with the blocked head (the ring frees its memory only there) against every default
+      # (16 cast), ABBA so neither runs first every time, with the roofline.
+      bash "$0" tests
+      grep -q " passed" "$OUT/gpu_tests.log" && ! grep -q " failed" "$OUT/gpu_tests.log" || exit 1
+      headline3b pair16 slideformer+resident_layers=17+resident_weights=cast+head_schedule=vocab,slideformer,\
+slideformer+window=2,slideformer+resident_layers=17+resident_weights=cast+head_schedule=vocab+window=2 \
+        --time-budget-s 330
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_pair16_h100_bench.md
+      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"head_schedule": "[a-z]*"\|"error": "[^"]\{0,160\}' \
+        "$OUT"/llama3.2-3b_cap24g_pair16_h100_bench.json | head -24
+      rm -f "$OUT"/*.png ;;
     ring15)
       # Session 15: the blocked head's gradient in a ring of two vocabulary blocks (0.55 GiB less on the 3B) beside the
       # resident scratch in the head's idle weights (alias15). The resident and head GPU tests, then the headline:

@@ -97,8 +97,18 @@ def test_race_amplifier_scratch_in_the_vocab_slot(family: str, accumulate: int, 
     _race(family, 2, accumulate, 2, vocab=57344, aliased=True, **engine_kw)
 
 
+@pytest.mark.parametrize("family,vocab,engine_kw", [
+    ("llama", 57344, {}), ("llama_tied", 57344, {"embedding_update": "split"}),
+    ("llama", 4096, {"resident_weights": "cast"})])
+def test_race_amplifier_resident_updates_on_their_stream(family: str, vocab: int, engine_kw: dict) -> None:
+    """The overlap schedule's resident updates on their own stream (runtime/resident.py), each held back ~2 ms there,
+    with the scratch in the head's weights (vocab 57,344) or cast weights: bitwise equal to the updates in
+    compute-stream order (the synchronous run keeps them there). A missing wait shows as a difference."""
+    _race(family, 2, 1, 2, vocab=vocab, aliased=vocab > 4096, side_delay=5_000_000, **engine_kw)
+
+
 def _race(family: str, window: int, accumulate: int, resident: int, vocab: int = 4096, aliased: bool = False,
-          **engine_kw: object) -> None:
+          side_delay: int = 0, **engine_kw: object) -> None:
     cfg = tiny_config(family, layers=5, hidden=1024, vocab=vocab)
     cfg.intermediate_size = 8192
     base = make_model(cfg)
@@ -110,6 +120,8 @@ def _race(family: str, window: int, accumulate: int, resident: int, vocab: int =
                         OptimConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0 if accumulate > 1 else None))
         if engine.resident is not None:
             assert engine.resident.aliased == aliased
+            assert engine.resident.overlap == (not sync)
+            engine.resident.side_delay_cycles = 0 if sync else side_delay
         gen = torch.Generator().manual_seed(7)
         losses = []
         for _ in range(20):

@@ -101,6 +101,22 @@ def test_resident_layers(family: str, resident: int, window: int, placement: str
          placement=placement)
 
 
+@pytest.mark.parametrize("weights", ["keep", "cast"])
+def test_resident_layers_report_the_whole_gradient_norm(weights: str) -> None:
+    """The resident updates' norms (taken on their own stream, runtime/resident.py) join the step's: the reported
+    gradient norm equals the all-streamed engine's on the same batches."""
+    cfg = tiny_config("llama_tied", layers=4)
+    base = make_model(cfg)
+    norms = []
+    for resident in (0, 3):
+        with Engine(copy.deepcopy(base), EngineConfig(device="cpu", resident_layers=resident, resident_weights=weights),
+                    OptimConfig(lr=1e-3, weight_decay=0.1)) as engine:
+            gen = torch.Generator().manual_seed(3)
+            norms.append([engine.train_step(random_batch(cfg.vocab_size, 3, 11, gen)).grad_norm for _ in range(3)])
+    for ours, streamed in zip(*norms, strict=True):
+        assert ours == pytest.approx(streamed, rel=1e-5)
+
+
 @pytest.mark.parametrize("family,resident,accumulate,max_norm,window", [
     ("llama", 3, 1, None, 2), ("llama_tied", 2, 1, None, 1), ("gemma2", 2, 1, None, 2), ("qwen3", 2, 3, 0.5, 2),
     ("llama_tied", 3, 2, 1e-3, 1)])

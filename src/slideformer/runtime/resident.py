@@ -26,6 +26,12 @@ embedding backward (after every layer's backward in compute-stream order), no on
 forgets what the slot holds once a scratch update ran (``StepRunner``). 0.38 GiB on Llama-3.2-3B, 0.81 on
 Llama-3.1-8B.
 
+The overlap schedule's AdamW runs on a stream of its own (``side``, one process): the compute stream copies a unit's
+gradient into the scratch right after its backward and goes on with the next layer, while the side stream takes the
+norm and the update (18 of the ~25 ms a step of the 3B headline spends on them, session 16); the next unit's copy into
+the scratch waits for that update, and ``join`` puts the compute stream behind every update queued (before the
+embedding's backward, whose release the vocabulary slot's next upload waits for: the scratch may be its weights).
+
 Invariant: a resident unit's device state is the truth between ``load_from_host`` and ``sync_to_host``;
 its update uses ``torch._fused_adamw_`` with the same arithmetic as the host kernel, so results do not
 depend on which layers are resident (CPU parity tests hold that).
@@ -121,11 +127,25 @@ class ResidentLayers:
         self.acc_views: dict[int, list[torch.Tensor]] = {}
         # add_squared_norm's scratch, in compute-stream order (a scalar pair, like step_t outside device_bytes)
         self.norm_scratch = torch.zeros(2, dtype=torch.float32, device=ops.device)
+        # The overlap schedule's updates on their own stream (None: in compute-stream order; data-parallel, whose
+        # reduce is the compute stream's collective, and the synchronous debugging mode keep them there). On the CPU
+        # the same path runs, its streams and events None.
+        self.overlap = reduce is None and not ops.sync_copies
+        self.side = ops.new_stream() if self.overlap else None
+        self.side_scratch = torch.zeros(2, dtype=torch.float32, device=ops.device)
+        self.sq_side = torch.zeros((), dtype=torch.float32, device=ops.device)
+        """The side stream's squared norms since the last ``join``, which adds them to ``sq_target``."""
+        self.sq_target: torch.Tensor | None = None
+        self.scratch_free: object = None
+        """Side-stream event: the last update queued there has read the scratch (None: nothing queued since join)."""
+        self.side_delay_cycles = 0
+        """Tests only: the side stream spins this many cycles before each update (a race amplifier)."""
         self.load_from_host()
 
     def load_from_host(self) -> None:
         """Copy the host state (master, moments, step) of every resident unit to the device (data-parallel:
         this rank's shard of each third, then the other ranks' parts gathered)."""
+        self.join()
         for i, u in self.units.items():
             if u.sharded:
                 for k in range(3):
@@ -151,6 +171,7 @@ class ResidentLayers:
     def sync_to_host(self) -> None:
         """Copy the device state back into the host buffers (a blocking copy: used by ``flush``); data-parallel:
         this rank's shard of each third (every rank holds the same whole state on its device)."""
+        self.join()
         for i, u in self.units.items():
             if u.sharded:
                 for k in range(3):
@@ -167,16 +188,43 @@ class ResidentLayers:
             dst[k * n:(k + 1) * n].copy_(src[k * n:(k + 1) * n])
 
     def update(self, unit: HostUnit, grads: list[torch.Tensor], lr: float, sq_norm: torch.Tensor) -> None:
-        """AdamW for ``unit`` from its fresh gradients, on the compute stream, then refresh its weights."""
+        """AdamW for ``unit`` from its fresh gradients, then refresh its weights: the gradient's copy into the scratch
+        on the compute stream, the norm and the update on the side stream (``overlap``; ``join`` before anything
+        reads the result), or all on the compute stream."""
         n = unit.numel
         g = self.grad32[:n]
+        cs = self.ops.compute_stream()
+        if self.overlap:
+            self.ops.wait(cs, self.scratch_free)  # the previous unit's update (side stream) has read the scratch
         torch._foreach_copy_(self.grad_views[unit.index], grads)
-        if self.reduce is not None:
-            self.reduce(g)  # data-parallel: every rank's gradient summed before the norm and the update
-        add_squared_norm(sq_norm, g, self.norm_scratch)
         unit.step += 1
-        self.step_t[unit.index] += 1
-        self._adamw(unit, g, lr)
+        if not self.overlap:
+            if self.reduce is not None:
+                self.reduce(g)  # data-parallel: every rank's gradient summed before the norm and the update
+            add_squared_norm(sq_norm, g, self.norm_scratch)
+            self.step_t[unit.index] += 1
+            self._adamw(unit, g, lr)
+            return
+        copied = self.ops.record(cs)
+        with self.ops.on(self.side):
+            self.ops.wait(self.side, copied)  # the scratch holds this unit's gradient (and its forward read the master)
+            if self.side_delay_cycles:
+                torch.cuda._sleep(self.side_delay_cycles)
+            add_squared_norm(self.sq_side, g, self.side_scratch)
+            self.step_t[unit.index] += 1
+            self._adamw(unit, g, lr)
+            self.scratch_free = self.ops.record(self.side)
+        self.sq_target = sq_norm
+
+    def join(self) -> None:
+        """Put the compute stream behind every update queued on the side stream, and add their squared norms to the
+        step's (``update``'s ``sq_norm``), in compute-stream order."""
+        if not self.overlap or self.sq_target is None:
+            return
+        self.ops.wait(self.ops.compute_stream(), self.scratch_free)  # the side stream's updates are all done
+        self.sq_target.add_(self.sq_side)
+        self.sq_side.zero_()
+        self.sq_target, self.scratch_free = None, None
 
     def accumulate(self, unit: HostUnit, grads: list[torch.Tensor], first: bool, last: bool,
                    sq_norm: torch.Tensor | None) -> None:

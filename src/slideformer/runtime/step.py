@@ -132,6 +132,8 @@ class StepRunner(SlotUses):
         # rank's reduced shard (dist/shard.py) and sum over ranks. sq_res: the resident units' accumulated
         # squared norm when the host measures the others (several micro-batches).
         host_norm = len(mbs) > 1 or e.dist is not None
+        if self.resident is not None:
+            self.resident.join()  # (a no-op unless a failed step left resident updates unjoined)
         self.sq.zero_()  # compute stream: after the previous step's copy of it to the host
         losses = []
         for k, mb in enumerate(mbs):
@@ -343,6 +345,10 @@ class StepRunner(SlotUses):
             torch._foreach_copy_(self.layer_grad_views[j], list(grads[1:]))
             self._drain([(unit, use.slot.grad[:unit.padded])], use.release, deferred, first, last, lr, host_norm)
 
+        if self.resident is not None:
+            # Before the embedding backward, whose release the vocab slot's next upload waits for (the resident
+            # updates' scratch may be its weights), and before anything reads the step's norm or a master.
+            self.resident.join()
         # Embedding backward: scatter the rows' gradients into the vocab slot's gradient buffer.
         self._begin(emb_use, True, "embedding backward")
         if h0 is not x0 and h0.requires_grad:
