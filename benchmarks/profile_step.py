@@ -48,6 +48,7 @@ LANES: tuple[tuple[str, str], ...] = (
     ("download", "download D2H"),
     ("upload_host", "host FP32->BF16\n(upload threads)"),
     ("cpu_adamw", "CPU optimizer"),
+    ("gpu_adamw", "GPU AdamW\n(resident layers)"),
 )
 INSTRUMENT: tuple[tuple[str, str, str], ...] = (
     ("layer_up", "upload", "sf/upload_host"),
@@ -82,19 +83,34 @@ CONVERT_OPS = ("aten::copy_", "aten::_to_copy")
 """CPU ops that, on an upload thread, are the FP32->BF16 conversion into staging (and the copy issue)."""
 
 
-def lane_of(event: dict[str, Any], upload_tids: set[Any], compute_tid: Any = None) -> str | None:
+RESIDENT_KERNEL = "FusedAdamMathFunctor"
+"""A kernel of the resident layers' AdamW (``torch._fused_adamw_``); the stream that runs it, when it is not the
+compute stream, is the resident updates' own (``runtime/resident.py``, since session 16)."""
+
+
+def resident_stream(events: list[dict[str, Any]], compute_tid: Any) -> Any:
+    """The ``tid`` of the resident updates' stream: the other stream running fused AdamW kernels (None: none)."""
+    return next((e.get("tid") for e in events if str(e.get("cat", "")).lower() == "kernel"
+                 and RESIDENT_KERNEL in str(e.get("name", "")) and e.get("tid") != compute_tid), None)
+
+
+def lane_of(event: dict[str, Any], upload_tids: set[Any], compute_tid: Any = None, side_tid: Any = None,
+            main_tid: Any = None) -> str | None:
     """Which timeline lane a Chrome-trace event belongs to (None: not drawn).
 
     Host-side conversion is read from the upload threads (those that carry ``sf/upload_host``
     ranges): their ``aten::copy_`` ops, not the ranges, which also span the waits for updates.
-    Kernels are compute on the compute stream (``compute_tid``; None: any stream); on another stream they are
-    the uploaders' device-side casts, drawn as upload work.
+    Kernels are compute on the compute stream (``compute_tid``; None: any stream); on the resident updates' stream
+    (``side_tid``) their norm and AdamW; on another stream the uploaders' device-side casts, drawn as upload work.
+    The main thread's (``main_tid``) ``_fused_adamw_`` calls launch the resident layers' GPU AdamW: not the CPU's.
     """
     cat = str(event.get("cat", "")).lower()
     name = str(event.get("name", ""))
     low = name.lower()
     if cat == "kernel":
-        return "compute" if compute_tid is None or event.get("tid") == compute_tid else "upload"
+        if compute_tid is None or event.get("tid") == compute_tid:
+            return "compute"
+        return "gpu_adamw" if side_tid is not None and event.get("tid") == side_tid else "upload"
     if cat == "gpu_memcpy":
         if "htod" in low:
             return "upload"
@@ -102,7 +118,8 @@ def lane_of(event: dict[str, Any], upload_tids: set[Any], compute_tid: Any = Non
             return "download"
         return None
     if cat in ("user_annotation", "cpu_op", "python_function"):
-        if low.startswith("sf/cpu_adamw") or "fused_adamw" in low:
+        if low.startswith("sf/cpu_adamw") or ("fused_adamw" in low and (main_tid is None
+                                                                         or event.get("tid") != main_tid)):
             return "cpu_adamw"
         if cat == "cpu_op" and name in CONVERT_OPS and event.get("tid") in upload_tids:
             return "upload_host"
@@ -135,12 +152,15 @@ def timeline(trace: dict[str, Any], step_name: str,
     nxt = [e for e in events if e.get("ph") == "X" and e.get("name") == next_name] if next_name else []
     lanes: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in LANES}
     upload_tids = {e.get("tid") for e in events if str(e.get("name", "")).startswith("sf/upload_host")}
-    compute_tid = compute_stream([e for e in events if e.get("ph") == "X" and "dur" in e])
+    timed = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    compute_tid = compute_stream(timed)
+    side_tid = resident_stream(timed, compute_tid)
+    main_tid = step[0].get("tid") if step else None
     spans = []
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
-        lane = lane_of(e, upload_tids, compute_tid)
+        lane = lane_of(e, upload_tids, compute_tid, side_tid, main_tid)
         if lane is None:
             continue
         start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
@@ -180,9 +200,9 @@ def plot(t0: float, t1: float, lanes: dict[str, list[tuple[float, float]]], titl
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(14, 3.6))
-    colors = ("tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:red")
-    for row, ((key, _label), color) in enumerate(zip(LANES, colors)):
+    fig, ax = plt.subplots(figsize=(14, 4.0))
+    colors = ("tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:olive")
+    for row, ((key, _label), color) in enumerate(zip(LANES, colors, strict=True)):
         bars = [((s - t0) / 1e3, max((e - s) / 1e3, 1e-3)) for s, e in lanes[key]]
         y = len(LANES) - 1 - row
         ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=color)

@@ -69,6 +69,16 @@ def test_the_fused_loss_kernel_plans_two_bytes_per_logit_and_frees_room_for_laye
                      hardware=Hardware(gpu_memory_bytes=24 * GIB, host_memory_bytes=125 * GIB))
     assert plan.gpu[key] == 512 * 128256 * 20
 
+    def head(hf: LlamaConfig) -> str:  # the blocked head forced where it could apply (tied, split update)
+        return make_plan(hf, seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                         engine=EngineConfig(device="cuda", resident_layers=16, resident_weights="cast",
+                                             embedding_update="split", head_schedule="vocab"),
+                         hardware=Hardware(gpu_memory_bytes=24 * GIB, host_memory_bytes=125 * GIB)
+                         ).settings["head_schedule"]
+
+    # ...nor is the blocked head planned for it: the engine runs a soft-capped head in one pass.
+    assert head(_llama3b()) == "vocab" and head(capped) == "tokens"
+
 
 def test_no_resident_layers_with_the_disk_tier_and_fewer_with_the_deferred_accumulator():
     assert _fit(80, offload="moments", offload_dir="/tmp") == 0

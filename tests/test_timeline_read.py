@@ -66,3 +66,21 @@ def test_profile_lanes_keep_the_uploaders_casts_out_of_compute() -> None:
     assert lanes["compute"] == [(0.0, 20e3), (30e3, 70e3)]
     assert lanes["upload"] == [(20e3, 30e3), (75e3, 95e3)]
     assert [lane for lane, v in lanes.items() if v and lane == "cpu_adamw"] == ["cpu_adamw"]
+
+
+def test_profile_lanes_draw_the_resident_updates_stream_apart() -> None:
+    """The resident layers' norm and AdamW on their own stream (session 16) are a lane of their own, not upload work;
+    the main thread's launch of their ``_fused_adamw_`` is not the CPU optimizer's."""
+    ps = load("profile_step")
+    trace = _trace()
+    adam = "void multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMathFunctor<float, 4>>"
+    trace["traceEvents"] += [
+        _x(adam, 32, 3, tid=21), _x("reduce_kernel<NormTwoOps>", 31, 1, tid=21),  # the resident updates' stream
+        _x("aten::_fused_adamw_", 31, 0.1, tid=1, cat="cpu_op"),  # its launch, on the main thread
+    ]
+    _, _, lanes = ps.timeline(trace, "sf/profiled_step", "sf/next_step")
+    assert lanes["gpu_adamw"] == [(31e3, 35e3)]
+    assert lanes["upload"] == [(20e3, 30e3), (75e3, 95e3)]
+    assert (31e3, 31.1e3) not in lanes["cpu_adamw"]
+    # A trace without that stream (every engine before session 16) draws nothing there.
+    assert ps.timeline(_trace(), "sf/profiled_step", "sf/next_step")[2]["gpu_adamw"] == []

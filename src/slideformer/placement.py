@@ -3,8 +3,9 @@
 Owns that one decision. A resident layer costs ``compute dtype + 12`` bytes/param of device memory
 (weights, FP32 master, two moments) and saves its uploads, its gradient download and its CPU AdamW
 (``runtime/resident.py``); the rest of the device memory is what ``planner.make_plan`` predicts for the
-run without resident layers. The count is the largest whose total leaves the allocator's reserve
-(``reserve_bytes``) free in the budget. Under the deferred schedule (clipping, accumulation) each resident
+run with that count (its split update and head schedule depend on it). The count is the largest whose total leaves
+the allocator's reserve (``reserve_bytes``) free in the budget, chosen together with the head schedule
+(``resident_choice``). Under the deferred schedule (clipping, accumulation) each resident
 layer also holds an FP32 gradient accumulator (4 more bytes/param). With ``engine.resident_weights='cast'`` a
 layer keeps no compute-dtype weights (12 bytes/param) and all share one cast buffer; 'auto' picks it when it fits more
 layers and the plan with kept weights is bound by the host's AdamW (``resident_choice``). Invariant: the

@@ -80,11 +80,12 @@ against the one-pass head's 0.444 / 0.461 s (session 14 of benchmarks/results/pe
 
 
 def pick_head_schedule(choice: str, *, tied: bool, on_gpu: bool, fused: bool, split: bool, host_s: float,
-                       gpu_s: float) -> str:
+                       gpu_s: float, softcap: bool = False) -> str:
     """``engine.head_schedule`` of a plan: 'vocab' only where the tied embedding's split update consumes the head's
-    blocks; 'auto' takes it on a GPU with the fused loss kernel where the host's busy time reaches the GPU's compute
+    blocks and the head does not soft-cap its logits (the engine then runs one pass: ``runtime/build.head_blocks``);
+    'auto' takes it on a GPU with the fused loss kernel where the host's busy time reaches the GPU's compute
     (``HOST_BOUND_SHARE``: the head's extra matmul then hides behind the host; on a GPU-bound step it would add to
     it)."""
-    if not (tied and split) or choice == "tokens":
+    if not (tied and split) or softcap or choice == "tokens":
         return "tokens"
     return "vocab" if choice == "vocab" or (on_gpu and fused and host_s >= HOST_BOUND_SHARE * gpu_s) else "tokens"

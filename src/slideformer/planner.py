@@ -365,9 +365,11 @@ def make_plan(
     if split_rows and on_gpu:
         gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     times = timed(split_rows * hidden if split_rows else params["embedding"])
+    text_cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     head_schedule = pick_head_schedule(engine.head_schedule, tied=tied, on_gpu=on_gpu, fused=fused,
                                        split=bool(split_rows), host_s=host_seconds(times, hardware),
-                                       gpu_s=times["gpu compute"])
+                                       gpu_s=times["gpu compute"],
+                                       softcap=getattr(text_cfg, "final_logit_softcapping", None) is not None)
     if head_schedule == "vocab":  # its buffers replace the one-pass head's loss chunk
         del gpu["loss chunk (logits and their gradient)"]
         block_rows = VocabBlockedHead.block_rows_for(vocab, HEAD_BLOCKS)
