@@ -17,7 +17,8 @@
 # `profile3b11 ab8b11`, `place3b11 cast8b11`, `pool3b11`, `b16_8b11 eff8b11`, `final3b11` (ab/prev10/src = `git archive
 # 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13`, `ck13`, `eff8b13`, `cast13`; session 14 `r16c14`, `r16s14`, `auto3b14` (ab: a probe tree, see the stage), `nice3b14`, `reserve14`, `final14`, `fam14` (ab/ckdev, ab/ckhalf: probe trees, see the stage); session 15 `tests`, `mem15`, `alias15`
 # (ab/main15/src = `git archive 1fd229c src`), `ring15` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
-# ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried).
+# ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried); session 16 `pair16`, `joint16`,
+# `side16` (ab/main16/src = `git archive 25694d6 src`, carried), `final16`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
