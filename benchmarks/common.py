@@ -191,6 +191,12 @@ class StepTimes:
     total_s: float = 0.0
     """From the start of the first measured step to the end of ``drain`` after the last."""
     outputs: list[Any] = field(default_factory=list)
+    call_s: list[float] = field(default_factory=list)
+    """Wall seconds of each ``step()`` call alone: the main thread issuing the step, without the ``sync`` after it."""
+    main_cpu_s: list[float] = field(default_factory=list)
+    """CPU seconds the calling (main) thread spent in each ``step()`` call (``time.thread_time``: blocking waits not
+    counted). Close to the step time, the main thread's issue rate bounds the step; the profiler cannot say this
+    without slowing that thread."""
 
     @property
     def median_s(self) -> float:
@@ -219,7 +225,10 @@ def time_steps(
     sync()
     t_start = prev = time.perf_counter()
     for _ in range(steps):
+        cpu0 = time.thread_time()
         out.outputs.append(step())
+        out.main_cpu_s.append(time.thread_time() - cpu0)
+        out.call_s.append(time.perf_counter() - prev)
         sync()
         now = time.perf_counter()
         out.times_s.append(now - prev)

@@ -11,6 +11,7 @@ import csv
 import json
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -310,6 +311,24 @@ def targets(results: dict[str, Any], derived: dict[str, Any]) -> list[tuple[str,
     return rows
 
 
+def main_thread_lines(results: dict[str, Any]) -> list[str]:
+    """The main thread's share of each step (records since session 16): the median wall time of the ``step()`` call
+    and the CPU time the thread spent in it, against the median step. A CPU share near 1 is a step bound by the
+    thread that issues it."""
+    rows = [r for r in _sorted_records(results) if r.get("status") == "ok" and r.get("step_main_thread_cpu_s")]
+    if not rows:
+        return []
+    lines = ["", "## Main thread (issuing each step)", "",
+             "| batch | system | step (s) | step() call (s) | main-thread CPU (s) | CPU / step |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        cpu = statistics.median(r["step_main_thread_cpu_s"])
+        call = statistics.median(r.get("step_call_times_s") or [float("nan")])
+        lines.append(f"| {r['batch_size']} | {r['system']} | {r['step_time_s']:.3f} | {call:.3f} | {cpu:.3f} "
+                     f"| {cpu / r['step_time_s']:.0%} |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The human report: setup, results table, roofline, ratios, formulas, errors."""
     meta, args, shape = results["meta"], results["args"], results["shape"]
@@ -368,6 +387,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_gib(r.get('gpu_peak_allocated_bytes'))} / {_gib(r.get('gpu_peak_reserved_bytes'))} "
                 f"| {_gib(r.get('host_rss_peak_bytes'))} | - | - | **{r.get('status')}**: {_short_error(r)} |"
             )
+    lines += main_thread_lines(results)
     lines += ["", "## Roofline (slideformer)", ""]
     roof = results.get("roofline") or {}
     if roof.get("error"):

@@ -17,6 +17,7 @@ def load(name: str) -> ModuleType:
     try:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # (dataclasses look their module up there while the class is built)
         spec.loader.exec_module(mod)
         return mod
     finally:

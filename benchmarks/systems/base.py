@@ -206,6 +206,8 @@ def drive(system_name: str, spec: BenchSpec, make: Callable[[BenchSpec], BenchSy
                 mode=system.mode,
                 step_time_s=median,
                 step_times_s=times.times_s,
+                step_call_times_s=times.call_s,
+                step_main_thread_cpu_s=times.main_cpu_s,
                 mean_step_time_with_drain_s=times.total_s / spec.steps,
                 tokens_per_s=tps,
                 model_tflops=stats.flops_per_token(spec.seq_len) * tps / 1e12,
