@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -98,6 +98,25 @@ class DeviceOps:
         """Block this host thread until ``event`` has completed."""
         if self.is_cuda and event is not None:
             event.synchronize()
+
+    def scalar_reader(self) -> Callable[[torch.Tensor], float]:
+        """A reader of device scalars for one thread: ``float(value)`` once the current stream's work before it is
+        done, the thread asleep meanwhile. ``float()`` of a CUDA tensor spins a core in the driver until the GPU gets
+        there (the runtime's default for one context on a many-core host), a core the CPU AdamW could use and CPU
+        time that hides whether the main thread's issuing bounds a step. Reuses one pinned float and one blocking
+        event: calls from one thread, one at a time."""
+        if not self.is_cuda:
+            return lambda value: float(value)
+        host = torch.zeros(1, dtype=torch.float32, pin_memory=self.pin)
+        done = torch.cuda.Event(blocking=True)
+
+        def read(value: torch.Tensor) -> float:
+            host.copy_(value.detach().reshape(1), non_blocking=True)  # behind the stream's work that makes it
+            done.record(torch.cuda.current_stream(self.device))
+            done.synchronize()  # a blocking event: the thread sleeps until the copy has landed
+            return float(host[0])
+
+        return read
 
     # -- memory -------------------------------------------------------------------------------
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -62,6 +62,7 @@ class StepRunner(SlotUses):
         self.sq = torch.zeros(2, dtype=torch.float32, device=self.ops.device)
         self.sq_dev, self.sq_res = self.sq[0], self.sq[1]
         self.norm_scratch = torch.zeros(2, dtype=torch.float32, device=self.ops.device)
+        self.read_scalar = self.ops.scalar_reader()  # the main thread's loss reads: asleep, not spinning, until due
         # The host's copies of ``sq``, a step each in turn: step s's is read by its norm task on the optimizer thread,
         # which runs before the updates of step s + 1 that step s + 2's forward waits for, so before step s + 2 copies
         # into it again (grad_pipeline's ordering: nothing submitted after a task runs before it).
@@ -163,7 +164,7 @@ class StepRunner(SlotUses):
                     self.resident_pending[u.index] = (norm, spec.step, spec.lr)
                 else:
                     u.update_future = drain.submit_task(drain.apply_accumulated, u, norm, spec.step, spec.lr)
-        loss = float(torch.stack(losses).sum().item())
+        loss = self.read_scalar(torch.stack(losses).sum())
         if e.dist is not None:
             loss = e.dist.all_sum(loss)  # every rank's share of the global mean
         return loss, norm, False
@@ -391,7 +392,7 @@ class StepRunner(SlotUses):
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """Whether the step must be skipped: this rank's loss is NaN/inf, or (data-parallel) any rank's is."""
-        bad = not math.isfinite(float(loss))
+        bad = not math.isfinite(self.read_scalar(loss))
         return bad if self.e.dist is None else self.e.dist.any(bad)  # all ranks skip together
 
     def eval_micro(self, mb: MicroBatch) -> torch.Tensor:
