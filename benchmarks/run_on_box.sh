@@ -332,6 +332,17 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_res14_h100_bench.md
       grep -ho '"system": "[^"]*"\|"resident_layers": [0-9]*\|"resident_weights": "[a-z]*"' \
         "$OUT"/llama3.1-8b_*res14_h100_bench.json | head -40 ;;
+    read17)
+      # Prepared in session 16 for the next device session: the commits after 46749cd ran on the CPU only. The whole
+      # GPU set, then the headline: this tree (the loss read asleep, eac399f) against 46749cd's engine
+      # (ab/side16/src = `git archive 46749cd src | tar -x -C ab/side16`, carried), ABBA, with the roofline; each
+      # child's markdown row in "Main thread" says how much of its step the main thread spent issuing it.
+      bash "$0" tests
+      grep -q " passed" "$OUT/gpu_tests.log" && ! grep -q " failed" "$OUT/gpu_tests.log" || exit 1
+      headline3b read17 slideformer,slideformer@side,slideformer@side+window=2,slideformer+window=2 \
+        --engine-src side=ab/side16/src --time-budget-s 330
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_read17_h100_bench.md
+      rm -f "$OUT"/*.png ;;
     final16)
       # Session 16's final tree (the joint count, the side stream): the headline with every default, twice, with the
       # roofline (the device budget's last minutes), then its timeline.
