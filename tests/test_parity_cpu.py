@@ -117,6 +117,28 @@ def test_resident_layers_report_the_whole_gradient_norm(weights: str) -> None:
         assert ours == pytest.approx(streamed, rel=1e-5)
 
 
+def test_close_after_a_failed_step_joins_the_resident_updates() -> None:
+    """A step that fails between two resident updates leaves the first on the resident stream; ``close`` joins it
+    before the memory goes back (on the GPU the allocator's reuse follows the compute stream only)."""
+    cfg = tiny_config("llama", layers=4)
+    engine = Engine(make_model(cfg), EngineConfig(device="cpu", resident_layers=2), OptimConfig(lr=1e-3))
+    resident, real = engine.resident, engine.resident.update
+    calls = []
+
+    def update(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("injected after the first resident update")
+        real(*args, **kwargs)
+
+    resident.update = update
+    with pytest.raises(Exception, match="injected"):
+        engine.train_step(random_batch(cfg.vocab_size, 2, 9, torch.Generator().manual_seed(0)))
+    assert resident.sq_target is not None  # the first update's norm, not joined by the failed step
+    engine.close()
+    assert resident.sq_target is None
+
+
 @pytest.mark.parametrize("family,resident,accumulate,max_norm,window", [
     ("llama", 3, 1, None, 2), ("llama_tied", 2, 1, None, 1), ("gemma2", 2, 1, None, 2), ("qwen3", 2, 3, 0.5, 2),
     ("llama_tied", 3, 2, 1e-3, 1)])

@@ -17,6 +17,7 @@ micro-batches; the context shards the units, reduces gradients and gathers weigh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -366,6 +367,11 @@ class Engine:
                 getattr(self, name)()
         self.embed_split = None  # its device row buffer
         self.vocab_ring = None  # a view of the vocabulary slot's gradient buffer
+        if getattr(self, "resident", None) is not None:
+            # Updates a failed step left on the resident stream finish before their memory goes back to the allocator
+            # (whose reuse follows the compute stream only); after a sticky device error nothing queued runs anyway.
+            with contextlib.suppress(RuntimeError):
+                self.resident.join()
         for name in ("resident", "layer_pool", "vocab_slot", "acts", "x0_dev", "x0_stage", "x0_scratch", "runner"):
             if hasattr(self, name):
                 delattr(self, name)
