@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from slideformer.planner import Hardware
+    from slideformer.plan_types import Hardware
 
 
 def step_times(hardware: Hardware, *, n: int, tail: int, n_res: int, spread: bool, tokens: int,

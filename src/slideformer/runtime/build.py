@@ -26,7 +26,7 @@ from slideformer.memory.host_state import HostUnit, build_units
 from slideformer.runtime.device import DeviceOps
 
 if TYPE_CHECKING:
-    from slideformer.planner import Plan
+    from slideformer.plan_types import Plan
     from slideformer.runtime.engine import Engine
 
 logger = logging.getLogger("slideformer.runtime.engine")
