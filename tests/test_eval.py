@@ -47,20 +47,20 @@ def test_a_failing_evaluation_raises_and_close_does_not_hang(monkeypatch: pytest
     import threading
 
     from slideformer.errors import WorkerError
-    from slideformer.runtime import step as step_mod
+    from slideformer.runtime import forward as forward_mod  # the layers' forward (training and evaluation)
 
     cfg = tiny_config("llama", layers=4)
     gen = torch.Generator().manual_seed(0)
     eng = Engine(make_model(cfg), EngineConfig(device="cpu", window=1, watchdog_s=60.0), OptimConfig(lr=1e-3))
     eng.train_step(random_batch(cfg.vocab_size, 2, 9, gen))
-    real = step_mod.run_layer
+    real = forward_mod.run_layer
 
     def broken(layer, h, call):
         if layer is eng.parts.layers[1]:
             raise RuntimeError("injected failure in layer 1's forward")
         return real(layer, h, call)
 
-    monkeypatch.setattr(step_mod, "run_layer", broken)
+    monkeypatch.setattr(forward_mod, "run_layer", broken)
     with pytest.raises(WorkerError, match="injected failure"):
         eng.eval_loss(random_batch(cfg.vocab_size, 2, 9, gen))
     closer = threading.Thread(target=eng.close, daemon=True)

@@ -13,7 +13,8 @@ The deferred schedule then queues the global-norm computation and every unit's u
 while the next step's forward starts (each upload waits only for its own unit's update).
 
 Planning the forward's slot uses, waiting for uploads, binding slot views and failing a failed step's
-releases are the runner's base, ``SlotUses`` (``runtime/slot_uses.py``).
+releases are the runner's base, ``SlotUses`` (``runtime/slot_uses.py``); the embedding, the layers' forward and the
+evaluation pass its next, ``ForwardPass`` (``runtime/forward.py``).
 
 Invariant: the main thread only issues device work and waits on futures/events it was handed; it
 never waits for the device to drain (the loss read at the end waits for the compute stream only).
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import Future
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,18 +38,18 @@ from slideformer.runtime import head_blocks
 from slideformer.runtime.batch import MicroBatch
 from slideformer.runtime.device import add_squared_norm
 from slideformer.runtime.embedding_split import RowsJob, RowUpdate
+from slideformer.runtime.forward import ForwardPass
 from slideformer.runtime.grad_norm import clip_coefficient
 from slideformer.runtime.head_blocks import HeadGrad
-from slideformer.runtime.slot_uses import SlotUses
 from slideformer.runtime.staged import StagedReady
 from slideformer.runtime.transfer import Accumulate, Update
-from slideformer.runtime.window import Segment, Slot, Use, plan_use
+from slideformer.runtime.window import Segment, Slot, plan_use
 
 if TYPE_CHECKING:
     from slideformer.runtime.engine import Engine
 
 
-class StepRunner(SlotUses):
+class StepRunner(ForwardPass):
     """Runs training steps for an ``Engine`` (holds no state of its own beyond per-step plans)."""
 
     def __init__(self, engine: Engine) -> None:
@@ -197,47 +198,6 @@ class StepRunner(SlotUses):
             for u in units:
                 u.update_future = futures[u.index]
 
-    def _embed(self, mb: MicroBatch, x0_src: Future | Use, grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
-        """The gathered embedding rows on the device, and the preamble: (x0, first layer input, layer calls)."""
-        e, p = self.e, self.e.parts
-        shape = torch.Size((*mb.shape, e.hidden))
-        cs = self.ops.compute_stream()
-        if isinstance(x0_src, Use):  # sharded embedding: select the rows from the all-gathered matrix
-            self._begin(x0_src, False, "embedding forward")
-            u0 = e.units[0]
-            weight = e.vocab_slot.weight[:u0.numel].view(e.vocab, e.hidden)
-            torch.index_select(weight, 0, mb.ids.view(-1), out=e.x0_dev[:shape.numel()].view(-1, e.hidden))
-            x0_src.release.set_result(self.ops.record(cs))  # the slot may take the head once the rows are out
-        else:
-            self.ops.wait(cs, self.wait(x0_src, "embedding gather"))  # x0's copy landed
-        x0 = e.x0_dev[:shape.numel()].view(shape).detach().requires_grad_(grad)
-        with torch.set_grad_enabled(grad):
-            emb = x0 if p.embed_scale is None else x0 * torch.tensor(p.embed_scale, dtype=x0.dtype,
-                                                                     device=x0.device)
-            h0, calls = e.adapter.layer_calls(p, emb, mb.attention_mask, mb.position_ids)
-        return x0, h0, calls
-
-    def _forward_layers(self, fwd: dict[int, Use], h: torch.Tensor, calls: list[Any], save: bool) -> torch.Tensor:
-        """Every decoder layer's forward (no autograd); with ``save``, each input is checkpointed."""
-        e, ops = self.e, self.ops
-        cs = ops.compute_stream()
-        with torch.no_grad():
-            for j in range(e.num_layers):
-                use = fwd.get(j)
-                if use is not None:
-                    self._begin(use, False, f"layer {j} forward")
-                elif j + 1 in self.resident_pending:
-                    self.apply_resident_update(j + 1)
-                if j + 1 in self.resident_units:
-                    self.resident.stage(j + 1)  # cast weights: from the (updated) master, in stream order
-                self._bind(e.units[j + 1], self.layer_views[j])
-                if save:
-                    e.acts.save(j, h, cs)
-                h = run_layer(e.parts.layers[j], h, calls[j])
-                if use is not None:
-                    use.release.set_result(ops.record(cs))  # the slot is free once this compute is done
-        return h
-
     def _micro(self, mb: MicroBatch, scale: float, deferred: bool, first: bool, last: bool,
                lr: float, host_norm: bool) -> torch.Tensor | None:
         """One micro-batch; returns its scaled loss (a device scalar), or None if it was non-finite."""
@@ -383,38 +343,10 @@ class StepRunner(SlotUses):
         u0 = self.e.units[0]
         self._drain([(u0, g.view(-1))], release, False, True, True, job.spec.lr, False, RowUpdate(job, self.split))
 
-    def apply_resident_update(self, index: int) -> None:
-        """Run a resident unit's deferred update (AdamW on the device, clipped) once the step's norm is known."""
-        norm_fut, step, lr = self.resident_pending.pop(index)
-        # The clip coefficient comes from the optimizer thread once every gradient of the step was consumed.
-        _, coef = self.wait(norm_fut, "the step's gradient norm, before a resident layer's deferred update")
-        self.resident.apply_accumulated(self.e.units[index], step, lr, coef)
-
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """Whether the step must be skipped: this rank's loss is NaN/inf, or (data-parallel) any rank's is."""
         bad = not math.isfinite(self.read_scalar(loss))
         return bad if self.e.dist is None else self.e.dist.any(bad)  # all ranks skip together
-
-    def eval_micro(self, mb: MicroBatch) -> torch.Tensor:
-        """Forward-only pass of one micro-batch through the window; returns the summed token loss.
-
-        Same slots, uploads and kernels as training (so the same numbers as ``train_step``'s loss), but
-        no checkpoints, no backward and no gradients; uploads still wait for pending updates.
-        """
-        e, ops = self.e, self.ops
-        x0_src, x0_release, fwd, head = self._plan_forward(mb)
-        _, h0, calls = self._embed(mb, x0_src, grad=False)
-        h = self._forward_layers(fwd, h0, calls, save=False)
-        with torch.no_grad():
-            self._begin(head, False, "head (eval)")
-            self._bind_segments(e.head_segments, self.head_views)
-            xn = e.parts.norm(h)
-            loss, _ = linear_cross_entropy(xn.reshape(-1, e.hidden), self.head_w, mb.targets, 1.0, None,
-                                           e.loss_chunk_tokens, e.parts.logit_softcap, e.head_ce)
-        done = ops.record(ops.compute_stream())
-        head.release.set_result(done)
-        x0_release.set_result(done)
-        return loss
 
     @staticmethod
     def _head_grads(uh: HostUnit, norm_params: list[torch.nn.Parameter],
