@@ -332,6 +332,18 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       sed -n '/## Results/,/## Roofline/p' "$OUT"/llama3.1-8b_res14_h100_bench.md
       grep -ho '"system": "[^"]*"\|"resident_layers": [0-9]*\|"resident_weights": "[a-z]*"' \
         "$OUT"/llama3.1-8b_*res14_h100_bench.json | head -40 ;;
+    blockev17)
+      # Prepared in session 16: every engine event blocking (blocking_events17_probe_h100_202611.patch), so the worker
+      # threads' host waits (the optimizer's per-chunk download waits, the uploaders' ring waits) sleep instead of
+      # spinning cores beside the CPU AdamW's threads. The probe tree is this tree's src with the patch, built here;
+      # the headline against it, ABBA, no roofline.
+      rm -rf ab/blockev && mkdir -p ab/blockev && cp -r src ab/blockev/ \
+        && (patch -p1 -d ab/blockev < benchmarks/results/blocking_events17_probe_h100_202611.patch \
+            || git apply --directory=ab/blockev benchmarks/results/blocking_events17_probe_h100_202611.patch) || exit 1
+      grep -q "probe: host waits" ab/blockev/src/slideformer/runtime/device.py || exit 1
+      headline3b blockev17 slideformer,slideformer@block,slideformer@block+window=2,slideformer+window=2 \
+        --engine-src block=ab/blockev/src --no-roofline --time-budget-s 300
+      rm -f "$OUT"/*.png ;;
     read17)
       # Prepared in session 16 for the next device session: the commits after 46749cd (eac399f, 7ed6daa, 88cff48) ran
       # on the CPU only. The whole
