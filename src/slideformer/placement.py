@@ -68,10 +68,18 @@ def _device_need(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred:
     return alloc + reserve, streaming, reserve, str(plan.settings["head_schedule"])
 
 
+class Fit(NamedTuple):
+    """Resident layers that fit, why, and the head schedule of the plan at that count."""
+
+    count: int
+    reason: str
+    head: str = "tokens"
+
+
 def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfig, deferred: bool,
-                             gpu_budget_bytes: int, cast: bool = False) -> tuple[int, str]:
-    """(count, reason): resident decoder layers that fit ``gpu_budget_bytes`` for micro-batches of ``tokens``,
-    with their compute-dtype weights kept, or (``cast``) cast into one shared buffer before each use.
+                             gpu_budget_bytes: int, cast: bool = False) -> Fit:
+    """Resident decoder layers that fit ``gpu_budget_bytes`` for micro-batches of ``tokens``, with their
+    compute-dtype weights kept, or (``cast``) cast into one shared buffer before each use.
 
     ``gpu_budget_bytes`` is device memory this process may still allocate (free memory, or a cap), the CUDA
     context already excluded. A first count comes from the plan without resident layers; the count is then checked
@@ -81,9 +89,9 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
     from slideformer.planner import CUDA_CONTEXT_BYTES, Hardware, make_plan
 
     if engine.device == "cpu":
-        return 0, "the device is the CPU"
+        return Fit(0, "the device is the CPU")
     if engine.offload != "none":
-        return 0, "the disk tier (engine.offload) is on"
+        return Fit(0, "the disk tier (engine.offload) is on")
     base = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=False,
                      engine=EngineConfig(**{**asdict(engine), "resident_layers": 0}),
                      hardware=Hardware(gpu_memory_bytes=gpu_budget_bytes, host_memory_bytes=1 << 50))
@@ -97,17 +105,19 @@ def resident_layers_that_fit(hf_config: Any, *, tokens: int, engine: EngineConfi
     per_layer = largest * resident_bytes_per_param(elt, cast, deferred)
     count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
     kw = {"tokens": tokens, "engine": engine, "deferred": deferred, "gpu_budget_bytes": gpu_budget_bytes, "cast": cast}
-    if count:  # (no resident layer: the base plan is the plan at the count)
-        while count < layers and _device_need(hf_config, count=count + 1, **kw)[0] <= gpu_budget_bytes:
-            count += 1
-        while count > 0 and _device_need(hf_config, count=count, **kw)[0] > gpu_budget_bytes:
-            count -= 1
-    _, streaming, reserve, head = _device_need(hf_config, count=count, **kw)
+    at = _device_need(hf_config, count=count, **kw)  # each count's plan once: up while the next fits, else down
+    if at[0] <= gpu_budget_bytes:
+        while count < layers and (nxt := _device_need(hf_config, count=count + 1, **kw))[0] <= gpu_budget_bytes:
+            count, at = count + 1, nxt
+    while count > 0 and at[0] > gpu_budget_bytes:
+        count -= 1
+        at = _device_need(hf_config, count=count, **kw)
+    _, streaming, reserve, head = at
     gib = 2**30
-    return count, (f"{count} of {layers} layers ({per_layer / gib:.2f} GiB each"
-                   f"{', weights cast on use' if cast else ''}) fit next to "
-                   f"{streaming / gib:.2f} GiB of streaming buffers{' (the blocked head)' if head == 'vocab' else ''}"
-                   f" and {reserve / gib:.2f} GiB of allocator reserve in {gpu_budget_bytes / gib:.1f} GiB")
+    return Fit(count, (f"{count} of {layers} layers ({per_layer / gib:.2f} GiB each"
+                       f"{', weights cast on use' if cast else ''}) fit next to {streaming / gib:.2f} GiB of streaming "
+                       f"buffers{' (the blocked head)' if head == 'vocab' else ''} and {reserve / gib:.2f} GiB of "
+                       f"allocator reserve in {gpu_budget_bytes / gib:.1f} GiB"), head)
 
 
 def resident_bytes_per_param(elt: int, cast: bool, deferred: bool) -> int:
@@ -141,26 +151,26 @@ def resident_choice(hf_config: Any, *, tokens: int, engine: EngineConfig, deferr
     from slideformer.planner import Hardware, make_plan
 
     kw = {"tokens": tokens, "engine": engine, "deferred": deferred, "gpu_budget_bytes": gpu_budget_bytes}
-    keep, why = resident_layers_that_fit(hf_config, **kw)
+    keep = resident_layers_that_fit(hf_config, **kw)
     if engine.resident_weights == "keep":
-        return _with_blocked_head(hf_config, ResidentChoice(keep, False, why), **kw)
-    cast, cast_why = resident_layers_that_fit(hf_config, **kw, cast=True)
+        return _with_blocked_head(hf_config, keep, False, keep.reason, **kw)
+    cast = resident_layers_that_fit(hf_config, **kw, cast=True)
     if engine.resident_weights == "cast":
-        return _with_blocked_head(hf_config, ResidentChoice(cast, True, cast_why), **kw)
-    if cast <= keep:
-        return _with_blocked_head(hf_config, ResidentChoice(keep, False, why), **kw)
+        return _with_blocked_head(hf_config, cast, True, cast.reason, **kw)
+    if cast.count <= keep.count:
+        return _with_blocked_head(hf_config, keep, False, keep.reason, **kw)
     hw = Hardware(gpu_memory_bytes=gpu_budget_bytes, host_memory_bytes=1 << 50)
     times = make_plan(hf_config, seq_len=tokens, batch_size=1, grad_accum=1, clipping=deferred,
-                      engine=replace(engine, resident_layers=keep, resident_weights="keep"), hardware=hw).step_seconds
+                      engine=replace(engine, resident_layers=keep.count, resident_weights="keep"),
+                      hardware=hw).step_seconds
     if host_seconds(times, hw) <= times["gpu compute"]:
-        return _with_blocked_head(hf_config, ResidentChoice(
-            keep, False, f"{why}; weights kept (the GPU, not the host's AdamW and copies, bounds the step)"), **kw)
-    return _with_blocked_head(hf_config, ResidentChoice(cast, True, (
-        f"{cast_why} (the host's AdamW and copies bound the step: {cast - keep} more than with the weights kept)")),
-        **kw)
+        return _with_blocked_head(hf_config, keep, False, f"{keep.reason}; weights kept (the GPU, not the host's "
+                                  "AdamW and copies, bounds the step)", **kw)
+    return _with_blocked_head(hf_config, cast, True, f"{cast.reason} (the host's AdamW and copies bound the step: "
+                              f"{cast.count - keep.count} more than with the weights kept)", **kw)
 
 
-def _with_blocked_head(hf_config: Any, choice: ResidentChoice, **kw: Any) -> ResidentChoice:
+def _with_blocked_head(hf_config: Any, fit: Fit, cast: bool, reason: str, **kw: Any) -> ResidentChoice:
     """The count and the head schedule chosen together under ``engine.head_schedule='auto'``.
 
     The plan's head rule (``plan_time.pick_head_schedule``) takes the blocked head where the host bounds the step;
@@ -172,18 +182,16 @@ def _with_blocked_head(hf_config: Any, choice: ResidentChoice, **kw: Any) -> Res
     0.442 / 0.435 s per step against 16 (the count of the one-pass head's memory) 0.472 / 0.441 s, ABBA in one run.
     """
     engine: EngineConfig = kw["engine"]
-    if engine.head_schedule != "auto" or not choice.count:
+    choice = ResidentChoice(fit.count, cast, reason)
+    # (the plan at the count kept the one-pass head: the GPU bounds the step there)
+    if engine.head_schedule != "auto" or not fit.count or fit.head != "vocab":
         return choice
-    need = _device_need(hf_config, count=choice.count, cast=choice.cast, **kw)
-    if need[3] != "vocab":  # the head rule keeps the one-pass head at this count: the GPU bounds the step
+    more = resident_layers_that_fit(hf_config, **{**kw, "engine": replace(engine, head_schedule="vocab")}, cast=cast)
+    if more.count <= fit.count:
         return choice
-    more, why = resident_layers_that_fit(hf_config, **{**kw, "engine": replace(engine, head_schedule="vocab")},
-                                         cast=choice.cast)
-    if more <= choice.count:
-        return choice
-    return ResidentChoice(more, choice.cast, f"{why}: {more - choice.count} more than the one-pass head's memory "
-                                             "leaves (the host bounds the step at "
-                                             f"{choice.count}; engine.head_schedule='vocab')", "vocab")
+    return ResidentChoice(more.count, cast, f"{more.reason}: {more.count - fit.count} more than the one-pass head's "
+                                            f"memory leaves (the host bounds the step at {fit.count}; "
+                                            "engine.head_schedule='vocab')", "vocab")
 
 
 def engine_resident_count(hf_config: Any, cfg: EngineConfig, cuda_device: torch.device | None, *,

@@ -36,8 +36,25 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+_COUNTED: dict[str, tuple[dict[str, int], list[int], bool]] = {}
+"""``component_params`` by the config's JSON: one meta model per config, however many plans ask (the resident
+count plans every count it tries)."""
+
+
 def component_params(hf_config: Any) -> tuple[dict[str, int], list[int], bool]:
     """(params per component, params per decoder layer, tied) of the model, built on the meta device."""
+    key = hf_config.to_json_string() if hasattr(hf_config, "to_json_string") else None
+    if key is not None and key in _COUNTED:
+        params, layers, tied = _COUNTED[key]
+        return dict(params), list(layers), tied
+    counted = _count_params(hf_config)
+    if key is not None:
+        _COUNTED[key] = counted
+    params, layers, tied = counted
+    return dict(params), list(layers), tied
+
+
+def _count_params(hf_config: Any) -> tuple[dict[str, int], list[int], bool]:
     from slideformer.models import get_adapter
     from slideformer.models.loading import meta_model
 
@@ -226,11 +243,10 @@ def make_plan(
     if split_rows and on_gpu:
         gpu["embedding rows' gradient (split update)"] = split_rows * hidden * elt
     times = timed(split_rows * hidden if split_rows else params["embedding"])
-    text_cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     head_schedule = pick_head_schedule(engine.head_schedule, tied=tied, on_gpu=on_gpu, fused=fused,
                                        split=bool(split_rows), host_s=host_seconds(times, hardware),
                                        gpu_s=times["gpu compute"],
-                                       softcap=getattr(text_cfg, "final_logit_softcapping", None) is not None)
+                                       softcap=cross_entropy.logit_softcap(hf_config) is not None)
     if head_schedule == "vocab":  # its buffers replace the one-pass head's loss chunk
         del gpu["loss chunk (logits and their gradient)"]
         block_rows = VocabBlockedHead.block_rows_for(vocab, HEAD_BLOCKS)

@@ -113,10 +113,14 @@ def planned(choice: str, configured_chunk: int, hf_config: Any) -> tuple[bool, i
     """``(fused, chunk tokens)`` of a GPU run with ``engine.loss_kernel=choice``, as the planner sees it before any
     device exists: 'triton' is fused (the engine refuses it without triton), 'auto' is where triton imports here; a
     soft-capped head (``final_logit_softcapping``) never is."""
-    text_cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    softcap = getattr(text_cfg, "final_logit_softcapping", None)
-    fused = softcap is None and (choice == "triton" or (choice == "auto" and triton is not None))
+    fused = logit_softcap(hf_config) is None and (choice == "triton" or (choice == "auto" and triton is not None))
     return fused, chunk_tokens(configured_chunk, fused)
+
+
+def logit_softcap(hf_config: Any) -> float | None:
+    """The head's logit soft-cap in the config (``final_logit_softcapping``, of the text model), or None."""
+    text_cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return getattr(text_cfg, "final_logit_softcapping", None)
 
 
 def bytes_per_logit(fused: bool) -> int:

@@ -238,9 +238,10 @@ def _run_plan(e: Engine, tokens: int) -> Plan:
     from slideformer.planner import Hardware, make_plan
 
     cast = e.resident is not None and e.resident.cast
+    # (the head schedule too, where resident_layers=-1 counted the layers with the blocked head)
     cfg = replace(e.cfg, device="cuda", resident_layers=len(e.resident_idx),
                   resident_weights="cast" if cast else "keep", host_copy="bf16" if e.host_copy else "none",
-                  offload="none")
+                  offload="none", head_schedule="vocab" if e.resident_head == "vocab" else e.cfg.head_schedule)
     return make_plan(e.hf_config, seq_len=tokens, batch_size=1, grad_accum=1,
                      clipping=e.optim_cfg.max_grad_norm is not None, engine=cfg,
                      hardware=Hardware(gpu_memory_bytes=1 << 50, host_memory_bytes=1 << 50))
@@ -275,7 +276,7 @@ def head_blocks(e: Engine, tied: bool, split: bool) -> int:
         tokens = e.cfg.max_tokens_per_micro_batch
         if not (e.ops.is_cuda and e.head_ce is not None and tokens):
             return 0
-        if e.resident_head != "vocab" and _run_plan(e, tokens).settings["head_schedule"] != "vocab":
+        if _run_plan(e, tokens).settings["head_schedule"] != "vocab":
             return 0
     return VocabBlockedHead.block_rows_for(e.vocab, BLOCKS)
 

@@ -100,7 +100,7 @@ class Engine:
         self.resident_reason = ""
         """Why ``resident_layers=-1`` chose its count (empty when the count was given)."""
         self.resident_head = "auto"
-        """'vocab' where ``resident_layers=-1`` counted its layers with the blocked head (``build.head_blocks``)."""
+        """'vocab' where ``resident_layers=-1`` counted its layers with the blocked head (``build._run_plan``)."""
         self.embed_split: EmbeddingSplit | None = None
         """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
         self.head_blocks = 0
