@@ -41,6 +41,21 @@ headline3b() {
     --out "$OUT/llama3.2-3b_cap24g_${name}_h100_bench.json" > "$OUT/${name}3b.log" 2>&1
   sed -n '/## Results/,/## Roofline/p' "$OUT/llama3.2-3b_cap24g_${name}_h100_bench.md"
 }
+# The whole GPU test set; stops every later stage unless some passed and none failed.
+gpu_tests_or_stop() {
+  bash "$0" tests
+  grep -q " passed" "$OUT/gpu_tests.log" && ! grep -q " failed" "$OUT/gpu_tests.log" || exit 1
+}
+# The headline, this tree against the engine in SRC (slideformer@LABEL), ABBA, then the roofline's table when there is
+# one: abba3b NAME LABEL SRC [more bench_step options]
+abba3b() {
+  local name=$1 label=$2 src=$3
+  shift 3
+  headline3b "$name" "slideformer,slideformer@$label,slideformer@$label+window=2,slideformer+window=2" \
+    --engine-src "$label=$src" "$@"
+  sed -n '/^| batch | GPU compute/,/^$/p' "$OUT/llama3.2-3b_cap24g_${name}_h100_bench.md"
+  rm -f "$OUT"/*.png
+}
 # Llama-3.1-8B on a 24 GiB cap, every default (planner residents), roofline unless ARGS say otherwise:
 # cap24_8b NAME BATCH SYSTEMS [ARGS] (a later --time-budget-s in ARGS wins)
 cap24_8b() {
@@ -341,21 +356,15 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
         && (patch -p1 -d ab/blockev < benchmarks/results/blocking_events17_probe_h100_202611.patch \
             || git apply --directory=ab/blockev benchmarks/results/blocking_events17_probe_h100_202611.patch) || exit 1
       grep -q "probe: host waits" ab/blockev/src/slideformer/runtime/device.py || exit 1
-      headline3b blockev17 slideformer,slideformer@block,slideformer@block+window=2,slideformer+window=2 \
-        --engine-src block=ab/blockev/src --no-roofline --time-budget-s 300
-      rm -f "$OUT"/*.png ;;
+      abba3b blockev17 block ab/blockev/src --no-roofline --time-budget-s 300 ;;
     read17)
       # Prepared in session 16 for the next device session: the commits after 46749cd (eac399f, 7ed6daa, 88cff48) ran
       # on the CPU only. The whole
       # GPU set, then the headline: this tree (the loss read asleep, eac399f) against 46749cd's engine
       # (ab/side16/src = `git archive 46749cd src | tar -x -C ab/side16`, carried), ABBA, with the roofline; each
       # child's markdown row in "Main thread" says how much of its step the main thread spent issuing it.
-      bash "$0" tests
-      grep -q " passed" "$OUT/gpu_tests.log" && ! grep -q " failed" "$OUT/gpu_tests.log" || exit 1
-      headline3b read17 slideformer,slideformer@side,slideformer@side+window=2,slideformer+window=2 \
-        --engine-src side=ab/side16/src --time-budget-s 330
-      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_read17_h100_bench.md
-      rm -f "$OUT"/*.png ;;
+      gpu_tests_or_stop
+      abba3b read17 side ab/side16/src --time-budget-s 330 ;;
     final16)
       # Session 16's final tree (the joint count, the side stream): the headline with every default, twice, with the
       # roofline (the device budget's last minutes), then its timeline.
@@ -367,14 +376,8 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # Session 16: the resident layers' norm and AdamW on a stream of their own (the compute stream copies the
       # gradient and goes on). The whole GPU set (with the side stream's race amplifier), then the headline: this
       # tree against main before it (ab/main16/src, the joint count's commit), ABBA, with the roofline; the timeline.
-      bash "$0" tests
-      grep -q " passed" "$OUT/gpu_tests.log" && ! grep -q " failed" "$OUT/gpu_tests.log" || exit 1
-      headline3b side16 slideformer,slideformer@main,slideformer@main+window=2,slideformer+window=2 \
-        --engine-src main=ab/main16/src --time-budget-s 300
-      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_side16_h100_bench.md
-      grep -o '"system": "[^"]*"\|"resident_layers": [0-9]*\|"error": "[^"]\{0,160\}' \
-        "$OUT"/llama3.2-3b_cap24g_side16_h100_bench.json | head -16
-      rm -f "$OUT"/*.png
+      gpu_tests_or_stop
+      abba3b side16 main ab/main16/src --time-budget-s 300
       profile3b s16side ;;
     joint16)
       # Session 16: the planner chooses the count and the head together (17 cast with the blocked head on the
@@ -391,8 +394,7 @@ slideformer+resident_layers=16+resident_weights=cast+window=2,slideformer+window
       # Session 16: the whole GPU set on the tree (session 15's last engine commits ran on the CPU only), then the
       # headline's 17 cast layers with the blocked head (the ring frees its memory only there) against every default
       # (16 cast), ABBA so neither runs first every time, with the roofline.
-      bash "$0" tests
-      grep -q " passed" "$OUT/gpu_tests.log" && ! grep -q " failed" "$OUT/gpu_tests.log" || exit 1
+      gpu_tests_or_stop
       headline3b pair16 slideformer+resident_layers=17+resident_weights=cast+head_schedule=vocab,slideformer,\
 slideformer+window=2,slideformer+resident_layers=17+resident_weights=cast+head_schedule=vocab+window=2 \
         --time-budget-s 330
