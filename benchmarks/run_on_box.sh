@@ -358,8 +358,8 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       grep -q "probe: host waits" ab/blockev/src/slideformer/runtime/device.py || exit 1
       abba3b blockev17 block ab/blockev/src --no-roofline --time-budget-s 300 ;;
     read17)
-      # Prepared in session 16 for the next device session: the commits after 46749cd (eac399f, 7ed6daa, 88cff48) ran
-      # on the CPU only. The whole
+      # Prepared in session 16 for the next device session: the commits after 46749cd (eac399f, 7ed6daa, 88cff48,
+      # 5b64d45) ran on the CPU only. The whole
       # GPU set, then the headline: this tree (the loss read asleep, eac399f) against 46749cd's engine
       # (ab/side16/src = `git archive 46749cd src | tar -x -C ab/side16`, carried), ABBA, with the roofline; each
       # child's markdown row in "Main thread" says how much of its step the main thread spent issuing it.
