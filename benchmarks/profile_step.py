@@ -30,6 +30,7 @@ import gzip
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -217,11 +218,13 @@ def plot(t0: float, t1: float, lanes: dict[str, list[tuple[float, float]]], titl
     return True
 
 
-def _profiler_kwargs(device: torch.device) -> dict[str, Any]:
+def _profiler_kwargs(device: torch.device, all_threads: bool = True) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     kwargs: dict[str, Any] = {"activities": acts, "record_shapes": False, "with_stack": False}
+    if not all_threads:
+        return kwargs
     try:  # worker threads (uploads, gradient drain, CPU AdamW) exist before the profiler starts
         from torch._C._profiler import _ExperimentalConfig
 
@@ -246,6 +249,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--drain", action="store_true",
                    help="profile one step followed by flush() (the optimizer's tail and the resident layers' copy "
                         "back to the host) instead of one steady-state period between two steps' starts")
+    p.add_argument("--threads", choices=("all", "main"), default="all",
+                   help="'main' traces the main thread's ops only (the workers' upload, drain and AdamW lanes stay "
+                        "empty): a lighter profile, for when tracing every thread slows the step it profiles")
+    p.add_argument("--unprofiled-steps", type=int, default=3,
+                   help="steps timed without the profiler just before it, so the profiled period can be compared "
+                        "with the step it stands for")
     args = p.parse_args(argv)
 
     import common
@@ -276,8 +285,14 @@ def main(argv: list[str]) -> int:
         engine.flush()
         common.synchronize(device)
 
+    unprofiled = []
+    common.synchronize(device)
+    for _ in range(max(0, args.unprofiled_steps)):  # start to start, as the profiled period; the queue stays full
+        began = time.perf_counter()
+        engine.train_step(batch)
+        unprofiled.append(time.perf_counter() - began)
     step_name, next_name = "sf/profiled_step", None if args.drain else "sf/next_step"
-    with torch.profiler.profile(**_profiler_kwargs(device)) as prof:
+    with torch.profiler.profile(**_profiler_kwargs(device, all_threads=args.threads == "all")) as prof:
         if next_name is not None:  # steady state: the previous step's optimizer tail runs into this one
             with torch.profiler.record_function("sf/lead_step"):
                 engine.train_step(batch)
@@ -312,6 +327,8 @@ def main(argv: list[str]) -> int:
         engine_options=opts,
         window=args.window,
         period="step + flush" if args.drain else "start of the step to start of the next",
+        threads_traced=args.threads,
+        unprofiled_step_ms=[round(t * 1e3, 1) for t in unprofiled],
         instrumented=wrapped,
         memory_report=engine.memory_report(),
     )
@@ -325,7 +342,8 @@ def main(argv: list[str]) -> int:
     engine.close()
     if ctx is not None:
         ctx.shutdown()
-    print(json.dumps({k: summary[k] for k in ("window_ms", "busy_fraction", "overlap_with_compute")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("window_ms", "unprofiled_step_ms", "busy_fraction",
+                                              "overlap_with_compute")}, indent=1))
     print(f"wrote {args.out_dir / stem}.json.gz, {stem}_summary.json" + (f", {stem}.png" if drew else ""))
     return 0
 

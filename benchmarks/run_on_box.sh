@@ -77,12 +77,15 @@ tied80() {
   sed -n '/## Results/,/## Issue 3/p' "$OUT/llama3.2-3b_tied80_$1_h100_bench.md" | grep -E "^\| 8"
 }
 # The headline configuration's steady-state period on this tree's engine: profile3b NAME (the timeline's suffix)
+# (more profile_step options after NAME)
 profile3b() {
-  local stem=timeline_llama3.2-3b_b8_cap24_$1_h100_202611
+  local name=$1
+  local stem=timeline_llama3.2-3b_b8_cap24_${name}_h100_202611
+  shift
   timeout 200 python3 benchmarks/profile_step.py --model llama3.2-3b --batch-size 8 --seq-len 1024 \
     --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt kernels=liger \
-    --name "$stem" --out-dir "$OUT" > "$OUT/profile3b_$1.log" 2>&1
-  tail -12 "$OUT/profile3b_$1.log" | grep -v Backend
+    --name "$stem" --out-dir "$OUT" "$@" > "$OUT/profile3b_${name}.log" 2>&1
+  tail -18 "$OUT/profile3b_${name}.log" | grep -v Backend
   python3 benchmarks/timeline_read.py "$OUT/$stem.json.gz" --min-gap-ms 2 | head -40
 }
 for stage in "$@"; do
@@ -365,6 +368,23 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # child's markdown row in "Main thread" says how much of its step the main thread spent issuing it.
       gpu_tests_or_stop
       abba3b read17 side ab/side16/src --time-budget-s 330 ;;
+    floor17)
+      # Session 17 probe: the lowest streamed layer of spread_top raised (2 -> 4 or 6, the streamed layers spread
+      # evenly from it to the top) so the host has more time to update it before the next forward needs it (the
+      # step's start gap). ab/floor4, ab/floor6: this tree's src with pick_resident's spread_top changed, carried.
+      # ABCCBA, no roofline.
+      headline3b floor17 "slideformer,slideformer@f4,slideformer@f6,slideformer@f6+window=2,slideformer@f4+window=2,slideformer+window=2" \
+        --engine-src f4=ab/floor4/src --engine-src f6=ab/floor6/src --no-roofline --time-budget-s 500
+      sed -n '/^## Main thread/,/^$/p' "$OUT/llama3.2-3b_cap24g_floor17_h100_bench.md"
+      rm -f "$OUT"/*.png ;;
+    prof17)
+      # Session 17: is the profile representative? The headline's timeline with every thread traced (as before) and
+      # with the main thread's ops only; each prints the unprofiled steps just before it beside its profiled period.
+      profile3b s17all
+      profile3b s17main --threads main ;;
+    read17ab)
+      # read17's A/B alone, for a call after the `tests` stage passed (the two together pass the 600 s call limit).
+      abba3b read17 side ab/side16/src --time-budget-s 480 ;;
     final16)
       # Session 16's final tree (the joint count, the side stream): the headline with every default, twice, with the
       # roofline (the device budget's last minutes), then its timeline.
