@@ -18,7 +18,9 @@
 # 1438dd4 src`); session 12 `tests_vh vh3b12`, `profile3b12 vh3b12b`, `tests r16_12`, `final3b12`, `pool3b12`, `gth3b12`, `gth8b12`; session 13 `hp13`, `ck13`, `eff8b13`, `cast13`; session 14 `r16c14`, `r16s14`, `auto3b14` (ab: a probe tree, see the stage), `nice3b14`, `reserve14`, `final14`, `fam14` (ab/ckdev, ab/ckhalf: probe trees, see the stage); session 15 `tests`, `mem15`, `alias15`
 # (ab/main15/src = `git archive 1fd229c src`), `ring15` (ab/prev9/src from 6718133, session 9's final engine: `git archive 6718133 src | tar -x -C
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried); session 16 `pair16`, `joint16`,
-# `side16` (ab/main16/src = `git archive 25694d6 src`, carried), `final16`.
+# `side16` (ab/main16/src = `git archive 25694d6 src`, carried), `final16`; session 17 `tests`, `read17ab` (ab/side16/src =
+# `git archive 46749cd src`, carried), `blockev17`, `prof17`, `floor17`, `late17` (probe trees built from their
+# patches), `final17`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -55,6 +57,10 @@ abba3b() {
     --engine-src "$label=$src" "$@"
   sed -n '/^| batch | GPU compute/,/^$/p' "$OUT/llama3.2-3b_cap24g_${name}_h100_bench.md"
   rm -f "$OUT"/*.png
+}
+# A probe tree: this tree's src with a committed patch, at ab/NAME/src: probe_tree NAME PATCH (stops the call on failure)
+probe_tree() {
+  rm -rf "ab/$1" && mkdir -p "ab/$1" && cp -r src "ab/$1/" && patch -s -p1 -d "ab/$1" < "benchmarks/results/$2" || exit 1
 }
 # Llama-3.1-8B on a 24 GiB cap, every default (planner residents), roofline unless ARGS say otherwise:
 # cap24_8b NAME BATCH SYSTEMS [ARGS] (a later --time-budget-s in ARGS wins)
@@ -355,10 +361,7 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # threads' host waits (the optimizer's per-chunk download waits, the uploaders' ring waits) sleep instead of
       # spinning cores beside the CPU AdamW's threads. The probe tree is this tree's src with the patch, built here;
       # the headline against it, ABBA, no roofline.
-      rm -rf ab/blockev && mkdir -p ab/blockev && cp -r src ab/blockev/ \
-        && (patch -p1 -d ab/blockev < benchmarks/results/blocking_events17_probe_h100_202611.patch \
-            || git apply --directory=ab/blockev benchmarks/results/blocking_events17_probe_h100_202611.patch) || exit 1
-      grep -q "probe: host waits" ab/blockev/src/slideformer/runtime/device.py || exit 1
+      probe_tree blockev blocking_events17_probe_h100_202611.patch
       abba3b blockev17 block ab/blockev/src --no-roofline --time-budget-s 300 ;;
     read17)
       # Prepared in session 16 for the next device session: the commits after 46749cd (eac399f, 7ed6daa, 88cff48,
@@ -368,14 +371,30 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # child's markdown row in "Main thread" says how much of its step the main thread spent issuing it.
       gpu_tests_or_stop
       abba3b read17 side ab/side16/src --time-budget-s 330 ;;
+    final17)
+      # Session 17's closing measurement (the engine unchanged since 98d55f6): the headline with every default,
+      # twice, with the roofline.
+      headline3b final17 slideformer,slideformer+window=2 --time-budget-s 200
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_final17_h100_bench.md
+      rm -f "$OUT"/*.png ;;
+    late17)
+      # Session 17 probe, timing only (numerically wrong: the next step's gather does not wait for its rows): the
+      # tied embedding's early part (the head's gradient outside the batch's rows, ~100 ms of host AdamW at the start
+      # of backward in timeline_..._s17all) consumed after every landed layer instead of before them, the batch
+      # rows' update not held back by it, the gather waiting for the rows' update only and the head's upload for
+      # both. Bounds what a correct deferral (the next batch's rows updated first) could gain. ab/late/src: this
+      # tree's src with the probe's five changes (late17_probe_h100_202611.patch). ABBA, no roofline.
+      probe_tree late late17_probe_h100_202611.patch
+      abba3b late17 late ab/late/src --no-roofline --time-budget-s 330 ;;
     floor17)
       # Session 17 probe: the lowest streamed layer of spread_top raised (2 -> 4 or 6, the streamed layers spread
       # evenly from it to the top) so the host has more time to update it before the next forward needs it (the
-      # step's start gap). ab/floor4, ab/floor6: this tree's src with pick_resident's spread_top changed, carried.
-      # ABCCBA, no roofline.
+      # step's start gap). ab/floor4, ab/floor6: this tree's src with pick_resident's spread_top changed
+      # (floor17_lowest{4,6}_probe_h100_202611.patch). ABCCBA, no roofline.
+      probe_tree floor4 floor17_lowest4_probe_h100_202611.patch
+      probe_tree floor6 floor17_lowest6_probe_h100_202611.patch
       headline3b floor17 "slideformer,slideformer@f4,slideformer@f6,slideformer@f6+window=2,slideformer@f4+window=2,slideformer+window=2" \
         --engine-src f4=ab/floor4/src --engine-src f6=ab/floor6/src --no-roofline --time-budget-s 500
-      sed -n '/^## Main thread/,/^$/p' "$OUT/llama3.2-3b_cap24g_floor17_h100_bench.md"
       rm -f "$OUT"/*.png ;;
     prof17)
       # Session 17: is the profile representative? The headline's timeline with every thread traced (as before) and
