@@ -20,7 +20,7 @@
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried); session 16 `pair16`, `joint16`,
 # `side16` (ab/main16/src = `git archive 25694d6 src`, carried), `final16`; session 17 `tests`, `read17ab` (ab/side16/src =
 # `git archive 46749cd src`, carried), `blockev17`, `prof17`, `floor17`, `late17` (probe trees built from their
-# patches), `final17`.
+# patches), `final17`, `gpuprof17`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -396,6 +396,11 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       headline3b floor17 "slideformer,slideformer@f4,slideformer@f6,slideformer@f6+window=2,slideformer@f4+window=2,slideformer+window=2" \
         --engine-src f4=ab/floor4/src --engine-src f6=ab/floor6/src --no-roofline --time-budget-s 500
       rm -f "$OUT"/*.png ;;
+    gpuprof17)
+      # Session 17: the headline's timeline with GPU work only traced (profile_step --threads none: steps marked on
+      # the compute stream, no tracing cost on the issuing threads), each compute-stream gap named by the copy or
+      # kernel it waited for; three unprofiled steps beside it.
+      profile3b s17gpu --threads none ;;
     prof17)
       # Session 17: is the profile representative? The headline's timeline with every thread traced (as before) and
       # with the main thread's ops only; each prints the unprofiled steps just before it beside its profiled period.

@@ -12,13 +12,19 @@ Owns the questions asked of every timeline since session 5, by hand until sessio
 The compute stream is the one with the most kernel time: the uploaders' device-side casts run on their own
 streams and are not compute.
 
-Invariant: reads the trace only. Times are milliseconds from the period's start, the profiled step's start to
-the next step's start (or the step range alone when there is no next one).
+A trace taken with ``--threads none`` has no CPU ranges: its steps come from GPU-side marker kernels
+(``add_marker_steps``), and each gap says what ended it: a copy or kernel on another stream that finished just before
+the compute stream went on (it was waiting for it), or nothing (it was waiting for its next kernel to be issued).
+
+Invariant: reads the trace only (``add_marker_steps`` adds the step ranges the markers stand for). Times are
+milliseconds from the period's start, the profiled step's start to the next step's start (or the step range alone
+when there is no next one).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 import sys
@@ -28,6 +34,14 @@ from typing import Any
 
 ADAMW = "sf/cpu_adamw"
 WAIT = "sf/wait"
+MARKER = "spin_kernel"
+"""``torch.cuda._sleep``'s kernel: ``profile_step --threads none`` queues one on the compute stream as each step is
+called, the steps' GPU-side starts in a trace that has no CPU ranges."""
+ENDED_BY_US = 20.0
+"""A compute-stream gap counts as ended by another stream's work (a copy it waited for) when that work ended at most
+this long (µs) before the compute stream went on."""
+CAUSE_MIN_US = 50.0
+"""Gaps shorter than this (µs) are launch spacing, not waits: left out of the causes' totals."""
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -67,6 +81,52 @@ def period(events: list[dict[str, Any]], step_name: str, next_name: str | None) 
     t0 = float(step[0]["ts"])
     nxt = [e for e in events if e.get("name") == next_name] if next_name else []
     return t0, float(nxt[0]["ts"]) if nxt else t0 + float(step[0]["dur"])
+
+
+def add_marker_steps(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/profiled_step",
+                     next_name: str | None = "sf/next_step") -> bool:
+    """A trace without CPU ranges (``profile_step --threads none``): give it the step ranges, from the second and
+    third of its ``MARKER`` kernels (lead step, profiled step, next step). False when it has ranges or no markers."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    if any(e.get("name") == step_name for e in events):
+        return False
+    marks = sorted((e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).lower() == "kernel"
+                    and MARKER in str(e.get("name", ""))), key=lambda e: float(e["ts"]))
+    if len(marks) < 2:
+        return False
+    lead = 1 if len(marks) >= 3 else 0  # the first marks the lead step when there is one
+    t0, t1 = float(marks[lead]["ts"]), float(marks[lead + 1]["ts"]) if len(marks) > lead + 1 else None
+    tid = marks[lead].get("tid")
+    if t1 is None or next_name is None:
+        end = t1 if t1 is not None else max(float(e["ts"]) + float(e.get("dur", 0)) for e in events if "ts" in e)
+        events.append({"ph": "X", "cat": "gpu_step_mark", "name": step_name, "ts": t0, "dur": end - t0, "tid": tid})
+        return True
+    events.append({"ph": "X", "cat": "gpu_step_mark", "name": step_name, "ts": t0, "dur": t1 - t0, "tid": tid})
+    events.append({"ph": "X", "cat": "gpu_step_mark", "name": next_name, "ts": t1, "dur": 1.0, "tid": tid})
+    return True
+
+
+def other_streams_work(events: list[dict[str, Any]], stream: Any) -> list[tuple[float, str]]:
+    """(end in µs, what) of the GPU work on streams other than ``stream``: copies by direction, kernels by stream."""
+    out = []
+    for e in events:
+        cat = str(e.get("cat", "")).lower()
+        if e.get("tid") == stream or cat not in ("kernel", "gpu_memcpy"):
+            continue
+        low = str(e.get("name", "")).lower()
+        what = ("H2D copy" if "htod" in low else "D2H copy" if "dtoh" in low else "copy") if cat == "gpu_memcpy" \
+            else f"kernel on stream {e.get('tid')}"
+        out.append((float(e["ts"]) + float(e["dur"]), what))
+    return sorted(out)
+
+
+def ended_by(work: list[tuple[float, str]], t: float) -> str:
+    """What another stream finished just before the compute stream went on at ``t`` (``ENDED_BY_US``), or '-': the
+    compute stream waited for no GPU work, i.e. for its next kernel to be issued."""
+    i = bisect.bisect_right(work, (t + 2.0, "\uffff"))  # (copies ending a hair after t: clock skew between engines)
+    if i and work[i - 1][0] >= t - ENDED_BY_US:
+        return work[i - 1][1]
+    return "-"
 
 
 def gaps(busy: list[tuple[float, float]], t0: float, t1: float, min_us: float) -> list[tuple[float, float]]:
@@ -117,19 +177,24 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
     def ms(t: float) -> float:
         return round((t - t0) / 1e3, 1)
 
+    work = other_streams_work(events, stream)
+    causes: dict[str, float] = defaultdict(float)
+    for start, end in gaps(busy, t0, t1, CAUSE_MIN_US):
+        causes[ended_by(work, end) if end < t1 else "period end"] += end - start
     rows = []
     for start, end in gaps(busy, t0, t1, min_gap_ms * 1e3):
         during = [u for s, e, u in spans if s < end and e > start]
         waiting = [f"{what} ({round((min(e, end) - max(s, start)) / 1e3, 1)} ms of it)"
                    for s, e, what in waits if s < end and e > start]
         rows.append({"at_ms": ms(start), "ms": round((end - start) / 1e3, 1), "adamw_units": during,
-                     "waits": waiting})
+                     "waits": waiting, "ended_by": ended_by(work, end) if end < t1 else "period end"})
     return {
         "period_ms": round((t1 - t0) / 1e3, 1),
         "compute_stream": stream,
         "compute_busy_ms": round(length(busy) / 1e3, 1),
         "compute_idle_ms": round((t1 - t0 - length(busy)) / 1e3, 1),
         "compute_gaps": rows,
+        "idle_ended_by_ms": {k: round(v / 1e3, 1) for k, v in sorted(causes.items(), key=lambda kv: -kv[1])},
         "adamw_spans": [{"from_ms": ms(s), "to_ms": ms(e), "unit": u} for s, e, u in spans],
     }
 
@@ -143,10 +208,15 @@ def main(argv: list[str]) -> int:
     opener = gzip.open if args.trace.suffix == ".gz" else open
     with opener(args.trace, "rt") as f:
         trace = json.load(f)
-    out = read(trace, next_name=None if args.drain else "sf/next_step", min_gap_ms=args.min_gap_ms)
+    next_name = None if args.drain else "sf/next_step"
+    add_marker_steps(trace, next_name=next_name)
+    out = read(trace, next_name=next_name, min_gap_ms=args.min_gap_ms)
     print(f"period {out['period_ms']} ms: compute busy {out['compute_busy_ms']} ms, idle {out['compute_idle_ms']} ms")
+    print("  idle in gaps over 50 us, by what the compute stream went on after: "
+          + ", ".join(f"{k} {v} ms" for k, v in out["idle_ended_by_ms"].items()))
     for g in out["compute_gaps"]:
-        print(f"  idle at {g['at_ms']:8.1f} ms for {g['ms']:6.1f} ms; AdamW on: {', '.join(g['adamw_units']) or '-'}")
+        print(f"  idle at {g['at_ms']:8.1f} ms for {g['ms']:6.1f} ms (ended by {g['ended_by']}); "
+              f"AdamW on: {', '.join(g['adamw_units']) or '-'}")
         for w in g["waits"]:
             print(f"      waiting: {w}")
     return 0

@@ -31,8 +31,10 @@ def test_gaps_name_the_adamw_units_that_ran_in_them() -> None:
     assert out["period_ms"] == 100 and out["compute_stream"] == 7
     assert out["compute_busy_ms"] == 60 and out["compute_idle_ms"] == 40
     assert out["compute_gaps"] == [
-        {"at_ms": 20.0, "ms": 10.0, "adamw_units": ["layers.3"], "waits": []},
-        {"at_ms": 70.0, "ms": 30.0, "adamw_units": ["?"], "waits": ["MainThread: embedding gather (11.0 ms of it)"]}]
+        {"at_ms": 20.0, "ms": 10.0, "adamw_units": ["layers.3"], "waits": [], "ended_by": "kernel on stream 13"},
+        {"at_ms": 70.0, "ms": 30.0, "adamw_units": ["?"], "waits": ["MainThread: embedding gather (11.0 ms of it)"],
+         "ended_by": "period end"}]
+    assert out["idle_ended_by_ms"] == {"period end": 30.0, "kernel on stream 13": 10.0}
     # Back-to-back calls on one unit are one span; the next unit, or a pause, starts another.
     assert [(s["from_ms"], s["to_ms"], s["unit"]) for s in out["adamw_spans"]] == [
         (18.0, 26.2, "layers.3"), (40.0, 45.0, "embed"), (80.0, 82.0, "?")]
@@ -84,3 +86,31 @@ def test_profile_lanes_draw_the_resident_updates_stream_apart() -> None:
     assert (31e3, 31.1e3) not in lanes["cpu_adamw"]
     # A trace without that stream (every engine before session 16) draws nothing there.
     assert ps.timeline(_trace(), "sf/profiled_step", "sf/next_step")[2]["gpu_adamw"] == []
+
+
+def _gpu_only_trace() -> dict:
+    """What ``profile_step --threads none`` records: GPU work only, a marker kernel where each step was called."""
+    mark = "void at::cuda::(anonymous namespace)::spin_kernel(long)"
+    return {"traceEvents": [
+        _x(mark, -30, 0.001), _x(mark, 0, 0.001), _x(mark, 100, 0.001),  # lead, profiled and next step
+        _x("gemm", 0.001, 19.999),
+        _x("Memcpy HtoD (Pinned -> Device)", 15, 9.99, tid=21, cat="gpu_memcpy"),  # ends 10 µs before the gemm
+        _x("gemm", 25, 35),  # 20-25 ms: waited for the upload
+        _x("Memcpy DtoH (Device -> Pinned)", 50, 5, tid=22, cat="gpu_memcpy"),  # ended long before the next gemm
+        _x("gemm", 62, 30),  # 60-62 ms: nothing on another stream ended then: its kernel was issued late
+        _x("gemm", 92.03, 7.97),  # a 30 µs launch gap: spacing, not counted
+    ]}
+
+
+def test_a_gpu_only_trace_takes_its_period_from_the_markers_and_names_what_each_gap_waited_for() -> None:
+    tr = load("timeline_read")
+    trace = _gpu_only_trace()
+    assert tr.add_marker_steps(trace) is True and tr.add_marker_steps(trace) is False  # once
+    out = tr.read(trace, min_gap_ms=1)
+    assert out["period_ms"] == 100
+    assert [(g["at_ms"], g["ms"], g["ended_by"]) for g in out["compute_gaps"]] == [
+        (20.0, 5.0, "H2D copy"), (60.0, 2.0, "-")]
+    assert out["idle_ended_by_ms"] == {"H2D copy": 5.0, "-": 2.0}
+    assert abs(out["compute_idle_ms"] - 7.0) < 0.1  # (the 30 µs launch gap and the markers' own spacing included)
+    # A trace with CPU ranges keeps them: no markers needed, none added.
+    assert tr.add_marker_steps(_trace()) is False
