@@ -358,6 +358,7 @@ def main(argv: list[str]) -> int:
         f"slideformer, {args.model}, batch {args.batch_size} x {args.seq_len}: "
         + (f"one step + flush ({summary['window_ms']:.0f} ms)" if args.drain
            else f"one steady-state step, start to next start ({summary['window_ms']:.0f} ms)")
+        + (" [GPU work only: no CPU lanes]" if marked else "")
     )
     drew = plot(t0, t1, lanes, title, args.out_dir / f"{stem}.png")
     (args.out_dir / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1, default=str))

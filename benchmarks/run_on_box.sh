@@ -20,7 +20,7 @@
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried); session 16 `pair16`, `joint16`,
 # `side16` (ab/main16/src = `git archive 25694d6 src`, carried), `final16`; session 17 `tests`, `read17ab` (ab/side16/src =
 # `git archive 46749cd src`, carried), `blockev17`, `prof17`, `floor17`, `late17` (probe trees built from their
-# patches), `final17`, `gpuprof17`.
+# patches), `final17`, `gpuprof17`, `chunk17` (ab/main17/src = `git archive a4d6f4d src`, carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -58,9 +58,11 @@ abba3b() {
   sed -n '/^| batch | GPU compute/,/^$/p' "$OUT/llama3.2-3b_cap24g_${name}_h100_bench.md"
   rm -f "$OUT"/*.png
 }
-# A probe tree: this tree's src with a committed patch, at ab/NAME/src: probe_tree NAME PATCH (stops the call on failure)
+# A probe tree: this tree's src and tests with a committed patch, at ab/NAME: probe_tree NAME PATCH (stops the call on
+# failure)
 probe_tree() {
-  rm -rf "ab/$1" && mkdir -p "ab/$1" && cp -r src "ab/$1/" && patch -s -p1 -d "ab/$1" < "benchmarks/results/$2" || exit 1
+  rm -rf "ab/$1" && mkdir -p "ab/$1" && cp -r src tests "ab/$1/" && patch -s -p1 -d "ab/$1" < "benchmarks/results/$2" \
+    || exit 1
 }
 # Llama-3.1-8B on a 24 GiB cap, every default (planner residents), roofline unless ARGS say otherwise:
 # cap24_8b NAME BATCH SYSTEMS [ARGS] (a later --time-budget-s in ARGS wins)
@@ -396,6 +398,23 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       headline3b floor17 "slideformer,slideformer@f4,slideformer@f6,slideformer@f6+window=2,slideformer@f4+window=2,slideformer+window=2" \
         --engine-src f4=ab/floor4/src --engine-src f6=ab/floor6/src --no-roofline --time-budget-s 500
       rm -f "$OUT"/*.png ;;
+    chunk17)
+      # Session 17: the upload copies a chunk at a time (the box runs copies to the device one at a time, each to
+      # its end: the head's 788 MB held the forward's next layer upload in timeline_..._s17gpu). The headline
+      # against main before it (ab/main17/src = `git archive a4d6f4d src`, carried), ABBA, no roofline (the
+      # decision first), then the GPU tests that hold the engine's copies and races. Ran on the working tree that
+      # is now chunked_uploads17_probe_h100_202611.patch (reverted: even, the fourth child cut); see chunk18.
+      abba3b chunk17 main ab/main17/src --no-roofline --time-budget-s 250
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_chunk17.log" | tail -3 ;;
+    chunk18)
+      # Prepared in session 17: does chunking the uploads let the device interleave them? The GPU-only timeline of
+      # the probe tree (chunked_uploads17_probe_h100_202611.patch): in timeline_..._s17gpu the head's 788 MB copy
+      # ran 18.2-40.1 ms and the forward's next layer upload started only when it ended (the compute stream waited
+      # 3.2 ms), and the embedding rows' copy started when two layer uploads ended. If the probe's copies
+      # interleave and those waits go, the headline A/B, ABBA, with a larger budget than chunk17's.
+      probe_tree chunk chunked_uploads17_probe_h100_202611.patch
+      PYTHONPATH=$PWD/ab/chunk/src:$PYTHONPATH profile3b s18chunk --threads none
+      abba3b chunk18 chunk ab/chunk/src --no-roofline --time-budget-s 330 ;;
     gpuprof17)
       # Session 17: the headline's timeline with GPU work only traced (profile_step --threads none: steps marked on
       # the compute stream, no tracing cost on the issuing threads), each compute-stream gap named by the copy or

@@ -1,6 +1,6 @@
 """Reading a ``profile_step.py`` trace: where the GPU's compute stream waits, and what the CPU AdamW did meanwhile.
 
-    python benchmarks/timeline_read.py benchmarks/results/timeline_llama3.1-8b_b8_top_split_h100_202611.json.gz
+    python benchmarks/timeline_read.py benchmarks/results/timeline_llama3.2-3b_b8_cap24_s17gpu_h100_202611.json.gz
 
 Owns the questions asked of every timeline since session 5, by hand until session 7:
 * the compute stream's idle gaps in the steady-state period, and
