@@ -20,7 +20,8 @@
 # ab/prev9`; ab/bonly/src: a65efee's src with session 9's upload order; both carried); session 16 `pair16`, `joint16`,
 # `side16` (ab/main16/src = `git archive 25694d6 src`, carried), `final16`; session 17 `tests`, `read17ab` (ab/side16/src =
 # `git archive 46749cd src`, carried), `blockev17`, `prof17`, `floor17`, `late17` (probe trees built from their
-# patches), `final17`, `gpuprof17`, `chunk17` (ab/main17/src = `git archive a4d6f4d src`, carried).
+# patches), `final17`, `gpuprof17`, `chunk17` (ab/main17/src = `git archive a4d6f4d src`, carried); prepared for
+# session 18: `read18`, `read18ab`, `chunk18`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -406,6 +407,17 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # is now chunked_uploads17_probe_h100_202611.patch (reverted: even, the fourth child cut); see chunk18.
       abba3b chunk17 main ab/main17/src --no-roofline --time-budget-s 250
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_chunk17.log" | tail -3 ;;
+    read18)
+      # Prepared in session 17 for the next device session: the preamble's layer arguments reused without a mask or
+      # position ids (ModelAdapter.layer_calls), which ran on the CPU only. The whole GPU set (with its new no-sync
+      # test), then the GPU-only timeline: the 1-byte read at the forward's start (18.29 ms in timeline_..._s17gpu)
+      # should be gone, and the first kernel should follow the embedding rows' copy at once.
+      gpu_tests_or_stop
+      profile3b s18gpu --threads none ;;
+    read18ab)
+      # read18's A/B (the two together pass the 600 s call limit): this tree against a4d6f4d's engine
+      # (ab/main17/src = `git archive a4d6f4d src`, carried), ABBA, with the roofline.
+      abba3b read18 main ab/main17/src --time-budget-s 480 ;;
     chunk18)
       # Prepared in session 17: does chunking the uploads let the device interleave them? The GPU-only timeline of
       # the probe tree (chunked_uploads17_probe_h100_202611.patch): in timeline_..._s17gpu the head's 788 MB copy

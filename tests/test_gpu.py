@@ -9,6 +9,7 @@
 * Memory: device bytes do not grow with the number of layers.
 * Upload copy (``engine.host_copy=bf16``): bitwise equal to uploads from the FP32 master (device cast).
 * The split embedding update under the race amplifier (written in session 5 after its last device run).
+* The forward preamble reused without a host sync (written in session 17 after its last device run).
 """
 
 from __future__ import annotations
@@ -201,3 +202,24 @@ def test_host_copy_bitwise(family: str, window: int, accumulate: int, max_norm: 
     for part in s_off:
         for name in s_off[part]:
             assert torch.equal(s_off[part][name], s_on[part][name]), (part, name)
+
+
+def test_the_forward_preamble_does_not_sync_after_its_first_step() -> None:
+    """Without a mask or position ids the layers' preamble arguments are reused (``ModelAdapter.layer_calls``): the
+    second call queues no device work and reads nothing back. HF's preamble itself reads a packed-sequence flag from
+    the device (a host sync before the forward's first kernel, ~1.9 ms of idle GPU per 3B step in session 17)."""
+    from slideformer.models import get_adapter
+
+    cfg = tiny_config("llama", layers=2)
+    model = make_model(cfg).to("cuda", torch.bfloat16)
+    adapter = get_adapter(cfg.model_type)
+    parts = adapter.split(model)
+    x = torch.randn(2, 16, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    adapter.layer_calls(parts, x, None, None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first, calls = adapter.layer_calls(parts, x, None, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert first is x and len(calls) == cfg.num_hidden_layers

@@ -24,7 +24,7 @@ STEPS = 5
 def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 2, schedule: str = "auto",
          pad_left: bool = False, layers: int = 3, lr_schedule: bool = False, fused: bool = True,
          chunk_mib: float = 1, staging_chunks: int = 4, resident_layers: int = 0,
-         placement: str = "first", resident_weights: str = "auto") -> None:
+         placement: str = "first", resident_weights: str = "auto", unpadded: bool = False) -> None:
     cfg = tiny_config(family, layers=layers)
     ref = make_model(cfg)
     model = copy.deepcopy(ref)
@@ -44,6 +44,8 @@ def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 
             for g in opt.param_groups:
                 g["lr"] = step_lr
             mbs = [random_batch(cfg.vocab_size, 3, 11, gen, pad_left=pad_left) for _ in range(accumulate)]
+            if unpadded:  # no mask, no position ids: the engine reuses the layers' preamble arguments
+                mbs = [{k: v for k, v in mb.items() if k != "attention_mask"} for mb in mbs]
             ref_loss = reference_step(ref, opt, mbs, max_norm)
             res = engine.train_step(mbs if accumulate > 1 else mbs[0], lr=step_lr)
             assert abs(res.loss - ref_loss) <= TOL["loss_rel"] * abs(ref_loss), (step, res.loss, ref_loss)
@@ -69,6 +71,45 @@ def test_overlap_schedule_matches_reference(family: str) -> None:
 def test_accumulation_and_clipping_match_reference(family: str) -> None:
     # max_norm well below the measured gradient norms (~1-5) so clipping is active at every step.
     _run(family, accumulate=3, max_norm=0.5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_unpadded_batches_match_reference(family: str) -> None:
+    """Batches without a mask or position ids (the benchmarks' and packed-free training's case) reuse the preamble's
+    layer arguments from the first step on (``ModelAdapter.layer_calls``) and still train like the reference."""
+    _run(family, accumulate=2, max_norm=0.5, unpadded=True)
+
+
+def test_the_preamble_runs_once_per_shape_without_mask_or_positions() -> None:
+    """``layer_calls`` runs HF's preamble once per input shape when there is no mask and no position ids (it read a
+    flag back from the device every step: a host sync), every time otherwise, and keeps at most ``PREAMBLE_CACHE``
+    shapes."""
+    from slideformer.models.adapter import PREAMBLE_CACHE
+
+    cfg = tiny_config("llama", layers=2)
+    engine = Engine(make_model(cfg), EngineConfig(device="cpu", loss_chunk_tokens=16), OptimConfig(lr=1e-4))
+    runs: list[int] = []
+    engine.parts.base.register_forward_pre_hook(lambda *_: runs.append(1))
+    gen = torch.Generator().manual_seed(3)
+    try:
+        def step(seq: int, masked: bool) -> None:
+            mb = random_batch(cfg.vocab_size, 2, seq, gen)
+            engine.train_step(mb if masked else {k: v for k, v in mb.items() if k != "attention_mask"})
+
+        for _ in range(3):
+            step(9, masked=False)
+        engine.eval_loss({k: v for k, v in random_batch(cfg.vocab_size, 2, 9, gen).items() if k != "attention_mask"})
+        assert len(runs) == 1  # three steps and an evaluation of one shape: one preamble
+        for _ in range(2):
+            step(9, masked=True)
+        assert len(runs) == 3  # with a mask it runs every time
+        for seq in range(10, 10 + PREAMBLE_CACHE):
+            step(seq, masked=False)
+        assert len(runs) == 3 + PREAMBLE_CACHE and len(engine.parts.preamble_calls) == PREAMBLE_CACHE
+        step(9, masked=False)  # the oldest shape was dropped: it runs again
+        assert len(runs) == 4 + PREAMBLE_CACHE
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("window", [1, 2, 3, 5])

@@ -11,7 +11,8 @@ lm_head (a tied LM head shares the embedding's tensor); anything else is rejecte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +67,23 @@ class ModelParts:
     tied: bool
     logit_softcap: float | None
     embed_scale: float | None
+    preamble_calls: OrderedDict[Any, list[LayerCall]] = field(default_factory=OrderedDict)
+    """``ModelAdapter.layer_calls``'s cache: the layers' arguments by input shape, dtype and device."""
+
+
+PREAMBLE_CACHE = 8
+"""Input shapes whose preamble ``ModelAdapter.layer_calls`` keeps per model (the least recently used goes first)."""
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a layer call's arguments (nested in tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 class ModelAdapter:
@@ -135,7 +153,22 @@ class ModelAdapter:
 
         ``inputs_embeds`` may require grad: the returned hidden state is then a function of it
         (e.g. Gemma's embedding normaliser), and the caller back-propagates through it.
+
+        Without a mask and position ids (no padding, no packing) the layers' arguments depend only on the input's
+        shape, dtype and device: the rotary tables and the causal mask (or None, for SDPA's causal kernel). They are
+        kept for that key when the preamble passed the embeddings to the first layer as they came and no argument
+        is a function of them, and later calls return them without running the preamble. Running it every step
+        cost more than its small kernels: transformers' packed-sequence check reads a flag back from the device
+        (``masking_utils.find_packed_sequence_indices``), a host sync before the forward's first kernel that left
+        the GPU idle ~1.9 ms per step on the 3B headline (``timeline_..._s17gpu``).
         """
+        key = None
+        if attention_mask is None and position_ids is None:
+            key = (tuple(inputs_embeds.shape), inputs_embeds.dtype, inputs_embeds.device)
+            cached = parts.preamble_calls.get(key)
+            if cached is not None:
+                parts.preamble_calls.move_to_end(key)
+                return inputs_embeds, cached
         sink: list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]] = []
         n = len(parts.layers)
         stubs = nn.ModuleList([_CaptureLayer(layer, sink, i == n - 1) for i, layer in enumerate(parts.layers)])
@@ -154,7 +187,13 @@ class ModelAdapter:
                 "this architecture needs its own adapter"
             )
         first = sink[0][0]
-        return first, [LayerCall(args, kwargs) for _, args, kwargs in sink]
+        calls = [LayerCall(args, kwargs) for _, args, kwargs in sink]
+        if key is not None and first is inputs_embeds and not any(
+                t is inputs_embeds or t.requires_grad for c in calls for t in _tensors((c.args, c.kwargs))):
+            parts.preamble_calls[key] = calls
+            if len(parts.preamble_calls) > PREAMBLE_CACHE:
+                parts.preamble_calls.popitem(last=False)
+        return first, calls
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
