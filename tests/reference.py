@@ -39,6 +39,13 @@ def tiny_config(family: str, layers: int = 3, vocab: int = 1024, hidden: int = 6
     return AutoConfig.for_model(model_type, **base)
 
 
+def llama8b_config() -> Any:
+    """Llama-3.1-8B's shape (its config.json's sizes, no weights): the planner's reference point in tests."""
+    return AutoConfig.for_model("llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                max_position_embeddings=131072, tie_word_embeddings=False)
+
+
 def make_model(config: Any, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from tests.plan_history import ERA_1_12
-from transformers import LlamaConfig
+from tests.reference import llama8b_config
 
 from slideformer.cli import main
 from slideformer.config import EngineConfig
@@ -15,27 +15,22 @@ from slideformer.errors import ConfigError
 from slideformer.plan_dist import data_parallel_plan
 from slideformer.planner import GIB, Hardware, make_plan
 
-
-def _llama8b() -> LlamaConfig:
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
-
-
 HW = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=256 * GIB)
 RUN = dict(seq_len=1024, batch_size=16, grad_accum=1, clipping=False)
 
 
 def test_one_gpu_is_the_single_process_plan() -> None:
-    one = make_plan(_llama8b(), engine=EngineConfig(device="cuda"), hardware=HW, **RUN)
-    same = data_parallel_plan(_llama8b(), world=1, nodes=1, engine=EngineConfig(device="cuda"), hardware=HW, **RUN)
+    one = make_plan(llama8b_config(), engine=EngineConfig(device="cuda"), hardware=HW, **RUN)
+    same = data_parallel_plan(llama8b_config(), world=1, nodes=1, engine=EngineConfig(device="cuda"), hardware=HW,
+                              **RUN)
     assert same.step_seconds == one.step_seconds and same.host == one.host and same.gpu == one.gpu
 
 
 def test_memory_per_node_and_rank_and_the_transfer_terms() -> None:
     e = EngineConfig(device="cuda")
-    one = make_plan(_llama8b(), engine=e, hardware=HW, **RUN)
-    two = data_parallel_plan(_llama8b(), world=2, nodes=1, engine=e, hardware=HW, **RUN)
-    multi = data_parallel_plan(_llama8b(), world=16, nodes=2, engine=e, hardware=HW, **RUN)
+    one = make_plan(llama8b_config(), engine=e, hardware=HW, **RUN)
+    two = data_parallel_plan(llama8b_config(), world=2, nodes=1, engine=e, hardware=HW, **RUN)
+    multi = data_parallel_plan(llama8b_config(), world=16, nodes=2, engine=e, hardware=HW, **RUN)
     state = one.host["master weights + Adam moments"]
     # One node's ranks hold one copy of the sharded state between them; across nodes it splits.
     assert two.host["master weights + Adam moments"] == state
@@ -62,8 +57,8 @@ def test_matches_the_measured_two_gpu_run() -> None:
     # ran it (session 7's: tests/plan_history.ERA_1_12).
     e = EngineConfig(device="cuda")
     hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=256 * GIB, **ERA_1_12)
-    one = make_plan(_llama8b(), engine=e, hardware=hw, **RUN)
-    two = data_parallel_plan(_llama8b(), world=2, nodes=1, engine=e, hardware=hw, **RUN)
+    one = make_plan(llama8b_config(), engine=e, hardware=hw, **RUN)
+    two = data_parallel_plan(llama8b_config(), world=2, nodes=1, engine=e, hardware=hw, **RUN)
     assert one.step_seconds["step"] == pytest.approx(2.403, rel=0.10)
     assert two.step_seconds["step"] == pytest.approx(2.384, rel=0.10)
     assert one.host_total / GIB == pytest.approx(97.8, rel=0.05)
@@ -73,16 +68,16 @@ def test_matches_the_measured_two_gpu_run() -> None:
 def test_invalid_layouts_are_config_errors() -> None:
     e = EngineConfig(device="cuda")
     with pytest.raises(ConfigError, match="split evenly"):
-        data_parallel_plan(_llama8b(), world=3, nodes=2, engine=e, hardware=HW, **RUN)
+        data_parallel_plan(llama8b_config(), world=3, nodes=2, engine=e, hardware=HW, **RUN)
     with pytest.raises(ConfigError, match="disk tier"):
-        data_parallel_plan(_llama8b(), world=2, nodes=1, engine=EngineConfig(device="cuda", offload="moments",
+        data_parallel_plan(llama8b_config(), world=2, nodes=1, engine=EngineConfig(device="cuda", offload="moments",
                                                                             offload_dir="/x"), hardware=HW, **RUN)
 
 
 def test_cli(tmp_path, capsys) -> None:
     model = tmp_path / "m"
     model.mkdir()
-    _llama8b().to_json_file(str(model / "config.json"))
+    llama8b_config().to_json_file(str(model / "config.json"))
     assert main(["plan", "--model", str(model), "--gpu-memory-gib", "80", "--host-memory-gib", "256",
                  "--batch-size", "16", "--seq-len", "1024", "--nproc-per-node", "8", "--nnodes", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -6,24 +6,12 @@ import json
 
 import pytest
 from tests.plan_history import ERA_1_12
+from tests.reference import llama8b_config
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from slideformer.cli import main
 from slideformer.config import EngineConfig
 from slideformer.planner import GIB, Hardware, component_params, make_plan
-
-
-def _llama8b() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-    )
 
 
 @pytest.mark.parametrize(
@@ -59,7 +47,7 @@ def test_component_params_match_the_real_model(cfg):
 
 
 def _plan8b(grad_accum: int = 1, clipping: bool = False, hw: Hardware | None = None):
-    return make_plan(_llama8b(), seq_len=2048, batch_size=8, grad_accum=grad_accum, clipping=clipping,
+    return make_plan(llama8b_config(), seq_len=2048, batch_size=8, grad_accum=grad_accum, clipping=clipping,
                      engine=EngineConfig(device="cuda"),
                      hardware=hw or Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB))
 
@@ -89,7 +77,7 @@ def test_llama8b_numbers_follow_the_layout():
 
 def test_plan_cli(tmp_path, capsys):
     d = tmp_path / "m"
-    _llama8b().save_pretrained(str(d))
+    llama8b_config().save_pretrained(str(d))
     assert (
         main(
             [
@@ -123,7 +111,7 @@ def test_resident_layers_move_optimizer_work_to_the_gpu():
     hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB)
 
     def plan(resident: int):
-        return make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+        return make_plan(llama8b_config(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
                          engine=EngineConfig(device="cuda", resident_layers=resident), hardware=hw)
 
     base, res = plan(0), plan(8)
@@ -131,7 +119,7 @@ def test_resident_layers_move_optimizer_work_to_the_gpu():
     # The gradient scratch (4 B/param of one layer) lives in the vocabulary slot's idle weights (runtime/resident.py)
     # in the overlap schedule; the deferred one (clipping) gets a buffer of its own, beside its FP32 accumulators.
     assert res.gpu["resident layers (weights + FP32 master + moments)"] == 8 * layer * 14
-    clipped = make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=True,
+    clipped = make_plan(llama8b_config(), seq_len=1024, batch_size=8, grad_accum=1, clipping=True,
                         engine=EngineConfig(device="cuda", resident_layers=8), hardware=hw)
     assert clipped.gpu["resident layers (weights + FP32 master + moments)"] == 8 * layer * 18 + layer * 4
     assert res.step_seconds["cpu adamw"] < base.step_seconds["cpu adamw"]
@@ -142,7 +130,7 @@ def test_resident_layers_move_optimizer_work_to_the_gpu():
 def test_disk_tier_is_planned_from_the_host_budget_and_free_space():
     def plan(host_gib: float, disk_free: int | None, offload: str = "auto"):
         hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=int(host_gib * GIB), disk_free_bytes=disk_free)
-        return make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+        return make_plan(llama8b_config(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
                          engine=EngineConfig(device="cuda", offload=offload, offload_dir="/nvme/sf"), hardware=hw)
 
     roomy = plan(125, 500 * GIB)
@@ -268,7 +256,7 @@ def test_masters_on_disk_are_planned_when_even_the_moments_layout_does_not_fit()
     def plan(host_gib: float, offload: str = "auto", host_copy: str = "auto"):
         hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=int(host_gib * GIB), disk_free_bytes=500 * GIB)
         eng = EngineConfig(device="cuda", offload=offload, offload_dir="/nvme/sf", host_copy=host_copy)
-        return make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False, engine=eng,
+        return make_plan(llama8b_config(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False, engine=eng,
                          hardware=hw)
 
     moments = plan(64)
@@ -293,7 +281,7 @@ def test_activation_checkpoints_on_disk_are_counted_in_space_and_traffic(tmp_pat
     def plan(acts: bool, offload: str = "none", grad_accum: int = 1):
         hw = Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB, disk_free_bytes=500 * GIB)
         eng = EngineConfig(device="cuda", offload=offload, offload_dir="/nvme/sf", offload_activations=acts)
-        return make_plan(_llama8b(), seq_len=1024, batch_size=8, grad_accum=grad_accum, clipping=False,
+        return make_plan(llama8b_config(), seq_len=1024, batch_size=8, grad_accum=grad_accum, clipping=False,
                          engine=eng, hardware=hw)
 
     off, on = plan(False), plan(True)
@@ -316,7 +304,7 @@ def test_activation_checkpoints_on_disk_are_counted_in_space_and_traffic(tmp_pat
     # The command line turns it on.
     model = tmp_path / "m"
     model.mkdir()
-    _llama8b().to_json_file(str(model / "config.json"))
+    llama8b_config().to_json_file(str(model / "config.json"))
     assert main(["plan", "--model", str(model), "--gpu-memory-gib", "80", "--host-memory-gib", "125",
                  "--offload-dir", str(tmp_path), "--offload-activations", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -339,9 +327,9 @@ def test_plan_names_the_embedding_update_auto_would_take() -> None:
                          hardware=Hardware(gpu_memory_bytes=gib * GIB, host_memory_bytes=125 * GIB, **ERA_1_12))
         return key in plan.gpu, [n for n in plan.notes if "'auto' would" in n]
 
-    assert plan(_llama8b(), 80, "auto") == (True, [])  # untied: split
-    assert plan(_llama8b(), 80, "split") == (True, [])
-    split, notes = plan(_llama8b(), 80, "whole")
+    assert plan(llama8b_config(), 80, "auto") == (True, [])  # untied: split
+    assert plan(llama8b_config(), 80, "split") == (True, [])
+    split, notes = plan(llama8b_config(), 80, "whole")
     assert not split and "'auto' would split" in notes[0]
     # tied: whole, with the 12 kept layers those runs had (since session 14 the count leaves the measured allocator
     # reserve free instead of 10% of the budget, and the same card holds more)
