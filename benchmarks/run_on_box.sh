@@ -21,7 +21,7 @@
 # `side16` (ab/main16/src = `git archive 25694d6 src`, carried), `final16`; session 17 `tests`, `read17ab` (ab/side16/src =
 # `git archive 46749cd src`, carried), `blockev17`, `prof17`, `floor17`, `late17` (probe trees built from their
 # patches), `final17`, `gpuprof17`, `chunk17` (ab/main17/src = `git archive a4d6f4d src`, carried); prepared for
-# session 18: `read18`, `read18ab`, `chunk18`.
+# session 18: `read18`, `read18ab`, `chunk18`, `dgather18`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -418,6 +418,17 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # read18's A/B (the two together pass the 600 s call limit): this tree against a4d6f4d's engine
       # (ab/main17/src = `git archive a4d6f4d src`, carried), ABBA, with the roofline.
       abba3b read18 main ab/main17/src --time-budget-s 480 ;;
+    dgather18)
+      # Prepared in session 17: session 12's device gather of the embedding rows (764314f, reverted then as even)
+      # re-applied to this tree (device_gather18_probe_h100_202611.patch). timeline_..._s17gpu shows the step's first
+      # kernel 20 ms in, behind the rows' 50 MB copy (16.95-18.23 ms), itself behind the host's gather on cores the
+      # AdamW holds; the GPU reads the rows in ~1 ms. Its GPU tests in the probe tree, its GPU-only timeline, then
+      # the headline against this tree, ABBA, no roofline.
+      probe_tree dgather device_gather18_probe_h100_202611.patch
+      (cd ab/dgather && PYTHONPATH=$PWD/src:$PWD:$PYTHONPATH python3 -m pytest -m gpu -q -p no:cacheprovider -c /dev/null \
+        --rootdir=. tests/test_host_rows.py 2>&1 | tee "$OUT/gpu_tests_dgather18.log" | tail -2)
+      PYTHONPATH=$PWD/ab/dgather/src:$PYTHONPATH profile3b s18dgather --threads none
+      abba3b dgather18 dgather ab/dgather/src --no-roofline --time-budget-s 300 ;;
     chunk18)
       # Prepared in session 17: does chunking the uploads let the device interleave them? The GPU-only timeline of
       # the probe tree (chunked_uploads17_probe_h100_202611.patch): in timeline_..._s17gpu the head's 788 MB copy
