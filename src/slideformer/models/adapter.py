@@ -3,7 +3,8 @@
 An adapter splits a model into the pieces the engine slides (embedding, decoder layers, final norm,
 LM head) and runs the model's own forward "preamble" (masks, RoPE, embedding scaling) so that each
 decoder layer gets exactly the keyword arguments HF would pass it. It patches instances only, and
-only for the duration of one call.
+only for the duration of one call. Without a mask or position ids those arguments depend only on the input's
+shape, and are kept per shape on the model's parts (``ModelParts.preamble_calls``).
 
 Invariant: every trainable parameter of the model belongs to exactly one of embed / layers / norm /
 lm_head (a tied LM head shares the embedding's tensor); anything else is rejected at construction.
