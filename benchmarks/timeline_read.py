@@ -123,7 +123,7 @@ def other_streams_work(events: list[dict[str, Any]], stream: Any) -> list[tuple[
 def ended_by(work: list[tuple[float, str]], t: float) -> str:
     """What another stream finished just before the compute stream went on at ``t`` (``ENDED_BY_US``), or '-': the
     compute stream waited for no GPU work, i.e. for its next kernel to be issued."""
-    i = bisect.bisect_right(work, (t + 2.0, "\uffff"))  # (copies ending a hair after t: clock skew between engines)
+    i = bisect.bisect_right(work, t + 2.0, key=lambda w: w[0])  # (a hair after t: clock skew between engines)
     if i and work[i - 1][0] >= t - ENDED_BY_US:
         return work[i - 1][1]
     return "-"

@@ -80,6 +80,18 @@ class DeviceOps:
         ev.record(stream)
         return ev
 
+    def new_event(self) -> Any:
+        """An event to record again and again (``record_into``; None on the CPU), for a hand-off made every layer."""
+        return torch.cuda.Event() if self.is_cuda else None
+
+    def record_into(self, event: Any, stream: Any) -> Any:
+        """Record ``event`` (from ``new_event``) after the work queued on ``stream`` so far, and return it. A stream
+        that waited for its earlier record keeps that record: waits bind to the record current when they are queued,
+        so the event may be recorded again once every wait on its last record is queued."""
+        if event is not None:
+            event.record(stream)
+        return event
+
     def wait(self, stream: Any, event: Any) -> None:
         """Make ``stream`` wait (on the device, not the host) for ``event`` (or a list of events)."""
         if not self.is_cuda or event is None:

@@ -34,6 +34,7 @@ class ForwardPass(SlotUses):
     layer_views: dict[int, list[torch.Tensor]]
     head_views: list[list[torch.Tensor]]
     head_w: torch.Tensor
+    _scale_t: torch.Tensor | None = None
 
     def _embed(self, mb: MicroBatch, x0_src: Future | Use, grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
         """The gathered embedding rows on the device, and the preamble: (x0, first layer input, layer calls)."""
@@ -50,10 +51,17 @@ class ForwardPass(SlotUses):
             self.ops.wait(cs, self.wait(x0_src, "embedding gather"))  # x0's copy landed
         x0 = e.x0_dev[:shape.numel()].view(shape).detach().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            emb = x0 if p.embed_scale is None else x0 * torch.tensor(p.embed_scale, dtype=x0.dtype,
-                                                                     device=x0.device)
+            emb = x0 if p.embed_scale is None else x0 * self._embed_scale(p.embed_scale, x0)
             h0, calls = e.adapter.layer_calls(p, emb, mb.attention_mask, mb.position_ids)
         return x0, h0, calls
+
+    def _embed_scale(self, scale: float, like: torch.Tensor) -> torch.Tensor:
+        """The embedding scale (Gemma's) as a tensor of the embeddings' dtype, as HF rounds it, made once: a fresh
+        one per micro-batch was an allocation and a pageable copy to the device in the forward."""
+        t = self._scale_t
+        if t is None or t.dtype != like.dtype or t.device != like.device:
+            t = self._scale_t = torch.tensor(scale, dtype=like.dtype, device=like.device)
+        return t
 
     def _forward_layers(self, fwd: dict[int, Use], h: torch.Tensor, calls: list[Any], save: bool) -> torch.Tensor:
         """Every decoder layer's forward (no autograd); with ``save``, each input is checkpointed."""
