@@ -10,6 +10,7 @@
 * Upload copy (``engine.host_copy=bf16``): bitwise equal to uploads from the FP32 master (device cast).
 * The split embedding update under the race amplifier (written in session 5 after its last device run).
 * The forward preamble reused without a host sync (written in session 17 after its last device run).
+* Recorded events taken from a ring per stream (session 18).
 """
 
 from __future__ import annotations
@@ -223,3 +224,24 @@ def test_the_forward_preamble_does_not_sync_after_its_first_step() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert first is x and len(calls) == cfg.num_hidden_layers
+
+
+def test_recorded_events_come_from_a_ring_per_stream_and_still_order() -> None:
+    """``DeviceOps.record`` takes its events from a ring per stream (no CUDA event made per record in the hot loop,
+    written in session 18): the ring comes round to the same event after ``EVENT_RING`` records on that stream, other
+    streams have their own, and an event taken again marks its new record (a long kernel before it keeps it
+    pending)."""
+    from slideformer.runtime.device import EVENT_RING, DeviceOps
+
+    ops = DeviceOps(torch.device("cuda"))
+    side = ops.new_stream()
+    first = ops.record(side)
+    taken = [ops.record(side) for _ in range(EVENT_RING - 1)]
+    assert first not in taken and len({id(e) for e in taken}) == EVENT_RING - 1
+    assert ops.record(ops.compute_stream()) is not first
+    with ops.on(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued on the side stream before the ring's turn
+    again = ops.record(side)
+    assert again is first and not ops.done(again)
+    ops.host_wait(again)
+    assert ops.done(again)

@@ -14,6 +14,7 @@ buffer is pageable instead, counted in ``pinned_fallbacks`` / ``pageable_fallbac
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +36,27 @@ def add_squared_norm(acc: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor) 
     acc.add_(sq)
 
 
+EVENT_RING = 1024
+"""Events per stream for ``DeviceOps.record``: a 3B step records ~320 over all its streams, so an event is recorded
+again several steps later, long after its holders queued their waits."""
+
+
+class _EventRing:
+    """``EVENT_RING`` CUDA events taken in turn; ``take`` may be called from several threads (a shared counter's
+    ``next`` is atomic; two threads given the same event record it twice on one stream: it keeps the later point)."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = [None] * EVENT_RING
+        self.turn = itertools.count()
+
+    def take(self) -> Any:
+        i = next(self.turn) % EVENT_RING
+        ev = self.events[i]
+        if ev is None:
+            ev = self.events[i] = torch.cuda.Event()
+        return ev
+
+
 class DeviceOps:
     """Device abstraction used by the engine, the transfer workers and the activation store."""
 
@@ -50,6 +72,8 @@ class DeviceOps:
         """Pinned allocations that were refused and fell back to pageable memory."""
         self.pageable_fallback_bytes = 0
         """Bytes of those fallback buffers."""
+        self._rings: dict[int, _EventRing] = {}
+        """``record``'s event ring per stream, keyed by the CUDA stream handle."""
         self.exact_pinned: list[torch.Tensor] = []
         """Buffers from ``host_empty_exact`` that are page-locked: unregister them
         (``runtime.build.unregister_all``) before freeing."""
@@ -73,10 +97,18 @@ class DeviceOps:
             yield
 
     def record(self, stream: Any) -> Any:
-        """An event marking all work queued on ``stream`` so far (None on the CPU: already done)."""
+        """An event marking all work queued on ``stream`` so far (None on the CPU: already done).
+
+        The event comes from ``stream``'s ring of ``EVENT_RING`` events, made on first use, so the hot loop creates
+        and destroys no CUDA events. A ring event is recorded again ``EVENT_RING`` records later on the same stream:
+        a holder that has not queued its wait by then waits for that later point of the same stream, which implies
+        the earlier one (never too early; at worst later, and every queued point completes without the host)."""
         if not self.is_cuda:
             return None
-        ev = torch.cuda.Event()
+        ring = self._rings.get(stream.cuda_stream)
+        if ring is None:
+            ring = self._rings.setdefault(stream.cuda_stream, _EventRing())
+        ev = ring.take()
         ev.record(stream)
         return ev
 
