@@ -21,7 +21,9 @@
 # `side16` (ab/main16/src = `git archive 25694d6 src`, carried), `final16`; session 17 `tests`, `read17ab` (ab/side16/src =
 # `git archive 46749cd src`, carried), `blockev17`, `prof17`, `floor17`, `late17` (probe trees built from their
 # patches), `final17`, `gpuprof17`, `chunk17` (ab/main17/src = `git archive a4d6f4d src`, carried); prepared for
-# session 18: `read18`, `read18ab`, `chunk18`, `dgather18`.
+# session 18: `read18`, `read18ab`, `chunk18`, `dgather18`; session 18 ran those, then `ev18` (ab/main18/src = `git archive
+# f188c6e src`, carried), `final18`, `eff8b18`, `ab8b18`
+# (ab/s12/src = `git archive 9a7f1bf src`, carried).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -407,6 +409,28 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # is now chunked_uploads17_probe_h100_202611.patch (reverted: even, the fourth child cut); see chunk18.
       abba3b chunk17 main ab/main17/src --no-roofline --time-budget-s 250
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_chunk17.log" | tail -3 ;;
+    ev18)
+      # Session 18: DeviceOps.record's events from a ring per stream (no CUDA event made and destroyed per record, ~320
+      # per 3B step). The whole GPU set (with the ring's own test), then this tree against f188c6e's engine
+      # (ab/main18/src = `git archive f188c6e src`, carried), ABBA, no roofline.
+      gpu_tests_or_stop
+      abba3b ev18 main ab/main18/src --no-roofline --time-budget-s 300 ;;
+    final18)
+      # Session 18's closing measurement of targets 1 and 3 on the headline: this engine against ZeRO-2 and ZeRO-3 in
+      # one run (last run together in session 12), slideformer first and last, with the roofline. Needs the DeepSpeed
+      # wheels (../shared/gpu/wheels.sh) in .whl/.
+      headline3b final18 slideformer,zero2,zero3,slideformer+window=2
+      sed -n '/^| batch | GPU compute/,/^$/p' "$OUT"/llama3.2-3b_cap24g_final18_h100_bench.md ;;
+    eff8b18)
+      # Session 18: target 3's missed configuration, Llama-3.1-8B b8 on a 24 GiB cap, with this engine (last measured
+      # in session 13 by session 12's engine), every default and with the BF16 upload copy, interleaved, roofline.
+      cap24_8b eff18 8 slideformer,slideformer+host_copy=bf16,slideformer+window=2 --time-budget-s 430 ;;
+    ab8b18)
+      # Session 18: eff8b18's steps (2.52 / 2.17 s) were slower than eff13's (1.98 / 1.73 s) on an instance whose AdamW
+      # ran 5.18 Gparam/s (eff13's ~6.3). Same run: this engine against session 12's (ab/s12/src = `git archive
+      # 9a7f1bf src`, carried), both with the BF16 upload copy, this tree first and last, no roofline.
+      cap24_8b ab18 8 slideformer+host_copy=bf16,slideformer@s12+host_copy=bf16,slideformer+host_copy=bf16+window=2 \
+        --engine-src s12=ab/s12/src --no-roofline --time-budget-s 400 ;;
     read18)
       # Prepared in session 17 for the next device session: the preamble's layer arguments reused without a mask or
       # position ids (ModelAdapter.layer_calls), which ran on the CPU only. The whole GPU set (with its new no-sync
