@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import host_vmstat
+
 GIB = 1 << 30
 BYTES_UP_PER_PARAM = 4
 """BF16 weights uploaded twice per step (forward, then recompute/backward)."""
@@ -388,6 +390,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_gib(r.get('host_rss_peak_bytes'))} | - | - | **{r.get('status')}**: {_short_error(r)} |"
             )
     lines += main_thread_lines(results)
+    lines += host_vmstat.lines(_sorted_records(results))
     lines += ["", "## Roofline (slideformer)", ""]
     roof = results.get("roofline") or {}
     if roof.get("error"):

@@ -43,3 +43,6 @@ def test_a_labelled_system_runs_the_other_tree(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert results["args"]["engine_src"] == {"copy": str(src.resolve())}
     assert [(r["system"], r["status"]) for r in results["records"]] == [("slideformer@copy", "ok")]
+    if Path("/proc/vmstat").exists():  # the host's memory counters over the steps, and their table
+        assert set(results["records"][0]["host_vmstat_steps"]) >= {"kswapd scanned", "allocation stalls"}
+        assert "## Host memory management during the steps" in out.with_suffix(".md").read_text()

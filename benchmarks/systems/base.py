@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import common
+import host_vmstat
 import shapes
 
 
@@ -173,7 +174,9 @@ def drive(system_name: str, spec: BenchSpec, make: Callable[[BenchSpec], BenchSy
         rss.reset_peak()
         try:
             step = system.prepare(b)
+            vm0 = host_vmstat.read()
             times = common.time_steps(step, warmup=spec.warmup, steps=spec.steps, sync=system.sync, drain=system.drain)
+            vm_steps = host_vmstat.delta(vm0, host_vmstat.read())
         except Exception as exc:
             oom = is_oom(exc)
             if oom:
@@ -225,6 +228,7 @@ def drive(system_name: str, spec: BenchSpec, make: Callable[[BenchSpec], BenchSy
                                                              setup_gpu["gpu_alloc_retries"]),
                 host_rss_peak_bytes=max(setup_rss, rss.peak_bytes),
                 host_rss_baseline_bytes=baseline_rss,
+                host_vmstat_steps=vm_steps,
                 setup_time_s=setup_s,
                 **system.info(),
             )
