@@ -338,3 +338,24 @@ def test_plan_names_the_embedding_update_auto_would_take() -> None:
     assert plan(llama3b, 24, "whole", **measured) == (False, [])
     split, notes = plan(llama3b, 24, "split", host_copy="bf16", **measured)
     assert split and "keep this tied embedding whole" in notes[0]
+
+
+def test_plan_says_which_loss_path_auto_was_planned_as(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine.loss_kernel=auto`` resolves where the plan runs (session 17: a plan made without triton kept 16
+    resident layers for the 3B headline where the box kept 17), so the plan says which path it assumed."""
+    from slideformer.kernels import cross_entropy
+
+    def notes() -> list[str]:
+        plan = make_plan(llama8b_config(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                         engine=EngineConfig(device="cuda"),
+                         hardware=Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB, **ERA_1_12))
+        return [n for n in plan.notes if n.startswith("engine.loss_kernel=auto")]
+
+    monkeypatch.setattr(cross_entropy, "triton", object())
+    assert len(got := notes()) == 1 and "fused Triton loss kernel" in got[0]
+    monkeypatch.setattr(cross_entropy, "triton", None)
+    assert len(got := notes()) == 1 and "plan with engine.loss_kernel=triton" in got[0]
+    plan = make_plan(llama8b_config(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
+                     engine=EngineConfig(device="cuda", loss_kernel="torch"),
+                     hardware=Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB, **ERA_1_12))
+    assert not [n for n in plan.notes if "loss_kernel" in n]
