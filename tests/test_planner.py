@@ -354,7 +354,7 @@ def test_plan_says_which_loss_path_auto_was_planned_as(monkeypatch: pytest.Monke
     monkeypatch.setattr(cross_entropy, "triton", object())
     assert len(got := notes()) == 1 and "fused Triton loss kernel" in got[0]
     monkeypatch.setattr(cross_entropy, "triton", None)
-    assert len(got := notes()) == 1 and "plan with engine.loss_kernel=triton" in got[0]
+    assert len(got := notes()) == 1 and "set loss_kernel: triton" in got[0]
     plan = make_plan(llama8b_config(), seq_len=1024, batch_size=8, grad_accum=1, clipping=False,
                      engine=EngineConfig(device="cuda", loss_kernel="torch"),
                      hardware=Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB, **ERA_1_12))

@@ -267,8 +267,8 @@ def make_plan(
         notes.append("engine.loss_kernel=auto planned as " + (
             "the fused Triton loss kernel (triton imports here)" if fused else
             "the torch loss path: triton does not import on this machine, so a GPU machine with triton would take the "
-            "fused kernel (smaller loss buffers, maybe more resident layers); plan with engine.loss_kernel=triton "
-            "for that machine"))
+            "fused kernel (smaller loss buffers, maybe more resident layers); to plan for that machine, set "
+            "loss_kernel: triton in the config's engine section"))
     if offload in ("moments", "all") and not engine.offload_dir:
         notes.append("the moments go to disk: set engine.offload_dir (a directory on a local NVMe disk)")
     if engine.offload_activations:
