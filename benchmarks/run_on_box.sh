@@ -23,7 +23,7 @@
 # patches), `final17`, `gpuprof17`, `chunk17` (ab/main17/src = `git archive a4d6f4d src`, carried); prepared for
 # session 18: `read18`, `read18ab`, `chunk18`, `dgather18`; session 18 ran those, then `ev18` (ab/main18/src = `git archive
 # f188c6e src`, carried), `final18`, `eff8b18`, `ab8b18`
-# (ab/s12/src = `git archive 9a7f1bf src`, carried).
+# (ab/s12/src = `git archive 9a7f1bf src`, carried); prepared for session 19: `chunk19`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -409,6 +409,12 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # is now chunked_uploads17_probe_h100_202611.patch (reverted: even, the fourth child cut); see chunk18.
       abba3b chunk17 main ab/main17/src --no-roofline --time-budget-s 250
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_chunk17.log" | tail -3 ;;
+    chunk19)
+      # Prepared in session 18: chunk18's A/B ran on a disturbed instance (this tree's first child 0.44 -> 0.56 s
+      # mid-run), while the probe's timeline idled 44.5 ms against s17gpu's 50.5. The A/B alone, first in its call (no
+      # profile or tests before it), with a larger budget; the records' /proc/vmstat table tells a disturbed child.
+      probe_tree chunk chunked_uploads17_probe_h100_202611.patch
+      abba3b chunk19 chunk ab/chunk/src --no-roofline --time-budget-s 400 ;;
     ev18)
       # Session 18: DeviceOps.record's events from a ring per stream (no CUDA event made and destroyed per record, ~320
       # per 3B step). The whole GPU set (with the ring's own test), then this tree against f188c6e's engine
