@@ -102,7 +102,8 @@ class DeviceOps:
         The event comes from ``stream``'s ring of ``EVENT_RING`` events, made on first use, so the hot loop creates
         and destroys no CUDA events. A ring event is recorded again ``EVENT_RING`` records later on the same stream:
         a holder that has not queued its wait by then waits for that later point of the same stream, which implies
-        the earlier one (never too early; at worst later, and every queued point completes without the host)."""
+        the earlier one (never too early; at worst later, and every queued point completes without the host). A stream
+        that waited for an earlier record keeps it: waits bind to the record current when they are queued."""
         if not self.is_cuda:
             return None
         ring = self._rings.get(stream.cuda_stream)
@@ -111,18 +112,6 @@ class DeviceOps:
         ev = ring.take()
         ev.record(stream)
         return ev
-
-    def new_event(self) -> Any:
-        """An event to record again and again (``record_into``; None on the CPU), for a hand-off made every layer."""
-        return torch.cuda.Event() if self.is_cuda else None
-
-    def record_into(self, event: Any, stream: Any) -> Any:
-        """Record ``event`` (from ``new_event``) after the work queued on ``stream`` so far, and return it. A stream
-        that waited for its earlier record keeps that record: waits bind to the record current when they are queued,
-        so the event may be recorded again once every wait on its last record is queued."""
-        if event is not None:
-            event.record(stream)
-        return event
 
     def wait(self, stream: Any, event: Any) -> None:
         """Make ``stream`` wait (on the device, not the host) for ``event`` (or a list of events)."""

@@ -138,10 +138,6 @@ class ResidentLayers:
         self.sq_target: torch.Tensor | None = None
         self.scratch_free: object = None
         """Side-stream event: the last update queued there has read the scratch (None: nothing queued since join)."""
-        # The two hand-offs of every update, each event recorded again per unit (no event made per layer): the
-        # compute stream's wait on ``scratch_free`` is queued before the next update records it again, the side
-        # stream's wait on ``_copied`` right after its record.
-        self._copied, self._read = ops.new_event(), ops.new_event()
         self.side_delay_cycles = 0
         """Tests only: the side stream spins this many cycles before each update (a race amplifier)."""
         self.load_from_host()
@@ -209,7 +205,7 @@ class ResidentLayers:
             self.step_t[unit.index] += 1
             self._adamw(unit, g, lr)
             return
-        copied = self.ops.record_into(self._copied, cs)
+        copied = self.ops.record(cs)
         with self.ops.on(self.side):
             self.ops.wait(self.side, copied)  # the scratch holds this unit's gradient (and its forward read the master)
             if self.side_delay_cycles:
@@ -217,7 +213,7 @@ class ResidentLayers:
             add_squared_norm(self.sq_side, g, self.side_scratch)
             self.step_t[unit.index] += 1
             self._adamw(unit, g, lr)
-            self.scratch_free = self.ops.record_into(self._read, self.side)
+            self.scratch_free = self.ops.record(self.side)
         self.sq_target = sq_norm
 
     def join(self) -> None:
