@@ -143,6 +143,33 @@ def gaps(busy: list[tuple[float, float]], t0: float, t1: float, min_us: float) -
     return out
 
 
+LENGTH_BINS_US = (50.0, 1000.0)
+"""Edges (µs) of ``idle_by_gap_length``: launch spacing (< 50 µs), short waits, waits over a millisecond."""
+WINDOW_US = 50_000.0
+"""Width (µs) of ``idle_per_window_ms``'s windows from the period's start: where in the step the idle time sits."""
+
+
+def idle_profile(idle: list[tuple[float, float]], t0: float) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """Every idle stretch of the period (``gaps`` with no minimum) by length: ms and count per bin; and the idle ms in
+    each ``WINDOW_US`` window, a stretch counted in the window where it starts."""
+    lo, hi = LENGTH_BINS_US
+    names = (f"< {lo:g} us", f"{lo:g} us - {hi / 1e3:g} ms", f">= {hi / 1e3:g} ms")
+    bins = {n: {"ms": 0.0, "count": 0} for n in names}
+    windows: list[float] = []
+    for start, end in idle:
+        d = end - start
+        if d <= 0:
+            continue  # kernels back to back (``gaps`` with no minimum keeps them)
+        b = bins[names[0] if d < lo else names[1] if d < hi else names[2]]
+        b["ms"] += d / 1e3
+        b["count"] += 1
+        w = int((start - t0) // WINDOW_US)
+        windows.extend([0.0] * (w + 1 - len(windows)))
+        windows[w] += d / 1e3
+    return ({n: {"ms": round(b["ms"], 1), "count": b["count"]} for n, b in bins.items()},
+            [round(x, 1) for x in windows])
+
+
 MERGE_US = 500.0
 """Consecutive AdamW calls on one unit less than this apart (µs) form one span; a longer pause splits it."""
 
@@ -181,6 +208,7 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
     causes: dict[str, float] = defaultdict(float)
     for start, end in gaps(busy, t0, t1, CAUSE_MIN_US):
         causes[ended_by(work, end) if end < t1 else "period end"] += end - start
+    by_length, per_window = idle_profile(gaps(busy, t0, t1, 0.0), t0)
     rows = []
     for start, end in gaps(busy, t0, t1, min_gap_ms * 1e3):
         during = [u for s, e, u in spans if s < end and e > start]
@@ -195,6 +223,8 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
         "compute_idle_ms": round((t1 - t0 - length(busy)) / 1e3, 1),
         "compute_gaps": rows,
         "idle_ended_by_ms": {k: round(v / 1e3, 1) for k, v in sorted(causes.items(), key=lambda kv: -kv[1])},
+        "idle_by_gap_length": by_length,
+        "idle_per_window_ms": per_window,
         "adamw_spans": [{"from_ms": ms(s), "to_ms": ms(e), "unit": u} for s, e, u in spans],
     }
 
@@ -214,6 +244,9 @@ def main(argv: list[str]) -> int:
     print(f"period {out['period_ms']} ms: compute busy {out['compute_busy_ms']} ms, idle {out['compute_idle_ms']} ms")
     print("  idle in gaps over 50 us, by what the compute stream went on after: "
           + ", ".join(f"{k} {v} ms" for k, v in out["idle_ended_by_ms"].items()))
+    print("  idle by gap length: " + ", ".join(f"{k} {v['ms']} ms ({v['count']})"
+                                               for k, v in out["idle_by_gap_length"].items()))
+    print(f"  idle per {WINDOW_US / 1e3:g} ms from the start: {out['idle_per_window_ms']}")
     for g in out["compute_gaps"]:
         print(f"  idle at {g['at_ms']:8.1f} ms for {g['ms']:6.1f} ms (ended by {g['ended_by']}); "
               f"AdamW on: {', '.join(g['adamw_units']) or '-'}")

@@ -114,3 +114,16 @@ def test_a_gpu_only_trace_takes_its_period_from_the_markers_and_names_what_each_
     assert abs(out["compute_idle_ms"] - 7.0) < 0.1  # (the 30 µs launch gap and the markers' own spacing included)
     # A trace with CPU ranges keeps them: no markers needed, none added.
     assert tr.add_marker_steps(_trace()) is False
+
+
+def test_idle_time_by_gap_length_and_by_window() -> None:
+    """Where the idle time sits (session 18's table): every idle stretch by length, and per 50 ms from the start."""
+    out = load("timeline_read").read(_trace(), min_gap_ms=5)
+    assert out["idle_by_gap_length"] == {"< 50 us": {"ms": 0.0, "count": 0}, "50 us - 1 ms": {"ms": 0.0, "count": 0},
+                                         ">= 1 ms": {"ms": 40.0, "count": 2}}
+    assert out["idle_per_window_ms"] == [10.0, 30.0]  # the gap at 20 ms in the first window, at 70 ms in the second
+    tr = load("timeline_read")
+    by_length, windows = tr.idle_profile([(0.0, 10.0), (60.0, 560.0), (50_100.0, 52_100.0)], 0.0)
+    assert by_length == {"< 50 us": {"ms": 0.0, "count": 1}, "50 us - 1 ms": {"ms": 0.5, "count": 1},
+                         ">= 1 ms": {"ms": 2.0, "count": 1}}
+    assert windows == [0.5, 2.0]
