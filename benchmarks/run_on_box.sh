@@ -23,7 +23,8 @@
 # patches), `final17`, `gpuprof17`, `chunk17` (ab/main17/src = `git archive a4d6f4d src`, carried); prepared for
 # session 18: `read18`, `read18ab`, `chunk18`, `dgather18`; session 18 ran those, then `ev18` (ab/main18/src = `git archive
 # f188c6e src`, carried), `final18`, `eff8b18`, `ab8b18`
-# (ab/s12/src = `git archive 9a7f1bf src`, carried); prepared for session 19: `chunk19`.
+# (ab/s12/src = `git archive 9a7f1bf src`, carried); prepared for session 19: `chunk19`; session 19 ran `chunk19`,
+# `tests prof8b19`, `park8b19`, `effpark19`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -409,6 +410,31 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # is now chunked_uploads17_probe_h100_202611.patch (reverted: even, the fourth child cut); see chunk18.
       abba3b chunk17 main ab/main17/src --no-roofline --time-budget-s 250
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_chunk17.log" | tail -3 ;;
+    prof8b19)
+      # Session 19: target 3's missed configuration (8B b8 on a 24 GiB cap, every default) had never been profiled.
+      # One steady-state period with every thread's ranges (the CPU optimizer's lane shows where the host idles and
+      # how fast each layer's AdamW runs beside the transfers; tracing the CPU stretches the step).
+      timeout 330 python3 benchmarks/profile_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --name timeline_llama3.1-8b_b8_cap24_prof19_h100_202611 \
+        --out-dir "$OUT" > "$OUT/prof8b19.log" 2>&1
+      tail -20 "$OUT/prof8b19.log" | grep -v Backend
+      python3 benchmarks/timeline_read.py "$OUT/timeline_llama3.1-8b_b8_cap24_prof19_h100_202611.json.gz" \
+        --min-gap-ms 5 | head -40 ;;
+    park8b19)
+      # Session 19: prof8b19's timeline of the 8B b8 on a 24 GiB cap (every default) shows the backward paced by the
+      # CPU AdamW (the 2 GiB parking pool, ~4.7 layers of BF16 gradients, fills and each slot is released only as
+      # AdamW frees chunks), then the host idle for ~420 ms of the next forward. A larger pool lets the backward run at
+      # the GPU's and the link's pace and leaves the host a backlog for the forward. One run, no roofline.
+      timeout 590 python3 benchmarks/bench_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --systems slideformer,slideformer+grad_park_mib=12288,slideformer+grad_park_mib=8192,slideformer+window=2 \
+        --gpu-memory-gib 24 --steps 5 --warmup 2 --time-budget-s 570 --engine-opt resident_layers=-1 --no-roofline \
+        --out "$OUT/llama3.1-8b_cap24g_park19_h100_bench.json" > "$OUT/park8b19.log" 2>&1
+      sed -n '/## Results/,/## Roofline/p' "$OUT/llama3.1-8b_cap24g_park19_h100_bench.md" ;;
+    effpark19)
+      # Session 19: park8b19 measured an 8 GiB parking pool 11% faster on the 8B b8 on a 24 GiB cap. Target 3's
+      # efficiency with it, by default and with the BF16 upload copy, against this run's roofline.
+      cap24_8b effpark19 8 slideformer+grad_park_mib=8192,slideformer+host_copy=bf16+grad_park_mib=8192 \
+        --time-budget-s 420 ;;
     chunk19)
       # Prepared in session 18: chunk18's A/B ran on a disturbed instance (this tree's first child 0.44 -> 0.56 s
       # mid-run), while the probe's timeline idled 44.5 ms against s17gpu's 50.5. The A/B alone, first in its call (no
