@@ -359,3 +359,36 @@ def test_plan_says_which_loss_path_auto_was_planned_as(monkeypatch: pytest.Monke
                      engine=EngineConfig(device="cuda", loss_kernel="torch"),
                      hardware=Hardware(gpu_memory_bytes=80 * GIB, host_memory_bytes=125 * GIB, **ERA_1_12))
     assert not [n for n in plan.notes if "loss_kernel" in n]
+
+
+def test_park_backlog_is_the_host_time_a_backward_at_the_gpus_pace_leaves() -> None:
+    from slideformer.plan_time import park_backlog_bytes
+
+    hw = Hardware(gpu_memory_bytes=24 * GIB, host_memory_bytes=125 * GIB)
+    # No copies: the host's busy time is its AdamW, 2.0 s; the backward is 3/4 of 1.0 s of compute.
+    times = {"gpu compute": 1.0, "cpu adamw": 2.0, "pcie": 0.0}
+    assert park_backlog_bytes(times, hw, host_params=1_000_000, elt=2) == int((1 - 0.75 / 2.0) * 2_000_000)
+    # A GPU-bound step leaves no backlog.
+    assert park_backlog_bytes({**times, "cpu adamw": 0.5}, hw, host_params=1_000_000, elt=2) == 0
+
+
+def test_plan_names_the_parking_pool_a_host_bound_backward_needs() -> None:
+    """Session 19: the 8B b8 on a 24 GiB cap outruns the 2 GiB pool by ~7.8 GiB; an 8 GiB pool measured 11% faster.
+    The plan names that pool, says whether the host has the RAM, and is silent where the pool already holds the
+    backlog or the GPU bounds the step (the 8B on the whole card, the 3B headline)."""
+    def notes(cfg, cap: float, host_gib: float = 125, **opts) -> list[str]:
+        engine = EngineConfig(device="cuda", resident_layers=-1, **{"loss_kernel": "triton", **opts})
+        plan = make_plan(cfg, seq_len=1024, batch_size=8, grad_accum=1, clipping=False, engine=engine,
+                         hardware=Hardware(gpu_memory_bytes=int(cap * GIB), host_memory_bytes=int(host_gib * GIB)))
+        return [n for n in plan.notes if "parking pool" in n]
+
+    cfg = llama8b_config()
+    (note,) = notes(cfg, 24)
+    assert "engine.grad_park_mib=8192 (6.0 GiB more pinned RAM, which this host has)" in note
+    (note,) = notes(cfg, 24, host_gib=100)
+    assert "more than this host has left" in note
+    assert notes(cfg, 24, grad_park_mib=8192) == []
+    assert notes(cfg, 78) == []
+    cfg3b = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True)
+    assert notes(cfg3b, 24, kernels="liger", host_copy="bf16") == []

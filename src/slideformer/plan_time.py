@@ -72,6 +72,25 @@ def host_seconds(times: dict[str, float], hardware: Hardware) -> float:
     return times["cpu adamw"] + times["pcie"] * hardware.pcie_gbs * 1e9 / bus
 
 
+BACKWARD_SHARE = 0.75
+"""The backward's share of a step's GPU compute: recompute 2 + backward 4 of the 8 flop per parameter and token."""
+
+
+def park_backlog_bytes(times: dict[str, float], hardware: Hardware, *, host_params: int, elt: int) -> int:
+    """Gradient bytes the overlap schedule's backward produces ahead of the host's AdamW: the host's busy time
+    (``host_seconds``) left over when a backward at the GPU's pace ends, as a share of its ``host_params``
+    gradients. A parking pool (``engine.grad_park_mib``) smaller than this fills mid-backward: from then on each
+    slot is released only as AdamW frees chunks, so the backward runs at the host's pace and the host idles in the
+    next forward once the pool's backlog is done (the 8B b8 on a 24 GiB cap on the H100 box, session 19 of
+    benchmarks/results/performance_h100_202611.md: ~420 ms of a 2.24 s step). There this estimate is ~7.8 GiB (5
+    resident layers planned, 6 measured), and 8 and 12 GiB pools ran 1.79 / 1.81 s against 2 GiB's 1.95-2.06 s in
+    one run."""
+    host_s = host_seconds(times, hardware)
+    if host_s <= 0:
+        return 0
+    return int(max(0.0, 1.0 - BACKWARD_SHARE * times["gpu compute"] / host_s) * host_params * elt)
+
+
 HOST_BOUND_SHARE = 0.95
 """The head schedule counts a step as the host's where its busy time (``host_seconds``) is at least this share of
 the GPU's compute: on the H100 box the 3B on a 24 GiB cap with 16 cast layers, planned at 0.374 s of host against

@@ -15,6 +15,7 @@ measured speeds. ``Hardware`` and ``Plan`` live in ``plan_types.py`` (re-exporte
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -25,7 +26,7 @@ from slideformer.kernels import cross_entropy
 from slideformer.kernels.vocab_head import BLOCKS as HEAD_BLOCKS
 from slideformer.kernels.vocab_head import VocabBlockedHead
 from slideformer.memory.budget import offload_ring_bytes
-from slideformer.plan_time import host_seconds, pick_head_schedule, step_times
+from slideformer.plan_time import host_seconds, park_backlog_bytes, pick_head_schedule, step_times
 from slideformer.plan_types import GIB, Hardware, Plan
 
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + allocator slack on the GPU (measured order of magnitude)
@@ -293,6 +294,10 @@ def make_plan(
         notes.append(f"engine.embedding_update={engine.embedding_update}: 'auto' would "
                      + ("split this untied embedding (8B b8: split 1.241 vs whole 1.365 s/step)" if not split_rows
                         else "keep this tied embedding whole: the plan predicts no gain from splitting it"))
+    if on_gpu and not deferred and offload == "none":
+        notes.extend(_park_note(times, hardware, host_params=n - n_res, elt=elt, pool=park * chunk_bytes,
+                                layer_grad=params["largest_layer"] * elt,
+                                host_total=sum(host.values()) + sum(pinned.values())))
     settings = {
         "layers": len(layers),
         "tied": tied,
@@ -313,6 +318,28 @@ def make_plan(
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes,
                 state_terms)
+
+
+def _park_note(times: dict[str, float], hardware: Hardware, *, host_params: int, elt: int, pool: int,
+               layer_grad: int, host_total: int) -> list[str]:
+    """A note when the backward's gradients would outrun the host's AdamW by more than the parking pool holds: the
+    pool that lets the backward run ahead, and whether this host has the pinned RAM for it. Not a default: target 4
+    of issue 3 holds the default engine's host RAM to 12.5 B/param + checkpoints + 3 GiB, and the 8B's 8 GiB pool
+    is over it."""
+    backlog = park_backlog_bytes(times, hardware, host_params=host_params, elt=elt)
+    if backlog <= pool:
+        return []
+    want_gib = math.ceil(backlog / GIB)  # whole GiB: the 8B's 7.8 GiB estimate names the 8 GiB measured
+    extra = want_gib * GIB - pool
+    room = ("which this host has" if host_total + extra <= hardware.host_memory_bytes
+            else "more than this host has left")
+    return [f"the backward's gradients outrun the host's AdamW (beside the copies on its memory bus) by "
+            f"~{backlog / GIB:.1f} GiB: "
+            f"the {pool / GIB:.1f} GiB parking pool (engine.grad_park_mib, ~{pool / layer_grad:.0f} layers' gradients) "
+            f"fills, then the backward runs at the host's pace and the host idles in the next forward. "
+            f"engine.grad_park_mib={want_gib * 1024} ({extra / GIB:.1f} GiB more pinned RAM, {room}) lets the "
+            "backward run ahead; on the H100 box it took the 8B b8 on a 24 GiB cap from 1.95-2.06 to 1.79 s/step "
+            "(8 GiB; benchmarks/results/performance_h100_202611.md, session 19)"]
 
 
 def _mlp_intermediates(engine: EngineConfig, hf_config: Any, on_gpu: bool) -> int:
