@@ -419,7 +419,7 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
         --out-dir "$OUT" > "$OUT/prof8b19.log" 2>&1
       tail -20 "$OUT/prof8b19.log" | grep -v Backend
       python3 benchmarks/timeline_read.py "$OUT/timeline_llama3.1-8b_b8_cap24_prof19_h100_202611.json.gz" \
-        --min-gap-ms 5 | head -40 ;;
+        --min-gap-ms 5 > /tmp/prof8b19_read.txt; head -40 /tmp/prof8b19_read.txt ;;
     park8b19)
       # Session 19: prof8b19's timeline of the 8B b8 on a 24 GiB cap (every default) shows the backward paced by the
       # CPU AdamW (the 2 GiB parking pool, ~4.7 layers of BF16 gradients, fills and each slot is released only as
