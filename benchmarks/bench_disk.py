@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_env
 import bench_step  # noqa: F401  (puts src/ on sys.path)
 import common
-import report
 import shapes
 from bench_step import ChildRun, _collect, make_spec
 from slideformer.memory.disk import DiskStore
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
     res: dict[str, Any] = {
         "meta": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python benchmarks/bench_disk.py " + " ".join(shlex.quote(a) for a in argv),
-                 "environment": report.environment(HERE.parent)},
+                 "environment": bench_env.environment(HERE.parent)},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "shape": shapes.shape_stats(args.model).as_dict(), "raw": [], "runs": {}, "records": []}
     backends = ["posix"] + (["kvikio"] if kvikio_available() else [])

@@ -42,6 +42,7 @@ _ensure_src_on_path()
 
 import psutil  # noqa: E402
 
+import bench_env  # noqa: E402
 import common  # noqa: E402
 import report  # noqa: E402
 import shapes  # noqa: E402
@@ -326,7 +327,7 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
         "meta": {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python benchmarks/bench_step.py " + " ".join(shlex.quote(a) for a in argv),
-            "environment": report.environment(REPO),
+            "environment": bench_env.environment(REPO),
         },
         "args": {
             "model": args.model,
@@ -435,7 +436,7 @@ def default_out(args: argparse.Namespace) -> Path:
     """``benchmarks/results/<model>_<gpu>_<yyyymm>_<who>.json`` (the folder's naming rule)."""
     gpu = "cpu"
     if args.device.startswith("cuda"):
-        name = report.gpu_name() or "gpu"
+        name = bench_env.gpu_name() or "gpu"
         gpu = name.lower().replace("nvidia", "").strip().split()[0]
     who = os.environ.get("BENCH_WHO") or os.environ.get("USER") or "bench"
     cap = f"_cap{args.gpu_memory_gib:g}g" if args.gpu_memory_gib else ""

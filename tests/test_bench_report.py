@@ -55,7 +55,7 @@ def test_roofline_measures_a_variant_when_the_run_has_no_plain_child() -> None:
     res["shape"] = {"name": "llama3.2-3b", "num_layers": 28, "hidden_size": 3072, "total_params": 3_000_000_000}
     res["args"] = {**res["args"], "seq_len": 1024, "warmup": 2, "steps": 5}
     res["derived"] = rep.derive(res)
-    labels = [r[0] for r in rep.targets(res, res["derived"])]
+    labels = [r[0] for r in load("report_md").targets(res, res["derived"])]
     assert "3: efficiency, batch 8 (slideformer+grad_park_mib=8192)" in labels
     # The markdown of the run that needed it (its raw JSON, committed), re-derived.
     run = json.loads((RESULTS / "llama3.1-8b_cap24g_effpark19_h100_bench.json").read_text())

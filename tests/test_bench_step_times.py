@@ -27,7 +27,7 @@ def test_the_main_threads_cpu_time_is_told_from_waiting() -> None:
 
 
 def test_the_report_shows_the_main_threads_share() -> None:
-    report = load("report")
+    report = load("report_md")
     rec = {"system": "slideformer", "batch_size": 8, "status": "ok", "step_time_s": 0.4,
            "step_call_times_s": [0.30, 0.32, 0.31], "step_main_thread_cpu_s": [0.10, 0.30, 0.20]}
     lines = report.main_thread_lines({"records": [rec, {**rec, "system": "zero2", "step_main_thread_cpu_s": []}]})
