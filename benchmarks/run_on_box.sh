@@ -104,7 +104,7 @@ for stage in "$@"; do
   case "$stage" in
     tests)
       python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_offload.py tests/test_liger.py tests/test_activations_disk.py \
-        tests/test_cross_entropy.py tests/test_vocab_head.py 2>&1 | tee "$OUT/gpu_tests.log" \
+        tests/test_cross_entropy.py tests/test_vocab_head.py tests/test_embedding_backward.py 2>&1 | tee "$OUT/gpu_tests.log" \
         | grep -E "rel|bytes|passed|failed|Error" || exit 1
       grep -q " failed" "$OUT/gpu_tests.log" && exit 1 ;;
     bench3b)

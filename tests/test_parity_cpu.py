@@ -24,7 +24,8 @@ STEPS = 5
 def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 2, schedule: str = "auto",
          pad_left: bool = False, layers: int = 3, lr_schedule: bool = False, fused: bool = True,
          chunk_mib: float = 1, staging_chunks: int = 4, resident_layers: int = 0,
-         placement: str = "first", resident_weights: str = "auto", unpadded: bool = False) -> None:
+         placement: str = "first", resident_weights: str = "auto", unpadded: bool = False,
+         embedding_update: str = "auto", token_range: int = 0) -> None:
     cfg = tiny_config(family, layers=layers)
     ref = make_model(cfg)
     model = copy.deepcopy(ref)
@@ -35,7 +36,7 @@ def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 
     engine = Engine(model, EngineConfig(device="cpu", window=window, schedule=schedule, chunk_mib=chunk_mib,
                                         staging_chunks=staging_chunks, loss_chunk_tokens=16,
                                         resident_layers=resident_layers, resident_placement=placement,
-                                        resident_weights=resident_weights),
+                                        resident_weights=resident_weights, embedding_update=embedding_update),
                     OptimConfig(lr=lr, weight_decay=wd, max_grad_norm=max_norm))
     gen = torch.Generator().manual_seed(1)
     try:
@@ -43,7 +44,8 @@ def _run(family: str, *, accumulate: int, max_norm: float | None, window: int = 
             step_lr = lr * (1 + step) / STEPS if lr_schedule else lr
             for g in opt.param_groups:
                 g["lr"] = step_lr
-            mbs = [random_batch(cfg.vocab_size, 3, 11, gen, pad_left=pad_left) for _ in range(accumulate)]
+            mbs = [random_batch(token_range or cfg.vocab_size, 3, 11, gen, pad_left=pad_left)
+                   for _ in range(accumulate)]
             if unpadded:  # no mask, no position ids: the engine reuses the layers' preamble arguments
                 mbs = [{k: v for k, v in mb.items() if k != "attention_mask"} for mb in mbs]
             ref_loss = reference_step(ref, opt, mbs, max_norm)
@@ -123,6 +125,16 @@ def test_deferred_without_clipping_or_accumulation() -> None:
 
 def test_clipping_only_and_left_padding() -> None:
     _run("qwen2", accumulate=1, max_norm=0.3, pad_left=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+@pytest.mark.parametrize("update", ["whole", "split"])
+def test_repeated_tokens_sum_into_their_rows(family: str, update: str) -> None:
+    """Every token of a batch drawn from 7 ids (33 tokens: each row summed from several): the embedding backward's
+    per-row sums (``step.rows_grad``) onto the head's part (tied) or alone (untied), with the whole and the split
+    update, train like the reference."""
+    _run(family, accumulate=1, max_norm=None, embedding_update=update, token_range=7)
+    _run(family, accumulate=2, max_norm=0.5, embedding_update=update, token_range=7)
 
 
 @pytest.mark.parametrize("family", ["llama_tied", "qwen3"])

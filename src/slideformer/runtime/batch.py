@@ -30,8 +30,9 @@ class MicroBatch:
     tokens: int
     shape: torch.Size
     rows_host: torch.Tensor | None = None
-    """The distinct token ids, sorted (host): the embedding rows this micro-batch reads and updates. Only
-    prepared for the split embedding update (``prepare_batch(rows=True)``), the one reader of these three."""
+    """The distinct token ids, sorted (host): the embedding rows this micro-batch reads and updates. Prepared for
+    training steps (``prepare_batch(rows=True)``): the embedding backward sums each row's tokens over them
+    (``step.rows_grad``) and the split embedding update splits the matrix by them; evaluation has none."""
     rows: torch.Tensor | None = None
     """``rows_host`` on the device."""
     row_of: torch.Tensor | None = None

@@ -174,7 +174,7 @@ class Engine:
         """
         self._check_usable()
         max_pos = getattr(self.hf_config, "max_position_embeddings", None)
-        mbs = prepare_batch(batch, self.vocab, max_pos, self.device, rows=self.embed_split is not None)
+        mbs = prepare_batch(batch, self.vocab, max_pos, self.device, rows=True)  # the embedding backward's rows
         lr_now = self.optim_cfg.lr if lr is None else float(lr)
         if not math.isfinite(lr_now) or lr_now < 0:
             raise ConfigError(f"learning rate must be a finite number >= 0, got {lr}")

@@ -49,6 +49,20 @@ if TYPE_CHECKING:
     from slideformer.runtime.engine import Engine
 
 
+
+def rows_grad(mb: MicroBatch, dx: torch.Tensor) -> torch.Tensor:
+    """The embedding's input gradient of the micro-batch's distinct rows, ``[rows, hidden]`` in ``dx``'s dtype: each
+    row's tokens summed in FP32 (on CUDA), in a fixed order, then rounded once. It is ``aten.embedding_dense_backward``,
+    the reference ``nn.Embedding``'s own backward kernel, over the compact row index (``MicroBatch.row_of``), so a
+    tied weight's gradient is the head's part plus this sum, as autograd accumulates it. Why not ``index_add_``
+    straight into the gradient: on CUDA it adds every token with an atomic in the gradient's dtype, in no fixed order,
+    so a row's sum is not reproducible and in BF16 loses precision with the row's count (a token 400 times in a batch:
+    ~2.4% off its FP32 sum, ~0.16% rounded once). One ``[rows, hidden]`` temporary from the caching allocator, as the
+    reference's backward makes."""
+    if mb.rows is None or mb.row_of is None:
+        raise RuntimeError("the embedding backward needs the micro-batch's rows: prepare_batch(rows=True)")
+    return torch.ops.aten.embedding_dense_backward(dx, mb.row_of, mb.rows.numel(), -1, False)
+
 class StepRunner(ForwardPass):
     """Runs training steps for an ``Engine`` (holds no state of its own beyond per-step plans)."""
 
@@ -324,9 +338,12 @@ class StepRunner(ForwardPass):
             self._embed_rows_backward(job, mb, dx, emb_use.release)
         else:
             gw = e.vocab_slot.grad[:u0.numel].view(e.vocab, hidden)
-            if not p.tied:
+            sums = rows_grad(mb, dx)
+            if p.tied:  # one add per batch row onto the head's part (the rows are distinct: no two adds race)
+                gw.index_add_(0, mb.rows, sums)
+            else:
                 gw.zero_()
-            gw.index_add_(0, mb.ids.view(-1), dx)
+                gw.index_copy_(0, mb.rows, sums)
             self._drain([(u0, e.vocab_slot.grad[:u0.padded])], emb_use.release, deferred, first, last, lr,
                         host_norm)
         # The next gather may overwrite x0 once compute and the activation copies are done with it.
@@ -337,9 +354,11 @@ class StepRunner(ForwardPass):
         """Split embedding update: the batch rows' gradient, summed into the compact buffer (which holds the
         head's part of them when tied), goes to the rows' update; the rest of the matrix was updated early."""
         g = self.split.grad_rows(job.rows.numel())
-        if not self.e.parts.tied:
-            g.zero_()
-        g.index_add_(0, mb.row_of, dx)
+        sums = rows_grad(mb, dx)
+        if self.e.parts.tied:
+            g.add_(sums)  # onto the head's part of these rows (take_head_rows)
+        else:
+            g.copy_(sums)
         u0 = self.e.units[0]
         self._drain([(u0, g.view(-1))], release, False, True, True, job.spec.lr, False, RowUpdate(job, self.split))
 
