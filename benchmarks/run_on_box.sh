@@ -24,7 +24,7 @@
 # session 18: `read18`, `read18ab`, `chunk18`, `dgather18`; session 18 ran those, then `ev18` (ab/main18/src = `git archive
 # f188c6e src`, carried), `final18`, `eff8b18`, `ab8b18`
 # (ab/s12/src = `git archive 9a7f1bf src`, carried); prepared for session 19: `chunk19`; session 19 ran `chunk19`,
-# `tests prof8b19`, `park8b19`, `effpark19`.
+# `tests prof8b19`, `park8b19`, `effpark19`; prepared for session 20: `tests dgather20` (one call), `rows20`, `bfpark20`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -435,6 +435,24 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # efficiency with it, by default and with the BF16 upload copy, against this run's roofline.
       cap24_8b effpark19 8 slideformer+grad_park_mib=8192,slideformer+host_copy=bf16+grad_park_mib=8192 \
         --time-budget-s 420 ;;
+    rows20)
+      # Prepared in session 19 for session 20, after `tests` (the embedding backward's per-row sums, a9d468b, ran on
+      # the CPU only): the headline, this tree against df7bda6's engine (ab/main19/src = `git archive df7bda6 src`,
+      # carried), ABBA, no roofline: the sums' kernel (sort + FP32 segments, ~8k tokens) must not cost the step.
+      abba3b rows20 main ab/main19/src --no-roofline --time-budget-s 400 ;;
+    bfpark20)
+      # Prepared in session 19: effpark19's BF16 copy with the 8 GiB pool ran 1.920 s (steps 1.74-2.25) against 1.675
+      # without the copy, where the host-memory model says the copy should reach ~1.6 s (efficiency ~0.85). The two,
+      # ABA, with the roofline.
+      cap24_8b bfpark20 8 slideformer+host_copy=bf16+grad_park_mib=8192,slideformer+grad_park_mib=8192,\
+slideformer+host_copy=bf16+grad_park_mib=8192 --time-budget-s 430 ;;
+    dgather20)
+      # Prepared in session 19: the device gather's failing GPU test (dgather18) compared two runs bit for bit while
+      # the embedding backward's index_add_ was not reproducible on CUDA (atomics in no fixed order). With a9d468b's
+      # deterministic sums, does it pass? The probe tree from its patch, its GPU test only (~1 min).
+      probe_tree dgather device_gather18_probe_h100_202611.patch
+      (cd ab/dgather && PYTHONPATH=$PWD/src:$PWD:$PYTHONPATH python3 -m pytest -m gpu -q -p no:cacheprovider -c /dev/null \
+        --rootdir=. tests/test_host_rows.py 2>&1 | tee "$OUT/gpu_tests_dgather20.log" | tail -5) ;;
     chunk19)
       # Prepared in session 18: chunk18's A/B ran on a disturbed instance (this tree's first child 0.44 -> 0.56 s
       # mid-run), while the probe's timeline idled 44.5 ms against s17gpu's 50.5. The A/B alone, first in its call (no

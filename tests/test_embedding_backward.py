@@ -17,10 +17,10 @@ from slideformer.runtime.batch import prepare_batch
 from slideformer.runtime.step import rows_grad
 
 
-def _case(device: str, dtype: torch.dtype, hidden: int = 96) -> tuple:
+def _case(device: str, dtype: torch.dtype, hidden: int = 96, seq: int = 160) -> tuple:
     gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 50, (4, 160), generator=gen)
-    ids.view(-1)[::2] = 7  # one token 320 times, next to ~50 others a few times each
+    ids = torch.randint(0, 50, (4, seq), generator=gen)
+    ids.view(-1)[::2] = 7  # one token 2 x seq times, next to ~50 others a few times each
     (mb,) = prepare_batch({"input_ids": ids, "labels": ids}, 64, None, torch.device(device), rows=True)
     dx = torch.randn(ids.numel(), hidden, generator=gen).to(device, dtype)
     return mb, dx
@@ -45,10 +45,11 @@ def test_rows_grad_needs_the_rows() -> None:
 
 
 @pytest.mark.gpu
-def test_rows_grad_on_cuda_sums_in_fp32_once_and_the_same_every_time() -> None:
+@pytest.mark.parametrize("seq", [160, 1024])  # CUDA's kernel for up to 3,072 indices, and its sorting one above
+def test_rows_grad_on_cuda_sums_in_fp32_once_and_the_same_every_time(seq: int) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    mb, dx = _case("cuda", torch.bfloat16)
+    mb, dx = _case("cuda", torch.bfloat16, seq=seq)
     got = rows_grad(mb, dx)
     for _ in range(5):
         assert torch.equal(rows_grad(mb, dx), got)
