@@ -47,6 +47,47 @@ def _rate(section: dict[str, Any] | None, key: str) -> float | None:
     return float(value) if value else None
 
 
+def child_roofline(rec: dict[str, Any], gpu_s: float | None, rates: dict[str, float | None],
+                   total: int) -> dict[str, Any]:
+    """One slideformer child against the run's roofline: issue 3's terms for the parameters it updates on the host and
+    streams (its engine's memory report), its bound, efficiency, and the informational host-memory figure."""
+    report = rec.get("engine_memory_report") or {}
+    host_params = report.get("host_updated_params") or report.get("host_params") or total
+    streamed = report.get("streamed_params") or total
+    opt_rate, h2d, d2h, both = rates["opt"], rates["h2d"], rates["d2h"], rates["both"]
+    out: dict[str, Any] = {"step_time_s": rec["step_time_s"]}
+    terms: dict[str, float] = {}
+    if gpu_s:
+        terms["gpu_compute"] = gpu_s
+    if opt_rate:
+        terms["cpu_optimizer"] = host_params / (opt_rate * 1e9)
+    if h2d and d2h and both:
+        terms["pcie"] = max(
+            BYTES_UP_PER_PARAM * streamed / (h2d * 1e9),
+            BYTES_DOWN_PER_PARAM * streamed / (d2h * 1e9),
+            (BYTES_UP_PER_PARAM + BYTES_DOWN_PER_PARAM) * streamed / (both * 1e9),
+        )
+    if opt_rate:
+        # Informational, not a term of `efficiency` (issue 3 defines that bound): the host memory the
+        # step moves - AdamW's bytes plus the DMA's reads of what is uploaded (the BF16 copy, or the FP32
+        # master cast on the device) and writes of the gradients - at the bandwidth AdamW alone reaches.
+        cast = report.get("upload_cast")
+        adam = ADAM_BYTES_PER_PARAM if cast == "copy" else ADAM_BYTES_PER_PARAM - 2  # no BF16 copy out
+        # Per upload (two per step): DMA of the BF16 copy 2 B; of the FP32 master 4 B (cast on the
+        # device); cast on the host: FP32 read 4 + BF16 staging written 2 + its DMA 2.
+        up = 2 * {"copy": 2, "host": 8}.get(str(cast), 4)
+        moved = adam * host_params + (up + BYTES_DOWN_PER_PARAM) * streamed
+        out["host_memory_s"] = moved / (opt_rate * 1e9 * ADAM_BYTES_PER_PARAM)
+        out["host_memory_efficiency"] = out["host_memory_s"] / rec["step_time_s"]
+    out.update(host_updated_params=host_params, streamed_params=streamed, **{f"{k}_s": v for k, v in terms.items()})
+    if terms:
+        bound_name = max(terms, key=lambda k: terms[k])
+        out["bound_s"] = terms[bound_name]
+        out["bound_by"] = bound_name
+        out["efficiency"] = terms[bound_name] / rec["step_time_s"]
+    return out
+
+
 def derive(results: dict[str, Any]) -> dict[str, Any]:
     """Roofline bound, efficiency and ratios per batch size, from the records and the roofline."""
     shape = results["shape"]
@@ -73,44 +114,13 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             if gpu_s:
                 row[f"{system}_fraction_of_peak"] = gpu_s / rec["step_time_s"]
         sf = roofline_child(records, b)
+        rates = {"opt": opt_rate, "h2d": h2d, "d2h": d2h, "both": both}
         if sf is not None:
             row["efficiency_child"] = sf["system"]
-            report = sf.get("engine_memory_report") or {}
-            host_params = report.get("host_updated_params") or report.get("host_params") or total
-            streamed = report.get("streamed_params") or total
-            terms: dict[str, float] = {}
-            if gpu_s:
-                terms["gpu_compute"] = gpu_s
-            if opt_rate:
-                terms["cpu_optimizer"] = host_params / (opt_rate * 1e9)
-            if h2d and d2h and both:
-                terms["pcie"] = max(
-                    BYTES_UP_PER_PARAM * streamed / (h2d * 1e9),
-                    BYTES_DOWN_PER_PARAM * streamed / (d2h * 1e9),
-                    (BYTES_UP_PER_PARAM + BYTES_DOWN_PER_PARAM) * streamed / (both * 1e9),
-                )
-            if opt_rate:
-                # Informational, not a term of `efficiency` (issue 3 defines that bound): the host memory the
-                # step moves - AdamW's bytes plus the DMA's reads of what is uploaded (the BF16 copy, or the FP32
-                # master cast on the device) and writes of the gradients - at the bandwidth AdamW alone reaches.
-                cast = report.get("upload_cast")
-                adam = ADAM_BYTES_PER_PARAM if cast == "copy" else ADAM_BYTES_PER_PARAM - 2  # no BF16 copy out
-                # Per upload (two per step): DMA of the BF16 copy 2 B; of the FP32 master 4 B (cast on the
-                # device); cast on the host: FP32 read 4 + BF16 staging written 2 + its DMA 2.
-                up = 2 * {"copy": 2, "host": 8}.get(str(cast), 4)
-                moved = adam * host_params + (up + BYTES_DOWN_PER_PARAM) * streamed
-                row["host_memory_s"] = moved / (opt_rate * 1e9 * ADAM_BYTES_PER_PARAM)
-                row["host_memory_efficiency"] = row["host_memory_s"] / sf["step_time_s"]
-            row.update(
-                host_updated_params=host_params,
-                streamed_params=streamed,
-                **{f"{k}_s": v for k, v in terms.items()},
-            )
-            if terms:
-                bound_name = max(terms, key=lambda k: terms[k])
-                row["bound_s"] = terms[bound_name]
-                row["bound_by"] = bound_name
-                row["efficiency"] = terms[bound_name] / sf["step_time_s"]
+            row.update({k: v for k, v in child_roofline(sf, gpu_s, rates, total).items() if k != "step_time_s"})
+            row["children"] = {r["system"]: child_roofline(r, gpu_s, rates, total) for r in records
+                               if str(r.get("system", "")).startswith("slideformer") and r.get("batch_size") == b
+                               and r.get("status") == "ok"}
             for other in ("zero2", "zero3", "resident"):
                 rec = ok_record(records, other, b)
                 if rec is not None:

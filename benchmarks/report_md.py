@@ -155,6 +155,25 @@ def main_thread_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _children_lines(batch_sizes: list[int], derived: dict[str, Any]) -> list[str]:
+    """Every slideformer child of a run with more than one, each against the roofline above with its own host-updated
+    and streamed parameters (``derive``'s ``children``)."""
+    rows = [(b, name, c) for b in batch_sizes
+            for name, c in ((derived["per_batch"].get(str(b)) or {}).get("children") or {}).items()]
+    if len(rows) < 2:
+        return []
+    lines = ["", "Every slideformer child against this roofline (each with the parameters its engine updates on the "
+             "host and streams):", "",
+             "| batch | child | step (s) | CPU optimizer (s) | PCIe (s) | bound (s) | bound by | efficiency "
+             "| host-memory efficiency |", "|---|---|---|---|---|---|---|---|---|"]
+    for b, name, c in rows:
+        lines.append(f"| {b} | {name} | {c['step_time_s']:.3f} | {_num(c.get('cpu_optimizer_s'), '{:.3f}')} "
+                     f"| {_num(c.get('pcie_s'), '{:.3f}')} | {_num(c.get('bound_s'), '{:.3f}')} "
+                     f"| {c.get('bound_by', '-')} | {_num(c.get('efficiency'), '{:.2f}')} "
+                     f"| {_num(c.get('host_memory_efficiency'), '{:.2f}')} |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The human report: setup, results table, roofline, ratios, formulas, errors."""
     meta, args, shape = results["meta"], results["args"], results["shape"]
@@ -282,6 +301,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {b} | {_num(row.get('host_memory_s'), '{:.3f}')} "
                          f"| {_num(sf['step_time_s'] if sf else None, '{:.3f}')} "
                          f"| {_num(row.get('host_memory_efficiency'), '{:.2f}')} |")
+    lines += _children_lines(args["batch_sizes"], derived)
     checks = targets(results, derived)
     if checks:
         lines += [

@@ -52,6 +52,9 @@ def test_roofline_measures_a_variant_when_the_run_has_no_plain_child() -> None:
     row = rep.derive(res)["per_batch"]["8"]
     assert row["efficiency_child"] == "slideformer+grad_park_mib=8192"
     assert row["efficiency"] == pytest.approx(0.5 / 0.8)
+    # Every slideformer child, each against the roofline with its own parameters (the other tree's too).
+    assert {k: round(v["efficiency"], 3) for k, v in row["children"].items()} == {
+        "slideformer@prev": round(0.5 / 0.4, 3), "slideformer+grad_park_mib=8192": round(0.5 / 0.8, 3)}
     res["shape"] = {"name": "llama3.2-3b", "num_layers": 28, "hidden_size": 3072, "total_params": 3_000_000_000}
     res["args"] = {**res["args"], "seq_len": 1024, "warmup": 2, "steps": 5}
     res["derived"] = rep.derive(res)
@@ -63,6 +66,8 @@ def test_roofline_measures_a_variant_when_the_run_has_no_plain_child() -> None:
     text = rep.markdown(run)
     assert "| 8 | 0.978 | 1.347 | 0.546 | 1.347 | cpu_optimizer | 1.675 | 0.80 |" in text
     assert "the step and efficiency above are `slideformer+grad_park_mib=8192`'s" in text
+    assert ("| 8 | slideformer+host_copy=bf16+grad_park_mib=8192 | 1.920 | 1.347 | 0.546 | 1.347 | cpu_optimizer "
+            "| 0.70 | 0.85 |") in text
     # With the plain child present, it is the one measured.
     res["records"] = [variant, {**plain, "step_time_s": 1.0}]
     assert rep.derive(res)["per_batch"]["8"]["efficiency_child"] == "slideformer"
