@@ -392,3 +392,29 @@ def test_plan_names_the_parking_pool_a_host_bound_backward_needs() -> None:
     cfg3b = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True)
     assert notes(cfg3b, 24, kernels="liger", host_copy="bf16") == []
+
+
+def test_plan_of_a_config_counts_the_resident_layers_its_run_keeps(tmp_path, capsys) -> None:
+    """A config's ``engine.gpu_memory_gib`` is the engine's budget beside the CUDA context
+    (``placement.engine_resident_count``); ``--gpu-memory-gib`` is a card's whole memory, the context in it. The 8B b8
+    with 24 GiB: the engine kept 6 resident layers on the H100 box (session 19's runs); the config's plan now counts
+    the same, a 24 GiB card one fewer."""
+    from dataclasses import replace
+
+    from slideformer.placement import resident_choice
+
+    d = tmp_path / "m"
+    llama8b_config().save_pretrained(str(d))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{path: {d}}}\ndata: {{seq_len: 1024}}\ntrain: {{batch_size: 8}}\n"
+                   "engine: {resident_layers: -1, gpu_memory_gib: 24, loss_kernel: triton}\n")
+    engine = EngineConfig(resident_layers=-1, gpu_memory_gib=24, loss_kernel="triton")
+    run = resident_choice(llama8b_config(), tokens=8192, engine=replace(engine, device="cuda"), deferred=False,
+                          gpu_budget_bytes=24 * GIB).count
+
+    def resident(*flags: str) -> int:
+        assert main(["plan", str(cfg), "--host-memory-gib", "125", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["settings"]["resident_layers"]
+
+    assert run == 6 and resident() == run
+    assert resident("--gpu-memory-gib", "24") == 5

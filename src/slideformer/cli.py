@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-grad-norm", type=float, help="gradient clipping (default: optim.max_grad_norm)")
     pl.add_argument("--window", type=int, help="decoder-layer slots on the GPU (default: engine.window)")
     pl.add_argument(
-        "--gpu-memory-gib", type=float, help="GPU memory to plan for (default: the visible GPU, else 80)"
+        "--gpu-memory-gib", type=float, help="the GPU's whole memory to plan for, the CUDA context's ~1 GiB included "
+        "(default: the config's engine.gpu_memory_gib, the engine's budget beside the context; else the visible "
+        "GPU, else 80)"
     )
     pl.add_argument("--host-memory-gib", type=float, help="host RAM to plan for (default: this machine's)")
     pl.add_argument("--offload", choices=["none", "moments", "all", "auto"],

@@ -71,7 +71,9 @@ class EngineConfig:
     predicts the host (its AdamW plus the copies' bytes on its memory bus), not the GPU, bounds the step
     (placement.py); else 'keep'."""
     gpu_memory_gib: float = 0.0
-    """GPU memory (GiB) the engine may plan for with ``resident_layers=-1``; 0: the device's free memory."""
+    """GPU memory (GiB) the engine may plan for with ``resident_layers=-1``; 0: the device's free memory. A budget
+    for the allocator, beside the CUDA context (as the benchmarks' ``--gpu-memory-gib`` cap); ``slideformer plan`` of
+    a config that sets it plans for it so (its ``--gpu-memory-gib`` is a whole card's, context included)."""
     resident_placement: Literal["auto", "first", "spread", "spread_top"] = "auto"
     """Which layers stay resident. 'first': the lowest ones, whose updates would otherwise be the CPU
     optimizer's tail at the end of backward and whose uploads would start the next forward. 'spread':

@@ -19,7 +19,7 @@ import torch
 
 from slideformer.config import EngineConfig
 from slideformer.errors import ConfigError, ModelPathError
-from slideformer.planner import GIB, Hardware, Plan, make_plan
+from slideformer.planner import CUDA_CONTEXT_BYTES, GIB, Hardware, Plan, make_plan
 
 
 def _free_bytes(directory: str) -> int:
@@ -34,6 +34,18 @@ def _gpu_memory_default() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(0).total_memory)
     return 80 * GIB
+
+
+def _gpu_memory_bytes(ns: argparse.Namespace, engine: EngineConfig) -> int:
+    """The GPU memory the plan is for, as the card's whole memory (``make_plan`` takes the CUDA context out of it):
+    ``--gpu-memory-gib``; else the config's ``engine.gpu_memory_gib``, which is the engine's own budget beside the
+    context (``placement.engine_resident_count``), so the context is added back and the plan counts the resident
+    layers the run will keep; else the visible GPU, else 80 GiB."""
+    if ns.gpu_memory_gib:
+        return int(ns.gpu_memory_gib * GIB)
+    if engine.gpu_memory_gib:
+        return int(engine.gpu_memory_gib * GIB) + CUDA_CONTEXT_BYTES
+    return _gpu_memory_default()
 
 
 def plan_from_args(ns: argparse.Namespace) -> Plan:
@@ -64,7 +76,7 @@ def plan_from_args(ns: argparse.Namespace) -> Plan:
     engine = EngineConfig(**{**asdict(engine), **overrides})
     clip = ns.max_grad_norm if ns.max_grad_norm is not None else cfg.optim.max_grad_norm
     hw = Hardware(
-        gpu_memory_bytes=int(ns.gpu_memory_gib * GIB) if ns.gpu_memory_gib else _gpu_memory_default(),
+        gpu_memory_bytes=_gpu_memory_bytes(ns, engine),
         host_memory_bytes=int(ns.host_memory_gib * GIB)
         if ns.host_memory_gib
         else psutil.virtual_memory().total,
