@@ -187,6 +187,19 @@ def adamw_spans(events: list[dict[str, Any]], t0: float, t1: float) -> list[tupl
     return spans
 
 
+HOST_IDLE_MIN_US = 5_000.0
+"""Shortest stretch (µs) without any host AdamW call that ``host_adamw_idle`` lists."""
+
+
+def host_adamw_idle(events: list[dict[str, Any]], t0: float, t1: float) -> tuple[float, list[tuple[float, float]]]:
+    """The host AdamW's busy µs in the period (the union of its calls, every thread's), and the (start, end) stretches
+    of at least ``HOST_IDLE_MIN_US`` with no call: where a host-bound step leaves its host idle."""
+    calls = union([(max(float(e["ts"]), t0), min(float(e["ts"]) + float(e["dur"]), t1)) for e in events
+                   if str(e.get("name", "")).startswith(ADAMW) and float(e["ts"]) < t1
+                   and float(e["ts"]) + float(e["dur"]) > t0])
+    return length(calls), gaps(calls, t0, t1, HOST_IDLE_MIN_US)
+
+
 def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/profiled_step",
          next_name: str | None = "sf/next_step", min_gap_ms: float = 1.0) -> dict[str, Any]:
     """The compute stream's idle time and gaps, each with the AdamW units that ran during it."""
@@ -209,6 +222,7 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
     for start, end in gaps(busy, t0, t1, CAUSE_MIN_US):
         causes[ended_by(work, end) if end < t1 else "period end"] += end - start
     by_length, per_window = idle_profile(gaps(busy, t0, t1, 0.0), t0)
+    host_busy, host_idle = host_adamw_idle(events, t0, t1)
     rows = []
     for start, end in gaps(busy, t0, t1, min_gap_ms * 1e3):
         during = [u for s, e, u in spans if s < end and e > start]
@@ -226,6 +240,8 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
         "idle_by_gap_length": by_length,
         "idle_per_window_ms": per_window,
         "adamw_spans": [{"from_ms": ms(s), "to_ms": ms(e), "unit": u} for s, e, u in spans],
+        "host_adamw_busy_ms": round(host_busy / 1e3, 1),
+        "host_adamw_idle": [{"at_ms": ms(s), "ms": round((e - s) / 1e3, 1)} for s, e in host_idle],
     }
 
 
@@ -247,6 +263,9 @@ def main(argv: list[str]) -> int:
     print("  idle by gap length: " + ", ".join(f"{k} {v['ms']} ms ({v['count']})"
                                                for k, v in out["idle_by_gap_length"].items()))
     print(f"  idle per {WINDOW_US / 1e3:g} ms from the start: {out['idle_per_window_ms']}")
+    if out["adamw_spans"]:
+        print(f"host AdamW busy {out['host_adamw_busy_ms']} ms; without a call for {HOST_IDLE_MIN_US / 1e3:g} ms or "
+              "more: " + (", ".join(f"at {g['at_ms']} ms for {g['ms']} ms" for g in out["host_adamw_idle"]) or "never"))
     for g in out["compute_gaps"]:
         print(f"  idle at {g['at_ms']:8.1f} ms for {g['ms']:6.1f} ms (ended by {g['ended_by']}); "
               f"AdamW on: {', '.join(g['adamw_units']) or '-'}")

@@ -127,3 +127,12 @@ def test_idle_time_by_gap_length_and_by_window() -> None:
     assert by_length == {"< 50 us": {"ms": 0.0, "count": 1}, "50 us - 1 ms": {"ms": 0.5, "count": 1},
                          ">= 1 ms": {"ms": 2.0, "count": 1}}
     assert windows == [0.5, 2.0]
+
+
+def test_host_adamw_busy_time_and_its_idle_stretches() -> None:
+    """Session 19's 8B read: the host without an AdamW call for 419 ms of the forward. Here: calls at 18-22, 22.2-26.2,
+    40-45 and 80-82 ms of a 100 ms period (the one at 200 ms is outside it)."""
+    out = load("timeline_read").read(_trace(), min_gap_ms=5)
+    assert out["host_adamw_busy_ms"] == 15.0
+    assert out["host_adamw_idle"] == [{"at_ms": 0.0, "ms": 18.0}, {"at_ms": 26.2, "ms": 13.8},
+                                      {"at_ms": 45.0, "ms": 35.0}, {"at_ms": 82.0, "ms": 18.0}]

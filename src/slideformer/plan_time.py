@@ -82,7 +82,7 @@ def park_backlog_bytes(times: dict[str, float], hardware: Hardware, *, host_para
     gradients. A parking pool (``engine.grad_park_mib``) smaller than this fills mid-backward: from then on each
     slot is released only as AdamW frees chunks, so the backward runs at the host's pace and the host idles in the
     next forward once the pool's backlog is done (the 8B b8 on a 24 GiB cap on the H100 box, session 19 of
-    benchmarks/results/performance_h100_202611.md: ~420 ms of a 2.24 s step). There this estimate is ~7.8 GiB (5
+    benchmarks/results/performance_h100_202611.md: 419 ms of a 2.24 s step). There this estimate is ~7.8 GiB (5
     resident layers planned, 6 measured), and 8 and 12 GiB pools ran 1.79 / 1.81 s against 2 GiB's 1.95-2.06 s in
     one run."""
     host_s = host_seconds(times, hardware)
