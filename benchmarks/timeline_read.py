@@ -174,10 +174,16 @@ MERGE_US = 500.0
 """Consecutive AdamW calls on one unit less than this apart (µs) form one span; a longer pause splits it."""
 
 
-def adamw_spans(events: list[dict[str, Any]], t0: float, t1: float) -> list[tuple[float, float, str]]:
-    """AdamW calls in the period as (start, end, unit), back-to-back calls on one unit merged."""
-    calls = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), str(e["name"])[len(ADAMW) + 1:] or "?")
-                   for e in events if str(e.get("name", "")).startswith(ADAMW) and t0 <= float(e["ts"]) < t1)
+def adamw_calls(events: list[dict[str, Any]], t0: float, t1: float) -> list[tuple[float, float, str]]:
+    """The host AdamW calls that overlap the period, clipped to it, as sorted (start, end, unit)."""
+    return sorted((max(float(e["ts"]), t0), min(float(e["ts"]) + float(e["dur"]), t1),
+                   str(e["name"])[len(ADAMW) + 1:] or "?")
+                  for e in events if str(e.get("name", "")).startswith(ADAMW) and float(e["ts"]) < t1
+                  and float(e["ts"]) + float(e["dur"]) > t0)
+
+
+def adamw_spans(calls: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """``adamw_calls`` with back-to-back calls on one unit merged."""
     spans: list[tuple[float, float, str]] = []
     for start, end, unit in calls:
         if spans and spans[-1][2] == unit and start - spans[-1][1] < MERGE_US:
@@ -191,13 +197,12 @@ HOST_IDLE_MIN_US = 5_000.0
 """Shortest stretch (µs) without any host AdamW call that ``host_adamw_idle`` lists."""
 
 
-def host_adamw_idle(events: list[dict[str, Any]], t0: float, t1: float) -> tuple[float, list[tuple[float, float]]]:
-    """The host AdamW's busy µs in the period (the union of its calls, every thread's), and the (start, end) stretches
-    of at least ``HOST_IDLE_MIN_US`` with no call: where a host-bound step leaves its host idle."""
-    calls = union([(max(float(e["ts"]), t0), min(float(e["ts"]) + float(e["dur"]), t1)) for e in events
-                   if str(e.get("name", "")).startswith(ADAMW) and float(e["ts"]) < t1
-                   and float(e["ts"]) + float(e["dur"]) > t0])
-    return length(calls), gaps(calls, t0, t1, HOST_IDLE_MIN_US)
+def host_adamw_idle(calls: list[tuple[float, float, str]], t0: float,
+                    t1: float) -> tuple[float, list[tuple[float, float]]]:
+    """The host AdamW's busy µs in the period (the union of its ``adamw_calls``, every thread's), and the (start, end)
+    stretches of at least ``HOST_IDLE_MIN_US`` with no call: where a host-bound step leaves its host idle."""
+    busy = union([(s, e) for s, e, _ in calls])
+    return length(busy), gaps(busy, t0, t1, HOST_IDLE_MIN_US)
 
 
 def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/profiled_step",
@@ -209,7 +214,8 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
     busy = union([(max(float(e["ts"]), t0), min(float(e["ts"]) + float(e["dur"]), t1)) for e in events
                   if str(e.get("cat", "")).lower() == "kernel" and e.get("tid") == stream
                   and float(e["ts"]) < t1 and float(e["ts"]) + float(e["dur"]) > t0])
-    spans = adamw_spans(events, t0, t1)
+    calls = adamw_calls(events, t0, t1)
+    spans = adamw_spans(calls)
     waits = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), str(e["name"])[len(WAIT) + 1:]) for e in events
              if str(e.get("name", "")).startswith(WAIT + "/") and float(e["ts"]) < t1
              and float(e["ts"]) + float(e["dur"]) > t0]
@@ -222,7 +228,7 @@ def read(trace: dict[str, Any] | list[dict[str, Any]], step_name: str = "sf/prof
     for start, end in gaps(busy, t0, t1, CAUSE_MIN_US):
         causes[ended_by(work, end) if end < t1 else "period end"] += end - start
     by_length, per_window = idle_profile(gaps(busy, t0, t1, 0.0), t0)
-    host_busy, host_idle = host_adamw_idle(events, t0, t1)
+    host_busy, host_idle = host_adamw_idle(calls, t0, t1)
     rows = []
     for start, end in gaps(busy, t0, t1, min_gap_ms * 1e3):
         during = [u for s, e, u in spans if s < end and e > start]

@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from slideformer.runtime.engine import Engine
 
 
-
 def rows_grad(mb: MicroBatch, dx: torch.Tensor) -> torch.Tensor:
     """The embedding's input gradient of the micro-batch's distinct rows, ``[rows, hidden]`` in ``dx``'s dtype: each
     row's tokens summed in FP32 (on CUDA), in a fixed order, then rounded once. It is ``aten.embedding_dense_backward``,
@@ -62,6 +61,7 @@ def rows_grad(mb: MicroBatch, dx: torch.Tensor) -> torch.Tensor:
     if mb.rows is None or mb.row_of is None:
         raise RuntimeError("the embedding backward needs the micro-batch's rows: prepare_batch(rows=True)")
     return torch.ops.aten.embedding_dense_backward(dx, mb.row_of, mb.rows.numel(), -1, False)
+
 
 class StepRunner(ForwardPass):
     """Runs training steps for an ``Engine`` (holds no state of its own beyond per-step plans)."""
