@@ -24,7 +24,9 @@
 # session 18: `read18`, `read18ab`, `chunk18`, `dgather18`; session 18 ran those, then `ev18` (ab/main18/src = `git archive
 # f188c6e src`, carried), `final18`, `eff8b18`, `ab8b18`
 # (ab/s12/src = `git archive 9a7f1bf src`, carried); prepared for session 19: `chunk19`; session 19 ran `chunk19`,
-# `tests prof8b19`, `park8b19`, `effpark19`; prepared for session 20: `tests dgather20` (one call), `rows20`, `bfpark20`.
+# `tests prof8b19`, `park8b19`, `effpark19`; prepared for session 20: `tests dgather20` (one call), `rows20`, `bfpark20`;
+# session 20 ran `tests dgather20` (twice: the first stopped at the embedding sums' GPU test), `rows20`, `bfpark20`,
+# `prof8b20`.
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -410,6 +412,16 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # is now chunked_uploads17_probe_h100_202611.patch (reverted: even, the fourth child cut); see chunk18.
       abba3b chunk17 main ab/main17/src --no-roofline --time-budget-s 250
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_chunk17.log" | tail -3 ;;
+    prof8b20)
+      # Session 20: bfpark20's fastest configuration (8B b8, 24 GiB cap, BF16 copy + 8 GiB pool: 1.68-1.69 s against a
+      # 1.243 s CPU term, 0.73), profiled as prof8b19: does the host AdamW run the whole step, and at what in-step rate
+      # against the roofline's isolated one?
+      timeout 330 python3 benchmarks/profile_step.py --model llama3.1-8b --batch-size 8 --seq-len 1024 \
+        --gpu-memory-gib 24 --engine-opt resident_layers=-1 --engine-opt host_copy=bf16 --engine-opt grad_park_mib=8192 \
+        --name timeline_llama3.1-8b_b8_cap24_bfpark_prof20_h100_202611 --out-dir "$OUT" > "$OUT/prof8b20.log" 2>&1
+      tail -20 "$OUT/prof8b20.log" | grep -v Backend
+      python3 benchmarks/timeline_read.py "$OUT/timeline_llama3.1-8b_b8_cap24_bfpark_prof20_h100_202611.json.gz" \
+        --min-gap-ms 5 > "$OUT/prof8b20_read.txt"; head -60 "$OUT/prof8b20_read.txt" ;;
     prof8b19)
       # Session 19: target 3's missed configuration (8B b8 on a 24 GiB cap, every default) had never been profiled.
       # One steady-state period with every thread's ranges (the CPU optimizer's lane shows where the host idles and
