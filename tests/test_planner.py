@@ -10,7 +10,7 @@ from tests.reference import llama8b_config
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from slideformer.cli import main
-from slideformer.config import EngineConfig
+from slideformer.config import EngineConfig, OptimConfig
 from slideformer.planner import GIB, Hardware, component_params, make_plan
 
 
@@ -385,6 +385,10 @@ def test_plan_names_the_parking_pool_a_host_bound_backward_needs() -> None:
     cfg = llama8b_config()
     (note,) = notes(cfg, 24)
     assert "engine.grad_park_mib=8192 (6.0 GiB more pinned RAM, which this host has)" in note
+    engine = EngineConfig(device="cuda", resident_layers=-1, loss_kernel="triton")
+    hinted = make_plan(cfg, seq_len=1024, batch_size=8, grad_accum=1, clipping=False, engine=engine,
+                       hardware=Hardware(gpu_memory_bytes=24 * GIB, host_memory_bytes=125 * GIB))
+    assert hinted.settings["grad_park_mib_hint"] == 8192
     (note,) = notes(cfg, 24, host_gib=100)
     assert "more than this host has left" in note
     assert notes(cfg, 24, grad_park_mib=8192) == []
@@ -418,3 +422,30 @@ def test_plan_of_a_config_counts_the_resident_layers_its_run_keeps(tmp_path, cap
 
     assert run == 6 and resident() == run
     assert resident("--gpu-memory-gib", "24") == 5
+
+
+def test_a_run_whose_backward_outruns_the_host_logs_the_pool_it_needs() -> None:
+    """``build.park_hint``, the train log's hint: the plan of the engine's own run (its resident layers, micro-batch
+    of ``max_tokens_per_micro_batch``) names the pool for the 8B b8 with 6 cast resident layers (the engine's count
+    on a 24 GiB budget, session 19), and nothing once the pool holds the backlog, without a GPU or a known
+    micro-batch, or for the 8B with 22 resident layers (GPU-bound)."""
+    from types import SimpleNamespace
+
+    from slideformer.runtime.build import park_hint
+
+    def engine(resident: int, **opts) -> SimpleNamespace:
+        cfg = EngineConfig(device="cuda", gpu_memory_gib=24, resident_layers=-1, loss_kernel="triton",
+                           **{"max_tokens_per_micro_batch": 8192, **opts})
+        return SimpleNamespace(cfg=cfg, hf_config=llama8b_config(), optim_cfg=OptimConfig(max_grad_norm=None),
+                               ops=SimpleNamespace(is_cuda=True), offload=None, dist=None,
+                               resident=SimpleNamespace(cast=True), resident_idx=list(range(resident)),
+                               host_copy=False, resident_head="auto")
+
+    hint = park_hint(engine(6))
+    assert "engine.grad_park_mib=8192 (6.0 GiB more pinned RAM" in hint and "parking pool" in hint
+    assert park_hint(engine(6, grad_park_mib=8192)) == ""
+    assert park_hint(engine(22)) == ""
+    assert park_hint(engine(6, max_tokens_per_micro_batch=0)) == ""
+    cpu = engine(6)
+    cpu.ops.is_cuda = False
+    assert park_hint(cpu) == ""

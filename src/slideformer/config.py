@@ -100,10 +100,10 @@ class EngineConfig:
     """Pinned pool (MiB, GPU runs) where gradients wait for the CPU optimizer, so the GPU never waits for
     AdamW; the backlog left at the end of backward is then worked off bottom-up during the next forward.
     On the CPU the pool is twice ``staging_chunks``. Where the host's AdamW bounds the step by far, a full pool
-    paces the backward to the host and leaves the host idle in the next forward: ``slideformer plan`` then names
-    a pool that holds the backlog (the 8B b8 on a 24 GiB cap: 8192, 1.79 instead of 1.95-2.06 s/step on the H100
-    box, +6 GiB of pinned RAM). The default stays 2 GiB, inside the host-RAM budget of 12.5 B/param +
-    checkpoints + 3 GiB."""
+    paces the backward to the host and leaves the host idle in the next forward: ``slideformer plan`` (and the
+    train log's ``hint:`` line) then names a pool that holds the backlog (the 8B b8 on a 24 GiB cap: 8192, 1.79
+    instead of 1.95-2.06 s/step on the H100 box, +6 GiB of pinned RAM). The default stays 2 GiB, inside the
+    host-RAM budget of 12.5 B/param + checkpoints + 3 GiB."""
     loss_chunk_tokens: int = 0
     """Tokens per chunk of the linear cross-entropy; the [tokens, vocab] logits never exist at once. 0: 2,048 with
     the fused loss kernel (``loss_kernel``: 2 B per logit on the GPU, 0.5 GB at 2,048 x 128,256), 512 on the torch

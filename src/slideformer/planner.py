@@ -294,10 +294,12 @@ def make_plan(
         notes.append(f"engine.embedding_update={engine.embedding_update}: 'auto' would "
                      + ("split this untied embedding (8B b8: split 1.241 vs whole 1.365 s/step)" if not split_rows
                         else "keep this tied embedding whole: the plan predicts no gain from splitting it"))
+    park_hint_mib = 0
     if on_gpu and not deferred and offload == "none":
-        notes.extend(_park_note(times, hardware, host_params=n - n_res, elt=elt, pool=park * chunk_bytes,
-                                layer_grad=params["largest_layer"] * elt,
-                                host_total=sum(host.values()) + sum(pinned.values())))
+        park_notes, park_hint_mib = _park_note(times, hardware, host_params=n - n_res, elt=elt,
+                                               pool=park * chunk_bytes, layer_grad=params["largest_layer"] * elt,
+                                               host_total=sum(host.values()) + sum(pinned.values()))
+        notes.extend(park_notes)
     settings = {
         "layers": len(layers),
         "tied": tied,
@@ -315,20 +317,21 @@ def make_plan(
         "embedding_update": "split" if split_rows else "whole",
         "head_schedule": head_schedule,
         "offload_activations": engine.offload_activations,
+        "grad_park_mib_hint": park_hint_mib,
     }
     return Plan(str(hf_config.model_type), params, host, pinned, gpu, disk, times, settings, hardware, notes,
                 state_terms)
 
 
 def _park_note(times: dict[str, float], hardware: Hardware, *, host_params: int, elt: int, pool: int,
-               layer_grad: int, host_total: int) -> list[str]:
+               layer_grad: int, host_total: int) -> tuple[list[str], int]:
     """A note when the backward's gradients would outrun the host's AdamW by more than the parking pool holds: the
-    pool that lets the backward run ahead, and whether this host has the pinned RAM for it. Not a default: target 4
-    of issue 3 holds the default engine's host RAM to 12.5 B/param + checkpoints + 3 GiB, and the 8B's 8 GiB pool
-    is over it."""
+    pool that lets the backward run ahead, and whether this host has the pinned RAM for it; with that pool's
+    ``engine.grad_park_mib`` (0: no note). Not a default: target 4 of issue 3 holds the default engine's host RAM to
+    12.5 B/param + checkpoints + 3 GiB, and the 8B's 8 GiB pool is over it."""
     backlog = park_backlog_bytes(times, hardware, host_params=host_params, elt=elt)
     if backlog <= pool:
-        return []
+        return [], 0
     want_gib = math.ceil(backlog / GIB)  # whole GiB: the 8B's 7.8 GiB estimate names the 8 GiB measured
     extra = want_gib * GIB - pool
     room = ("which this host has" if host_total + extra <= hardware.host_memory_bytes
@@ -339,7 +342,7 @@ def _park_note(times: dict[str, float], hardware: Hardware, *, host_params: int,
             f"fills, then the backward runs at the host's pace and the host idles in the next forward. "
             f"engine.grad_park_mib={want_gib * 1024} ({extra / GIB:.1f} GiB more pinned RAM, {room}) lets the "
             "backward run ahead; on the H100 box it took the 8B b8 on a 24 GiB cap from 1.95-2.06 to 1.79 s/step "
-            "(8 GiB; benchmarks/results/performance_h100_202611.md, session 19)"]
+            "(8 GiB; benchmarks/results/performance_h100_202611.md, session 19)"], want_gib * 1024
 
 
 def _mlp_intermediates(engine: EngineConfig, hf_config: Any, on_gpu: bool) -> int:

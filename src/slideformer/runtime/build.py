@@ -230,7 +230,7 @@ def resident_auto(e: Engine) -> tuple[int, bool]:
     return count, cast
 
 
-def _run_plan(e: Engine, tokens: int) -> Plan:
+def _run_plan(e: Engine, tokens: int, host_memory_bytes: int = 1 << 50) -> Plan:
     """The planner's plan of this engine's run: its resident layers and weights, BF16 copy and micro-batches of
     ``tokens`` tokens, on a GPU with room for them (its step model, not its memory check, is what is asked)."""
     from dataclasses import replace
@@ -244,7 +244,23 @@ def _run_plan(e: Engine, tokens: int) -> Plan:
                   offload="none", head_schedule="vocab" if e.resident_head == "vocab" else e.cfg.head_schedule)
     return make_plan(e.hf_config, seq_len=tokens, batch_size=1, grad_accum=1,
                      clipping=e.optim_cfg.max_grad_norm is not None, engine=cfg,
-                     hardware=Hardware(gpu_memory_bytes=1 << 50, host_memory_bytes=1 << 50))
+                     hardware=Hardware(gpu_memory_bytes=1 << 50, host_memory_bytes=host_memory_bytes))
+
+
+def park_hint(e: Engine) -> str:
+    """The plan's note when this run's backward would outrun the host's AdamW by more than the gradient parking pool
+    holds (``planner._park_note``: the ``engine.grad_park_mib`` that lets the backward run ahead, and whether this
+    host's RAM has room for it), for the run's log; empty where it has none, and without a GPU, a known micro-batch
+    size, the overlap schedule or the masters in RAM, or with data-parallel ranks (the plan models one process).
+    Advice only: a larger pool is pinned host RAM beyond the default engine's budget (target 4 of issue 3)."""
+    import psutil
+
+    tokens = e.cfg.max_tokens_per_micro_batch
+    if not (e.ops.is_cuda and tokens and e.cfg.schedule != "deferred" and e.offload is None and e.dist is None):
+        return ""
+    plan = _run_plan(e, tokens, host_memory_bytes=int(psutil.virtual_memory().total))
+    mib = plan.settings["grad_park_mib_hint"]
+    return next((n for n in plan.notes if f"engine.grad_park_mib={mib} " in n), "") if mib else ""
 
 
 def tied_split_pays(e: Engine, tied: bool) -> bool:

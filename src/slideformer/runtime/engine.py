@@ -103,6 +103,9 @@ class Engine:
         """'vocab' where ``resident_layers=-1`` counted its layers with the blocked head (``build._run_plan``)."""
         self.embed_split: EmbeddingSplit | None = None
         """The input embedding's two-part update (``engine.embedding_update``), set up with the window."""
+        self.park_hint = ""
+        """The plan's advice for a larger ``engine.grad_park_mib`` where the backward outruns the host's AdamW
+        (``build.park_hint``); empty: none."""
         self.head_blocks = 0
         """Rows per vocabulary block of the head's second pass (``engine.head_schedule``), 0: the one-pass head."""
         self.vocab_ring: HeadGradRing | None = None

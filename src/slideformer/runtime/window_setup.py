@@ -103,6 +103,9 @@ def setup_device(e: Engine) -> None:
         in_ram=e.offload is None, tied_split=build.tied_split_pays(e, p.tied))
     e.embed_split = EmbeddingSplit(ops, u0, e.vocab, e.hidden, e.dtype, e.adam, chunk) if split else None
     e.head_blocks = build.head_blocks(e, p.tied, split)
+    e.park_hint = build.park_hint(e)
+    if e.park_hint:
+        logger.info("hint: %s", e.park_hint)
     # The vocabulary slot's gradient: the blocked head writes the tied matrix's a few blocks at a time into a ring
     # (runtime/head_blocks.py) where no step can take another path (clipping or the deferred schedule use the whole
     # matrix; a step that does anyway gets the whole buffer then: StepRunner.whole_vocab_grad), else the whole.

@@ -214,6 +214,8 @@ def train(
                 + (f" ({why})" if why else "") + f" | uploads: {report['upload_cast']} | host state "
                 f"{report['host_state_bytes'] / 2**30:,.2f} GiB, pinned {report['pinned_bytes'] / 2**30:,.2f} GiB"
             )
+            if engine.park_hint and cfg.train.grad_accum == 1:  # (the plan models one micro-batch per step)
+                logger.write(f"hint: {engine.park_hint}")
         disk = report.get("disk")
         if disk:
             logger.write(
