@@ -412,6 +412,22 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # is now chunked_uploads17_probe_h100_202611.patch (reverted: even, the fourth child cut); see chunk18.
       abba3b chunk17 main ab/main17/src --no-roofline --time-budget-s 250
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_chunk17.log" | tail -3 ;;
+    hint20)
+      # Session 20: the train log's parking-pool hint (build.park_hint, e183813) from a real engine of the 8B b8 on a
+      # 24 GiB budget, as `slideformer train` builds it (resident_layers=-1, micro-batch 8,192 tokens), without and with
+      # the BF16 copy: which pool it names, and the resident count it planned with.
+      timeout 330 python3 - <<'PY' 2>&1 | grep -v Backend | tee "$OUT/hint20.log"
+import sys
+sys.path.insert(0, "benchmarks")
+from shapes import hf_config
+from slideformer import Engine, EngineConfig, OptimConfig
+for copy in ("none", "bf16"):
+    cfg = EngineConfig(device="cuda", gpu_memory_gib=24, resident_layers=-1, max_tokens_per_micro_batch=8192,
+                       host_copy=copy)
+    with Engine.from_config(hf_config("llama3.1-8b"), cfg, OptimConfig()) as e:
+        print(f"host_copy={copy}: {e.memory_report()['resident_layers']} resident; hint: {e.park_hint!r}", flush=True)
+PY
+      ;;
     prof8b20)
       # Session 20: bfpark20's fastest configuration (8B b8, 24 GiB cap, BF16 copy + 8 GiB pool: 1.68-1.69 s against a
       # 1.243 s CPU term, 0.73), profiled as prof8b19: does the host AdamW run the whole step, and at what in-step rate
