@@ -26,7 +26,7 @@
 # (ab/s12/src = `git archive 9a7f1bf src`, carried); prepared for session 19: `chunk19`; session 19 ran `chunk19`,
 # `tests prof8b19`, `park8b19`, `effpark19`; prepared for session 20: `tests dgather20` (one call), `rows20`, `bfpark20`;
 # session 20 ran `tests dgather20` (twice: the first stopped at the embedding sums' GPU test), `rows20`, `bfpark20`,
-# `prof8b20`.
+# `prof8b20`, `tests hint20` (its second engine, built while the first was still referenced, found no host RAM: fixed).
 # Stages run in the order given; a failing test stage stops the rest (no numbers from a broken engine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -417,15 +417,23 @@ slideformer+optimizer_nice=10+window=2,slideformer+chunk_mib=32,slideformer+opti
       # 24 GiB budget, as `slideformer train` builds it (resident_layers=-1, micro-batch 8,192 tokens), without and with
       # the BF16 copy: which pool it names, and the resident count it planned with.
       timeout 330 python3 - <<'PY' 2>&1 | grep -v Backend | tee "$OUT/hint20.log"
+import gc
 import sys
 sys.path.insert(0, "benchmarks")
 from shapes import hf_config
 from slideformer import Engine, EngineConfig, OptimConfig
-for copy in ("none", "bf16"):
+
+
+def hint(copy: str) -> None:  # (a function: its engine's ~100 GiB of host state is freed before the next is built)
     cfg = EngineConfig(device="cuda", gpu_memory_gib=24, resident_layers=-1, max_tokens_per_micro_batch=8192,
                        host_copy=copy)
     with Engine.from_config(hf_config("llama3.1-8b"), cfg, OptimConfig()) as e:
         print(f"host_copy={copy}: {e.memory_report()['resident_layers']} resident; hint: {e.park_hint!r}", flush=True)
+
+
+for copy in ("none", "bf16"):
+    hint(copy)
+    gc.collect()  # (close() keeps the host masters for the model's parameters; the engine goes with its last ref)
 PY
       ;;
     prof8b20)
