@@ -449,3 +449,27 @@ def test_a_run_whose_backward_outruns_the_host_logs_the_pool_it_needs() -> None:
     cpu = engine(6)
     cpu.ops.is_cuda = False
     assert park_hint(cpu) == ""
+
+
+def test_plan_takes_the_train_command_lines_overrides(tmp_path, capsys) -> None:
+    """``slideformer plan`` applies train's ``--section.key=value`` overrides to its config, so a run's command line
+    plans as it would run: the model path, the batch, the pool the hint names (whose note then goes away); an unknown
+    key is refused with the nearest real one, as train refuses it."""
+    d = tmp_path / "m"
+    llama8b_config().save_pretrained(str(d))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: {seq_len: 1024}\ntrain: {batch_size: 8}\n"
+                   "engine: {device: cuda, resident_layers: -1, gpu_memory_gib: 24, loss_kernel: triton}\n")
+
+    def plan(*flags: str) -> dict:
+        assert main(["plan", str(cfg), "--host-memory-gib", "125", "--json", f"--model.path={d}", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default = plan()
+    assert default["settings"]["grad_park_mib_hint"] == 8192 and default["settings"]["batch_size"] == 8
+    bigger = plan("--engine.grad_park_mib=8192")
+    assert bigger["settings"]["grad_park_mib_hint"] == 0
+    assert bigger["pinned"]["gradient parking pool"] == 8192 * 2**20
+    assert plan("--train.batch_size", "16")["settings"]["batch_size"] == 16
+    assert main(["plan", str(cfg), f"--model.path={d}", "--engine.grad_park_mb=8192"]) == 2
+    assert "did you mean 'grad_park_mib'" in capsys.readouterr().err

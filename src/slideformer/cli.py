@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory per tier and predicted step time, from config.json alone",
         description="Estimate, before anything is allocated, what a run needs on the GPU, in pinned "
         "and host RAM "
-        "and on disk, whether it fits, and a roofline step time.",
+        "and on disk, whether it fits, and a roofline step time. Train's --section.key=value overrides "
+        "(e.g. --model.path=DIR --engine.grad_park_mib=8192) apply to CONFIG as they would for the run; "
+        "the flags below take precedence.",
         allow_abbrev=False,
     )
     pl.add_argument("config", nargs="?", help="YAML config file (its model, data, train and engine sections)")
@@ -155,14 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse a command line. Unknown ``--a.b=c`` options of ``train`` are kept in ``ns.unknown_overrides``
-    so that ``resolve_train_config`` can name the nearest real key instead of argparse's bare refusal."""
+    so that ``resolve_train_config`` can name the nearest real key instead of argparse's bare refusal; ``plan``
+    takes the same ``--a.b=c`` overrides of its config (``plan_args.plan_from_args``), so a train command line's
+    overrides plan as they would run."""
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     ns.unknown_overrides = []
     i = 0
     while i < len(extra):
         arg = extra[i]
-        if ns.command != "train" or not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+        if ns.command not in ("train", "plan") or not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
             parser.error(f"unrecognized arguments: {' '.join(extra[i:])}")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)

@@ -51,10 +51,13 @@ def _gpu_memory_bytes(ns: argparse.Namespace, engine: EngineConfig) -> int:
 def plan_from_args(ns: argparse.Namespace) -> Plan:
     """The plan for ``slideformer plan`` arguments (a YAML config and/or --model and overrides)."""
     from slideformer.train.args import RunConfig
-    from slideformer.train.config_io import from_dict, load_yaml
+    from slideformer.train.config_io import apply_override, from_dict, load_yaml
     from slideformer.train.model_loading import load_hf_config
 
-    cfg = from_dict(RunConfig, load_yaml(ns.config)) if ns.config else RunConfig()
+    tree = load_yaml(ns.config) if ns.config else {}
+    for key, value in getattr(ns, "unknown_overrides", []):  # train's --section.key=value, applied the same way
+        apply_override(tree, key, value)
+    cfg = from_dict(RunConfig, tree)
     model = Path(ns.model).expanduser() if ns.model else cfg.model.resolved_path()
     if model.is_file() and model.name.endswith(".json"):
         model = model.parent
